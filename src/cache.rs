@@ -1,0 +1,487 @@
+//! The cache core: hits from disk, misses from upstream, each miss fetched once.
+//!
+//! The rules that make ncps safe to put between a LAN and the internet live here:
+//! - a narinfo is stored and signed only if an upstream signature verifies against a trusted
+//!   key (with no keys configured it is passed on unsigned by ncps);
+//! - a NAR is stored only if its size and SHA-256 match what its narinfo promised;
+//! - nothing appears under its final name until it is complete and checked.
+
+use crate::config::Config;
+use crate::db::{self, Db, NarRecord};
+use crate::flight::{Download, DownloadBody, SingleFlight};
+use crate::http::Body;
+use crate::nix::hash::Hasher;
+use crate::nix::{NarInfo, NarName, PublicKey, SecretKey, StorePathHash};
+use crate::store::Store;
+use crate::upstream::Upstreams;
+use std::collections::HashMap;
+use std::fmt;
+use std::io::{Read, Write};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// An answer from the cache, for the HTTP front to send.
+pub enum Answer {
+    /// Served from disk.
+    Hit(Body),
+    /// Fetched (or being fetched) from upstream.
+    Miss(Body),
+    /// Only the length is known (a HEAD for a NAR not fetched yet).
+    Length(u64),
+    NotFound,
+}
+
+/// An internal failure (disk, database): the client gets a 500, the log gets this.
+#[derive(Debug)]
+pub struct CacheError(pub String);
+
+impl fmt::Display for CacheError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for CacheError {}
+
+impl From<std::io::Error> for CacheError {
+    fn from(e: std::io::Error) -> Self {
+        CacheError(e.to_string())
+    }
+}
+
+impl From<db::DbError> for CacheError {
+    fn from(e: db::DbError) -> Self {
+        CacheError(e.to_string())
+    }
+}
+
+/// What a narinfo miss produced, shared by everyone who asked at the same time.
+type NarinfoResult = Result<Option<Arc<Vec<u8>>>, String>;
+
+pub struct Cache {
+    store: Store,
+    db: Db,
+    upstreams: Upstreams,
+    trusted: Vec<PublicKey>,
+    key: SecretKey,
+    sign: bool,
+    negative_ttl: Duration,
+    stall_limit: Duration,
+    narinfo_flights: SingleFlight<StorePathHash, NarinfoResult>,
+    downloads: Mutex<HashMap<NarName, Arc<Download>>>,
+    /// Upstream NAR URLs that failed recently, tried last next time.
+    failed_urls: Mutex<HashMap<String, Instant>>,
+    negative: Mutex<HashMap<StorePathHash, Instant>>,
+    touched: Mutex<Touched>,
+}
+
+#[derive(Default)]
+struct Touched {
+    narinfos: HashMap<StorePathHash, i64>,
+    nars: HashMap<NarName, i64>,
+}
+
+impl Cache {
+    pub fn new(config: &Config, store: Store, db: Db, key: SecretKey) -> Cache {
+        Cache {
+            store,
+            db,
+            upstreams: Upstreams::new(config),
+            trusted: config.upstream_keys.clone(),
+            key,
+            sign: config.sign_narinfo,
+            negative_ttl: config.negative_ttl,
+            stall_limit: config.body_idle_timeout * 2,
+            narinfo_flights: SingleFlight::new(),
+            downloads: Mutex::new(HashMap::new()),
+            failed_urls: Mutex::new(HashMap::new()),
+            negative: Mutex::new(HashMap::new()),
+            touched: Mutex::new(Touched::default()),
+        }
+    }
+
+    pub fn public_key(&self) -> PublicKey {
+        self.key.public()
+    }
+
+    /// `GET /<hash>.narinfo`.
+    pub fn narinfo(&self, hash: &StorePathHash) -> Result<Answer, CacheError> {
+        if let Some((file, len)) = Store::open_existing(&self.store.narinfo_path(hash))? {
+            lock(&self.touched).narinfos.insert(*hash, db::now());
+            return Ok(Answer::Hit(Body::File { file, len }));
+        }
+        if self.is_known_missing(hash) {
+            return Ok(Answer::NotFound);
+        }
+        let (result, _) = self.narinfo_flights.run(*hash, || self.fetch_narinfo(hash));
+        match result {
+            Ok(Some(bytes)) => Ok(Answer::Miss(Body::Bytes(bytes.to_vec()))),
+            Ok(None) => Ok(Answer::NotFound),
+            Err(e) => Err(CacheError(e)),
+        }
+    }
+
+    fn is_known_missing(&self, hash: &StorePathHash) -> bool {
+        let mut negative = lock(&self.negative);
+        match negative.get(hash) {
+            Some(t) if t.elapsed() < self.negative_ttl => true,
+            Some(_) => {
+                negative.remove(hash);
+                false
+            }
+            None => false,
+        }
+    }
+
+    fn remember_missing(&self, hash: &StorePathHash) {
+        if self.negative_ttl.is_zero() {
+            return;
+        }
+        let mut negative = lock(&self.negative);
+        // Bounded: a flood of lookups for random hashes must not grow memory without limit.
+        if negative.len() >= 100_000 {
+            let ttl = self.negative_ttl;
+            negative.retain(|_, t| t.elapsed() < ttl);
+            if negative.len() >= 100_000 {
+                negative.clear();
+            }
+        }
+        negative.insert(*hash, Instant::now());
+    }
+
+    /// Forgets that `hash` was missing (an upload or a new upstream can make it exist).
+    pub fn forget_missing(&self, hash: &StorePathHash) {
+        lock(&self.negative).remove(hash);
+    }
+
+    fn fetch_narinfo(&self, hash: &StorePathHash) -> NarinfoResult {
+        let mut any_error = false;
+        for upstream in self.upstreams.list() {
+            let bytes = match self.upstreams.narinfo(upstream, hash) {
+                Ok(Some(b)) => b,
+                Ok(None) => continue,
+                Err(e) => {
+                    log::warn!("upstream {}: narinfo {hash}: {e}; trying the next", upstream.url);
+                    any_error = true;
+                    continue;
+                }
+            };
+            match self.accept_narinfo(&upstream.url, hash, &bytes) {
+                Ok(served) => return Ok(Some(Arc::new(served))),
+                Err(Refusal::Untrusted(why)) => {
+                    log::warn!("upstream {}: narinfo {hash} refused: {why}; trying the next", upstream.url);
+                    any_error = true;
+                }
+                Err(Refusal::Local(e)) => return Err(e.to_string()),
+            }
+        }
+        // Only a clean "no" from every upstream is remembered: an upstream that failed may
+        // have it a moment later.
+        if !any_error {
+            self.remember_missing(hash);
+        }
+        Ok(None)
+    }
+
+    /// Checks an upstream narinfo, records it and stores the version ncps serves.
+    fn accept_narinfo(&self, base: &str, hash: &StorePathHash, bytes: &[u8]) -> Result<Vec<u8>, Refusal> {
+        let mut info = NarInfo::parse(bytes).map_err(|e| Refusal::Untrusted(e.to_string()))?;
+        if info.store_path_hash() != Some(*hash) {
+            return Err(Refusal::Untrusted(format!("it describes {}, not {hash}", info.store_path)));
+        }
+        let verified = info.verify(&self.trusted);
+        if !self.trusted.is_empty() && !verified {
+            return Err(Refusal::Untrusted("no signature by a trusted upstream key".into()));
+        }
+        let (file_hash, file_size) = info
+            .file_digest()
+            .ok_or_else(|| Refusal::Untrusted("no FileHash/FileSize to check the NAR against".into()))?;
+        let (name, upstream_url) = nar_location(base, &info.url, &file_hash, &info.compression)
+            .map_err(Refusal::Untrusted)?;
+        info.url = format!("nar/{name}");
+        if self.sign && verified {
+            info.sign(&self.key);
+        }
+        let served = info.to_string().into_bytes();
+        let record = NarRecord { name, file_hash, file_size, upstream_url, stored: false };
+        // Index first, file second: a crash between the two leaves an index entry without a
+        // file, which start-up drops, never a served narinfo whose NAR nobody can find.
+        self.db.put_narinfo(hash, &info.store_path, &record).map_err(|e| Refusal::Local(e.into()))?;
+        self.store
+            .write_atomic(&self.store.narinfo_path(hash), &served)
+            .map_err(|e| Refusal::Local(e.into()))?;
+        Ok(served)
+    }
+
+    /// `GET /nar/<name>` (or HEAD, with `head_only`).
+    pub fn nar(self: &Arc<Self>, name: &NarName, head_only: bool) -> Result<Answer, CacheError> {
+        let path = self.store.nar_path(name);
+        if let Some((file, len)) = Store::open_existing(&path)? {
+            lock(&self.touched).nars.insert(name.clone(), db::now());
+            return Ok(Answer::Hit(Body::File { file, len }));
+        }
+        let Some(record) = self.db.nar(name)? else {
+            log::debug!("nar {name}: no narinfo points at it");
+            return Ok(Answer::NotFound);
+        };
+        if head_only {
+            return Ok(Answer::Length(record.file_size));
+        }
+        let mut downloads = lock(&self.downloads);
+        if let Some(d) = downloads.get(name) {
+            return Ok(Answer::Miss(Body::Growing(Box::new(DownloadBody(d.clone())))));
+        }
+        // A download may have finished between the first look and taking the lock.
+        if let Some((file, len)) = Store::open_existing(&path)? {
+            return Ok(Answer::Hit(Body::File { file, len }));
+        }
+        let temp = self.store.temp_file()?;
+        let download = Arc::new(Download::new(temp.reopen()?, record.file_size, self.stall_limit));
+        downloads.insert(name.clone(), download.clone());
+        drop(downloads);
+        let job = DownloadJob { record, temp, download: download.clone() };
+        let cache = Arc::clone(self);
+        std::thread::Builder::new()
+            .name("download".into())
+            .stack_size(256 * 1024)
+            .spawn(move || cache.run_download(job))
+            .map_err(|e| CacheError(format!("starting download thread: {e}")))?;
+        Ok(Answer::Miss(Body::Growing(Box::new(DownloadBody(download)))))
+    }
+
+    fn run_download(&self, job: DownloadJob) {
+        let DownloadJob { record, mut temp, download } = job;
+        let name = record.name.clone();
+        let started = Instant::now();
+        let result = self.fetch_nar(&record, &mut temp, &download);
+        match result {
+            Ok(url) => {
+                download.finish(Ok(()));
+                let kept = temp
+                    .commit(&self.store.nar_path(&name))
+                    .map_err(CacheError::from)
+                    .and_then(|()| Ok(self.db.set_nar_stored(&name, true)?));
+                match kept {
+                    Ok(()) => log::info!(
+                        "nar {name}: {} bytes from {url} verified and stored in {:.1}s",
+                        record.file_size,
+                        started.elapsed().as_secs_f64()
+                    ),
+                    Err(e) => log::error!("nar {name}: verified but not kept: {e}"),
+                }
+            }
+            Err(e) => {
+                log::warn!("nar {name}: download failed, nothing kept: {e}");
+                download.finish(Err(e));
+            }
+        }
+        lock(&self.downloads).remove(&name);
+    }
+
+    /// Where to try fetching a NAR: where its narinfo came from first, then the same name on
+    /// the other upstreams; URLs that failed recently go last.
+    fn nar_candidates(&self, record: &NarRecord) -> Vec<String> {
+        let mut urls = vec![record.upstream_url.clone()];
+        for u in self.upstreams.list() {
+            let url = format!("{}/nar/{}", u.url, record.name);
+            if !urls.contains(&url) {
+                urls.push(url);
+            }
+        }
+        let mut failed = lock(&self.failed_urls);
+        failed.retain(|_, t| t.elapsed() < Duration::from_secs(300));
+        urls.sort_by_key(|u| failed.contains_key(u));
+        urls
+    }
+
+    /// Downloads into `temp`, hashing as it goes. Returns the URL that delivered.
+    fn fetch_nar(&self, record: &NarRecord, temp: &mut crate::store::TempFile, download: &Download) -> Result<String, String> {
+        let mut last_error = String::from("no upstream has it");
+        for url in self.nar_candidates(record) {
+            match self.fetch_nar_from(&url, record, temp, download) {
+                Ok(()) => return Ok(url),
+                Err((e, written)) => {
+                    log::warn!("nar {}: {url}: {e}", record.name);
+                    lock(&self.failed_urls).insert(url, Instant::now());
+                    last_error = e;
+                    // Readers may already have bytes from this attempt; starting over from
+                    // another upstream would splice two sources into one response.
+                    if written > 0 {
+                        break;
+                    }
+                }
+            }
+        }
+        Err(last_error)
+    }
+
+    fn fetch_nar_from(
+        &self,
+        url: &str,
+        record: &NarRecord,
+        temp: &mut crate::store::TempFile,
+        download: &Download,
+    ) -> Result<(), (String, u64)> {
+        let body = match self.upstreams.nar(url) {
+            Ok(Some(b)) => b,
+            Ok(None) => return Err(("not found".into(), 0)),
+            Err(e) => return Err((e.to_string(), 0)),
+        };
+        if let Some(len) = body.content_length.filter(|_| !body.decoded) {
+            if len != record.file_size {
+                return Err((format!("upstream announces {len} bytes, the narinfo {}", record.file_size), 0));
+            }
+        }
+        let mut reader = body.reader;
+        let file = temp.file().map_err(|e| (e.to_string(), 0))?;
+        let mut hasher = Hasher::new();
+        let mut written = 0u64;
+        let mut buf = vec![0u8; 256 * 1024];
+        loop {
+            let n = match reader.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err((format!("after {written} bytes: {e}"), written)),
+            };
+            if written + n as u64 > record.file_size {
+                return Err((format!("longer than the {} bytes the narinfo says", record.file_size), written));
+            }
+            hasher.update(&buf[..n]);
+            file.write_all(&buf[..n]).map_err(|e| (format!("writing temp file: {e}"), written))?;
+            written += n as u64;
+            download.progress(written);
+        }
+        if written != record.file_size {
+            return Err((format!("ended after {written} of {} bytes", record.file_size), written));
+        }
+        let got = hasher.finish();
+        if got != record.file_hash {
+            return Err((format!("hash mismatch: got {got}, the narinfo says {}", record.file_hash), written));
+        }
+        Ok(())
+    }
+
+    /// Writes the batched access times. Called periodically, so hits never write to the
+    /// database themselves.
+    pub fn flush_access_times(&self) -> Result<(), CacheError> {
+        let touched = std::mem::take(&mut *lock(&self.touched));
+        if touched.narinfos.is_empty() && touched.nars.is_empty() {
+            return Ok(());
+        }
+        let narinfos: Vec<_> = touched.narinfos.into_iter().collect();
+        let nars: Vec<_> = touched.nars.into_iter().collect();
+        self.db.touch(&narinfos, &nars)?;
+        Ok(())
+    }
+
+    /// Makes the index and the disk agree after a crash or a kill: removes temp files,
+    /// files the index does not know, and index entries whose file is gone. Logs what it fixed.
+    pub fn reconcile(&self) -> Result<(), CacheError> {
+        let temps = self.store.clear_temp()?;
+        let known: std::collections::HashSet<StorePathHash> = self.db.narinfo_hashes()?.into_iter().collect();
+        let (on_disk, strays) = self.store.list_narinfos()?;
+        let mut orphans = strays.len();
+        for p in &strays {
+            Store::remove(p)?;
+        }
+        let on_disk: std::collections::HashSet<StorePathHash> = on_disk.into_iter().collect();
+        for h in on_disk.difference(&known) {
+            Store::remove(&self.store.narinfo_path(h))?;
+            orphans += 1;
+        }
+        let mut dropped = 0;
+        for h in known.difference(&on_disk) {
+            self.db.delete_narinfo(h)?;
+            dropped += 1;
+        }
+        let stored: std::collections::HashSet<NarName> = self.db.stored_nar_names()?.into_iter().collect();
+        let (nars, strays) = self.store.list_nars()?;
+        orphans += strays.len();
+        for p in &strays {
+            Store::remove(p)?;
+        }
+        let mut present = std::collections::HashSet::new();
+        for (name, len) in nars {
+            let record = self.db.nar(&name)?;
+            // A NAR file is kept only if the index says it was verified, with this size.
+            if stored.contains(&name) && record.is_some_and(|r| r.file_size == len) {
+                present.insert(name);
+            } else {
+                Store::remove(&self.store.nar_path(&name))?;
+                orphans += 1;
+            }
+        }
+        for name in stored.difference(&present) {
+            self.db.set_nar_stored(name, false)?;
+            dropped += 1;
+        }
+        if temps + orphans + dropped > 0 {
+            log::warn!(
+                "start-up check: removed {temps} temp file(s) and {orphans} file(s) the index did not \
+                 vouch for; dropped {dropped} index entr(y/ies) whose file was missing"
+            );
+        } else {
+            log::info!("start-up check: store and index agree");
+        }
+        Ok(())
+    }
+}
+
+enum Refusal {
+    /// The upstream's answer cannot be trusted; try the next upstream.
+    Untrusted(String),
+    /// ncps itself failed (disk, database).
+    Local(CacheError),
+}
+
+struct DownloadJob {
+    record: NarRecord,
+    temp: crate::store::TempFile,
+    download: Arc<Download>,
+}
+
+/// Where ncps keeps a NAR (its name) and where to fetch it (an absolute URL), from a
+/// narinfo's `URL`. Relative URLs are resolved against the upstream; absolute ones must stay
+/// on the upstream's own origin, so a narinfo cannot send ncps to fetch from anywhere else.
+fn nar_location(base: &str, url: &str, file_hash: &crate::nix::Hash, compression: &str) -> Result<(NarName, String), String> {
+    let absolute = if url.starts_with("http://") || url.starts_with("https://") {
+        let origin = |u: &str| u.splitn(4, '/').take(3).collect::<Vec<_>>().join("/");
+        if origin(url) != origin(base) {
+            return Err(format!("URL {url:?} points outside the upstream"));
+        }
+        url.to_string()
+    } else if url.contains("..") || url.starts_with('/') || url.contains("://") {
+        return Err(format!("URL {url:?} is not a plain relative path"));
+    } else {
+        format!("{base}/{url}")
+    };
+    let last = url.rsplit('/').next().unwrap_or("");
+    let last = last.split('?').next().unwrap_or("");
+    let name = NarName::parse(last)
+        .or_else(|| NarName::for_file(file_hash, compression))
+        .ok_or_else(|| format!("cannot name a NAR with compression {compression:?}"))?;
+    Ok((name, absolute))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nar_urls_stay_on_their_upstream() {
+        let h = crate::nix::Hash::of(b"x");
+        let n = format!("{}.nar.xz", h.to_nix32());
+        let (name, url) = nar_location("http://up:1", &format!("nar/{n}"), &h, "xz").unwrap();
+        assert_eq!((name.as_str(), url.as_str()), (n.as_str(), format!("http://up:1/nar/{n}").as_str()));
+        assert!(nar_location("http://up:1", "http://evil:1/nar/x.nar", &h, "xz").is_err());
+        assert!(nar_location("http://up:1", "../../x", &h, "xz").is_err());
+        // An opaque upstream name is replaced by one made from the file hash.
+        let (name, _) = nar_location("http://up:1", "blobs/0c5e2f", &h, "zstd").unwrap();
+        assert_eq!(name.as_str(), format!("{}.nar.zst", h.to_nix32()));
+    }
+}

@@ -1,0 +1,573 @@
+//! Command line and environment: turning what the user typed into a checked [`Config`].
+//!
+//! The flags and variables are those of the Go ncps, so that a unit file or a container
+//! definition written for it works unchanged. Every flag is described once, in [`FLAGS`]; the
+//! parser, the environment fallback and `--help` all read that table, so they cannot disagree.
+//! Nothing here touches the disk or the network: checks that need them (a writable data path)
+//! belong to start-up, which reports them in the same one-line form ([`ConfigError`]).
+
+use crate::nix::PublicKey;
+use std::collections::HashMap;
+use std::ffi::OsString;
+use std::fmt;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// How a flag takes its value.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Kind {
+    /// `--flag VALUE` or `--flag=VALUE`.
+    Value,
+    /// Repeatable; the environment variable holds a comma-separated list.
+    List,
+    /// `--flag` alone means true; `--flag=false` is accepted as Go's flag parser does.
+    Bool,
+}
+
+/// One flag: its names (the first is canonical, the rest are ncps's older names), the
+/// environment variables that set it (in the same order), its default and what it does.
+pub struct Flag {
+    pub names: &'static [&'static str],
+    pub envs: &'static [&'static str],
+    pub kind: Kind,
+    pub default: Option<&'static str>,
+    pub help: &'static str,
+}
+
+macro_rules! flag {
+    ($names:expr, $envs:expr, $kind:ident, $default:expr, $help:expr) => {
+        Flag { names: &$names, envs: &$envs, kind: Kind::$kind, default: $default, help: $help }
+    };
+}
+
+/// Every flag of `ncps serve`.
+pub const FLAGS: &[Flag] = &[
+    flag!(["cache-hostname"], ["CACHE_HOSTNAME"], Value, None,
+        "Name of this cache; the signing key is called <hostname> (required)"),
+    flag!(["cache-data-path", "cache-storage-local"], ["CACHE_STORAGE_LOCAL", "CACHE_DATA_PATH"],
+        Value, None, "Directory for the cached NARs, narinfos, database and key (required)"),
+    flag!(["cache-database-url"], ["CACHE_DATABASE_URL"], Value, None,
+        "Database, as sqlite:PATH [default: sqlite:<data-path>/db.sqlite]"),
+    flag!(["cache-temp-path"], ["CACHE_TEMP_PATH"], Value, None,
+        "Directory for downloads in progress; keep it on the data path's filesystem \
+         [default: <data-path>/tmp]"),
+    flag!(["upstream-cache", "cache-upstream-url"], ["CACHE_UPSTREAM_URLS", "UPSTREAM_CACHES"],
+        List, None, "Upstream binary cache URL, tried in order (?priority=N reorders); repeatable, \
+         at least one"),
+    flag!(["upstream-public-key", "cache-upstream-public-key"],
+        ["CACHE_UPSTREAM_PUBLIC_KEYS", "UPSTREAM_PUBLIC_KEYS"], List, None,
+        "Trusted upstream key, name:base64; repeatable"),
+    flag!(["cache-sign-narinfo"], ["CACHE_SIGN_NARINFO"], Bool, Some("true"),
+        "Add this cache's signature to served narinfos"),
+    flag!(["cache-secret-key-path"], ["CACHE_SECRET_KEY_PATH"], Value, None,
+        "Secret signing key file (nix-store --generate-binary-cache-key format) \
+         [default: generated once into <data-path>/secret-key]"),
+    flag!(["cache-negative-ttl"], ["CACHE_NEGATIVE_TTL"], Value, Some("1m"),
+        "How long a narinfo that no upstream has is remembered as missing (0 to disable)"),
+    flag!(["server-addr"], ["SERVER_ADDR"], Value, Some(":8501"),
+        "Address to listen on, host:port (:port for every interface)"),
+    flag!(["server-workers"], ["SERVER_WORKERS"], Value, Some("64"),
+        "Worker threads; each serves one request at a time"),
+    flag!(["server-header-timeout"], ["SERVER_HEADER_TIMEOUT"], Value, Some("10s"),
+        "Time a client has to send its request headers"),
+    flag!(["server-idle-timeout"], ["SERVER_IDLE_TIMEOUT"], Value, Some("60s"),
+        "How long an idle keep-alive connection is kept open"),
+    flag!(["server-write-timeout"], ["SERVER_WRITE_TIMEOUT"], Value, Some("60s"),
+        "How long a client may stop reading before it is dropped"),
+    flag!(["upstream-dialer-timeout", "cache-upstream-dialer-timeout"],
+        ["CACHE_UPSTREAM_DIALER_TIMEOUT", "UPSTREAM_DIALER_TIMEOUT"], Value, Some("3s"),
+        "Timeout for connecting to an upstream"),
+    flag!(["upstream-response-header-timeout", "cache-upstream-response-header-timeout"],
+        ["CACHE_UPSTREAM_RESPONSE_HEADER_TIMEOUT", "UPSTREAM_RESPONSE_HEADER_TIMEOUT"], Value, Some("3s"), "Timeout for an upstream's response headers"),
+    flag!(["upstream-body-idle-timeout"], ["UPSTREAM_BODY_IDLE_TIMEOUT"], Value, Some("30s"),
+        "An upstream body that sends nothing for this long is abandoned"),
+    flag!(["log-level"], ["LOG_LEVEL"], Value, Some("info"),
+        "One of error, warn, info, debug, trace"),
+];
+
+/// A configuration mistake, named by the flag it concerns. Printed as one line, then ncps
+/// exits with status 2 before it binds any port.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub flag: String,
+    pub message: String,
+}
+
+impl ConfigError {
+    pub fn new(flag: &str, message: impl Into<String>) -> ConfigError {
+        ConfigError { flag: flag.to_string(), message: message.into() }
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.flag.is_empty() {
+            write!(f, "{}", self.message)
+        } else {
+            write!(f, "--{}: {}", self.flag, self.message)
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// One upstream cache.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamConfig {
+    /// The base URL without a trailing slash or query.
+    pub url: String,
+    pub priority: Option<u32>,
+}
+
+/// Everything `ncps serve` needs, checked.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub hostname: String,
+    pub data_path: PathBuf,
+    pub database_path: PathBuf,
+    pub temp_path: PathBuf,
+    pub upstreams: Vec<UpstreamConfig>,
+    pub upstream_keys: Vec<PublicKey>,
+    pub sign_narinfo: bool,
+    pub secret_key_path: Option<PathBuf>,
+    pub negative_ttl: Duration,
+    pub server_addr: String,
+    pub workers: usize,
+    pub header_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub write_timeout: Duration,
+    pub dial_timeout: Duration,
+    pub response_header_timeout: Duration,
+    pub body_idle_timeout: Duration,
+    pub log_level: log::LevelFilter,
+}
+
+/// The values given for each flag (by canonical name), from the command line or else the
+/// environment. Keeping this step separate from typing makes both easy to test.
+#[derive(Debug, Default)]
+pub struct RawValues(HashMap<&'static str, Vec<String>>);
+
+/// What the command line asked for.
+#[derive(Debug)]
+pub enum Command {
+    Serve(RawValues),
+    Help(Option<&'static str>),
+    Version,
+}
+
+fn find_flag(name: &str) -> Option<&'static Flag> {
+    FLAGS.iter().find(|f| f.names.contains(&name))
+}
+
+/// Parses the command line (without the program name). `env` looks up environment variables,
+/// so tests need not touch the process environment.
+pub fn parse_args(
+    args: impl IntoIterator<Item = OsString>,
+    env: impl Fn(&str) -> Option<String>,
+) -> Result<Command, ConfigError> {
+    use lexopt::prelude::*;
+    let mut parser = lexopt::Parser::from_args(args);
+    let mut subcommand: Option<&'static str> = None;
+    let mut given: HashMap<&'static str, Vec<String>> = HashMap::new();
+    let err = |e: lexopt::Error| ConfigError::new("", e.to_string());
+    while let Some(arg) = parser.next().map_err(err)? {
+        match arg {
+            Short('h') | Long("help") => return Ok(Command::Help(subcommand)),
+            Short('V') | Long("version") => return Ok(Command::Version),
+            Value(v) if subcommand.is_none() => {
+                let v = v.string().map_err(err)?;
+                match v.as_str() {
+                    "serve" | "s" => subcommand = Some("serve"),
+                    "help" => return Ok(Command::Help(None)),
+                    _ => return Err(ConfigError::new("", format!("unknown command {v:?}"))),
+                }
+            }
+            Long(name) => {
+                let flag = find_flag(name)
+                    .ok_or_else(|| ConfigError::new(name, "unknown flag (see ncps serve --help)"))?;
+                let canonical = flag.names[0];
+                let value = match flag.kind {
+                    Kind::Bool => match parser.optional_value() {
+                        Some(v) => v.string().map_err(err)?,
+                        None => "true".to_string(),
+                    },
+                    _ => parser.value().map_err(|e| ConfigError::new(canonical, e.to_string()))?
+                        .string()
+                        .map_err(err)?,
+                };
+                given.entry(canonical).or_default().push(value);
+            }
+            other => return Err(err(other.unexpected())),
+        }
+    }
+    if subcommand.is_none() {
+        return Ok(Command::Help(None));
+    }
+    // A flag on the command line beats its environment variables entirely, so that a list
+    // flag given once does not silently merge with a list from the environment.
+    for flag in FLAGS {
+        let canonical = flag.names[0];
+        if given.contains_key(canonical) {
+            continue;
+        }
+        if let Some(value) = flag.envs.iter().find_map(|e| env(e).filter(|v| !v.is_empty())) {
+            let values = match flag.kind {
+                Kind::List => value
+                    .split(',')
+                    .map(|s| s.trim().to_string())
+                    .filter(|s| !s.is_empty())
+                    .collect(),
+                _ => vec![value],
+            };
+            given.insert(canonical, values);
+        }
+    }
+    Ok(Command::Serve(RawValues(given)))
+}
+
+impl RawValues {
+    fn all(&self, name: &str) -> &[String] {
+        self.0.get(name).map(|v| v.as_slice()).unwrap_or(&[])
+    }
+
+    /// The last value given, or the flag's default.
+    fn one(&self, name: &'static str) -> Option<&str> {
+        self.all(name).last().map(|s| s.as_str()).or_else(|| find_flag(name).and_then(|f| f.default))
+    }
+
+    fn duration(&self, name: &'static str) -> Result<Duration, ConfigError> {
+        let v = self.one(name).unwrap_or("0s");
+        parse_duration(v).ok_or_else(|| {
+            ConfigError::new(name, format!("{v:?} is not a duration (e.g. 500ms, 3s, 1m)"))
+        })
+    }
+}
+
+impl Config {
+    /// Types and checks the raw values.
+    pub fn from_raw(raw: &RawValues) -> Result<Config, ConfigError> {
+        let hostname = raw
+            .one("cache-hostname")
+            .ok_or_else(|| ConfigError::new("cache-hostname", "is required (env CACHE_HOSTNAME)"))?
+            .to_string();
+        if hostname.is_empty() || hostname.contains(|c: char| c.is_whitespace() || c == ':') {
+            return Err(ConfigError::new("cache-hostname", "must be a name without spaces or ':'"));
+        }
+        let data_path = PathBuf::from(raw.one("cache-data-path").ok_or_else(|| {
+            ConfigError::new("cache-data-path", "is required (env CACHE_DATA_PATH)")
+        })?);
+        let database_path = match raw.one("cache-database-url") {
+            None => data_path.join("db.sqlite"),
+            Some(url) => {
+                let path = url.strip_prefix("sqlite://").or_else(|| url.strip_prefix("sqlite:"));
+                match path {
+                    Some(p) if !p.is_empty() => PathBuf::from(p),
+                    _ => {
+                        return Err(ConfigError::new(
+                            "cache-database-url",
+                            format!("{url:?}: only sqlite:PATH is supported"),
+                        ))
+                    }
+                }
+            }
+        };
+        let temp_path =
+            raw.one("cache-temp-path").map(PathBuf::from).unwrap_or_else(|| data_path.join("tmp"));
+
+        let mut upstreams = Vec::new();
+        for u in raw.all("upstream-cache") {
+            upstreams.push(parse_upstream_url(u).map_err(|m| ConfigError::new("upstream-cache", m))?);
+        }
+        if upstreams.is_empty() {
+            return Err(ConfigError::new(
+                "upstream-cache",
+                "at least one upstream cache is required (env UPSTREAM_CACHES)",
+            ));
+        }
+        // Lower priority first, as Nix orders substituters; equal ones keep the given order.
+        upstreams.sort_by_key(|u| u.priority.unwrap_or(u32::MAX));
+
+        let mut upstream_keys = Vec::new();
+        for k in raw.all("upstream-public-key") {
+            let key = PublicKey::parse(k)
+                .map_err(|e| ConfigError::new("upstream-public-key", format!("{k:?}: {e}")))?;
+            upstream_keys.push(key);
+        }
+
+        let sign_narinfo = parse_bool(raw.one("cache-sign-narinfo").unwrap_or("true"))
+            .ok_or_else(|| ConfigError::new("cache-sign-narinfo", "expected true or false"))?;
+        let workers: usize = raw
+            .one("server-workers")
+            .and_then(|v| v.parse().ok())
+            .filter(|&n| (1..=4096).contains(&n))
+            .ok_or_else(|| ConfigError::new("server-workers", "expected a number from 1 to 4096"))?;
+        let server_addr = raw.one("server-addr").unwrap_or(":8501").to_string();
+        parse_listen_addr(&server_addr).map_err(|m| ConfigError::new("server-addr", m))?;
+        let level = raw.one("log-level").unwrap_or("info");
+        let log_level = level.parse().map_err(|_| {
+            ConfigError::new("log-level", format!("{level:?}: expected error, warn, info, debug or trace"))
+        })?;
+
+        Ok(Config {
+            hostname,
+            data_path,
+            database_path,
+            temp_path,
+            upstreams,
+            upstream_keys,
+            sign_narinfo,
+            secret_key_path: raw.one("cache-secret-key-path").map(PathBuf::from),
+            negative_ttl: raw.duration("cache-negative-ttl")?,
+            server_addr,
+            workers,
+            header_timeout: nonzero(raw.duration("server-header-timeout")?, "server-header-timeout")?,
+            idle_timeout: nonzero(raw.duration("server-idle-timeout")?, "server-idle-timeout")?,
+            write_timeout: nonzero(raw.duration("server-write-timeout")?, "server-write-timeout")?,
+            dial_timeout: nonzero(raw.duration("upstream-dialer-timeout")?, "upstream-dialer-timeout")?,
+            response_header_timeout: nonzero(
+                raw.duration("upstream-response-header-timeout")?,
+                "upstream-response-header-timeout",
+            )?,
+            body_idle_timeout: nonzero(
+                raw.duration("upstream-body-idle-timeout")?,
+                "upstream-body-idle-timeout",
+            )?,
+            log_level,
+        })
+    }
+}
+
+fn nonzero(d: Duration, flag: &str) -> Result<Duration, ConfigError> {
+    if d.is_zero() {
+        return Err(ConfigError::new(flag, "must be longer than zero"));
+    }
+    Ok(d)
+}
+
+fn parse_bool(v: &str) -> Option<bool> {
+    match v.to_ascii_lowercase().as_str() {
+        "true" | "1" | "t" | "yes" => Some(true),
+        "false" | "0" | "f" | "no" => Some(false),
+        _ => None,
+    }
+}
+
+/// Parses an upstream URL: http or https, a host, an optional path, and an optional
+/// `?priority=N` (any other query is refused rather than silently dropped).
+pub fn parse_upstream_url(raw: &str) -> Result<UpstreamConfig, String> {
+    let (base, query) = match raw.split_once('?') {
+        Some((b, q)) => (b, Some(q)),
+        None => (raw, None),
+    };
+    let rest = base
+        .strip_prefix("http://")
+        .or_else(|| base.strip_prefix("https://"))
+        .ok_or_else(|| format!("{raw:?}: expected an http:// or https:// URL"))?;
+    let authority = rest.split('/').next().unwrap_or("");
+    let (host, port) = match authority.rsplit_once(':').filter(|_| !authority.ends_with(']')) {
+        Some((h, p)) => (h, Some(p)),
+        None => (authority, None),
+    };
+    if host.is_empty() || host.contains(|c: char| c.is_whitespace() || c == '@') {
+        return Err(format!("{raw:?}: no host in URL"));
+    }
+    if port.is_some_and(|p| p.parse::<u16>().is_err()) {
+        return Err(format!("{raw:?}: bad port {:?}", port.unwrap_or_default()));
+    }
+    let mut priority = None;
+    for pair in query.into_iter().flat_map(|q| q.split('&')).filter(|p| !p.is_empty()) {
+        match pair.split_once('=') {
+            Some(("priority", n)) => {
+                priority = Some(n.parse().map_err(|_| format!("{raw:?}: bad priority {n:?}"))?)
+            }
+            _ => return Err(format!("{raw:?}: unsupported query {pair:?}")),
+        }
+    }
+    Ok(UpstreamConfig { url: base.trim_end_matches('/').to_string(), priority })
+}
+
+/// Splits a Go-style listen address (`:8501`, `127.0.0.1:8501`, `[::1]:8501`) into the host
+/// (empty for every interface) and the port.
+pub fn parse_listen_addr(addr: &str) -> Result<(String, u16), String> {
+    let (host, port) =
+        addr.rsplit_once(':').ok_or_else(|| format!("{addr:?}: expected host:port or :port"))?;
+    let port = port.parse::<u16>().map_err(|_| format!("{addr:?}: bad port"))?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    Ok((host.to_string(), port))
+}
+
+/// Parses Go durations: a sequence of number+unit (`ns us ms s m h`), e.g. `1m30s`, `500ms`.
+///
+/// ```
+/// use ncps::config::parse_duration;
+/// use std::time::Duration;
+/// assert_eq!(parse_duration("1m30s"), Some(Duration::from_secs(90)));
+/// assert_eq!(parse_duration("250ms"), Some(Duration::from_millis(250)));
+/// assert_eq!(parse_duration("0"), Some(Duration::ZERO));
+/// assert_eq!(parse_duration("3"), None);
+/// ```
+pub fn parse_duration(s: &str) -> Option<Duration> {
+    if s == "0" {
+        return Some(Duration::ZERO);
+    }
+    let mut total = 0f64;
+    let mut rest = s;
+    if rest.is_empty() {
+        return None;
+    }
+    while !rest.is_empty() {
+        let num_len = rest.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(rest.len());
+        let number: f64 = rest[..num_len].parse().ok()?;
+        rest = &rest[num_len..];
+        let unit_len = rest.find(|c: char| c.is_ascii_digit() || c == '.').unwrap_or(rest.len());
+        let scale = match &rest[..unit_len] {
+            "ns" => 1e-9,
+            "us" | "µs" => 1e-6,
+            "ms" => 1e-3,
+            "s" => 1.0,
+            "m" => 60.0,
+            "h" => 3600.0,
+            _ => return None,
+        };
+        rest = &rest[unit_len..];
+        total += number * scale;
+    }
+    Duration::try_from_secs_f64(total).ok()
+}
+
+/// The text of `ncps --help` / `ncps serve --help`, made from [`FLAGS`].
+pub fn help_text(subcommand: Option<&str>) -> String {
+    let mut out = String::new();
+    out.push_str("ncps: a Nix binary cache proxy\n\n");
+    if subcommand.is_none() {
+        out.push_str("Usage: ncps serve [FLAGS]\n\nCommands:\n  serve   run the cache proxy\n\n");
+    } else {
+        out.push_str("Usage: ncps serve [FLAGS]\n\n");
+    }
+    out.push_str("Flags of serve (each also read from the environment variable shown; a flag beats\n");
+    out.push_str("its variable; list variables are comma-separated):\n");
+    for f in FLAGS {
+        let value = match f.kind {
+            Kind::Bool => "[=BOOL]",
+            Kind::List => " VALUE...",
+            Kind::Value => " VALUE",
+        };
+        out.push_str(&format!("  --{}{value}\n", f.names[0]));
+        out.push_str(&format!("      {}\n", f.help));
+        let mut env = format!("      env: {}", f.envs.join(", "));
+        if f.names.len() > 1 {
+            let aliases: Vec<String> = f.names[1..].iter().map(|n| format!("--{n}")).collect();
+            env.push_str(&format!("; alias: {}", aliases.join(", ")));
+        }
+        if let Some(d) = f.default {
+            env.push_str(&format!("; default: {d}"));
+        }
+        out.push_str(&env);
+        out.push('\n');
+    }
+    out.push_str("  -h, --help     print this help\n  -V, --version  print the version\n");
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const KEY: &str = "cache.nixos.org-1:6NCHdD59X431o0gWypbMrAURkbJ16ZPMQFGspcDShjY=";
+
+    fn parse(args: &[&str], env: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let env: HashMap<String, String> =
+            env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let args = args.iter().map(OsString::from);
+        match parse_args(args, |k| env.get(k).cloned())? {
+            Command::Serve(raw) => Config::from_raw(&raw),
+            other => panic!("expected serve, got {other:?}"),
+        }
+    }
+
+    const MINIMAL: &[&str] = &[
+        "serve",
+        "--cache-hostname=cache.lan",
+        "--cache-data-path",
+        "/var/lib/ncps",
+        "--upstream-cache",
+        "https://cache.nixos.org",
+    ];
+
+    #[test]
+    fn defaults_match_ncps() {
+        let c = parse(MINIMAL, &[]).unwrap();
+        assert_eq!(c.server_addr, ":8501");
+        assert_eq!(c.database_path, PathBuf::from("/var/lib/ncps/db.sqlite"));
+        assert_eq!(c.temp_path, PathBuf::from("/var/lib/ncps/tmp"));
+        assert!(c.sign_narinfo);
+        assert_eq!(c.dial_timeout, Duration::from_secs(3));
+        assert_eq!(c.negative_ttl, Duration::from_secs(60));
+        assert_eq!(c.log_level, log::LevelFilter::Info);
+    }
+
+    #[test]
+    fn environment_alone_is_enough_and_lists_are_comma_separated() {
+        let c = parse(
+            &["serve"],
+            &[
+                ("CACHE_HOSTNAME", "cache.lan"),
+                ("CACHE_STORAGE_LOCAL", "/data"),
+                ("CACHE_UPSTREAM_URLS", "http://a:1, http://b:2?priority=10"),
+                ("UPSTREAM_PUBLIC_KEYS", KEY),
+                ("CACHE_SIGN_NARINFO", "false"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.data_path, PathBuf::from("/data"));
+        assert_eq!(c.upstreams.len(), 2);
+        assert_eq!(c.upstreams[0].url, "http://b:2", "priority 10 comes before unranked");
+        assert_eq!(c.upstream_keys.len(), 1);
+        assert!(!c.sign_narinfo);
+    }
+
+    #[test]
+    fn a_flag_beats_its_environment_variable() {
+        let mut args = MINIMAL.to_vec();
+        args.push("--upstream-cache=http://only:1");
+        let c = parse(&args, &[("UPSTREAM_CACHES", "http://env:1")]).unwrap();
+        let urls: Vec<&str> = c.upstreams.iter().map(|u| u.url.as_str()).collect();
+        assert_eq!(urls, ["https://cache.nixos.org", "http://only:1"]);
+    }
+
+    #[test]
+    fn mistakes_name_the_flag() {
+        let flag = |args: &[&str]| parse(args, &[]).unwrap_err().flag;
+        assert_eq!(flag(&["serve", "--cache-data-path=/d", "--upstream-cache=http://a"]), "cache-hostname");
+        assert_eq!(flag(&["serve", "--cache-hostname=h", "--cache-data-path=/d"]), "upstream-cache");
+        assert_eq!(flag(&[MINIMAL, &["--upstream-public-key=nope"]].concat()), "upstream-public-key");
+        assert_eq!(flag(&[MINIMAL, &["--upstream-cache=ftp://x"]].concat()), "upstream-cache");
+        assert_eq!(flag(&[MINIMAL, &["--server-addr=8501"]].concat()), "server-addr");
+        assert_eq!(flag(&[MINIMAL, &["--upstream-dialer-timeout=3"]].concat()), "upstream-dialer-timeout");
+        assert_eq!(flag(&[MINIMAL, &["--no-such-flag"]].concat()), "no-such-flag");
+        let e = parse(&[MINIMAL, &["--upstream-public-key=nope"]].concat(), &[]).unwrap_err();
+        assert_eq!(e.to_string(), "--upstream-public-key: \"nope\": expected `name:base64`");
+    }
+
+    #[test]
+    fn help_lists_every_flag_with_its_variable() {
+        let help = help_text(Some("serve"));
+        for f in FLAGS {
+            assert!(help.contains(&format!("--{}", f.names[0])));
+            for e in f.envs {
+                assert!(help.contains(e));
+            }
+        }
+    }
+
+    #[test]
+    fn upstream_urls() {
+        assert_eq!(
+            parse_upstream_url("https://cache.nixos.org/?priority=40").unwrap(),
+            UpstreamConfig { url: "https://cache.nixos.org".into(), priority: Some(40) }
+        );
+        assert!(parse_upstream_url("http://:80").is_err());
+        assert!(parse_upstream_url("http://h:notaport").is_err());
+        assert_eq!(parse_listen_addr("[::1]:80").unwrap(), ("::1".to_string(), 80));
+    }
+}

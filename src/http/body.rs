@@ -1,0 +1,118 @@
+//! Writing responses to a socket: heads, byte bodies, and file bodies by `sendfile(2)`.
+
+use super::{reason, Body, Response};
+use std::fs::File;
+use std::io::{self, Write};
+use std::net::TcpStream;
+use std::os::fd::AsRawFd;
+
+/// Bodies up to this size are read into the head's buffer and sent with one write: for small
+/// files (narinfos) one syscall beats a write plus a sendfile.
+const INLINE_FILE_BYTES: u64 = 16 * 1024;
+
+/// Sends `len` bytes of `file` from `offset` to `sock`, inside the kernel.
+///
+/// The socket's write timeout bounds every call, so a client that stops reading ends this with
+/// `TimedOut` instead of holding the thread.
+pub fn send_file(sock: &TcpStream, file: &File, offset: u64, len: u64) -> io::Result<()> {
+    let mut off = offset as libc::off_t;
+    let end = offset + len;
+    while (off as u64) < end {
+        let chunk = (end - off as u64).min(1 << 30) as usize;
+        // SAFETY: both descriptors are open for the duration of the call (borrowed), and `off`
+        // is a valid, exclusively borrowed off_t.
+        let n = unsafe { libc::sendfile(sock.as_raw_fd(), file.as_raw_fd(), &mut off, chunk) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            match e.kind() {
+                io::ErrorKind::Interrupted => continue,
+                io::ErrorKind::WouldBlock => {
+                    return Err(io::Error::new(io::ErrorKind::TimedOut, "client stopped reading"))
+                }
+                _ => return Err(e),
+            }
+        }
+        if n == 0 {
+            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "file shorter than announced"));
+        }
+    }
+    Ok(())
+}
+
+/// Writes `resp` (its head, and its body unless `head_only`). Returns the body bytes sent.
+pub fn write_response(sock: &mut TcpStream, resp: Response, head_only: bool, keep_alive: bool) -> io::Result<u64> {
+    let len = resp.body.len();
+    let mut out = Vec::with_capacity(256);
+    write!(out, "HTTP/1.1 {} {}\r\nServer: ncps\r\nContent-Length: {len}\r\n", resp.status, reason(resp.status))?;
+    for (k, v) in &resp.headers {
+        write!(out, "{k}: {v}\r\n")?;
+    }
+    if !keep_alive {
+        out.extend_from_slice(b"Connection: close\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    if head_only {
+        sock.write_all(&out)?;
+        return Ok(0);
+    }
+    match resp.body {
+        Body::Empty => sock.write_all(&out)?,
+        Body::Bytes(b) => {
+            out.extend_from_slice(&b);
+            sock.write_all(&out)?;
+        }
+        Body::File { file, len } if len <= INLINE_FILE_BYTES => {
+            let start = out.len();
+            out.resize(start + len as usize, 0);
+            read_exact_at(&file, &mut out[start..], 0)?;
+            sock.write_all(&out)?;
+        }
+        Body::File { file, len } => {
+            sock.write_all(&out)?;
+            send_file(sock, &file, 0, len)?;
+        }
+        Body::Declared(_) => {
+            // A handler bug, not a client's fault; the head promises bytes we do not have.
+            return Err(io::Error::other("a length-only body cannot answer a GET"));
+        }
+        Body::Growing(g) => {
+            sock.write_all(&out)?;
+            let mut sent = 0;
+            while sent < len {
+                let upto = match g.wait(sent) {
+                    Ok(n) => n.min(len),
+                    Err(why) => {
+                        abort(sock);
+                        return Err(io::Error::other(why));
+                    }
+                };
+                if upto > sent {
+                    send_file(sock, g.file(), sent, upto - sent)?;
+                    sent = upto;
+                }
+            }
+        }
+    }
+    Ok(len)
+}
+
+fn read_exact_at(file: &File, buf: &mut [u8], offset: u64) -> io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    file.read_exact_at(buf, offset)
+}
+
+/// Makes the coming close of `sock` a TCP reset, so the client sees a failed transfer at once
+/// rather than a clean end of stream. The caller drops the socket after this.
+pub fn abort(sock: &TcpStream) {
+    let linger = libc::linger { l_onoff: 1, l_linger: 0 };
+    // SAFETY: a valid socket descriptor and a correctly sized, initialised linger struct.
+    unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            &linger as *const libc::linger as *const libc::c_void,
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        );
+    }
+}

@@ -1,0 +1,115 @@
+//! A small HTTP/1.1 server made for serving files: requests in, [`Response`]s out.
+//!
+//! ncps needs three things general-purpose servers in its dependency budget do not give: file
+//! bodies sent with `sendfile(2)` straight from the page cache, a fixed number of worker threads
+//! that slow or idle clients cannot take (headers are read by one poll loop, and only complete
+//! requests reach a worker), and timeouts on every read and write. DESIGN.md has the numbers
+//! that led here. Handlers see a parsed [`Request`] and return a [`Response`]; they never touch
+//! sockets.
+
+mod body;
+mod request;
+mod server;
+
+pub use body::send_file;
+pub use request::{Method, Request};
+pub use server::{serve, Handler, ServerConfig};
+
+use std::fs::File;
+
+/// A body that is still being written by someone else (a download in progress). The server
+/// sends what [`Growing::wait`] allows and aborts the connection if it reports a failure, so a
+/// client never mistakes a broken transfer for a complete one.
+pub trait Growing: Send {
+    /// The final length, announced as Content-Length.
+    fn len(&self) -> u64;
+    /// The file the bytes are written to.
+    fn file(&self) -> &File;
+    /// Blocks until more than `sent` bytes may be sent, and returns how many may be sent in
+    /// all; `Err` when the transfer failed and the client must be cut off.
+    fn wait(&self, sent: u64) -> Result<u64, String>;
+}
+
+pub enum Body {
+    Empty,
+    Bytes(Vec<u8>),
+    /// `len` bytes of `file` from its start.
+    File { file: File, len: u64 },
+    Growing(Box<dyn Growing>),
+    /// Only a length: valid for answers to HEAD, where no body is sent.
+    Declared(u64),
+}
+
+impl Body {
+    pub fn len(&self) -> u64 {
+        match self {
+            Body::Empty => 0,
+            Body::Bytes(b) => b.len() as u64,
+            Body::File { len, .. } => *len,
+            Body::Growing(g) => g.len(),
+            Body::Declared(n) => *n,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+pub struct Response {
+    pub status: u16,
+    pub headers: Vec<(&'static str, String)>,
+    pub body: Body,
+    /// What the request log should say about how this was answered (`hit`, `miss`, ...).
+    pub note: &'static str,
+}
+
+impl Response {
+    pub fn new(status: u16, content_type: &str, body: Body) -> Response {
+        Response { status, headers: vec![("Content-Type", content_type.to_string())], body, note: "" }
+    }
+
+    /// A short plain-text answer, for errors and small endpoints.
+    pub fn text(status: u16, text: impl Into<String>) -> Response {
+        Self::new(status, "text/plain; charset=utf-8", Body::Bytes(text.into().into_bytes()))
+    }
+
+    pub fn not_found() -> Response {
+        Self::text(404, "Not Found\n")
+    }
+
+    pub fn with_header(mut self, name: &'static str, value: impl Into<String>) -> Response {
+        self.headers.push((name, value.into()));
+        self
+    }
+
+    pub fn with_note(mut self, note: &'static str) -> Response {
+        self.note = note;
+        self
+    }
+}
+
+pub fn reason(status: u16) -> &'static str {
+    match status {
+        100 => "Continue",
+        200 => "OK",
+        201 => "Created",
+        204 => "No Content",
+        400 => "Bad Request",
+        403 => "Forbidden",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        408 => "Request Timeout",
+        411 => "Length Required",
+        413 => "Payload Too Large",
+        414 => "URI Too Long",
+        431 => "Request Header Fields Too Large",
+        500 => "Internal Server Error",
+        501 => "Not Implemented",
+        502 => "Bad Gateway",
+        503 => "Service Unavailable",
+        504 => "Gateway Timeout",
+        505 => "HTTP Version Not Supported",
+        _ => "Unknown",
+    }
+}

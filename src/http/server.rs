@@ -1,0 +1,356 @@
+//! The connection machinery: one poll loop for accepting and reading request heads, and a
+//! fixed pool of workers that answer complete requests.
+//!
+//! Why split it this way: a worker is the expensive resource (it may stream a NAR for minutes),
+//! so it must only ever be given a request that is ready to answer. Connections that are idle
+//! between requests, or still sending their headers (slowly, or never: slowloris), wait in the
+//! poll loop, which costs a few hundred bytes each, until their deadline closes them.
+
+use super::body::write_response;
+use super::request::{parse_head, Parsed, Request, MAX_HEAD_BYTES};
+use super::{Method, Response};
+use std::collections::VecDeque;
+use std::io::{self, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
+use std::sync::mpsc;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+/// Answers requests; called from many worker threads at once.
+pub trait Handler: Send + Sync + 'static {
+    fn handle(&self, req: &Request, body: &mut dyn Read) -> Response;
+}
+
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub workers: usize,
+    pub header_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub write_timeout: Duration,
+    /// Connections held open at most (idle, reading or being answered).
+    pub max_connections: usize,
+}
+
+/// A connection waiting in the poll loop.
+struct Waiting {
+    stream: TcpStream,
+    peer: SocketAddr,
+    buf: Vec<u8>,
+    deadline: Instant,
+}
+
+/// A request ready for a worker.
+struct Job {
+    stream: TcpStream,
+    req: Request,
+    /// Bytes read past the head: the start of the body (or of a pipelined request).
+    rest: Vec<u8>,
+}
+
+struct Queue {
+    jobs: Mutex<VecDeque<Job>>,
+    ready: Condvar,
+}
+
+/// Runs the server on `listener` until the process ends.
+pub fn serve(listener: TcpListener, config: ServerConfig, handler: Arc<dyn Handler>) -> io::Result<()> {
+    listener.set_nonblocking(true)?;
+    let queue = Arc::new(Queue { jobs: Mutex::new(VecDeque::new()), ready: Condvar::new() });
+    let (back_tx, back_rx) = mpsc::channel::<Back>();
+    let (wake_rx, wake_tx) = UnixStream::pair()?;
+    wake_rx.set_nonblocking(true)?;
+    wake_tx.set_nonblocking(true)?;
+    let wake_tx = Arc::new(wake_tx);
+    for i in 0..config.workers {
+        let (queue, handler, back_tx, wake_tx) =
+            (queue.clone(), handler.clone(), back_tx.clone(), wake_tx.clone());
+        std::thread::Builder::new()
+            .name(format!("worker-{i}"))
+            .stack_size(512 * 1024)
+            .spawn(move || worker(&queue, &*handler, &back_tx, &wake_tx))?;
+    }
+    poll_loop(listener, &config, &queue, &back_rx, wake_rx)
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// What a worker gives back to the poll loop when it is done with a connection.
+enum Back {
+    /// Keep-alive: wait for the next request (with any bytes already read past this one).
+    Again(TcpStream, SocketAddr, Vec<u8>),
+    Closed,
+}
+
+fn poll_loop(
+    listener: TcpListener,
+    config: &ServerConfig,
+    queue: &Queue,
+    back_rx: &mpsc::Receiver<Back>,
+    mut wake_rx: UnixStream,
+) -> io::Result<()> {
+    let mut waiting: Vec<Waiting> = Vec::new();
+    // Connections handed to workers and not yet back; counted against max_connections.
+    let mut busy = 0usize;
+    let mut accept_paused_until: Option<Instant> = None;
+    let mut fds: Vec<libc::pollfd> = Vec::new();
+    loop {
+        let now = Instant::now();
+        let can_accept = waiting.len() + busy < config.max_connections
+            && accept_paused_until.is_none_or(|t| now >= t);
+        fds.clear();
+        let pollfd = |fd, events| libc::pollfd { fd, events, revents: 0 };
+        fds.push(pollfd(if can_accept { listener.as_raw_fd() } else { -1 }, libc::POLLIN));
+        fds.push(pollfd(wake_rx.as_raw_fd(), libc::POLLIN));
+        fds.extend(waiting.iter().map(|w| pollfd(w.stream.as_raw_fd(), libc::POLLIN)));
+        let next_deadline = waiting.iter().map(|w| w.deadline).min();
+        let timeout = next_deadline
+            .map(|d| d.saturating_duration_since(now))
+            .unwrap_or(Duration::from_secs(1))
+            .min(Duration::from_millis(if accept_paused_until.is_some() { 50 } else { 1000 }));
+        // SAFETY: fds is a valid, initialised array of pollfd of the given length.
+        let n = unsafe {
+            libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout.as_millis() as libc::c_int + 1)
+        };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        let now = Instant::now();
+        // One flag per connection polled; connections added below were not polled.
+        let readable: Vec<bool> = fds[2..].iter().map(|f| f.revents != 0).collect();
+
+        if fds[1].revents != 0 {
+            let mut sink = [0u8; 64];
+            while matches!(wake_rx.read(&mut sink), Ok(n) if n > 0) {}
+        }
+        while let Ok(back) = back_rx.try_recv() {
+            busy = busy.saturating_sub(1);
+            if let Back::Again(stream, peer, rest) = back {
+                waiting.push(Waiting { stream, peer, buf: rest, deadline: now + config.idle_timeout });
+            }
+        }
+
+        let mut still = Vec::with_capacity(waiting.len());
+        for (i, mut w) in waiting.drain(..).enumerate() {
+            if readable.get(i) == Some(&true) && read_more(&mut w, config, now) {
+                continue; // closed by the peer
+            }
+            if !w.buf.is_empty() {
+                match dispatch(w, queue, config) {
+                    Dispatch::Keep(back) => w = back,
+                    Dispatch::Queued => {
+                        busy += 1;
+                        continue;
+                    }
+                    Dispatch::Refused => continue,
+                }
+            }
+            if now >= w.deadline {
+                // An idle keep-alive connection just closes; a half-sent head gets a 408.
+                if !w.buf.is_empty() {
+                    log::info!("{} request head not finished within {:?}: 408", w.peer, config.header_timeout);
+                    let _ = w.stream.write_all(
+                        b"HTTP/1.1 408 Request Timeout\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+                    );
+                }
+                continue;
+            }
+            still.push(w);
+        }
+        waiting = still;
+
+        if fds[0].revents != 0 {
+            accept_paused_until = accept_all(&listener, &mut waiting, config, busy, now);
+        }
+    }
+}
+
+/// Accepts every pending connection. Returns a time until which accepting should pause:
+/// when the process is out of descriptors, retrying at once would spin, and giving up (as
+/// some servers do) would stop the service for good.
+fn accept_all(
+    listener: &TcpListener,
+    waiting: &mut Vec<Waiting>,
+    config: &ServerConfig,
+    in_flight: usize,
+    now: Instant,
+) -> Option<Instant> {
+    while waiting.len() + in_flight < config.max_connections {
+        match listener.accept() {
+            Ok((stream, peer)) => {
+                if stream.set_nonblocking(true).is_err() {
+                    continue;
+                }
+                let _ = stream.set_nodelay(true);
+                waiting.push(Waiting { stream, peer, buf: Vec::new(), deadline: now + config.header_timeout });
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return None,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                log::warn!("accepting a connection: {e}; pausing accepts for 100ms");
+                return Some(now + Duration::from_millis(100));
+            }
+        }
+    }
+    None
+}
+
+/// Reads what a waiting connection sent. Returns true if the connection is finished (closed
+/// by the peer, failed, or refused).
+fn read_more(w: &mut Waiting, config: &ServerConfig, now: Instant) -> bool {
+    let mut chunk = [0u8; 4096];
+    loop {
+        match w.stream.read(&mut chunk) {
+            Ok(0) => return true,
+            Ok(n) => {
+                if w.buf.is_empty() {
+                    // The first byte of a request starts its header deadline.
+                    w.deadline = now + config.header_timeout;
+                }
+                w.buf.extend_from_slice(&chunk[..n]);
+                if w.buf.len() > MAX_HEAD_BYTES + 4096 {
+                    return false; // try_dispatch refuses it with 431
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(_) => return true,
+        }
+    }
+}
+
+enum Dispatch {
+    /// Not a whole head yet.
+    Keep(Waiting),
+    Queued,
+    Refused,
+}
+
+/// Hands a connection holding a whole request head to the workers, or refuses a bad one.
+fn dispatch(mut w: Waiting, queue: &Queue, config: &ServerConfig) -> Dispatch {
+    match parse_head(&w.buf, w.peer) {
+        Parsed::Partial => Dispatch::Keep(w),
+        Parsed::Invalid(status, why) => {
+            log::info!("{} bad request: {why}: {status}", w.peer);
+            let msg = format!(
+                "HTTP/1.1 {status} {}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+                super::reason(status)
+            );
+            let _ = w.stream.write_all(msg.as_bytes());
+            Dispatch::Refused
+        }
+        Parsed::Complete(req, head_len) => {
+            let rest = w.buf.split_off(head_len);
+            let ok = w.stream.set_nonblocking(false).is_ok()
+                && w.stream.set_read_timeout(Some(config.header_timeout)).is_ok()
+                && w.stream.set_write_timeout(Some(config.write_timeout)).is_ok();
+            if !ok {
+                return Dispatch::Refused;
+            }
+            lock(&queue.jobs).push_back(Job { stream: w.stream, req, rest });
+            queue.ready.notify_one();
+            Dispatch::Queued
+        }
+    }
+}
+
+/// The request body: bytes already read past the head, then the socket, up to
+/// Content-Length. Sends `100 Continue` first when the client asked for it.
+struct BodyReader<'a> {
+    rest: &'a [u8],
+    stream: &'a mut TcpStream,
+    remaining: u64,
+    continue_pending: bool,
+}
+
+impl Read for BodyReader<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.remaining == 0 || buf.is_empty() {
+            return Ok(0);
+        }
+        if self.continue_pending {
+            self.continue_pending = false;
+            self.stream.write_all(b"HTTP/1.1 100 Continue\r\n\r\n")?;
+        }
+        let max = (buf.len() as u64).min(self.remaining) as usize;
+        let n = if !self.rest.is_empty() {
+            let n = max.min(self.rest.len());
+            buf[..n].copy_from_slice(&self.rest[..n]);
+            self.rest = &self.rest[n..];
+            n
+        } else {
+            let n = self.stream.read(&mut buf[..max])?;
+            if n == 0 {
+                return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "request body ended early"));
+            }
+            n
+        };
+        self.remaining -= n as u64;
+        Ok(n)
+    }
+}
+
+fn worker(
+    queue: &Queue,
+    handler: &dyn Handler,
+    back_tx: &mpsc::Sender<Back>,
+    wake_tx: &UnixStream,
+) {
+    loop {
+        let job = {
+            let mut jobs = lock(&queue.jobs);
+            loop {
+                if let Some(job) = jobs.pop_front() {
+                    break job;
+                }
+                jobs = queue.ready.wait(jobs).unwrap_or_else(|p| p.into_inner());
+            }
+        };
+        let Job { mut stream, req, rest } = job;
+        let start = Instant::now();
+        let (resp, body_left, leftover) = if req.chunked {
+            (Response::text(411, "chunked request bodies are not supported; send Content-Length\n"), 1, Vec::new())
+        } else {
+            let body_in_rest = (req.content_length.min(rest.len() as u64)) as usize;
+            let mut body = BodyReader {
+                rest: &rest[..body_in_rest],
+                stream: &mut stream,
+                remaining: req.content_length,
+                continue_pending: req.expect_continue,
+            };
+            let resp = handler.handle(&req, &mut body);
+            (resp, body.remaining, rest[body_in_rest..].to_vec())
+        };
+        // A body the handler did not read would be taken for the next request: close instead.
+        let keep_alive = req.keep_alive && body_left == 0;
+        let status = resp.status;
+        let note = resp.note;
+        let result = write_response(&mut stream, resp, req.method == Method::Head, keep_alive);
+        let elapsed = start.elapsed();
+        match &result {
+            Ok(bytes) => log::info!(
+                "{} {} {} {status} {bytes}B {:.1}ms {note}",
+                req.peer.ip(), req.method_text, req.target, elapsed.as_secs_f64() * 1000.0
+            ),
+            Err(e) => log::info!(
+                "{} {} {} {status} aborted after {:.1}ms {note}: {e}",
+                req.peer.ip(), req.method_text, req.target, elapsed.as_secs_f64() * 1000.0
+            ),
+        }
+        let back = if result.is_ok() && keep_alive && stream.set_nonblocking(true).is_ok() {
+            Back::Again(stream, req.peer, leftover)
+        } else {
+            Back::Closed
+        };
+        // The poll loop counts this connection until it hears back, so always tell it.
+        let _ = back_tx.send(back);
+        let _ = (&*wake_tx).write(&[1]);
+    }
+}

@@ -1,0 +1,186 @@
+//! The HTTP front: which request goes where. Routing only; the work is in [`crate::cache`].
+//!
+//! Paths are matched strictly, against the exact shapes Nix asks for. Anything else (encoded
+//! characters, dot segments, wrong hash lengths or alphabets, unknown extensions) is refused
+//! with a 4xx before it reaches code that builds file names.
+
+use crate::cache::{Answer, Cache};
+use crate::http::{Body, Handler, Method, Request, Response};
+use crate::nix::{NarName, StorePathHash};
+use std::io::Read;
+use std::sync::Arc;
+
+pub const NIX_CACHE_INFO: &str = "StoreDir: /nix/store\nWantMassQuery: 1\nPriority: 40\n";
+
+pub struct Routes {
+    cache: Arc<Cache>,
+    hostname: String,
+    pubkey: String,
+}
+
+impl Routes {
+    pub fn new(cache: Arc<Cache>, hostname: &str) -> Routes {
+        let pubkey = cache.public_key().to_string();
+        Routes { cache, hostname: hostname.to_string(), pubkey }
+    }
+}
+
+/// What a request path asks for.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Route {
+    Root,
+    NixCacheInfo,
+    PubKey,
+    Healthz,
+    Narinfo(StorePathHash),
+    Nar(NarName),
+    /// A path Nix may ask for that ncps does not serve (`.ls`, `log/`, `realisations/`...).
+    NotFound,
+    /// A path no client should send; the reason goes to the log.
+    Bad(&'static str),
+}
+
+/// Classifies a request path (without its query).
+///
+/// ```
+/// use ncps::routes::{route, Route};
+/// assert_eq!(route("/nix-cache-info"), Route::NixCacheInfo);
+/// assert!(matches!(route("/0mdqa9w1p6cmli6976v4wi0sw9r4p5pr.narinfo"), Route::Narinfo(_)));
+/// assert!(matches!(route("/nar/..%2f..%2fetc%2fpasswd"), Route::Bad(_)));
+/// ```
+pub fn route(path: &str) -> Route {
+    if !path.starts_with('/') {
+        return Route::Bad("path does not start with /");
+    }
+    if path.contains('%') {
+        // No valid cache path needs percent-encoding; decoding would only open a way round
+        // the checks below.
+        return Route::Bad("percent-encoded path");
+    }
+    if path.split('/').any(|seg| seg == ".." || seg == ".") || path.contains("//") || path.contains('\\') {
+        return Route::Bad("dot segment or empty segment in path");
+    }
+    match path {
+        "/" => return Route::Root,
+        "/nix-cache-info" => return Route::NixCacheInfo,
+        "/pubkey" => return Route::PubKey,
+        "/healthz" => return Route::Healthz,
+        _ => {}
+    }
+    if let Some(file) = path.strip_prefix("/nar/") {
+        return match NarName::parse(file) {
+            Some(n) => Route::Nar(n),
+            None if file.contains(".nar") => Route::Bad("malformed NAR name or unknown extension"),
+            None => Route::NotFound,
+        };
+    }
+    if let Some(hash) = path.strip_prefix('/').and_then(|p| p.strip_suffix(".narinfo")) {
+        return match StorePathHash::parse(hash) {
+            Some(h) => Route::Narinfo(h),
+            None => Route::Bad("malformed narinfo hash"),
+        };
+    }
+    Route::NotFound
+}
+
+fn method_not_allowed(allow: &str) -> Response {
+    Response::text(405, "Method Not Allowed\n").with_header("Allow", allow.to_string())
+}
+
+impl Handler for Routes {
+    fn handle(&self, req: &Request, _body: &mut dyn Read) -> Response {
+        let read_only = matches!(req.method, Method::Get | Method::Head);
+        let r = route(req.path());
+        match r {
+            Route::Bad(why) => {
+                log::info!("{} {} {}: refused: {why}", req.peer.ip(), req.method_text, req.target);
+                return Response::text(400, format!("Bad Request: {why}\n"));
+            }
+            Route::NotFound => return Response::not_found(),
+            _ if !read_only => return method_not_allowed("GET, HEAD"),
+            _ => {}
+        }
+        match r {
+            Route::Root => Response::new(
+                200,
+                "application/json",
+                Body::Bytes(
+                    format!("{{\"hostname\":{},\"publicKey\":{}}}\n", json_str(&self.hostname), json_str(&self.pubkey))
+                        .into_bytes(),
+                ),
+            ),
+            Route::NixCacheInfo => Response::new(200, "text/x-nix-cache-info", Body::Bytes(NIX_CACHE_INFO.into())),
+            Route::PubKey => Response::text(200, format!("{}\n", self.pubkey)),
+            Route::Healthz => Response::text(200, "ok\n"),
+            Route::Narinfo(hash) => answer(self.cache.narinfo(&hash), "text/x-nix-narinfo", req),
+            Route::Nar(name) => {
+                answer(self.cache.nar(&name, req.method == Method::Head), "application/x-nix-nar", req)
+            }
+            Route::NotFound | Route::Bad(_) => Response::not_found(),
+        }
+    }
+}
+
+fn answer(result: Result<Answer, crate::cache::CacheError>, content_type: &str, req: &Request) -> Response {
+    match result {
+        Ok(Answer::Hit(body)) => Response::new(200, content_type, body).with_note("hit"),
+        Ok(Answer::Miss(body)) => Response::new(200, content_type, body).with_note("miss"),
+        Ok(Answer::Length(n)) => Response::new(200, content_type, Body::Declared(n)).with_note("miss"),
+        Ok(Answer::NotFound) => Response::not_found().with_note("absent"),
+        Err(e) => {
+            log::error!("{} {}: {e}", req.method_text, req.target);
+            Response::text(500, "Internal Server Error\n").with_note("error")
+        }
+    }
+}
+
+/// A JSON string literal.
+pub fn json_str(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hostile_paths_are_refused_before_any_lookup() {
+        for p in [
+            "/nar/../db.sqlite",
+            "/nar/%2e%2e/db.sqlite",
+            "/..%2fdb.sqlite",
+            "//etc/passwd",
+            "/nar/./x.nar",
+            "relative",
+            "/nar/0mdqa9w1p6cmli6976v4wi0sw9r4p5prkj7lzfd1877wk11c9c73.nar.exe",
+            "/0MDQA9W1P6CMLI6976V4WI0SW9R4P5PR.narinfo",
+            "/0mdqa9w1p6cmli6976v4wi0sw9r4p5p.narinfo",
+        ] {
+            assert!(matches!(route(p), Route::Bad(_)), "{p} should be refused");
+        }
+    }
+
+    #[test]
+    fn paths_nix_asks_for_but_ncps_does_not_serve_are_plain_404s() {
+        for p in ["/0mdqa9w1p6cmli6976v4wi0sw9r4p5pr.ls", "/log/x.drv", "/realisations/x.doi", "/favicon.ico"] {
+            assert_eq!(route(p), Route::NotFound, "{p}");
+        }
+    }
+
+    #[test]
+    fn nar_names_in_nix32_and_hex_are_routed() {
+        assert!(matches!(route(&format!("/nar/{}.nar.zst", "a".repeat(64))), Route::Nar(_)));
+        assert!(matches!(route(&format!("/nar/{}.nar", "0".repeat(52))), Route::Nar(_)));
+    }
+}

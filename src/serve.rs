@@ -1,0 +1,207 @@
+//! `ncps serve`: start-up in the order that makes failures clear, then the server.
+//!
+//! Everything that can be wrong with the configuration or the data directory is found before
+//! the port is bound, and reported as one line naming the flag, with exit status 2.
+
+use crate::cache::Cache;
+use crate::config::{parse_listen_addr, Config, ConfigError};
+use crate::db::Db;
+use crate::http::{self, ServerConfig};
+use crate::nix::SecretKey;
+use crate::routes::Routes;
+use crate::store::Store;
+use std::fmt;
+use std::net::{TcpListener, ToSocketAddrs};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Why `serve` stopped: a message and the exit status.
+#[derive(Debug)]
+pub struct Exit {
+    pub code: i32,
+    pub message: String,
+}
+
+impl fmt::Display for Exit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl From<ConfigError> for Exit {
+    fn from(e: ConfigError) -> Self {
+        Exit { code: 2, message: e.to_string() }
+    }
+}
+
+fn runtime(message: String) -> Exit {
+    Exit { code: 1, message }
+}
+
+/// Everything prepared and checked, ready to accept connections.
+pub struct Prepared {
+    pub listener: TcpListener,
+    pub cache: Arc<Cache>,
+    pub server: ServerConfig,
+    pub hostname: String,
+}
+
+pub fn prepare(config: &Config) -> Result<Prepared, Exit> {
+    std::fs::create_dir_all(&config.data_path).map_err(|e| {
+        ConfigError::new("cache-data-path", format!("cannot create {}: {e}", config.data_path.display()))
+    })?;
+    let store = Store::open(&config.data_path, &config.temp_path).map_err(|e| {
+        let flag = if config.temp_path.starts_with(&config.data_path) { "cache-data-path" } else { "cache-temp-path" };
+        ConfigError::new(flag, format!("not writable: {e}"))
+    })?;
+    let db = Db::open(&config.database_path)
+        .map_err(|e| runtime(format!("database {}: {e}", config.database_path.display())))?;
+    let key = load_key(config, &db)?;
+
+    let listener = bind(&config.server_addr)?;
+    let max_connections = raise_fd_limit(config.workers);
+    let cache = Arc::new(Cache::new(config, store, db, key));
+    cache.reconcile().map_err(|e| runtime(format!("checking the store at start-up: {e}")))?;
+
+    log::info!("ncps {} listening on {}", env!("CARGO_PKG_VERSION"), describe(&listener));
+    for u in &config.upstreams {
+        log::info!("upstream {}", u.url);
+    }
+    log::info!("public key {}", cache.public_key());
+    if config.upstream_keys.is_empty() {
+        log::warn!(
+            "no --upstream-public-key given: upstream narinfos cannot be verified, so they are \
+             passed on without this cache's signature (clients must trust the upstream keys)"
+        );
+    } else if !config.sign_narinfo {
+        log::info!("--cache-sign-narinfo=false: narinfos are served with upstream signatures only");
+    }
+    Ok(Prepared {
+        listener,
+        cache,
+        server: ServerConfig {
+            workers: config.workers,
+            header_timeout: config.header_timeout,
+            idle_timeout: config.idle_timeout,
+            write_timeout: config.write_timeout,
+            max_connections,
+        },
+        hostname: config.hostname.clone(),
+    })
+}
+
+/// Runs ncps until the process is stopped.
+pub fn run(config: &Config) -> Result<(), Exit> {
+    let p = prepare(config)?;
+    let cache = p.cache.clone();
+    std::thread::Builder::new()
+        .name("access-times".into())
+        .spawn(move || loop {
+            std::thread::sleep(Duration::from_secs(30));
+            if let Err(e) = cache.flush_access_times() {
+                log::warn!("recording access times: {e}");
+            }
+        })
+        .map_err(|e| runtime(format!("starting a thread: {e}")))?;
+    let routes = Arc::new(Routes::new(p.cache, &p.hostname));
+    http::serve(p.listener, p.server, routes).map_err(|e| runtime(format!("server stopped: {e}")))
+}
+
+/// The signing key: the file given, else the one generated on first start and kept in the
+/// data path, so that clients that trust it keep trusting it across restarts.
+fn load_key(config: &Config, _db: &Db) -> Result<SecretKey, Exit> {
+    if let Some(path) = &config.secret_key_path {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigError::new("cache-secret-key-path", format!("reading {}: {e}", path.display()))
+        })?;
+        return SecretKey::parse(&text)
+            .map_err(|e| ConfigError::new("cache-secret-key-path", format!("{}: {e}", path.display())).into());
+    }
+    let path = config.data_path.join("secret-key");
+    match std::fs::read_to_string(&path) {
+        Ok(text) => {
+            let key = SecretKey::parse(&text).map_err(|e| runtime(format!("{}: {e}", path.display())))?;
+            if key.name() != config.hostname {
+                log::warn!(
+                    "the stored key is named {:?}, not --cache-hostname {:?}; keeping it so clients \
+                     that trust it still do (delete {} to make a new one)",
+                    key.name(),
+                    config.hostname,
+                    path.display()
+                );
+            }
+            Ok(key)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let key = SecretKey::generate(&config.hostname).map_err(|e| runtime(e.to_string()))?;
+            write_private(&path, key.to_file_text().as_bytes())
+                .map_err(|e| runtime(format!("storing a new key in {}: {e}", path.display())))?;
+            log::info!("generated a new signing key in {}", path.display());
+            Ok(key)
+        }
+        Err(e) => Err(runtime(format!("reading {}: {e}", path.display()))),
+    }
+}
+
+fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("new");
+    let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)
+}
+
+fn bind(addr: &str) -> Result<TcpListener, Exit> {
+    let (host, port) = parse_listen_addr(addr).map_err(|m| ConfigError::new("server-addr", m))?;
+    let candidates: Vec<String> = if host.is_empty() {
+        // Every interface: IPv6 (which also takes IPv4 on Linux by default), else IPv4.
+        vec![format!("[::]:{port}"), format!("0.0.0.0:{port}")]
+    } else if host.contains(':') {
+        vec![format!("[{host}]:{port}")]
+    } else {
+        vec![format!("{host}:{port}")]
+    };
+    let mut last = String::new();
+    for c in candidates {
+        let addrs = match c.to_socket_addrs() {
+            Ok(a) => a,
+            Err(e) => {
+                last = format!("{c}: {e}");
+                continue;
+            }
+        };
+        for a in addrs {
+            match TcpListener::bind(a) {
+                Ok(l) => return Ok(l),
+                Err(e) => last = format!("{a}: {e}"),
+            }
+        }
+    }
+    Err(runtime(format!("--server-addr: cannot listen on {addr}: {last}")))
+}
+
+fn describe(l: &TcpListener) -> String {
+    l.local_addr().map(|a| a.to_string()).unwrap_or_else(|_| "?".into())
+}
+
+/// Raises the soft descriptor limit to the hard one and returns how many connections fit,
+/// keeping room for the files and upstream sockets the workers use.
+fn raise_fd_limit(workers: usize) -> usize {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: valid pointer to an rlimit struct.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0 {
+        if lim.rlim_cur < lim.rlim_max {
+            let raised = libc::rlimit { rlim_cur: lim.rlim_max, rlim_max: lim.rlim_max };
+            // SAFETY: as above.
+            if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+                lim.rlim_cur = lim.rlim_max;
+            }
+        }
+        let fds = lim.rlim_cur.min(1 << 20) as usize;
+        return fds.saturating_sub(64 + 3 * workers).clamp(16, 16_384);
+    }
+    1024
+}

@@ -1,0 +1,171 @@
+//! Talking to upstream caches: a blocking HTTP client with every timeout set.
+//!
+//! An upstream is never trusted to be up, fast or honest. Connecting, waiting for headers and
+//! waiting for each piece of a body all have limits (a stalled upstream must not hold a worker
+//! or a download forever), and the caller checks every byte that comes back.
+
+use crate::config::{Config, UpstreamConfig};
+use crate::nix::narinfo::MAX_NARINFO_BYTES;
+use crate::nix::StorePathHash;
+use std::fmt;
+use std::io::Read;
+use std::time::Duration;
+
+#[derive(Debug)]
+pub enum UpstreamError {
+    /// The upstream answered with a status that is neither success nor "not here".
+    Status(u16),
+    /// Connecting, sending or receiving failed (including timeouts).
+    Transport(String),
+    /// The answer is larger than anything legitimate.
+    TooLarge,
+}
+
+impl fmt::Display for UpstreamError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            UpstreamError::Status(s) => write!(f, "HTTP status {s}"),
+            UpstreamError::Transport(e) => write!(f, "{e}"),
+            UpstreamError::TooLarge => write!(f, "response too large"),
+        }
+    }
+}
+
+impl std::error::Error for UpstreamError {}
+
+impl From<ureq::Error> for UpstreamError {
+    fn from(e: ureq::Error) -> Self {
+        UpstreamError::Transport(e.to_string())
+    }
+}
+
+/// A NAR body being received.
+pub struct NarBody {
+    pub reader: Box<dyn Read + Send>,
+    /// The length the upstream announced, if it did (before any Content-Encoding is undone).
+    pub content_length: Option<u64>,
+    /// Whether the upstream compressed the transfer (`Content-Encoding: zstd`); the reader
+    /// already undoes it.
+    pub decoded: bool,
+}
+
+pub struct Upstreams {
+    list: Vec<UpstreamConfig>,
+    agent: ureq::Agent,
+}
+
+impl Upstreams {
+    pub fn new(config: &Config) -> Upstreams {
+        Self::with_timeouts(
+            config.upstreams.clone(),
+            config.dial_timeout,
+            config.response_header_timeout,
+            config.body_idle_timeout,
+        )
+    }
+
+    pub fn with_timeouts(
+        list: Vec<UpstreamConfig>,
+        dial: Duration,
+        header: Duration,
+        body_idle: Duration,
+    ) -> Upstreams {
+        let tls = ureq::tls::TlsConfig::builder()
+            .root_certs(ureq::tls::RootCerts::Specific(std::sync::Arc::new(root_certs())))
+            .build();
+        let agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_connect(Some(dial))
+            .timeout_resolve(Some(dial))
+            .timeout_recv_response(Some(header))
+            .timeout_per_read(Some(body_idle))
+            .timeout_send_request(Some(header))
+            .user_agent(concat!("ncps/", env!("CARGO_PKG_VERSION")))
+            .max_idle_connections_per_host(8)
+            .tls_config(tls)
+            .build()
+            .new_agent();
+        Upstreams { list, agent }
+    }
+
+    pub fn list(&self) -> &[UpstreamConfig] {
+        &self.list
+    }
+
+    /// Fetches `<upstream>/<hash>.narinfo`. `Ok(None)` when the upstream says it has no such
+    /// path (404, 403 and 410 mean that in Nix's protocol).
+    pub fn narinfo(
+        &self,
+        upstream: &UpstreamConfig,
+        hash: &StorePathHash,
+    ) -> Result<Option<Vec<u8>>, UpstreamError> {
+        let url = format!("{}/{hash}.narinfo", upstream.url);
+        let resp = self.agent.get(&url).call()?;
+        match resp.status().as_u16() {
+            200 => {}
+            403 | 404 | 410 => return Ok(None),
+            s => return Err(UpstreamError::Status(s)),
+        }
+        let limit = MAX_NARINFO_BYTES as u64 + 1;
+        let mut body = Vec::new();
+        resp.into_body()
+            .into_reader()
+            .take(limit)
+            .read_to_end(&mut body)
+            .map_err(|e| UpstreamError::Transport(e.to_string()))?;
+        if body.len() as u64 >= limit {
+            return Err(UpstreamError::TooLarge);
+        }
+        Ok(Some(body))
+    }
+
+    /// Starts receiving a NAR from an absolute URL. `Ok(None)` when it is not there.
+    pub fn nar(&self, url: &str) -> Result<Option<NarBody>, UpstreamError> {
+        // Harmonia and others can compress the transfer; asking for zstd costs nothing here
+        // (it is undone below, before hashing) and saves upstream bandwidth.
+        let resp = self.agent.get(url).header("Accept-Encoding", "zstd").call()?;
+        match resp.status().as_u16() {
+            200 => {}
+            403 | 404 | 410 => return Ok(None),
+            s => return Err(UpstreamError::Status(s)),
+        }
+        let header = |name: &str| {
+            resp.headers().get(name).and_then(|v| v.to_str().ok()).map(|s| s.trim().to_string())
+        };
+        let content_length = header("content-length").and_then(|v| v.parse().ok());
+        let encoding = header("content-encoding").unwrap_or_default().to_ascii_lowercase();
+        let raw = resp.into_body().into_reader();
+        let (reader, decoded): (Box<dyn Read + Send>, bool) = match encoding.as_str() {
+            "" | "identity" => (Box::new(raw), false),
+            "zstd" => {
+                let d = zstd::stream::read::Decoder::new(raw)
+                    .map_err(|e| UpstreamError::Transport(format!("zstd decoder: {e}")))?;
+                (Box::new(d), true)
+            }
+            other => {
+                return Err(UpstreamError::Transport(format!("unsupported Content-Encoding {other:?}")))
+            }
+        };
+        Ok(Some(NarBody { reader, content_length, decoded }))
+    }
+}
+
+/// Mozilla's roots as bundled, plus the system's when it has a bundle, so that a device with
+/// no CA package still works and a LAN with its own CA (added to the system store) works too.
+fn root_certs() -> Vec<ureq::tls::Certificate<'static>> {
+    let mut certs: Vec<ureq::tls::Certificate<'static>> = webpki_root_certs::TLS_SERVER_ROOT_CERTS
+        .iter()
+        .map(|c| ureq::tls::Certificate::from_der(c.as_ref()))
+        .collect();
+    for path in ["/etc/ssl/certs/ca-certificates.crt", "/etc/pki/tls/certs/ca-bundle.crt", "/etc/ssl/cert.pem"] {
+        if let Ok(pem) = std::fs::read(path) {
+            for item in ureq::tls::parse_pem(&pem).flatten() {
+                if let ureq::tls::PemItem::Certificate(c) = item {
+                    certs.push(c.to_owned());
+                }
+            }
+            break;
+        }
+    }
+    certs
+}

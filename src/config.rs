@@ -571,3 +571,19 @@ mod tests {
         assert_eq!(parse_listen_addr("[::1]:80").unwrap(), ("::1".to_string(), 80));
     }
 }
+
+#[cfg(test)]
+mod readme {
+    #[test]
+    fn the_readme_documents_every_flag_and_variable() {
+        let readme = include_str!("../README.md");
+        for f in super::FLAGS {
+            for n in f.names {
+                assert!(readme.contains(&format!("`--{n}")), "README lacks --{n}");
+            }
+            for e in f.envs {
+                assert!(readme.contains(e), "README lacks {e}");
+            }
+        }
+    }
+}

@@ -1,0 +1,58 @@
+# ncps: the two commands a fresh Debian machine needs are `make run` and `make test`.
+# Each installs what it needs first (`make deps`), so neither assumes a prepared machine.
+
+SHELL := /bin/bash
+CARGO ?= cargo
+DATA ?= $(CURDIR)/var/ncps
+HOSTNAME_ ?= $(shell hostname)
+UPSTREAM ?= https://cache.nixos.org
+UPSTREAM_KEY ?= cache.nixos.org-1:6NCHdD59X431o0gWypbMrAURkbJ16ZPMQFGspcDShjY=
+ADDR ?= :8501
+
+APT_PACKAGES := nix-bin curl xz-utils ca-certificates build-essential
+
+.PHONY: all build run test deps bench static fuzz clean
+
+all: build
+
+# apt packages are installed only when missing, so this is quick on a machine that has them.
+# Rust comes from rustup when present, else from Debian's rustc-web/cargo-web (1.8x+; the
+# plain `cargo` package in bookworm is too old for the dependencies).
+deps:
+	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if ! command -v $(CARGO) >/dev/null; then missing="$$missing rustc-web cargo-web"; fi; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing:$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	fi
+
+build: deps
+	$(CARGO) build --release
+
+run: build
+	@mkdir -p $(DATA)
+	./target/release/ncps serve \
+	  --cache-hostname $(HOSTNAME_) \
+	  --cache-data-path $(DATA) \
+	  --upstream-cache $(UPSTREAM) \
+	  --upstream-public-key $(UPSTREAM_KEY) \
+	  --server-addr $(ADDR)
+
+# Unit tests, doc tests, and the end-to-end tests that drive the real Nix client.
+test: deps
+	$(CARGO) build --tests
+	$(CARGO) test --all-targets
+	$(CARGO) test --doc
+	bash tests/systemd.sh
+
+bench: build
+	NCPS=$(CURDIR)/target/release/ncps bash bench/run.sh
+
+static:
+	bash build/static.sh
+
+fuzz:
+	bash fuzz/run.sh
+
+clean:
+	$(CARGO) clean

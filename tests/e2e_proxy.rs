@@ -1,0 +1,546 @@
+//! End-to-end specification of ncps as a read-through proxy, driven by the
+//! real Nix client (`nix copy`, `nix store verify`) against local upstreams.
+//!
+//! Tests that need Nix skip (with a message) only when `nix` is not installed
+//! and `CI` is unset; under CI a missing `nix` fails them.
+//!
+//! Run: `cargo test --test e2e_proxy` (add `-- --nocapture` to see timings).
+//! `NCPS_E2E_BIN=/path/to/ncps` runs the suite against another build.
+//! Files of a failed test are kept under target/tmp/e2e-run-<pid>/.
+
+mod common;
+
+use common::*;
+use std::fs;
+use std::time::{Duration, Instant};
+
+// ---------------------------------------------------------------------------
+// The harness itself (so a failure below can be blamed on ncps, not on it)
+// ---------------------------------------------------------------------------
+
+#[test]
+fn harness_nix_fetches_the_fixture_directly_from_the_test_upstream_only_with_the_right_key() {
+    let Some(fx) = fixture_or_skip() else { return };
+    let up = Upstream::for_cache(fx, Compression::Xz);
+    nix_copy_from(&up.url(), &[&fx.top], &fx.up1_public_key)
+        .expect("nix copy straight from the test upstream, trusting up1");
+    let err = nix_copy_from(&up.url(), &[&fx.top], &fx.up2_public_key)
+        .expect_err("nix must refuse paths signed by a key it does not trust");
+    assert!(err.contains("signature"), "unexpected nix error: {err}");
+    // The suite's own signature check agrees with Nix on the upstream's Sigs.
+    for path in &fx.top_closure {
+        let ni = NarInfo::parse(&fx.upstream_narinfo(Compression::Xz, path));
+        let sig = &ni.sigs()[0];
+        assert!(
+            signature_verifies(&fx.up1_public_key, &ni.fingerprint(), sig),
+            "{path}"
+        );
+        assert!(
+            !signature_verifies(&fx.up2_public_key, &ni.fingerprint(), sig),
+            "{path}"
+        );
+    }
+}
+
+#[test]
+fn harness_upstream_serves_files_and_misbehaves_on_demand() {
+    let dir = TempDir::new("harness-upstream");
+    fs::create_dir_all(dir.join("nar")).unwrap();
+    fs::write(dir.join("nix-cache-info"), "StoreDir: /nix/store\n").unwrap();
+    let nar: Vec<u8> = (0..10_000u32).map(|i| (i % 251) as u8).collect();
+    fs::write(dir.join("nar/abc.nar"), &nar).unwrap();
+    let mut up = Upstream::serve_dir(dir.path());
+    let base = up.url();
+    let url = |p: &str| format!("{base}{p}");
+
+    let r = http_get(&url("/nar/abc.nar")).unwrap();
+    assert_eq!((r.status, r.body.len()), (200, nar.len()));
+    assert_eq!(r.header("content-length"), Some("10000"));
+    assert_eq!(r.body, nar);
+    let r = http_head(&url("/nar/abc.nar")).unwrap();
+    assert_eq!((r.status, r.header("content-length")), (200, Some("10000")));
+    assert_eq!(http_get(&url("/missing.narinfo")).unwrap().status, 404);
+    assert_eq!(up.hits("/nar/abc.nar"), 2);
+
+    up.set_mode(Mode::Status500);
+    assert_eq!(http_get(&url("/nix-cache-info")).unwrap().status, 500);
+
+    up.set_mode(Mode::CorruptByte);
+    let r = http_get(&url("/nar/abc.nar")).unwrap();
+    assert_eq!(r.body.len(), nar.len());
+    assert_ne!(r.body, nar, "CorruptByte must alter NAR bodies");
+    assert_eq!(
+        http_get(&url("/nix-cache-info")).unwrap().text(),
+        "StoreDir: /nix/store\n"
+    );
+
+    up.set_mode(Mode::ResetMidBody);
+    assert!(
+        http_get(&url("/nar/abc.nar")).is_err(),
+        "ResetMidBody must break the body"
+    );
+    up.set_mode(Mode::CloseMidBody);
+    assert!(
+        http_get(&url("/nar/abc.nar")).is_err(),
+        "CloseMidBody must truncate the body"
+    );
+
+    up.set_mode_for(Mode::Status500, Target::Nar);
+    assert_eq!(http_get(&url("/nar/abc.nar")).unwrap().status, 500);
+    assert_eq!(http_get(&url("/nix-cache-info")).unwrap().status, 200);
+
+    up.set_mode(Mode::Slow(40_000));
+    let t = Instant::now();
+    assert_eq!(http_get(&url("/nar/abc.nar")).unwrap().body, nar);
+    assert!(
+        t.elapsed() >= Duration::from_millis(200),
+        "Slow must throttle"
+    );
+
+    up.set_mode(Mode::Hang);
+    {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", up.port())).unwrap();
+        s.set_read_timeout(Some(Duration::from_millis(300)))
+            .unwrap();
+        s.write_all(b"GET /nix-cache-info HTTP/1.1\r\nHost: x\r\n\r\n")
+            .unwrap();
+        let mut b = [0u8; 16];
+        let e = s.read(&mut b).expect_err("Hang must not answer");
+        assert!(matches!(
+            e.kind(),
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+        ));
+    }
+
+    up.stop();
+    assert!(
+        http_get(&url("/nix-cache-info")).is_err(),
+        "stopped upstream must refuse"
+    );
+    up.restart();
+    up.set_mode(Mode::Normal);
+    assert_eq!(http_get(&url("/nix-cache-info")).unwrap().status, 200);
+}
+
+// ---------------------------------------------------------------------------
+// Fetching through the proxy
+// ---------------------------------------------------------------------------
+
+/// An ncps in front of one upstream serving the fixture cache `c`, trusting up1.
+fn proxy_for(fx: &Fixture, c: Compression) -> (Upstream, Ncps) {
+    let up = Upstream::for_cache(fx, c);
+    let ncps = Ncps::for_upstreams(&[up.url()], &fx.up1_public_key);
+    (up, ncps)
+}
+
+fn fetch_top_through_proxy_trusting_only_its_key(c: Compression) {
+    let Some(fx) = fixture_or_skip() else { return };
+    let (up, ncps) = proxy_for(fx, c);
+    let key = ncps.pubkey();
+    nix_copy_from(&ncps.url(), &[&fx.top], &key)
+        .unwrap_or_else(|e| panic!("fetching the top closure ({}) through ncps: {e}", c.name()));
+    assert!(
+        up.hits_where(|p| p.starts_with("/nar/")) >= 3,
+        "NARs came from the upstream"
+    );
+}
+
+#[test]
+fn fetch_through_proxy_trusting_only_its_key_xz() {
+    fetch_top_through_proxy_trusting_only_its_key(Compression::Xz);
+}
+
+#[test]
+fn fetch_through_proxy_trusting_only_its_key_zstd() {
+    fetch_top_through_proxy_trusting_only_its_key(Compression::Zstd);
+}
+
+#[test]
+fn fetch_through_proxy_trusting_only_its_key_uncompressed() {
+    fetch_top_through_proxy_trusting_only_its_key(Compression::None);
+}
+
+#[test]
+fn cached_closure_is_served_while_the_upstream_is_down() {
+    let Some(fx) = fixture_or_skip() else { return };
+    let (mut up, ncps) = proxy_for(fx, Compression::Xz);
+    let key = ncps.pubkey();
+    nix_copy_from(&ncps.url(), &[&fx.top], &key).expect("first fetch (fills the cache)");
+    up.stop();
+    nix_copy_from(&ncps.url(), &[&fx.top], &key)
+        .expect("second fetch, upstream stopped: must be served from ncps's cache");
+}
+
+#[test]
+fn cached_closure_is_served_after_an_ncps_restart_while_the_upstream_is_down() {
+    let Some(fx) = fixture_or_skip() else { return };
+    let (mut up, mut ncps) = proxy_for(fx, Compression::Zstd);
+    let key = ncps.pubkey();
+    nix_copy_from(&ncps.url(), &[&fx.top], &key).expect("first fetch (fills the cache)");
+    up.stop();
+    ncps.restart();
+    assert_eq!(ncps.pubkey(), key, "the signing key must survive a restart");
+    nix_copy_from(&ncps.url(), &[&fx.top], &key)
+        .expect("fetch after restarting ncps, upstream stopped: must be served from disk");
+}
+
+// ---------------------------------------------------------------------------
+// Several upstreams: a broken first one must not prevent fetching
+// ---------------------------------------------------------------------------
+
+/// Timeouts given to ncps so that hanging upstreams are given up quickly.
+const FAST_TIMEOUTS: &[&str] = &[
+    "--upstream-dialer-timeout",
+    "2s",
+    "--upstream-response-header-timeout",
+    "2s",
+];
+
+fn fetch_with_broken_first_upstream(first: String, fx: &Fixture) {
+    let good = Upstream::for_cache(fx, Compression::Xz);
+    let mut args = vec![
+        "--upstream-cache".to_string(),
+        first,
+        "--upstream-cache".to_string(),
+        good.url(),
+        "--upstream-public-key".to_string(),
+        fx.up1_public_key.clone(),
+    ];
+    args.extend(FAST_TIMEOUTS.iter().map(|s| s.to_string()));
+    let args: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
+    let ncps = Ncps::start(&args);
+    let key = ncps.pubkey();
+    let t = Instant::now();
+    nix_copy_from(&ncps.url(), &[&fx.top], &key)
+        .expect("fetch must succeed from the second (good) upstream");
+    eprintln!("fetch with a broken first upstream took {:?}", t.elapsed());
+    assert!(
+        good.hits_where(|p| p.starts_with("/nar/")) >= 3,
+        "NARs came from the good upstream"
+    );
+}
+
+#[test]
+fn refused_first_upstream_falls_back_to_the_next_one() {
+    let Some(fx) = fixture_or_skip() else { return };
+    let dead = format!("http://127.0.0.1:{}", free_port());
+    fetch_with_broken_first_upstream(dead, fx);
+}
+
+#[test]
+fn hanging_first_upstream_falls_back_to_the_next_one() {
+    let Some(fx) = fixture_or_skip() else { return };
+    let hanging = Upstream::for_cache(fx, Compression::Xz);
+    hanging.set_mode(Mode::Hang);
+    fetch_with_broken_first_upstream(hanging.url(), fx);
+}
+
+#[test]
+fn first_upstream_answering_500_falls_back_to_the_next_one() {
+    let Some(fx) = fixture_or_skip() else { return };
+    let failing = Upstream::for_cache(fx, Compression::Xz);
+    failing.set_mode(Mode::Status500);
+    fetch_with_broken_first_upstream(failing.url(), fx);
+}
+
+// ---------------------------------------------------------------------------
+// Configuration
+// ---------------------------------------------------------------------------
+
+#[test]
+fn configuration_from_environment_variables_only() {
+    let Some(fx) = fixture_or_skip() else { return };
+    let good = Upstream::for_cache(fx, Compression::Zstd);
+    let dead = format!("http://127.0.0.1:{}", free_port());
+    let hostname = "env-configured.example.org";
+    let env = |k: &str, v: String| (k.to_string(), v);
+    let ncps = Ncps::start_raw(
+        vec!["serve".to_string()],
+        vec![
+            env("CACHE_HOSTNAME", hostname.to_string()),
+            env("CACHE_DATA_PATH", "{data}".to_string()),
+            env("UPSTREAM_CACHES", format!("{dead},{}", good.url())),
+            env(
+                "UPSTREAM_PUBLIC_KEYS",
+                format!("{},{}", fx.up2_public_key, fx.up1_public_key),
+            ),
+            env("SERVER_ADDR", "{addr}".to_string()),
+            env("LOG_LEVEL", "debug".to_string()),
+        ],
+    );
+    let key = ncps.pubkey();
+    assert!(
+        key.starts_with(&format!("{hostname}:")),
+        "/pubkey must be named after CACHE_HOSTNAME, got {key:?}"
+    );
+    nix_copy_from(&ncps.url(), &[&fx.top], &key)
+        .expect("fetch through ncps configured from the environment only");
+}
+
+/// Asserts ncps rejected its configuration: exit status 2 and exactly one
+/// non-empty stderr line naming `flag` (and not a bind error: the listen
+/// address is held by the test, so binding before validating would fail).
+fn assert_config_error(args: &[&str], flag: &str) {
+    let (code, stderr) = run_ncps_expecting_failure(args, &[]);
+    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(
+        code,
+        Some(2),
+        "exit status for bad {flag}; stderr:\n{stderr}"
+    );
+    assert_eq!(
+        lines.len(),
+        1,
+        "want exactly one stderr line for bad {flag}, got:\n{stderr}"
+    );
+    assert!(
+        lines[0].contains(flag),
+        "stderr line must name {flag}: {:?}",
+        lines[0]
+    );
+    let l = lines[0].to_ascii_lowercase();
+    assert!(
+        !l.contains("in use") && !l.contains("bind"),
+        "ncps tried to bind before validating its configuration: {:?}",
+        lines[0]
+    );
+}
+
+#[test]
+fn bad_config_missing_cache_hostname_exits_2() {
+    let d = TempDir::new("badcfg");
+    let data = d.path().to_string_lossy().into_owned();
+    assert_config_error(
+        &[
+            "serve",
+            "--cache-data-path",
+            &data,
+            "--upstream-cache",
+            "http://127.0.0.1:9",
+            "--upstream-public-key",
+            SOME_VALID_PUBLIC_KEY,
+            "--server-addr",
+            "{addr}",
+        ],
+        "--cache-hostname",
+    );
+}
+
+#[test]
+fn bad_config_no_upstream_exits_2() {
+    let d = TempDir::new("badcfg");
+    let data = d.path().to_string_lossy().into_owned();
+    assert_config_error(
+        &[
+            "serve",
+            "--cache-hostname",
+            HOSTNAME,
+            "--cache-data-path",
+            &data,
+            "--upstream-public-key",
+            SOME_VALID_PUBLIC_KEY,
+            "--server-addr",
+            "{addr}",
+        ],
+        "--upstream-cache",
+    );
+}
+
+#[test]
+fn bad_config_malformed_upstream_public_key_exits_2() {
+    let d = TempDir::new("badcfg");
+    let data = d.path().to_string_lossy().into_owned();
+    for bad in [
+        "no-colon-here",
+        "up1.example.org-1:!!!not-base64!!!",
+        "up1.example.org-1:AAAA", // valid base64, but 3 bytes instead of 32
+    ] {
+        assert_config_error(
+            &[
+                "serve",
+                "--cache-hostname",
+                HOSTNAME,
+                "--cache-data-path",
+                &data,
+                "--upstream-cache",
+                "http://127.0.0.1:9",
+                "--upstream-public-key",
+                bad,
+                "--server-addr",
+                "{addr}",
+            ],
+            "--upstream-public-key",
+        );
+    }
+}
+
+#[test]
+fn bad_config_unparsable_upstream_url_exits_2() {
+    let d = TempDir::new("badcfg");
+    let data = d.path().to_string_lossy().into_owned();
+    assert_config_error(
+        &[
+            "serve",
+            "--cache-hostname",
+            HOSTNAME,
+            "--cache-data-path",
+            &data,
+            "--upstream-cache",
+            "not a url",
+            "--upstream-public-key",
+            SOME_VALID_PUBLIC_KEY,
+            "--server-addr",
+            "{addr}",
+        ],
+        "--upstream-cache",
+    );
+}
+
+#[test]
+fn bad_config_unwritable_data_path_exits_2() {
+    // A path below a regular file cannot be created, even by root.
+    let d = TempDir::new("badcfg");
+    fs::write(d.join("a-file"), "").unwrap();
+    let data = d.join("a-file/data").to_string_lossy().into_owned();
+    assert_config_error(
+        &[
+            "serve",
+            "--cache-hostname",
+            HOSTNAME,
+            "--cache-data-path",
+            &data,
+            "--upstream-cache",
+            "http://127.0.0.1:9",
+            "--upstream-public-key",
+            SOME_VALID_PUBLIC_KEY,
+            "--server-addr",
+            "{addr}",
+        ],
+        "--cache-data-path",
+    );
+}
+
+// ---------------------------------------------------------------------------
+// Endpoints
+// ---------------------------------------------------------------------------
+
+/// An ncps in front of an empty (but healthy) upstream; needs no Nix.
+fn proxy_for_empty_upstream() -> (TempDir, Upstream, Ncps) {
+    let dir = TempDir::new("empty-upstream");
+    fs::write(
+        dir.join("nix-cache-info"),
+        "StoreDir: /nix/store\nWantMassQuery: 1\nPriority: 50\n",
+    )
+    .unwrap();
+    let up = Upstream::serve_dir(dir.path());
+    let ncps = Ncps::for_upstreams(&[up.url()], SOME_VALID_PUBLIC_KEY);
+    (dir, up, ncps)
+}
+
+#[test]
+fn unknown_paths_get_404() {
+    let (_dir, _up, ncps) = proxy_for_empty_upstream();
+    let unknown_hash = "0123456789abcdfghijklmnpqrsvwxyz";
+    let unknown_nar = "1111111111111111111111111111111111111111111111111111";
+    for path in [
+        "/does-not-exist".to_string(),
+        format!("/{unknown_hash}.narinfo"),
+        format!("/nar/{unknown_nar}.nar.xz"),
+        format!("/nar/{unknown_nar}.nar"),
+        format!("/{unknown_hash}.ls"),
+        "/log/0123456789abcdfghijklmnpqrsvwxyz-foo.drv".to_string(),
+        "/realisations/sha256:1111111111111111111111111111111111111111111111111111!out.doi"
+            .to_string(),
+    ] {
+        assert_eq!(ncps.get(&path).status, 404, "GET {path}");
+    }
+    assert_eq!(
+        ncps.head(&format!("/{unknown_hash}.narinfo")).status,
+        404,
+        "HEAD unknown narinfo"
+    );
+}
+
+#[test]
+fn nix_cache_info_is_answered_by_ncps_itself() {
+    let (_dir, _up, ncps) = proxy_for_empty_upstream();
+    let r = ncps.get("/nix-cache-info");
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        r.text(),
+        "StoreDir: /nix/store\nWantMassQuery: 1\nPriority: 40\n"
+    );
+}
+
+#[test]
+fn pubkey_is_cache_hostname_colon_base64_of_32_bytes() {
+    let (_dir, _up, ncps) = proxy_for_empty_upstream();
+    let r = ncps.get("/pubkey");
+    assert_eq!(r.status, 200);
+    let body = r.text();
+    assert!(
+        body.ends_with('\n') && body.lines().count() == 1,
+        "one line: {body:?}"
+    );
+    let (name, bytes) = parse_key(&body).unwrap_or_else(|| panic!("not name:base64: {body:?}"));
+    assert_eq!(name, HOSTNAME, "key name must be the --cache-hostname");
+    assert_eq!(
+        bytes.len(),
+        32,
+        "an ed25519 public key is 32 bytes: {body:?}"
+    );
+}
+
+#[test]
+fn served_narinfo_points_to_nar_keeps_upstream_sig_and_adds_ncps_sig() {
+    let Some(fx) = fixture_or_skip() else { return };
+    let (_up, ncps) = proxy_for(fx, Compression::Xz);
+    let key = ncps.pubkey();
+    for path in &fx.top_closure {
+        let upstream = NarInfo::parse(&fx.upstream_narinfo(Compression::Xz, path));
+        let r = ncps.get(&format!("/{}.narinfo", store_hash(path)));
+        assert_eq!(r.status, 200, "narinfo of {path}");
+        let ct = r.header("content-type").unwrap_or("");
+        assert!(ct.starts_with("text/x-nix-narinfo"), "Content-Type {ct:?}");
+        let served = NarInfo::parse(&r.text());
+        let url = served.get("URL").unwrap_or("");
+        assert!(
+            url.starts_with("nar/"),
+            "URL must point to nar/...: {url:?}"
+        );
+        for f in ["StorePath", "NarHash", "NarSize", "References"] {
+            assert_eq!(served.get(f), upstream.get(f), "{f} of {path}");
+        }
+        let sigs = served.sigs();
+        let up_sig = &upstream.sigs()[0];
+        assert!(
+            sigs.contains(up_sig),
+            "upstream Sig {up_sig} must be kept; got {sigs:?}"
+        );
+        let ours: Vec<&String> = sigs
+            .iter()
+            .filter(|s| s.starts_with(&format!("{HOSTNAME}:")))
+            .collect();
+        assert_eq!(
+            ours.len(),
+            1,
+            "exactly one Sig from ncps's key; got {sigs:?}"
+        );
+        assert!(
+            signature_verifies(&key, &served.fingerprint(), ours[0]),
+            "ncps's Sig must verify against /pubkey over {:?}",
+            served.fingerprint()
+        );
+        // The NAR the narinfo points at is served, with the announced size.
+        let nar = ncps.get(&format!("/{url}"));
+        assert_eq!(nar.status, 200, "GET /{url}");
+        if let Some(size) = served.get("FileSize") {
+            assert_eq!(nar.body.len().to_string(), size, "FileSize of /{url}");
+        }
+        assert_eq!(
+            ncps.head(&format!("/{}.narinfo", store_hash(path))).status,
+            200
+        );
+    }
+}

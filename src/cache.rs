@@ -17,6 +17,7 @@ use crate::upstream::Upstreams;
 use std::collections::HashMap;
 use std::fmt;
 use std::io::{Read, Write};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -77,6 +78,54 @@ pub struct Cache {
     failed_urls: Mutex<HashMap<String, Instant>>,
     negative: Mutex<HashMap<StorePathHash, Instant>>,
     touched: Mutex<Touched>,
+    max_size: Option<u64>,
+    /// Bytes the store holds (NAR files once each, plus narinfos), kept in step with the index.
+    usage: AtomicU64,
+    /// One eviction pass at a time.
+    evicting: Mutex<()>,
+}
+
+/// Why an upload was refused.
+#[derive(Debug)]
+pub enum UploadError {
+    /// The client sent something wrong (400), with the reason.
+    Bad(String),
+    /// Larger than the whole cache may be (413).
+    TooLarge(u64),
+    Internal(CacheError),
+}
+
+impl fmt::Display for UploadError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            UploadError::Bad(why) => f.write_str(why),
+            UploadError::TooLarge(n) => write!(f, "{n} bytes is more than --cache-max-size allows"),
+            UploadError::Internal(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+impl<E: Into<CacheError>> From<E> for UploadError {
+    fn from(e: E) -> Self {
+        UploadError::Internal(e.into())
+    }
+}
+
+/// Figures about the store, for metrics and the status page.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct StoreFigures {
+    pub size_bytes: u64,
+    pub narinfo_count: u64,
+    pub nar_count: u64,
+    pub max_size: Option<u64>,
+}
+
+/// What an eviction pass removed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Evicted {
+    pub narinfos: u64,
+    pub nars: u64,
+    pub bytes: u64,
 }
 
 #[derive(Default)]
@@ -101,6 +150,29 @@ impl Cache {
             failed_urls: Mutex::new(HashMap::new()),
             negative: Mutex::new(HashMap::new()),
             touched: Mutex::new(Touched::default()),
+            max_size: config.max_size,
+            usage: AtomicU64::new(0),
+            evicting: Mutex::new(()),
+        }
+    }
+
+    pub fn figures(&self) -> Result<StoreFigures, CacheError> {
+        let (narinfo_count, nar_count) = self.db.counts()?;
+        Ok(StoreFigures {
+            size_bytes: self.usage.load(Ordering::Relaxed),
+            narinfo_count,
+            nar_count,
+            max_size: self.max_size,
+        })
+    }
+
+    fn add_usage(&self, added: u64, removed: u64) {
+        if added >= removed {
+            self.usage.fetch_add(added - removed, Ordering::Relaxed);
+        } else {
+            let _ = self.usage.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |u| {
+                Some(u.saturating_sub(removed - added))
+            });
         }
     }
 
@@ -122,6 +194,15 @@ impl Cache {
             Ok(Some(bytes)) => Ok(Answer::Miss(Body::Bytes(bytes.to_vec()))),
             Ok(None) => Ok(Answer::NotFound),
             Err(e) => Err(CacheError(e)),
+        }
+    }
+
+    /// `GET /upload/<hash>.narinfo`: the local cache only. A client about to upload asks
+    /// whether the path is here; asking upstream for a path only it has built is wasted time.
+    pub fn narinfo_local(&self, hash: &StorePathHash) -> Result<Answer, CacheError> {
+        match Store::open_existing(&self.store.narinfo_path(hash))? {
+            Some((file, len)) => Ok(Answer::Hit(Body::File { file, len })),
+            None => Ok(Answer::NotFound),
         }
     }
 
@@ -206,14 +287,19 @@ impl Cache {
         if self.sign && verified {
             info.sign(&self.key);
         }
-        let served = info.to_string().into_bytes();
         let record = NarRecord { name, file_hash, file_size, upstream_url, stored: false };
+        self.store_narinfo(hash, &info, &record).map_err(Refusal::Local)
+    }
+
+    /// Indexes and writes the narinfo ncps serves; returns its bytes.
+    fn store_narinfo(&self, hash: &StorePathHash, info: &NarInfo, record: &NarRecord) -> Result<Vec<u8>, CacheError> {
+        let served = info.to_string().into_bytes();
         // Index first, file second: a crash between the two leaves an index entry without a
         // file, which start-up drops, never a served narinfo whose NAR nobody can find.
-        self.db.put_narinfo(hash, &info.store_path, &record).map_err(|e| Refusal::Local(e.into()))?;
-        self.store
-            .write_atomic(&self.store.narinfo_path(hash), &served)
-            .map_err(|e| Refusal::Local(e.into()))?;
+        let replaced = self.db.put_narinfo(hash, &info.store_path, record, served.len() as u64)?;
+        self.store.write_atomic(&self.store.narinfo_path(hash), &served)?;
+        self.add_usage(served.len() as u64, replaced);
+        self.enforce_limit();
         Ok(served)
     }
 
@@ -261,17 +347,22 @@ impl Cache {
         match result {
             Ok(url) => {
                 download.finish(Ok(()));
-                let kept = temp
-                    .commit(&self.store.nar_path(&name))
-                    .map_err(CacheError::from)
-                    .and_then(|()| Ok(self.db.set_nar_stored(&name, true)?));
-                match kept {
-                    Ok(()) => log::info!(
-                        "nar {name}: {} bytes from {url} verified and stored in {:.1}s",
-                        record.file_size,
-                        started.elapsed().as_secs_f64()
-                    ),
-                    Err(e) => log::error!("nar {name}: verified but not kept: {e}"),
+                let secs = started.elapsed().as_secs_f64();
+                if self.max_size.is_some_and(|max| record.file_size > max) {
+                    // Readers hold their own handle; dropping the temp file only unlinks it.
+                    log::warn!(
+                        "nar {name}: {} bytes from {url} verified and served, but not kept: larger \
+                         than --cache-max-size",
+                        record.file_size
+                    );
+                } else {
+                    match self.keep_nar(temp, &name, record.file_size) {
+                        Ok(()) => log::info!(
+                            "nar {name}: {} bytes from {url} verified and stored in {secs:.1}s",
+                            record.file_size
+                        ),
+                        Err(e) => log::error!("nar {name}: verified but not kept: {e}"),
+                    }
                 }
             }
             Err(e) => {
@@ -282,10 +373,219 @@ impl Cache {
         lock(&self.downloads).remove(&name);
     }
 
+    /// Moves a verified NAR into the store and accounts for it.
+    fn keep_nar(&self, temp: crate::store::TempFile, name: &NarName, size: u64) -> Result<(), CacheError> {
+        let path = self.store.nar_path(name);
+        temp.commit(&path)?;
+        if !self.db.set_nar_stored(name, true)? {
+            // Deleted or evicted while downloading: keeping the file would orphan it.
+            Store::remove(&path)?;
+            return Err(CacheError("its entry was removed during the download".into()));
+        }
+        self.add_usage(size, 0);
+        self.enforce_limit();
+        Ok(())
+    }
+
+    /// Evicts as soon as a write takes the store over the limit, so the disk never holds
+    /// more than the limit plus the downloads in flight.
+    fn enforce_limit(&self) {
+        if let Some(max) = self.max_size {
+            if self.usage.load(Ordering::Relaxed) > max {
+                if let Err(e) = self.evict_to(max) {
+                    log::error!("evicting to stay under --cache-max-size: {e}");
+                }
+            }
+        }
+    }
+
+    /// The scheduled pass (`--cache-lru-schedule`).
+    pub fn evict_scheduled(&self) -> Result<Evicted, CacheError> {
+        match self.max_size {
+            Some(max) => self.evict_to(max),
+            None => Ok(Evicted::default()),
+        }
+    }
+
+    /// Removes least recently used entries until the store holds at most `target` bytes.
+    /// Whole entries go: a narinfo's file before its index row, and its NAR only when no
+    /// other narinfo points at it. A client still reading an evicted NAR keeps its open file.
+    pub fn evict_to(&self, target: u64) -> Result<Evicted, CacheError> {
+        let _one_at_a_time = lock(&self.evicting);
+        // Hits since the last flush must count, or a file in use could look old.
+        self.flush_access_times()?;
+        let mut evicted = Evicted::default();
+        for (name, _) in self.db.unreferenced_nars()? {
+            if self.usage.load(Ordering::Relaxed) <= target {
+                break;
+            }
+            if let Some(r) = self.db.remove_nar(&name)? {
+                self.remove_files(&r, &mut evicted)?;
+            }
+        }
+        while self.usage.load(Ordering::Relaxed) > target {
+            let victims = self.db.least_recently_used(64)?;
+            if victims.is_empty() {
+                break;
+            }
+            for hash in victims {
+                if self.usage.load(Ordering::Relaxed) <= target {
+                    break;
+                }
+                // The file goes first, so the narinfo is never served once its NAR may be gone.
+                Store::remove(&self.store.narinfo_path(&hash))?;
+                if let Some(r) = self.db.remove_narinfo(&hash)? {
+                    self.remove_files(&r, &mut evicted)?;
+                }
+            }
+        }
+        if evicted.narinfos + evicted.nars > 0 {
+            log::info!(
+                "evicted {} narinfo(s) and {} NAR(s), {} bytes; the store now holds {} of {target} bytes",
+                evicted.narinfos,
+                evicted.nars,
+                evicted.bytes,
+                self.usage.load(Ordering::Relaxed)
+            );
+        }
+        Ok(evicted)
+    }
+
+    /// Deletes the files of what the index just dropped, and accounts for them.
+    fn remove_files(&self, r: &db::Removed, tally: &mut Evicted) -> Result<(), CacheError> {
+        let mut freed = 0;
+        for (hash, size) in &r.narinfos {
+            Store::remove(&self.store.narinfo_path(hash))?;
+            freed += size;
+            tally.narinfos += 1;
+        }
+        if let Some((name, stored)) = &r.nar {
+            Store::remove(&self.store.nar_path(name))?;
+            if let Some(size) = stored {
+                freed += size;
+                tally.nars += 1;
+            }
+        }
+        tally.bytes += freed;
+        self.add_usage(0, freed);
+        Ok(())
+    }
+
+    /// `DELETE /<hash>.narinfo`: removes it, and its NAR when nothing else uses it.
+    pub fn delete_narinfo(&self, hash: &StorePathHash) -> Result<bool, CacheError> {
+        Store::remove(&self.store.narinfo_path(hash))?;
+        self.forget_missing(hash);
+        match self.db.remove_narinfo(hash)? {
+            Some(r) => {
+                self.remove_files(&r, &mut Evicted::default())?;
+                Ok(true)
+            }
+            None => Ok(false),
+        }
+    }
+
+    /// `DELETE /nar/<name>`: removes it and every narinfo pointing at it.
+    pub fn delete_nar(&self, name: &NarName) -> Result<bool, CacheError> {
+        match self.db.remove_nar(name)? {
+            Some(r) => {
+                self.remove_files(&r, &mut Evicted::default())?;
+                Ok(true)
+            }
+            None => {
+                // Not indexed, but a stray file of that name must not survive a DELETE.
+                let path = self.store.nar_path(name);
+                let existed = path.exists();
+                Store::remove(&path)?;
+                Ok(existed)
+            }
+        }
+    }
+
+    /// `PUT /nar/<name>`: keeps the upload only if its bytes hash to the name, as NARs written
+    /// by `nix copy` are named (`<nix32 of sha256 of the file>.nar<ext>`).
+    pub fn put_nar(&self, name: &NarName, body: &mut dyn Read, len: u64) -> Result<(), UploadError> {
+        if self.max_size.is_some_and(|max| len > max) {
+            return Err(UploadError::TooLarge(len));
+        }
+        let mut temp = self.store.temp_file()?;
+        let mut hasher = Hasher::new();
+        let mut buf = vec![0u8; 256 * 1024];
+        let mut written = 0u64;
+        loop {
+            let n = match body.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(UploadError::Bad(format!("reading the upload after {written} bytes: {e}"))),
+            };
+            hasher.update(&buf[..n]);
+            temp.file()?.write_all(&buf[..n])?;
+            written += n as u64;
+        }
+        let got = hasher.finish();
+        let hash_part = name.as_str().split(".nar").next().unwrap_or("");
+        let named = crate::nix::Hash::parse_digest(hash_part);
+        if named != Some(got) {
+            return Err(UploadError::Bad(format!("the upload's sha256 is {got}, which does not match its name")));
+        }
+        let record = NarRecord {
+            name: name.clone(),
+            file_hash: got,
+            file_size: written,
+            upstream_url: String::new(),
+            stored: false,
+        };
+        self.db.put_nar(&record)?;
+        let path = self.store.nar_path(name);
+        let previous = Store::open_existing(&path)?.map(|(_, len)| len);
+        temp.commit(&path)?;
+        self.db.set_nar_stored(name, true)?;
+        self.add_usage(written, previous.unwrap_or(0));
+        self.enforce_limit();
+        Ok(())
+    }
+
+    /// `PUT /<hash>.narinfo`: accepted only if it describes `hash` and its NAR was uploaded
+    /// (or cached) with exactly the FileHash and FileSize it claims; then signed by ncps.
+    pub fn put_narinfo(&self, hash: &StorePathHash, body: &mut dyn Read) -> Result<(), UploadError> {
+        let mut bytes = Vec::new();
+        body.take(crate::nix::narinfo::MAX_NARINFO_BYTES as u64 + 1)
+            .read_to_end(&mut bytes)
+            .map_err(|e| UploadError::Bad(format!("reading the upload: {e}")))?;
+        let mut info = NarInfo::parse(&bytes).map_err(|e| UploadError::Bad(format!("narinfo: {e}")))?;
+        if info.store_path_hash() != Some(*hash) {
+            return Err(UploadError::Bad(format!("narinfo describes {}, not {hash}", info.store_path)));
+        }
+        let (file_hash, file_size) = info
+            .file_digest()
+            .ok_or_else(|| UploadError::Bad("narinfo has no FileHash/FileSize".into()))?;
+        let name = info
+            .url
+            .strip_prefix("nar/")
+            .and_then(NarName::parse)
+            .ok_or_else(|| UploadError::Bad(format!("URL {:?} is not nar/<hash>.nar[.ext]", info.url)))?;
+        let record = match self.db.nar(&name)? {
+            Some(r) if r.stored && r.file_hash == file_hash && r.file_size == file_size => r,
+            Some(r) if r.stored => {
+                return Err(UploadError::Bad(format!(
+                    "{name} holds {} bytes with {}, the narinfo says {file_size} bytes with {file_hash}",
+                    r.file_size, r.file_hash
+                )))
+            }
+            _ => return Err(UploadError::Bad(format!("upload {name} before its narinfo"))),
+        };
+        if self.sign {
+            info.sign(&self.key);
+        }
+        self.store_narinfo(hash, &info, &record)?;
+        self.forget_missing(hash);
+        Ok(())
+    }
+
     /// Where to try fetching a NAR: where its narinfo came from first, then the same name on
     /// the other upstreams; URLs that failed recently go last.
     fn nar_candidates(&self, record: &NarRecord) -> Vec<String> {
-        let mut urls = vec![record.upstream_url.clone()];
+        let mut urls: Vec<String> = Some(record.upstream_url.clone()).filter(|u| !u.is_empty()).into_iter().collect();
         for u in self.upstreams.list() {
             let url = format!("{}/nar/{}", u.url, record.name);
             if !urls.contains(&url) {
@@ -420,6 +720,7 @@ impl Cache {
             self.db.set_nar_stored(name, false)?;
             dropped += 1;
         }
+        self.usage.store(self.db.usage()?, Ordering::Relaxed);
         if temps + orphans + dropped > 0 {
             log::warn!(
                 "start-up check: removed {temps} temp file(s) and {orphans} file(s) the index did not \

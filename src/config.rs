@@ -64,6 +64,20 @@ pub const FLAGS: &[Flag] = &[
          [default: generated once into <data-path>/secret-key]"),
     flag!(["cache-negative-ttl"], ["CACHE_NEGATIVE_TTL"], Value, Some("1m"),
         "How long a narinfo that no upstream has is remembered as missing (0 to disable)"),
+    flag!(["cache-max-size"], ["CACHE_MAX_SIZE"], Value, None,
+        "Largest size of the store, as a number and one of B K M G T (binary units), e.g. 50G; \
+         least recently used entries are evicted to stay under it [default: no limit]"),
+    flag!(["cache-lru-schedule"], ["CACHE_LRU_SCHEDULE"], Value, None,
+        "When to also run a full eviction pass, as a 5-field cron spec (0 2 * * *) or \
+         @daily/@hourly/@every 1h; needs --cache-max-size"),
+    flag!(["cache-lru-schedule-timezone"], ["CACHE_LRU_SCHEDULE_TZ", "CACHE_LRU_SCHEDULE_TIMEZONE"], Value,
+        Some("Local"), "Time zone of --cache-lru-schedule: Local, UTC or a name like Europe/Paris"),
+    flag!(["cache-allow-put-verb"], ["CACHE_ALLOW_PUT_VERB"], Bool, Some("false"),
+        "Accept uploads (nix copy --to http://HOST:PORT or .../upload)"),
+    flag!(["cache-allow-delete-verb"], ["CACHE_ALLOW_DELETE_VERB"], Bool, Some("false"),
+        "Accept DELETE of narinfos and NARs"),
+    flag!(["prometheus-enabled"], ["PROMETHEUS_ENABLED"], Bool, Some("false"),
+        "Serve metrics in the Prometheus text format at /metrics"),
     flag!(["server-addr"], ["SERVER_ADDR"], Value, Some(":8501"),
         "Address to listen on, host:port (:port for every interface)"),
     flag!(["server-workers"], ["SERVER_WORKERS"], Value, Some("64"),
@@ -140,6 +154,12 @@ pub struct Config {
     pub response_header_timeout: Duration,
     pub body_idle_timeout: Duration,
     pub log_level: log::LevelFilter,
+    pub max_size: Option<u64>,
+    pub lru_schedule: Option<crate::cron::Schedule>,
+    pub lru_timezone: String,
+    pub allow_put: bool,
+    pub allow_delete: bool,
+    pub prometheus: bool,
 }
 
 /// The values given for each flag (by canonical name), from the command line or else the
@@ -235,6 +255,11 @@ impl RawValues {
         self.all(name).last().map(|s| s.as_str()).or_else(|| find_flag(name).and_then(|f| f.default))
     }
 
+    fn bool(&self, name: &'static str) -> Result<bool, ConfigError> {
+        let v = self.one(name).unwrap_or("false");
+        parse_bool(v).ok_or_else(|| ConfigError::new(name, format!("{v:?}: expected true or false")))
+    }
+
     fn duration(&self, name: &'static str) -> Result<Duration, ConfigError> {
         let v = self.one(name).unwrap_or("0s");
         parse_duration(v).ok_or_else(|| {
@@ -294,8 +319,30 @@ impl Config {
             upstream_keys.push(key);
         }
 
-        let sign_narinfo = parse_bool(raw.one("cache-sign-narinfo").unwrap_or("true"))
-            .ok_or_else(|| ConfigError::new("cache-sign-narinfo", "expected true or false"))?;
+        let sign_narinfo = raw.bool("cache-sign-narinfo")?;
+        let max_size = match raw.one("cache-max-size") {
+            None => None,
+            Some(v) => Some(parse_size(v).ok_or_else(|| {
+                ConfigError::new("cache-max-size", format!("{v:?}: expected a number and one of B K M G T, e.g. 50G"))
+            })?),
+        };
+        let lru_schedule = match raw.one("cache-lru-schedule") {
+            None => None,
+            Some(_) if max_size.is_none() => {
+                return Err(ConfigError::new("cache-lru-schedule", "needs --cache-max-size"))
+            }
+            Some(v) => Some(
+                crate::cron::Schedule::parse(v)
+                    .map_err(|e| ConfigError::new("cache-lru-schedule", format!("{v:?}: {e}")))?,
+            ),
+        };
+        let lru_timezone = raw.one("cache-lru-schedule-timezone").unwrap_or("Local").to_string();
+        if !crate::cron::timezone_exists(&lru_timezone) {
+            return Err(ConfigError::new(
+                "cache-lru-schedule-timezone",
+                format!("{lru_timezone:?}: unknown time zone (no such file under /usr/share/zoneinfo)"),
+            ));
+        }
         let workers: usize = raw
             .one("server-workers")
             .and_then(|v| v.parse().ok())
@@ -333,6 +380,12 @@ impl Config {
                 "upstream-body-idle-timeout",
             )?,
             log_level,
+            max_size,
+            lru_schedule,
+            lru_timezone,
+            allow_put: raw.bool("cache-allow-put-verb")?,
+            allow_delete: raw.bool("cache-allow-delete-verb")?,
+            prometheus: raw.bool("prometheus-enabled")?,
         })
     }
 }
@@ -394,6 +447,32 @@ pub fn parse_listen_addr(addr: &str) -> Result<(String, u16), String> {
     let port = port.parse::<u16>().map_err(|_| format!("{addr:?}: bad port"))?;
     let host = host.trim_start_matches('[').trim_end_matches(']');
     Ok((host.to_string(), port))
+}
+
+/// Parses a size as ncps does: a whole number and exactly one unit letter, binary units.
+///
+/// ```
+/// use ncps::config::parse_size;
+/// assert_eq!(parse_size("20M"), Some(20 << 20));
+/// assert_eq!(parse_size("1g"), Some(1 << 30));
+/// assert_eq!(parse_size("100B"), Some(100));
+/// assert_eq!(parse_size("1.5G"), None);
+/// assert_eq!(parse_size("10GB"), None);
+/// ```
+pub fn parse_size(s: &str) -> Option<u64> {
+    let (num, unit) = s.split_at(s.len().checked_sub(1)?);
+    let shift = match unit.to_ascii_uppercase().as_str() {
+        "B" => 0,
+        "K" => 10,
+        "M" => 20,
+        "G" => 30,
+        "T" => 40,
+        _ => return None,
+    };
+    if num.is_empty() || !num.bytes().all(|c| c.is_ascii_digit()) {
+        return None;
+    }
+    num.parse::<u64>().ok()?.checked_mul(1u64 << shift)
 }
 
 /// Parses Go durations: a sequence of number+unit (`ns us ms s m h`), e.g. `1m30s`, `500ms`.

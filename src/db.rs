@@ -29,6 +29,7 @@ const MIGRATIONS: &[&str] = &["
         hash TEXT PRIMARY KEY,
         store_path TEXT NOT NULL,
         nar_name TEXT NOT NULL,
+        size INTEGER NOT NULL,
         created_at INTEGER NOT NULL,
         accessed_at INTEGER NOT NULL
     );
@@ -69,6 +70,25 @@ impl<T> Context<T> for Result<T, rusqlite::Error> {
     fn context(self, what: &str) -> Result<T, DbError> {
         self.map_err(|source| DbError::Sqlite { context: what.to_string(), source })
     }
+}
+
+/// What a removal took out of the index: narinfos with their sizes, and the NAR (its name
+/// and, if its file was stored, its size).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Removed {
+    pub narinfos: Vec<(StorePathHash, u64)>,
+    pub nar: Option<(NarName, Option<u64>)>,
+}
+
+fn remove_nar_row(tx: &rusqlite::Transaction<'_>, name: &str) -> Result<Option<(NarName, Option<u64>)>, DbError> {
+    let row: Option<(i64, bool)> = tx
+        .query_row("SELECT file_size, stored FROM nars WHERE name = ?1", [name], |r| Ok((r.get(0)?, r.get(1)?)))
+        .optional()
+        .context("removing nar")?;
+    let Some((size, stored)) = row else { return Ok(None) };
+    tx.execute("DELETE FROM nars WHERE name = ?1", [name]).context("removing nar")?;
+    let name = NarName::parse(name).ok_or_else(|| DbError::Corrupt(format!("nar name {name:?}")))?;
+    Ok(Some((name, stored.then_some(size as u64))))
 }
 
 /// What the database knows about one NAR file.
@@ -135,36 +155,24 @@ impl Db {
         self.conn.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    pub fn config_get(&self, key: &str) -> Result<Option<String>, DbError> {
-        self.conn()
-            .query_row("SELECT value FROM config WHERE key = ?1", [key], |r| r.get(0))
-            .optional()
-            .context("reading config")
-    }
-
-    pub fn config_set(&self, key: &str, value: &str) -> Result<(), DbError> {
-        self.conn()
-            .execute(
-                "INSERT INTO config(key, value) VALUES (?1, ?2)
-                 ON CONFLICT(key) DO UPDATE SET value = excluded.value",
-                [key, value],
-            )
-            .context("writing config")?;
-        Ok(())
-    }
-
-    /// Records a narinfo and the NAR it points at. A NAR already known with the same digest
-    /// keeps its `stored` flag; one known with another digest is replaced (and marked not
-    /// stored), since the name now stands for other bytes.
+    /// Records a narinfo (`size` bytes on disk) and the NAR it points at. A NAR already known
+    /// with the same digest keeps its `stored` flag; one known with another digest is marked
+    /// not stored, since the name now stands for other bytes. Returns the size of the narinfo
+    /// this one replaces (0 if new), for the store's size accounting.
     pub fn put_narinfo(
         &self,
         hash: &StorePathHash,
         store_path: &str,
         nar: &NarRecord,
-    ) -> Result<(), DbError> {
+        size: u64,
+    ) -> Result<u64, DbError> {
         let mut conn = self.conn();
         let t = now();
         let tx = conn.transaction().context("recording narinfo")?;
+        let old: Option<i64> = tx
+            .query_row("SELECT size FROM narinfos WHERE hash = ?1", [hash.as_str()], |r| r.get(0))
+            .optional()
+            .context("recording narinfo")?;
         tx.execute(
             "INSERT INTO nars(name, file_hash, file_size, upstream_url, stored, created_at, accessed_at)
              VALUES (?1, ?2, ?3, ?4, 0, ?5, ?5)
@@ -177,14 +185,30 @@ impl Db {
         )
         .context("recording nar")?;
         tx.execute(
-            "INSERT INTO narinfos(hash, store_path, nar_name, created_at, accessed_at)
-             VALUES (?1, ?2, ?3, ?4, ?4)
+            "INSERT INTO narinfos(hash, store_path, nar_name, size, created_at, accessed_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?5)
              ON CONFLICT(hash) DO UPDATE SET store_path = excluded.store_path,
-               nar_name = excluded.nar_name, accessed_at = excluded.accessed_at",
-            params![hash.as_str(), store_path, nar.name.as_str(), t],
+               nar_name = excluded.nar_name, size = excluded.size, accessed_at = excluded.accessed_at",
+            params![hash.as_str(), store_path, nar.name.as_str(), size as i64, t],
         )
         .context("recording narinfo")?;
-        tx.commit().context("recording narinfo")
+        tx.commit().context("recording narinfo")?;
+        Ok(old.unwrap_or(0) as u64)
+    }
+
+    /// Records a NAR on its own (an upload, before its narinfo), not yet stored.
+    pub fn put_nar(&self, nar: &NarRecord) -> Result<(), DbError> {
+        let t = now();
+        self.conn()
+            .execute(
+                "INSERT INTO nars(name, file_hash, file_size, upstream_url, stored, created_at, accessed_at)
+                 VALUES (?1, ?2, ?3, ?4, 0, ?5, ?5)
+                 ON CONFLICT(name) DO UPDATE SET file_hash = excluded.file_hash,
+                   file_size = excluded.file_size, accessed_at = excluded.accessed_at",
+                params![nar.name.as_str(), nar.file_hash.to_string(), nar.file_size as i64, nar.upstream_url, t],
+            )
+            .context("recording nar")?;
+        Ok(())
     }
 
     pub fn nar(&self, name: &NarName) -> Result<Option<NarRecord>, DbError> {
@@ -210,11 +234,155 @@ impl Db {
         Ok(Some(NarRecord { name: name.clone(), file_hash, file_size: size as u64, upstream_url, stored }))
     }
 
-    pub fn set_nar_stored(&self, name: &NarName, stored: bool) -> Result<(), DbError> {
-        self.conn()
+    /// Marks a NAR's file as present (or not). Returns false if the index no longer knows the
+    /// NAR (it was deleted or evicted meanwhile), in which case the file must not be kept.
+    pub fn set_nar_stored(&self, name: &NarName, stored: bool) -> Result<bool, DbError> {
+        let n = self
+            .conn()
             .execute("UPDATE nars SET stored = ?2 WHERE name = ?1", params![name.as_str(), stored])
             .context("marking nar stored")?;
-        Ok(())
+        Ok(n > 0)
+    }
+
+    /// Bytes the store holds: stored NAR files (each once, however many narinfos share it)
+    /// plus narinfo files.
+    pub fn usage(&self) -> Result<u64, DbError> {
+        let conn = self.conn();
+        let nars: i64 = conn
+            .query_row("SELECT COALESCE(SUM(file_size), 0) FROM nars WHERE stored = 1", [], |r| r.get(0))
+            .context("summing store size")?;
+        let narinfos: i64 = conn
+            .query_row("SELECT COALESCE(SUM(size), 0) FROM narinfos", [], |r| r.get(0))
+            .context("summing store size")?;
+        Ok((nars + narinfos) as u64)
+    }
+
+    /// (narinfos, stored NAR files).
+    pub fn counts(&self) -> Result<(u64, u64), DbError> {
+        let conn = self.conn();
+        let a: i64 = conn.query_row("SELECT COUNT(*) FROM narinfos", [], |r| r.get(0)).context("counting")?;
+        let b: i64 =
+            conn.query_row("SELECT COUNT(*) FROM nars WHERE stored = 1", [], |r| r.get(0)).context("counting")?;
+        Ok((a as u64, b as u64))
+    }
+
+    /// Up to `limit` narinfos, least recently used first (by the later of the narinfo's and
+    /// its NAR's access times).
+    pub fn least_recently_used(&self, limit: usize) -> Result<Vec<StorePathHash>, DbError> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare_cached(
+                "SELECT i.hash FROM narinfos i LEFT JOIN nars n ON n.name = i.nar_name
+                 ORDER BY max(i.accessed_at, COALESCE(n.accessed_at, 0)), i.created_at LIMIT ?1",
+            )
+            .context("choosing entries to evict")?;
+        let rows = stmt.query_map([limit as i64], |r| r.get::<_, String>(0)).context("choosing entries to evict")?;
+        let mut out = Vec::new();
+        for h in rows {
+            let h = h.context("choosing entries to evict")?;
+            out.push(StorePathHash::parse(&h).ok_or_else(|| DbError::Corrupt(format!("narinfo hash {h:?}")))?);
+        }
+        Ok(out)
+    }
+
+    /// Stored NARs that no narinfo points at (an upload whose narinfo never came, or what an
+    /// eviction left), with their sizes.
+    pub fn unreferenced_nars(&self) -> Result<Vec<(NarName, u64)>, DbError> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare_cached(
+                "SELECT name, file_size FROM nars n WHERE stored = 1
+                 AND NOT EXISTS (SELECT 1 FROM narinfos i WHERE i.nar_name = n.name)",
+            )
+            .context("listing unreferenced nars")?;
+        let rows = stmt
+            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))
+            .context("listing unreferenced nars")?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (n, size) = row.context("listing unreferenced nars")?;
+            out.push((NarName::parse(&n).ok_or_else(|| DbError::Corrupt(format!("nar name {n:?}")))?, size as u64));
+        }
+        Ok(out)
+    }
+
+    /// Removes a narinfo from the index, and its NAR too when no other narinfo points at it.
+    /// Returns what was removed, for deleting the files and the size accounting.
+    pub fn remove_narinfo(&self, hash: &StorePathHash) -> Result<Option<Removed>, DbError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction().context("removing narinfo")?;
+        let row: Option<(String, i64)> = tx
+            .query_row("SELECT nar_name, size FROM narinfos WHERE hash = ?1", [hash.as_str()], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })
+            .optional()
+            .context("removing narinfo")?;
+        let Some((nar_name, size)) = row else { return Ok(None) };
+        tx.execute("DELETE FROM narinfos WHERE hash = ?1", [hash.as_str()]).context("removing narinfo")?;
+        let still_used: bool = tx
+            .query_row("SELECT EXISTS(SELECT 1 FROM narinfos WHERE nar_name = ?1)", [&nar_name], |r| r.get(0))
+            .context("removing narinfo")?;
+        let mut removed = Removed { narinfos: vec![(*hash, size as u64)], nar: None };
+        if !still_used {
+            removed.nar = remove_nar_row(&tx, &nar_name)?;
+        }
+        tx.commit().context("removing narinfo")?;
+        Ok(Some(removed))
+    }
+
+    /// Removes a NAR and every narinfo pointing at it from the index.
+    pub fn remove_nar(&self, name: &NarName) -> Result<Option<Removed>, DbError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction().context("removing nar")?;
+        let mut narinfos = Vec::new();
+        {
+            let mut stmt =
+                tx.prepare("SELECT hash, size FROM narinfos WHERE nar_name = ?1").context("removing nar")?;
+            let rows = stmt
+                .query_map([name.as_str()], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))
+                .context("removing nar")?;
+            for row in rows {
+                let (h, size) = row.context("removing nar")?;
+                if let Some(h) = StorePathHash::parse(&h) {
+                    narinfos.push((h, size as u64));
+                }
+            }
+        }
+        tx.execute("DELETE FROM narinfos WHERE nar_name = ?1", [name.as_str()]).context("removing nar")?;
+        let nar = remove_nar_row(&tx, name.as_str())?;
+        tx.commit().context("removing nar")?;
+        if nar.is_none() && narinfos.is_empty() {
+            return Ok(None);
+        }
+        Ok(Some(Removed { narinfos, nar }))
+    }
+
+    /// Every NAR the index knows, for fsck.
+    pub fn all_nars(&self) -> Result<Vec<NarRecord>, DbError> {
+        let names: Vec<String> = {
+            let conn = self.conn();
+            let mut stmt = conn.prepare("SELECT name FROM nars").context("listing nars")?;
+            let rows = stmt.query_map([], |r| r.get::<_, String>(0)).context("listing nars")?;
+            rows.collect::<Result<_, _>>().context("listing nars")?
+        };
+        let mut out = Vec::new();
+        for n in names {
+            let name = NarName::parse(&n).ok_or_else(|| DbError::Corrupt(format!("nar name {n:?}")))?;
+            if let Some(r) = self.nar(&name)? {
+                out.push(r);
+            }
+        }
+        Ok(out)
+    }
+
+    /// The NAR a narinfo points at.
+    pub fn narinfo_nar(&self, hash: &StorePathHash) -> Result<Option<NarName>, DbError> {
+        let n: Option<String> = self
+            .conn()
+            .query_row("SELECT nar_name FROM narinfos WHERE hash = ?1", [hash.as_str()], |r| r.get(0))
+            .optional()
+            .context("reading narinfo")?;
+        Ok(n.and_then(|n| NarName::parse(&n)))
     }
 
     /// Records last-access times in one transaction (the batched hit recording).
@@ -290,16 +458,34 @@ mod tests {
         let db = Db::open_in_memory().unwrap();
         let h = StorePathHash::parse(&"a".repeat(32)).unwrap();
         let nar = record(false);
-        db.put_narinfo(&h, "/nix/store/x-y", &nar).unwrap();
+        assert_eq!(db.put_narinfo(&h, "/nix/store/x-y", &nar, 100).unwrap(), 0);
         assert_eq!(db.nar(&nar.name).unwrap(), Some(nar.clone()));
-        db.set_nar_stored(&nar.name, true).unwrap();
-        db.put_narinfo(&h, "/nix/store/x-y", &nar).unwrap();
+        assert!(db.set_nar_stored(&nar.name, true).unwrap());
+        assert_eq!(db.usage().unwrap(), 103);
+        assert_eq!(db.put_narinfo(&h, "/nix/store/x-y", &nar, 90).unwrap(), 100);
         assert!(db.nar(&nar.name).unwrap().unwrap().stored);
         let mut other = nar.clone();
         other.file_hash = Hash::of(b"other");
-        db.put_narinfo(&h, "/nix/store/x-y", &other).unwrap();
+        db.put_narinfo(&h, "/nix/store/x-y", &other, 90).unwrap();
         assert!(!db.nar(&nar.name).unwrap().unwrap().stored, "new bytes must be fetched again");
         assert_eq!(db.narinfo_hashes().unwrap(), vec![h]);
+    }
+
+    #[test]
+    fn a_nar_shared_by_two_narinfos_goes_with_the_last_one() {
+        let db = Db::open_in_memory().unwrap();
+        let (a, b) = (StorePathHash::parse(&"a".repeat(32)).unwrap(), StorePathHash::parse(&"b".repeat(32)).unwrap());
+        let nar = record(false);
+        db.put_narinfo(&a, "/nix/store/a-x", &nar, 10).unwrap();
+        db.put_narinfo(&b, "/nix/store/b-x", &nar, 10).unwrap();
+        db.set_nar_stored(&nar.name, true).unwrap();
+        assert_eq!(db.usage().unwrap(), 23, "the shared NAR counts once");
+        let r = db.remove_narinfo(&a).unwrap().unwrap();
+        assert_eq!(r.nar, None);
+        let r = db.remove_narinfo(&b).unwrap().unwrap();
+        assert_eq!(r.nar, Some((nar.name.clone(), Some(3))));
+        assert_eq!(db.usage().unwrap(), 0);
+        assert!(!db.set_nar_stored(&nar.name, true).unwrap(), "a removed NAR cannot be marked stored");
     }
 
     #[test]

@@ -7,6 +7,7 @@
 
 pub mod cache;
 pub mod config;
+pub mod cron;
 pub mod db;
 pub mod flight;
 pub mod http;

@@ -16,12 +16,20 @@ pub struct Routes {
     cache: Arc<Cache>,
     hostname: String,
     pubkey: String,
+    allow_put: bool,
+    allow_delete: bool,
 }
 
 impl Routes {
-    pub fn new(cache: Arc<Cache>, hostname: &str) -> Routes {
+    pub fn new(cache: Arc<Cache>, config: &crate::config::Config) -> Routes {
         let pubkey = cache.public_key().to_string();
-        Routes { cache, hostname: hostname.to_string(), pubkey }
+        Routes {
+            cache,
+            hostname: config.hostname.clone(),
+            pubkey,
+            allow_put: config.allow_put,
+            allow_delete: config.allow_delete,
+        }
     }
 }
 
@@ -38,6 +46,16 @@ pub enum Route {
     NotFound,
     /// A path no client should send; the reason goes to the log.
     Bad(&'static str),
+}
+
+/// Splits off the `/upload` prefix of today's ncps (`nix copy --to http://HOST/upload`):
+/// returns the path below it and whether it was there.
+pub fn strip_upload(path: &str) -> (&str, bool) {
+    match path.strip_prefix("/upload") {
+        Some(rest) if rest.starts_with('/') => (rest, true),
+        Some("") => ("/", true),
+        _ => (path, false),
+    }
 }
 
 /// Classifies a request path (without its query).
@@ -88,18 +106,39 @@ fn method_not_allowed(allow: &str) -> Response {
 }
 
 impl Handler for Routes {
-    fn handle(&self, req: &Request, _body: &mut dyn Read) -> Response {
-        let read_only = matches!(req.method, Method::Get | Method::Head);
-        let r = route(req.path());
-        match r {
-            Route::Bad(why) => {
+    fn handle(&self, req: &Request, body: &mut dyn Read) -> Response {
+        let (path, upload) = strip_upload(req.path());
+        let r = route(path);
+        match (&r, req.method) {
+            (Route::Bad(why), _) => {
                 log::info!("{} {} {}: refused: {why}", req.peer.ip(), req.method_text, req.target);
-                return Response::text(400, format!("Bad Request: {why}\n"));
+                Response::text(400, format!("Bad Request: {why}\n"))
             }
-            Route::NotFound => return Response::not_found(),
-            _ if !read_only => return method_not_allowed("GET, HEAD"),
-            _ => {}
+            (Route::NotFound, _) => Response::not_found(),
+            (Route::Narinfo(_) | Route::Nar(_), Method::Put) => self.put(&r, req, body),
+            (Route::Narinfo(_) | Route::Nar(_), Method::Delete) if !upload => self.delete(&r, req),
+            (Route::Narinfo(_) | Route::Nar(_), _) if !matches!(req.method, Method::Get | Method::Head) => {
+                method_not_allowed(&self.allowed(upload))
+            }
+            (_, Method::Get | Method::Head) => self.read(r, req, upload),
+            _ => method_not_allowed("GET, HEAD"),
         }
+    }
+}
+
+impl Routes {
+    fn allowed(&self, upload: bool) -> String {
+        let mut allow = String::from("GET, HEAD");
+        if self.allow_put {
+            allow.push_str(", PUT");
+        }
+        if self.allow_delete && !upload {
+            allow.push_str(", DELETE");
+        }
+        allow
+    }
+
+    fn read(&self, r: Route, req: &Request, upload: bool) -> Response {
         match r {
             Route::Root => Response::new(
                 200,
@@ -112,11 +151,58 @@ impl Handler for Routes {
             Route::NixCacheInfo => Response::new(200, "text/x-nix-cache-info", Body::Bytes(NIX_CACHE_INFO.into())),
             Route::PubKey => Response::text(200, format!("{}\n", self.pubkey)),
             Route::Healthz => Response::text(200, "ok\n"),
+            // Under /upload, a client is checking what it needs to send: only what is here counts.
+            Route::Narinfo(hash) if upload => answer(self.cache.narinfo_local(&hash), "text/x-nix-narinfo", req),
             Route::Narinfo(hash) => answer(self.cache.narinfo(&hash), "text/x-nix-narinfo", req),
             Route::Nar(name) => {
                 answer(self.cache.nar(&name, req.method == Method::Head), "application/x-nix-nar", req)
             }
             Route::NotFound | Route::Bad(_) => Response::not_found(),
+        }
+    }
+
+    fn put(&self, r: &Route, req: &Request, body: &mut dyn Read) -> Response {
+        if !self.allow_put {
+            return method_not_allowed(&self.allowed(false)).with_note("put disabled");
+        }
+        let result = match r {
+            Route::Narinfo(hash) => self.cache.put_narinfo(hash, body),
+            Route::Nar(name) => self.cache.put_nar(name, body, req.content_length),
+            _ => return Response::not_found(),
+        };
+        match result {
+            Ok(()) => Response::new(204, "text/plain", Body::Empty).with_note("stored"),
+            Err(crate::cache::UploadError::Internal(e)) => {
+                log::error!("{} {}: {e}", req.method_text, req.target);
+                Response::text(500, "Internal Server Error\n").with_note("error")
+            }
+            Err(e @ crate::cache::UploadError::TooLarge(_)) => {
+                log::info!("{} {}: refused: {e}", req.method_text, req.target);
+                Response::text(413, format!("{e}\n"))
+            }
+            Err(e) => {
+                log::info!("{} {}: refused: {e}", req.method_text, req.target);
+                Response::text(400, format!("{e}\n"))
+            }
+        }
+    }
+
+    fn delete(&self, r: &Route, req: &Request) -> Response {
+        if !self.allow_delete {
+            return method_not_allowed(&self.allowed(false)).with_note("delete disabled");
+        }
+        let result = match r {
+            Route::Narinfo(hash) => self.cache.delete_narinfo(hash),
+            Route::Nar(name) => self.cache.delete_nar(name),
+            _ => return Response::not_found(),
+        };
+        match result {
+            Ok(true) => Response::new(204, "text/plain", Body::Empty).with_note("deleted"),
+            Ok(false) => Response::not_found(),
+            Err(e) => {
+                log::error!("{} {}: {e}", req.method_text, req.target);
+                Response::text(500, "Internal Server Error\n").with_note("error")
+            }
         }
     }
 }

@@ -44,10 +44,11 @@ pub struct Prepared {
     pub listener: TcpListener,
     pub cache: Arc<Cache>,
     pub server: ServerConfig,
-    pub hostname: String,
 }
 
 pub fn prepare(config: &Config) -> Result<Prepared, Exit> {
+    // Before any thread starts: the time zone is process-wide state.
+    crate::cron::set_timezone(&config.lru_timezone);
     std::fs::create_dir_all(&config.data_path).map_err(|e| {
         ConfigError::new("cache-data-path", format!("cannot create {}: {e}", config.data_path.display()))
     })?;
@@ -74,7 +75,12 @@ pub fn prepare(config: &Config) -> Result<Prepared, Exit> {
             "no --upstream-public-key given: upstream narinfos cannot be verified, so they are \
              passed on without this cache's signature (clients must trust the upstream keys)"
         );
-    } else if !config.sign_narinfo {
+    }
+    if let Some(max) = config.max_size {
+        log::info!("store limit {max} bytes; holding {} now", cache.figures().map(|f| f.size_bytes).unwrap_or(0));
+        cache.evict_scheduled().map_err(|e| runtime(format!("evicting to the limit at start-up: {e}")))?;
+    }
+    if !config.sign_narinfo {
         log::info!("--cache-sign-narinfo=false: narinfos are served with upstream signatures only");
     }
     Ok(Prepared {
@@ -87,7 +93,6 @@ pub fn prepare(config: &Config) -> Result<Prepared, Exit> {
             write_timeout: config.write_timeout,
             max_connections,
         },
-        hostname: config.hostname.clone(),
     })
 }
 
@@ -104,8 +109,33 @@ pub fn run(config: &Config) -> Result<(), Exit> {
             }
         })
         .map_err(|e| runtime(format!("starting a thread: {e}")))?;
-    let routes = Arc::new(Routes::new(p.cache, &p.hostname));
+    if let Some(schedule) = config.lru_schedule.clone() {
+        let cache = p.cache.clone();
+        std::thread::Builder::new()
+            .name("lru".into())
+            .spawn(move || run_schedule(&schedule, &cache))
+            .map_err(|e| runtime(format!("starting a thread: {e}")))?;
+    }
+    let routes = Arc::new(Routes::new(p.cache, config));
     http::serve(p.listener, p.server, routes).map_err(|e| runtime(format!("server stopped: {e}")))
+}
+
+fn run_schedule(schedule: &crate::cron::Schedule, cache: &Cache) {
+    loop {
+        let now = crate::db::now();
+        let Some(next) = schedule.next_after(now) else {
+            log::warn!("--cache-lru-schedule never fires; scheduled eviction is off");
+            return;
+        };
+        // Sleep in short steps so a clock change does not delay a run by hours.
+        while crate::db::now() < next {
+            std::thread::sleep(Duration::from_secs(((next - crate::db::now()).clamp(1, 30)) as u64));
+        }
+        match cache.evict_scheduled() {
+            Ok(e) => log::info!("scheduled eviction: {} narinfo(s), {} NAR(s), {} bytes", e.narinfos, e.nars, e.bytes),
+            Err(e) => log::error!("scheduled eviction: {e}"),
+        }
+    }
 }
 
 /// The signing key: the file given, else the one generated on first start and kept in the

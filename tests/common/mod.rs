@@ -632,6 +632,8 @@ struct UpstreamState {
     root: PathBuf,
     mode: Mutex<(Mode, Target)>,
     hits: Mutex<HashMap<String, u64>>,
+    /// Body bytes written to the socket, per path (all requests for it together).
+    sent: Mutex<HashMap<String, u64>>,
     requests: Mutex<Vec<String>>,
     /// Bumped by stop(): connection threads of older generations give up.
     generation: AtomicU64,
@@ -655,6 +657,7 @@ impl Upstream {
             root: root.into(),
             mode: Mutex::new((Mode::Normal, Target::All)),
             hits: Mutex::new(HashMap::new()),
+            sent: Mutex::new(HashMap::new()),
             requests: Mutex::new(Vec::new()),
             generation: AtomicU64::new(0),
             stopped: AtomicBool::new(false),
@@ -719,8 +722,15 @@ impl Upstream {
         self.state.requests.lock().unwrap().clone()
     }
 
+    /// Body bytes written so far for this exact path, over all its requests.
+    /// Updated after every write, so while a Slow body is being sent it counts up.
+    pub fn bytes_sent(&self, path: &str) -> u64 {
+        *self.state.sent.lock().unwrap().get(path).unwrap_or(&0)
+    }
+
     pub fn reset_hits(&self) {
         self.state.hits.lock().unwrap().clear();
+        self.state.sent.lock().unwrap().clear();
         self.state.requests.lock().unwrap().clear();
     }
 
@@ -887,10 +897,14 @@ fn handle_upstream_conn(st: &UpstreamState, mut s: TcpStream, generation: u64) -
     if method == "HEAD" {
         return s.flush();
     }
+    let count = |n: usize| {
+        *st.sent.lock().unwrap().entry(path.clone()).or_insert(0) += n as u64;
+    };
     match mode {
         Mode::ResetMidBody | Mode::CloseMidBody => {
             s.write_all(&body[..body.len() / 2])?;
             s.flush()?;
+            count(body.len() / 2);
             thread::sleep(Duration::from_millis(50));
             if mode == Mode::ResetMidBody {
                 set_linger_zero(&s);
@@ -907,12 +921,14 @@ fn handle_upstream_conn(st: &UpstreamState, mut s: TcpStream, generation: u64) -
                 }
                 s.write_all(c)?;
                 s.flush()?;
+                count(c.len());
                 thread::sleep(Duration::from_millis(100));
             }
         }
         _ => {
             s.write_all(&body)?;
             s.flush()?;
+            count(body.len());
         }
     }
     Ok(())
@@ -1014,6 +1030,22 @@ impl Ncps {
         Ncps::start(&extra)
     }
 
+    /// Proxy for `upstreams`, trusting each of `keys` (none: no
+    /// --upstream-public-key at all), followed by `extra` flags.
+    pub fn for_upstreams_with(upstreams: &[String], keys: &[&str], extra: &[&str]) -> Ncps {
+        let mut args: Vec<&str> = Vec::new();
+        for u in upstreams {
+            args.push("--upstream-cache");
+            args.push(u);
+        }
+        for k in keys {
+            args.push("--upstream-public-key");
+            args.push(k);
+        }
+        args.extend_from_slice(extra);
+        Ncps::start(&args)
+    }
+
     /// Exactly these args and env vars (placeholders substituted).
     pub fn start_raw(args: Vec<String>, envs: Vec<(String, String)>) -> Ncps {
         let data = TempDir::new("ncps-data");
@@ -1091,6 +1123,51 @@ impl Ncps {
                 }
             }
         }
+    }
+
+    /// SIGKILL, no chance to clean up (as a power cut or the OOM killer would).
+    /// `restart()` afterwards starts it again on the same data dir and port.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Whether the process is still running (it may have exited on its own).
+    pub fn is_running(&mut self) -> bool {
+        match self.child.as_mut() {
+            Some(c) => matches!(c.try_wait(), Ok(None)),
+            None => false,
+        }
+    }
+
+    /// Files under DATA/store/nar (any depth).
+    pub fn stored_nar_files(&self) -> Vec<PathBuf> {
+        files_under(&self.data.join("store/nar"))
+    }
+
+    /// Files under DATA/store/narinfo (any depth).
+    pub fn stored_narinfo_files(&self) -> Vec<PathBuf> {
+        files_under(&self.data.join("store/narinfo"))
+    }
+
+    /// `*.ncps-partial` files anywhere under the data dir.
+    pub fn partial_files(&self) -> Vec<PathBuf> {
+        files_under(self.data.path())
+            .into_iter()
+            .filter(|p| p.to_string_lossy().ends_with(".ncps-partial"))
+            .collect()
+    }
+
+    /// The log written since byte `offset` (see `log_len`).
+    pub fn log_since(&self, offset: usize) -> String {
+        let log = self.log();
+        log.get(offset..).unwrap_or("").to_string()
+    }
+
+    pub fn log_len(&self) -> usize {
+        self.log().len()
     }
 
     /// Stops and starts again with the same data dir, args and port.
@@ -1291,4 +1368,371 @@ pub fn signature_verifies(public_key: &str, message: &str, sig: &str) -> bool {
         return false;
     };
     pk.verify(message.as_bytes(), &s).is_ok()
+}
+
+// ---------------------------------------------------------------------------
+// Files, hashes
+// ---------------------------------------------------------------------------
+
+/// Every regular file under `dir` (any depth), sorted; empty if `dir` is missing.
+pub fn files_under(dir: &Path) -> Vec<PathBuf> {
+    fn walk(d: &Path, out: &mut Vec<PathBuf>) {
+        let Ok(rd) = fs::read_dir(d) else { return };
+        for e in rd.flatten() {
+            let Ok(t) = e.file_type() else { continue };
+            if t.is_dir() {
+                walk(&e.path(), out);
+            } else {
+                out.push(e.path());
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(dir, &mut out);
+    out.sort();
+    out
+}
+
+pub fn sha256(bytes: &[u8]) -> [u8; 32] {
+    let d = ring::digest::digest(&ring::digest::SHA256, bytes);
+    d.as_ref().try_into().unwrap()
+}
+
+/// Incremental SHA-256, for bodies too large to keep.
+pub struct Sha256(ring::digest::Context);
+
+impl Sha256 {
+    pub fn new() -> Sha256 {
+        Sha256(ring::digest::Context::new(&ring::digest::SHA256))
+    }
+    pub fn update(&mut self, b: &[u8]) {
+        self.0.update(b)
+    }
+    pub fn finish(self) -> [u8; 32] {
+        self.0.finish().as_ref().try_into().unwrap()
+    }
+}
+
+impl Default for Sha256 {
+    fn default() -> Self {
+        Sha256::new()
+    }
+}
+
+/// Nix's base-32 ("nix32") encoding, as in `sha256:<nix32>` and NAR file names.
+pub fn nix32(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8] = b"0123456789abcdfghijklmnpqrsvwxyz";
+    let len = (bytes.len() * 8).div_ceil(5);
+    let mut out = String::with_capacity(len);
+    for n in (0..len).rev() {
+        let b = n * 5;
+        let (i, j) = (b / 8, b % 8);
+        let lo = (bytes[i] as u32) >> j;
+        let hi = if i + 1 < bytes.len() {
+            (bytes[i + 1] as u32) << (8 - j)
+        } else {
+            0
+        };
+        out.push(ALPHABET[((lo | hi) & 0x1f) as usize] as char);
+    }
+    out
+}
+
+/// `true` when `path` holds exactly the bytes its NAR file name promises: the
+/// name (up to the first '.') is the nix32 SHA-256 of the file, as in
+/// fixture caches and in ncps's store. Returns the mismatch otherwise.
+pub fn nar_file_matches_its_name(path: &Path) -> Result<(), String> {
+    let name = path.file_name().unwrap().to_string_lossy().into_owned();
+    let want = name.split('.').next().unwrap_or("");
+    let bytes = fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let got = nix32(&sha256(&bytes));
+    if got == want {
+        Ok(())
+    } else {
+        Err(format!(
+            "{}: {} bytes hashing to {got}, not to the name",
+            path.display(),
+            bytes.len()
+        ))
+    }
+}
+
+/// Polls `cond` every 20 ms until it holds (true) or `timeout` passes (false).
+pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if cond() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Fixture variants
+// ---------------------------------------------------------------------------
+
+/// Signs `message` with a Nix secret key file (`name:base64(64 bytes)`),
+/// giving a `name:base64` Sig value.
+pub fn sign_with_key_file(secret_key_file: &Path, message: &str) -> String {
+    use base64::Engine as _;
+    let text = fs::read_to_string(secret_key_file)
+        .unwrap_or_else(|e| panic!("{}: {e}", secret_key_file.display()));
+    let (name, bytes) = parse_key(&text).expect("secret key name:base64");
+    let sk = ed25519_compact::SecretKey::from_slice(&bytes).expect("64-byte ed25519 secret key");
+    let sig = sk.sign(message.as_bytes(), None);
+    format!(
+        "{name}:{}",
+        base64::engine::general_purpose::STANDARD.encode(sig.as_ref())
+    )
+}
+
+/// A copy of the fixture cache `c` whose narinfos carry, instead of their
+/// Sig lines, one signature by `secret_key_file` (NARs are hard links).
+pub fn resigned_cache_copy(fx: &Fixture, c: Compression, secret_key_file: &Path) -> TempDir {
+    let src = fx.cache_dir(c);
+    let dst = TempDir::new(&format!("cache-{}-resigned", c.name()));
+    for f in files_under(&src) {
+        let rel = f.strip_prefix(&src).unwrap();
+        let out = dst.join(rel);
+        fs::create_dir_all(out.parent().unwrap()).unwrap();
+        if f.extension().is_some_and(|e| e == "narinfo") {
+            let text = fs::read_to_string(&f).unwrap();
+            let sig = sign_with_key_file(secret_key_file, &NarInfo::parse(&text).fingerprint());
+            let mut new: String = text
+                .lines()
+                .filter(|l| !l.starts_with("Sig:"))
+                .map(|l| format!("{l}\n"))
+                .collect();
+            new.push_str(&format!("Sig: {sig}\n"));
+            fs::write(&out, new).unwrap();
+        } else if fs::hard_link(&f, &out).is_err() {
+            fs::copy(&f, &out).unwrap();
+        }
+    }
+    dst
+}
+
+/// The upstream URL path (`/nar/...`) of the NAR a fixture narinfo points at.
+pub fn upstream_nar_path(fx: &Fixture, c: Compression, store_path: &str) -> String {
+    let ni = NarInfo::parse(&fx.upstream_narinfo(c, store_path));
+    format!("/{}", ni.get("URL").expect("URL in fixture narinfo"))
+}
+
+// ---------------------------------------------------------------------------
+// Raw HTTP: exactly what goes over the wire, including how a body ends
+// ---------------------------------------------------------------------------
+
+/// How the server ended a response body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BodyEnd {
+    /// Clean end of stream (FIN).
+    Eof,
+    /// Connection reset (RST).
+    Reset,
+    /// Nothing more arrived within the read timeout (connection still open).
+    TimedOut,
+    /// Any other read error.
+    Error(String),
+}
+
+#[derive(Debug)]
+pub struct RawResponse {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    /// Everything after the head, as received (not de-chunked).
+    pub body: Vec<u8>,
+    pub end: BodyEnd,
+}
+
+impl RawResponse {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+    pub fn content_length(&self) -> Option<u64> {
+        self.header("content-length").and_then(|v| v.parse().ok())
+    }
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+    /// Whether the response looks complete to a client: all Content-Length
+    /// bytes, or a final chunk, or (no length) a clean close.
+    pub fn looks_complete(&self) -> bool {
+        let chunked = self
+            .header("transfer-encoding")
+            .is_some_and(|v| v.to_ascii_lowercase().contains("chunked"));
+        if chunked {
+            return self.body.ends_with(b"0\r\n\r\n");
+        }
+        match self.content_length() {
+            Some(n) => self.body.len() as u64 >= n,
+            None => self.end == BodyEnd::Eof,
+        }
+    }
+}
+
+/// A connection on which the test controls every byte.
+pub struct RawConn {
+    pub stream: TcpStream,
+    /// Bytes read past the response head, not yet handed out.
+    pending: Vec<u8>,
+}
+
+fn classify(e: &io::Error) -> BodyEnd {
+    match e.kind() {
+        io::ErrorKind::ConnectionReset | io::ErrorKind::ConnectionAborted => BodyEnd::Reset,
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => BodyEnd::TimedOut,
+        _ => BodyEnd::Error(e.to_string()),
+    }
+}
+
+impl RawConn {
+    pub fn connect(addr: SocketAddr, read_timeout: Duration) -> io::Result<RawConn> {
+        let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+        stream.set_read_timeout(Some(read_timeout))?;
+        stream.set_write_timeout(Some(Duration::from_secs(10)))?;
+        Ok(RawConn {
+            stream,
+            pending: Vec::new(),
+        })
+    }
+
+    pub fn send(&mut self, bytes: &[u8]) -> io::Result<()> {
+        self.stream.write_all(bytes)?;
+        self.stream.flush()
+    }
+
+    /// Reads the status line and headers. Err if the connection ends first.
+    pub fn read_head(&mut self) -> io::Result<(u16, Vec<(String, String)>)> {
+        let mut buf = std::mem::take(&mut self.pending);
+        let mut chunk = [0u8; 8192];
+        let end = loop {
+            if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break i;
+            }
+            if buf.len() > 64 * 1024 {
+                return Err(io::Error::other("response head larger than 64 KiB"));
+            }
+            let n = self.stream.read(&mut chunk)?;
+            if n == 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    format!(
+                        "connection closed before a complete response head ({} bytes: {:?})",
+                        buf.len(),
+                        String::from_utf8_lossy(&buf)
+                    ),
+                ));
+            }
+            buf.extend_from_slice(&chunk[..n]);
+        };
+        let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+        self.pending = buf[end + 4..].to_vec();
+        let mut lines = head.split("\r\n");
+        let status_line = lines.next().unwrap_or("");
+        let status = status_line
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .ok_or_else(|| io::Error::other(format!("bad status line {status_line:?}")))?;
+        let headers = lines
+            .filter_map(|l| l.split_once(':'))
+            .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+            .collect();
+        Ok((status, headers))
+    }
+
+    /// Next piece of the body: Ok(0) on a clean end of stream.
+    pub fn read_body_chunk(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if !self.pending.is_empty() {
+            let n = self.pending.len().min(buf.len());
+            buf[..n].copy_from_slice(&self.pending[..n]);
+            self.pending.drain(..n);
+            return Ok(n);
+        }
+        self.stream.read(buf)
+    }
+
+    /// Reads the body until the server ends it, passing each piece to `each`;
+    /// returns the number of body bytes and how the body ended.
+    pub fn drain_body(&mut self, mut each: impl FnMut(&[u8])) -> (u64, BodyEnd) {
+        let mut buf = vec![0u8; 256 * 1024];
+        let mut total = 0u64;
+        loop {
+            match self.read_body_chunk(&mut buf) {
+                Ok(0) => return (total, BodyEnd::Eof),
+                Ok(n) => {
+                    each(&buf[..n]);
+                    total += n as u64;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return (total, classify(&e)),
+            }
+        }
+    }
+
+    /// Reads head and the whole body (until the server closes or resets).
+    pub fn read_response(&mut self) -> io::Result<RawResponse> {
+        let (status, headers) = self.read_head()?;
+        let mut body = Vec::new();
+        let (_, end) = self.drain_body(|b| body.extend_from_slice(b));
+        Ok(RawResponse {
+            status,
+            headers,
+            body,
+            end,
+        })
+    }
+}
+
+/// Sends `request` verbatim on a fresh connection and reads the response
+/// until the server closes (or resets, or `read_timeout` passes quietly).
+pub fn raw_request(
+    addr: SocketAddr,
+    request: &[u8],
+    read_timeout: Duration,
+) -> io::Result<RawResponse> {
+    let mut c = RawConn::connect(addr, read_timeout)?;
+    c.send(request)?;
+    c.read_response()
+}
+
+/// `GET path` with `Connection: close`, as bytes.
+pub fn get_request(path: &str) -> Vec<u8> {
+    format!("GET {path} HTTP/1.1\r\nHost: ncps-e2e\r\nUser-Agent: ncps-e2e-raw\r\nConnection: close\r\n\r\n")
+        .into_bytes()
+}
+
+/// Raw `GET path`, streaming the body through SHA-256 instead of keeping it.
+pub struct HashedGet {
+    pub status: u16,
+    pub content_length: Option<u64>,
+    pub len: u64,
+    pub sha256: [u8; 32],
+    pub end: BodyEnd,
+}
+
+pub fn raw_get_hashed(addr: SocketAddr, path: &str, read_timeout: Duration) -> io::Result<HashedGet> {
+    let mut c = RawConn::connect(addr, read_timeout)?;
+    c.send(&get_request(path))?;
+    let (status, headers) = c.read_head()?;
+    let content_length = headers
+        .iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case("content-length"))
+        .and_then(|(_, v)| v.parse().ok());
+    let mut h = Sha256::new();
+    let (len, end) = c.drain_body(|b| h.update(b));
+    Ok(HashedGet {
+        status,
+        content_length,
+        len,
+        sha256: h.finish(),
+        end,
+    })
 }

@@ -171,6 +171,8 @@ pub struct RawValues(HashMap<&'static str, Vec<String>>);
 #[derive(Debug)]
 pub enum Command {
     Serve(RawValues),
+    /// `ncps fsck [--repair]`: the storage flags only.
+    Fsck { raw: RawValues, repair: bool },
     Help(Option<&'static str>),
     Version,
 }
@@ -189,6 +191,7 @@ pub fn parse_args(
     let mut parser = lexopt::Parser::from_args(args);
     let mut subcommand: Option<&'static str> = None;
     let mut given: HashMap<&'static str, Vec<String>> = HashMap::new();
+    let mut repair = false;
     let err = |e: lexopt::Error| ConfigError::new("", e.to_string());
     while let Some(arg) = parser.next().map_err(err)? {
         match arg {
@@ -198,10 +201,12 @@ pub fn parse_args(
                 let v = v.string().map_err(err)?;
                 match v.as_str() {
                     "serve" | "s" => subcommand = Some("serve"),
+                    "fsck" => subcommand = Some("fsck"),
                     "help" => return Ok(Command::Help(None)),
                     _ => return Err(ConfigError::new("", format!("unknown command {v:?}"))),
                 }
             }
+            Long("repair") if subcommand == Some("fsck") => repair = true,
             Long(name) => {
                 let flag = find_flag(name)
                     .ok_or_else(|| ConfigError::new(name, "unknown flag (see ncps serve --help)"))?;
@@ -242,7 +247,44 @@ pub fn parse_args(
             given.insert(canonical, values);
         }
     }
+    if subcommand == Some("fsck") {
+        return Ok(Command::Fsck { raw: RawValues(given), repair });
+    }
     Ok(Command::Serve(RawValues(given)))
+}
+
+/// Where the store lives: what `serve` and `fsck` share.
+#[derive(Debug, Clone)]
+pub struct StoragePaths {
+    pub data_path: PathBuf,
+    pub database_path: PathBuf,
+    pub temp_path: PathBuf,
+}
+
+impl StoragePaths {
+    pub fn from_raw(raw: &RawValues) -> Result<StoragePaths, ConfigError> {
+        let data_path = PathBuf::from(raw.one("cache-data-path").ok_or_else(|| {
+            ConfigError::new("cache-data-path", "is required (env CACHE_DATA_PATH)")
+        })?);
+        let database_path = match raw.one("cache-database-url") {
+            None => data_path.join("db.sqlite"),
+            Some(url) => {
+                let path = url.strip_prefix("sqlite://").or_else(|| url.strip_prefix("sqlite:"));
+                match path {
+                    Some(p) if !p.is_empty() => PathBuf::from(p),
+                    _ => {
+                        return Err(ConfigError::new(
+                            "cache-database-url",
+                            format!("{url:?}: only sqlite:PATH is supported"),
+                        ))
+                    }
+                }
+            }
+        };
+        let temp_path =
+            raw.one("cache-temp-path").map(PathBuf::from).unwrap_or_else(|| data_path.join("tmp"));
+        Ok(StoragePaths { data_path, database_path, temp_path })
+    }
 }
 
 impl RawValues {
@@ -278,26 +320,7 @@ impl Config {
         if hostname.is_empty() || hostname.contains(|c: char| c.is_whitespace() || c == ':') {
             return Err(ConfigError::new("cache-hostname", "must be a name without spaces or ':'"));
         }
-        let data_path = PathBuf::from(raw.one("cache-data-path").ok_or_else(|| {
-            ConfigError::new("cache-data-path", "is required (env CACHE_DATA_PATH)")
-        })?);
-        let database_path = match raw.one("cache-database-url") {
-            None => data_path.join("db.sqlite"),
-            Some(url) => {
-                let path = url.strip_prefix("sqlite://").or_else(|| url.strip_prefix("sqlite:"));
-                match path {
-                    Some(p) if !p.is_empty() => PathBuf::from(p),
-                    _ => {
-                        return Err(ConfigError::new(
-                            "cache-database-url",
-                            format!("{url:?}: only sqlite:PATH is supported"),
-                        ))
-                    }
-                }
-            }
-        };
-        let temp_path =
-            raw.one("cache-temp-path").map(PathBuf::from).unwrap_or_else(|| data_path.join("tmp"));
+        let StoragePaths { data_path, database_path, temp_path } = StoragePaths::from_raw(raw)?;
 
         let mut upstreams = Vec::new();
         for u in raw.all("upstream-cache") {
@@ -519,7 +542,12 @@ pub fn help_text(subcommand: Option<&str>) -> String {
     let mut out = String::new();
     out.push_str("ncps: a Nix binary cache proxy\n\n");
     if subcommand.is_none() {
-        out.push_str("Usage: ncps serve [FLAGS]\n\nCommands:\n  serve   run the cache proxy\n\n");
+        out.push_str(
+            "Usage: ncps serve [FLAGS]\n       ncps fsck [--repair] --cache-data-path DIR\n\n\
+             Commands:\n  serve   run the cache proxy\n  \
+             fsck    check the store against the index (re-hashing every NAR); --repair removes\n          \
+             what is broken so it is fetched again\n\n",
+        );
     } else {
         out.push_str("Usage: ncps serve [FLAGS]\n\n");
     }

@@ -10,6 +10,7 @@ pub mod config;
 pub mod cron;
 pub mod db;
 pub mod flight;
+pub mod fsck;
 pub mod http;
 pub mod logging;
 pub mod nix;

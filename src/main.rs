@@ -21,6 +21,15 @@ fn run() -> Result<(), Exit> {
             println!("ncps {}", env!("CARGO_PKG_VERSION"));
             Ok(())
         }
+        Command::Fsck { raw, repair } => {
+            let paths = config::StoragePaths::from_raw(&raw)?;
+            ncps::logging::init(log::LevelFilter::Warn);
+            match ncps::fsck::run(&paths, repair) {
+                Ok(0) => Ok(()),
+                Ok(code) => Err(Exit { code, message: "the store has problems (see above)".into() }),
+                Err(e) => Err(Exit { code: 1, message: e }),
+            }
+        }
         Command::Serve(raw) => {
             let config = Config::from_raw(&raw)?;
             ncps::logging::init(config.log_level);

@@ -8,7 +8,7 @@
 
 use crate::config::Config;
 use crate::db::{self, Db, NarRecord};
-use crate::flight::{Download, DownloadBody, SingleFlight};
+use crate::flight::{Download, SingleFlight};
 use crate::http::Body;
 use crate::nix::hash::Hasher;
 use crate::nix::{NarInfo, NarName, PublicKey, SecretKey, StorePathHash};
@@ -83,6 +83,8 @@ pub struct Cache {
     usage: AtomicU64,
     /// One eviction pass at a time.
     evicting: Mutex<()>,
+    /// NARs of narinfos that were served but could not be indexed (a full disk).
+    unindexed: Mutex<HashMap<NarName, NarRecord>>,
 }
 
 /// Why an upload was refused.
@@ -153,6 +155,7 @@ impl Cache {
             max_size: config.max_size,
             usage: AtomicU64::new(0),
             evicting: Mutex::new(()),
+            unindexed: Mutex::new(HashMap::new()),
         }
     }
 
@@ -253,11 +256,10 @@ impl Cache {
             };
             match self.accept_narinfo(&upstream.url, hash, &bytes) {
                 Ok(served) => return Ok(Some(Arc::new(served))),
-                Err(Refusal::Untrusted(why)) => {
+                Err(why) => {
                     log::warn!("upstream {}: narinfo {hash} refused: {why}; trying the next", upstream.url);
                     any_error = true;
                 }
-                Err(Refusal::Local(e)) => return Err(e.to_string()),
             }
         }
         // Only a clean "no" from every upstream is remembered: an upstream that failed may
@@ -268,27 +270,40 @@ impl Cache {
         Ok(None)
     }
 
-    /// Checks an upstream narinfo, records it and stores the version ncps serves.
-    fn accept_narinfo(&self, base: &str, hash: &StorePathHash, bytes: &[u8]) -> Result<Vec<u8>, Refusal> {
-        let mut info = NarInfo::parse(bytes).map_err(|e| Refusal::Untrusted(e.to_string()))?;
+    /// Checks an upstream narinfo, records it and stores the version ncps serves. `Err` says
+    /// why the upstream's answer cannot be trusted.
+    fn accept_narinfo(&self, base: &str, hash: &StorePathHash, bytes: &[u8]) -> Result<Vec<u8>, String> {
+        let mut info = NarInfo::parse(bytes).map_err(|e| e.to_string())?;
         if info.store_path_hash() != Some(*hash) {
-            return Err(Refusal::Untrusted(format!("it describes {}, not {hash}", info.store_path)));
+            return Err(format!("it describes {}, not {hash}", info.store_path));
         }
         let verified = info.verify(&self.trusted);
         if !self.trusted.is_empty() && !verified {
-            return Err(Refusal::Untrusted("no signature by a trusted upstream key".into()));
+            return Err("no signature by a trusted upstream key".into());
         }
         let (file_hash, file_size) = info
             .file_digest()
-            .ok_or_else(|| Refusal::Untrusted("no FileHash/FileSize to check the NAR against".into()))?;
-        let (name, upstream_url) = nar_location(base, &info.url, &file_hash, &info.compression)
-            .map_err(Refusal::Untrusted)?;
+            .ok_or("no FileHash/FileSize to check the NAR against")?;
+        let (name, upstream_url) = nar_location(base, &info.url, &file_hash, &info.compression)?;
         info.url = format!("nar/{name}");
         if self.sign && verified {
             info.sign(&self.key);
         }
         let record = NarRecord { name, file_hash, file_size, upstream_url, stored: false };
-        self.store_narinfo(hash, &info, &record).map_err(Refusal::Local)
+        match self.store_narinfo(hash, &info, &record) {
+            Ok(served) => Ok(served),
+            Err(e) => {
+                // A full disk must not turn a verified answer into an error: serve it, keep
+                // nothing, and remember where its NAR is so that can be served too.
+                log::error!("narinfo {hash}: verified but not kept: {e}");
+                let mut unindexed = lock(&self.unindexed);
+                if unindexed.len() >= 10_000 {
+                    unindexed.clear();
+                }
+                unindexed.insert(record.name.clone(), record);
+                Ok(info.to_string().into_bytes())
+            }
+        }
     }
 
     /// Indexes and writes the narinfo ncps serves; returns its bytes.
@@ -310,7 +325,11 @@ impl Cache {
             lock(&self.touched).nars.insert(name.clone(), db::now());
             return Ok(Answer::Hit(Body::File { file, len }));
         }
-        let Some(record) = self.db.nar(name)? else {
+        let record = match self.db.nar(name)? {
+            Some(r) => Some(r),
+            None => lock(&self.unindexed).get(name).cloned(),
+        };
+        let Some(record) = record else {
             log::debug!("nar {name}: no narinfo points at it");
             return Ok(Answer::NotFound);
         };
@@ -319,7 +338,7 @@ impl Cache {
         }
         let mut downloads = lock(&self.downloads);
         if let Some(d) = downloads.get(name) {
-            return Ok(Answer::Miss(Body::Growing(Box::new(DownloadBody(d.clone())))));
+            return Ok(Answer::Miss(Body::Growing(Box::new(d.reader()))));
         }
         // A download may have finished between the first look and taking the lock.
         if let Some((file, len)) = Store::open_existing(&path)? {
@@ -329,14 +348,17 @@ impl Cache {
         let download = Arc::new(Download::new(temp.reopen()?, record.file_size, self.stall_limit));
         downloads.insert(name.clone(), download.clone());
         drop(downloads);
-        let job = DownloadJob { record, temp, download: download.clone() };
+        // The first reader registers before the download starts, so a full disk from the
+        // first byte still has someone to relay to.
+        let first = download.reader();
+        let job = DownloadJob { record, temp, download };
         let cache = Arc::clone(self);
         std::thread::Builder::new()
             .name("download".into())
             .stack_size(256 * 1024)
             .spawn(move || cache.run_download(job))
             .map_err(|e| CacheError(format!("starting download thread: {e}")))?;
-        Ok(Answer::Miss(Body::Growing(Box::new(DownloadBody(download)))))
+        Ok(Answer::Miss(Body::Growing(Box::new(first))))
     }
 
     fn run_download(&self, job: DownloadJob) {
@@ -345,7 +367,15 @@ impl Cache {
         let started = Instant::now();
         let result = self.fetch_nar(&record, &mut temp, &download);
         match result {
-            Ok(url) => {
+            Ok((url, Spilled(true))) => {
+                download.finish(Ok(()));
+                log::warn!(
+                    "nar {name}: {} bytes from {url} verified and served, but not kept: the disk \
+                     was full (see above)",
+                    record.file_size
+                );
+            }
+            Ok((url, Spilled(false))) => {
                 download.finish(Ok(()));
                 let secs = started.elapsed().as_secs_f64();
                 if self.max_size.is_some_and(|max| record.file_size > max) {
@@ -598,12 +628,18 @@ impl Cache {
         urls
     }
 
-    /// Downloads into `temp`, hashing as it goes. Returns the URL that delivered.
-    fn fetch_nar(&self, record: &NarRecord, temp: &mut crate::store::TempFile, download: &Download) -> Result<String, String> {
+    /// Downloads into `temp`, hashing as it goes. Returns the URL that delivered, and whether
+    /// the disk refused bytes on the way.
+    fn fetch_nar(
+        &self,
+        record: &NarRecord,
+        temp: &mut crate::store::TempFile,
+        download: &Download,
+    ) -> Result<(String, Spilled), String> {
         let mut last_error = String::from("no upstream has it");
         for url in self.nar_candidates(record) {
             match self.fetch_nar_from(&url, record, temp, download) {
-                Ok(()) => return Ok(url),
+                Ok(spilled) => return Ok((url, spilled)),
                 Err((e, written)) => {
                     log::warn!("nar {}: {url}: {e}", record.name);
                     lock(&self.failed_urls).insert(url, Instant::now());
@@ -625,7 +661,7 @@ impl Cache {
         record: &NarRecord,
         temp: &mut crate::store::TempFile,
         download: &Download,
-    ) -> Result<(), (String, u64)> {
+    ) -> Result<Spilled, (String, u64)> {
         let body = match self.upstreams.nar(url) {
             Ok(Some(b)) => b,
             Ok(None) => return Err(("not found".into(), 0)),
@@ -637,9 +673,11 @@ impl Cache {
             }
         }
         let mut reader = body.reader;
+        let temp_path = temp.path().to_path_buf();
         let file = temp.file().map_err(|e| (e.to_string(), 0))?;
         let mut hasher = Hasher::new();
         let mut written = 0u64;
+        let mut spilled = false;
         let mut buf = vec![0u8; 256 * 1024];
         loop {
             let n = match reader.read(&mut buf) {
@@ -652,9 +690,23 @@ impl Cache {
                 return Err((format!("longer than the {} bytes the narinfo says", record.file_size), written));
             }
             hasher.update(&buf[..n]);
-            file.write_all(&buf[..n]).map_err(|e| (format!("writing temp file: {e}"), written))?;
+            if !spilled {
+                if let Err(e) = file.write_all(&buf[..n]) {
+                    log::error!(
+                        "nar {}: writing {}: {e}; relaying the rest to waiting clients from memory, \
+                         not keeping it",
+                        record.name,
+                        temp_path.display()
+                    );
+                    spilled = true;
+                }
+            }
+            if spilled {
+                download.spill(&buf[..n]).map_err(|e| (e, written))?;
+            } else {
+                download.progress(written + n as u64);
+            }
             written += n as u64;
-            download.progress(written);
         }
         if written != record.file_size {
             return Err((format!("ended after {written} of {} bytes", record.file_size), written));
@@ -663,7 +715,7 @@ impl Cache {
         if got != record.file_hash {
             return Err((format!("hash mismatch: got {got}, the narinfo says {}", record.file_hash), written));
         }
-        Ok(())
+        Ok(Spilled(spilled))
     }
 
     /// Writes the batched access times. Called periodically, so hits never write to the
@@ -733,12 +785,8 @@ impl Cache {
     }
 }
 
-enum Refusal {
-    /// The upstream's answer cannot be trusted; try the next upstream.
-    Untrusted(String),
-    /// ncps itself failed (disk, database).
-    Local(CacheError),
-}
+/// Whether a download had to be relayed from memory because the disk refused its bytes.
+struct Spilled(bool);
 
 struct DownloadJob {
     record: NarRecord,

@@ -14,6 +14,8 @@ use std::hash::Hash;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use crate::http::Chunk;
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -95,7 +97,15 @@ impl<K: Hash + Eq + Clone, V: Clone> Default for SingleFlight<K, V> {
     }
 }
 
+/// How much a download may hold in memory when the disk refuses its bytes, before it waits
+/// for its slowest reader.
+const SPILL_MAX: usize = 8 << 20;
+
 /// A NAR being downloaded into a temp file, shared by its readers.
+///
+/// Normally every byte goes to the file and readers send from it. If the file stops taking
+/// bytes (a full disk), the rest of the download is relayed through a bounded buffer in memory
+/// instead: the clients already waiting still get every byte, and nothing is kept.
 pub struct Download {
     file: File,
     total: u64,
@@ -107,7 +117,17 @@ pub struct Download {
 }
 
 struct State {
+    /// Bytes received so far.
     written: u64,
+    /// Bytes `0..on_disk` are in the file; the rest, if any, are in `spill`.
+    on_disk: u64,
+    spill: std::collections::VecDeque<u8>,
+    /// Offset of `spill[0]`.
+    spill_start: u64,
+    spilling: bool,
+    /// Each reader's position, so spilled bytes are dropped only once everyone has them.
+    readers: HashMap<u64, u64>,
+    next_reader: u64,
     last_progress: Instant,
     /// `Some(Ok)` once the whole file is verified; `Some(Err)` when the download failed.
     outcome: Option<Result<(), String>>,
@@ -120,7 +140,17 @@ impl Download {
         Download {
             file,
             total,
-            state: Mutex::new(State { written: 0, last_progress: Instant::now(), outcome: None }),
+            state: Mutex::new(State {
+                written: 0,
+                on_disk: 0,
+                spill: std::collections::VecDeque::new(),
+                spill_start: 0,
+                spilling: false,
+                readers: HashMap::new(),
+                next_reader: 0,
+                last_progress: Instant::now(),
+                outcome: None,
+            }),
             changed: Condvar::new(),
             stall_limit,
         }
@@ -130,9 +160,43 @@ impl Download {
     pub fn progress(&self, written: u64) {
         let mut s = lock(&self.state);
         s.written = written;
+        s.on_disk = written;
         s.last_progress = Instant::now();
         drop(s);
         self.changed.notify_all();
+    }
+
+    /// Writer: the file refused these bytes (and all later ones); relay them from memory.
+    /// Blocks while the buffer is full; fails if no reader is left to relay to, or if the
+    /// slowest one stops reading.
+    pub fn spill(&self, bytes: &[u8]) -> Result<(), String> {
+        let mut s = lock(&self.state);
+        if !s.spilling {
+            s.spilling = true;
+            s.spill_start = s.on_disk;
+        }
+        loop {
+            if s.readers.is_empty() {
+                return Err("the disk is full and no client is waiting for this download".into());
+            }
+            let slowest = s.readers.values().copied().min().unwrap_or(s.written);
+            let drop_n = (slowest.saturating_sub(s.spill_start) as usize).min(s.spill.len());
+            s.spill.drain(..drop_n);
+            s.spill_start += drop_n as u64;
+            if s.spill.len() + bytes.len() <= SPILL_MAX.max(bytes.len()) {
+                break;
+            }
+            if s.last_progress.elapsed() > self.stall_limit {
+                return Err(format!("the slowest client read nothing for {:?}", self.stall_limit));
+            }
+            s = self.changed.wait_timeout(s, Duration::from_millis(200)).unwrap_or_else(|p| p.into_inner()).0;
+        }
+        s.spill.extend(bytes);
+        s.written += bytes.len() as u64;
+        s.last_progress = Instant::now();
+        drop(s);
+        self.changed.notify_all();
+        Ok(())
     }
 
     /// Writer: the download ended, verified (`Ok`) or not.
@@ -146,19 +210,39 @@ impl Download {
         lock(&self.state).outcome.clone()
     }
 
-    /// Reader: blocks until more than `sent` bytes may be sent; returns how many may be sent
-    /// in all. The last byte is held back until the file is verified.
-    pub fn wait(&self, sent: u64) -> Result<u64, String> {
+    /// A new reader, starting at byte 0.
+    pub fn reader(self: &Arc<Self>) -> DownloadBody {
         let mut s = lock(&self.state);
+        let id = s.next_reader;
+        s.next_reader += 1;
+        s.readers.insert(id, 0);
+        DownloadBody { download: self.clone(), id }
+    }
+
+    /// Reader `id`: blocks until more than `sent` bytes may be sent and says where they are.
+    /// The last byte is held back until the file is verified.
+    fn wait(&self, id: u64, sent: u64) -> Result<Chunk, String> {
+        let mut s = lock(&self.state);
+        s.readers.insert(id, sent);
+        if s.spilling {
+            self.changed.notify_all(); // the writer may be waiting for this reader
+        }
         loop {
-            match &s.outcome {
-                Some(Ok(())) => return Ok(self.total),
+            let limit = match &s.outcome {
+                Some(Ok(())) => self.total,
                 Some(Err(e)) => return Err(e.clone()),
-                None => {}
-            }
-            let allowed = s.written.min(self.total.saturating_sub(1));
-            if allowed > sent {
-                return Ok(allowed);
+                None => s.written.min(self.total.saturating_sub(1)),
+            };
+            if limit > sent {
+                if sent < s.on_disk {
+                    return Ok(Chunk::File { upto: limit.min(s.on_disk) });
+                }
+                if sent < s.spill_start {
+                    return Err("the disk is full and these bytes are no longer held".into());
+                }
+                let from = (sent - s.spill_start) as usize;
+                let to = ((limit - s.spill_start) as usize).min(s.spill.len()).min(from + (256 << 10));
+                return Ok(Chunk::Bytes(s.spill.range(from..to).copied().collect()));
             }
             if s.last_progress.elapsed() > self.stall_limit {
                 return Err(format!("download stalled for {:?}", self.stall_limit));
@@ -173,17 +257,27 @@ impl Download {
 }
 
 /// A reader's view of a [`Download`], as an HTTP body.
-pub struct DownloadBody(pub Arc<Download>);
+pub struct DownloadBody {
+    download: Arc<Download>,
+    id: u64,
+}
+
+impl Drop for DownloadBody {
+    fn drop(&mut self) {
+        lock(&self.download.state).readers.remove(&self.id);
+        self.download.changed.notify_all();
+    }
+}
 
 impl crate::http::Growing for DownloadBody {
     fn len(&self) -> u64 {
-        self.0.total
+        self.download.total
     }
     fn file(&self) -> &File {
-        &self.0.file
+        &self.download.file
     }
-    fn wait(&self, sent: u64) -> Result<u64, String> {
-        self.0.wait(sent)
+    fn wait(&self, sent: u64) -> Result<Chunk, String> {
+        self.download.wait(self.id, sent)
     }
 }
 
@@ -215,27 +309,60 @@ mod tests {
         assert_eq!(runs.load(Ordering::SeqCst), 1);
     }
 
-    fn download(total: u64) -> Download {
+    fn download(total: u64) -> Arc<Download> {
         let f = File::open("/dev/null").unwrap();
-        Download::new(f, total, Duration::from_secs(5))
+        Arc::new(Download::new(f, total, Duration::from_secs(5)))
+    }
+
+    fn upto(c: Result<Chunk, String>) -> Result<u64, String> {
+        match c? {
+            Chunk::File { upto } => Ok(upto),
+            Chunk::Bytes(_) => Err("expected file bytes".into()),
+        }
     }
 
     #[test]
     fn readers_get_bytes_as_they_arrive_but_not_the_last_before_verification() {
         let d = download(10);
+        let r = d.reader();
         d.progress(4);
-        assert_eq!(d.wait(0), Ok(4));
+        assert_eq!(upto(d.wait(r.id, 0)), Ok(4));
         d.progress(10);
-        assert_eq!(d.wait(4), Ok(9), "the last byte waits for the hash check");
+        assert_eq!(upto(d.wait(r.id, 4)), Ok(9), "the last byte waits for the hash check");
         d.finish(Ok(()));
-        assert_eq!(d.wait(9), Ok(10));
+        assert_eq!(upto(d.wait(r.id, 9)), Ok(10));
     }
 
     #[test]
     fn a_failed_download_fails_its_readers() {
         let d = download(10);
+        let r = d.reader();
         d.progress(10);
         d.finish(Err("hash mismatch".into()));
-        assert_eq!(d.wait(9), Err("hash mismatch".to_string()));
+        assert_eq!(upto(d.wait(r.id, 9)), Err("hash mismatch".to_string()));
+    }
+
+    #[test]
+    fn when_the_disk_refuses_bytes_waiting_readers_get_them_from_memory() {
+        let d = download(10);
+        let r = d.reader();
+        d.progress(4);
+        d.spill(b"efghij").unwrap();
+        assert_eq!(upto(d.wait(r.id, 0)), Ok(4), "what the file holds comes from the file");
+        match d.wait(r.id, 4) {
+            Ok(Chunk::Bytes(b)) => assert_eq!(b, b"efghi", "the last byte is still held back"),
+            _ => panic!("expected bytes from memory"),
+        }
+        d.finish(Ok(()));
+        match d.wait(r.id, 9) {
+            Ok(Chunk::Bytes(b)) => assert_eq!(b, b"j"),
+            _ => panic!("expected the last byte"),
+        }
+    }
+
+    #[test]
+    fn spilling_with_nobody_waiting_fails_the_download() {
+        let d = download(10);
+        assert!(d.spill(b"x").is_err());
     }
 }

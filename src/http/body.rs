@@ -1,6 +1,6 @@
 //! Writing responses to a socket: heads, byte bodies, and file bodies by `sendfile(2)`.
 
-use super::{reason, Body, Response};
+use super::{reason, Body, Chunk, Response};
 use std::fs::File;
 use std::io::{self, Write};
 use std::net::TcpStream;
@@ -79,16 +79,23 @@ pub fn write_response(sock: &mut TcpStream, resp: Response, head_only: bool, kee
             sock.write_all(&out)?;
             let mut sent = 0;
             while sent < len {
-                let upto = match g.wait(sent) {
-                    Ok(n) => n.min(len),
+                match g.wait(sent) {
+                    Ok(Chunk::File { upto }) => {
+                        let upto = upto.min(len);
+                        if upto > sent {
+                            send_file(sock, g.file(), sent, upto - sent)?;
+                            sent = upto;
+                        }
+                    }
+                    Ok(Chunk::Bytes(b)) => {
+                        let b = &b[..b.len().min((len - sent) as usize)];
+                        sock.write_all(b)?;
+                        sent += b.len() as u64;
+                    }
                     Err(why) => {
                         abort(sock);
                         return Err(io::Error::other(why));
                     }
-                };
-                if upto > sent {
-                    send_file(sock, g.file(), sent, upto - sent)?;
-                    sent = upto;
                 }
             }
         }

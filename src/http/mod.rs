@@ -25,9 +25,17 @@ pub trait Growing: Send {
     fn len(&self) -> u64;
     /// The file the bytes are written to.
     fn file(&self) -> &File;
-    /// Blocks until more than `sent` bytes may be sent, and returns how many may be sent in
-    /// all; `Err` when the transfer failed and the client must be cut off.
-    fn wait(&self, sent: u64) -> Result<u64, String>;
+    /// Blocks until more than `sent` bytes may be sent and says where they are; `Err` when the
+    /// transfer failed and the client must be cut off.
+    fn wait(&self, sent: u64) -> Result<Chunk, String>;
+}
+
+/// The next part of a [`Growing`] body.
+pub enum Chunk {
+    /// The file holds the bytes up to this offset: send them from it.
+    File { upto: u64 },
+    /// The next bytes, from memory (the file could not take them, e.g. a full disk).
+    Bytes(Vec<u8>),
 }
 
 pub enum Body {

@@ -356,7 +356,16 @@ impl Cache {
         std::thread::Builder::new()
             .name("download".into())
             .stack_size(256 * 1024)
-            .spawn(move || cache.run_download(job))
+            .spawn(move || {
+                let download = job.download.clone();
+                let name = job.record.name.clone();
+                let run = std::panic::AssertUnwindSafe(|| cache.run_download(job));
+                if std::panic::catch_unwind(run).is_err() {
+                    log::error!("nar {name}: internal error (panic) during download; nothing kept");
+                    download.finish(Err("internal error".into()));
+                    lock(&cache.downloads).remove(&name);
+                }
+            })
             .map_err(|e| CacheError(format!("starting download thread: {e}")))?;
         Ok(Answer::Miss(Body::Growing(Box::new(first))))
     }

@@ -119,7 +119,7 @@ impl Store {
 
     /// Every NAR file on disk, by name; files whose names are not NAR names are returned
     /// separately as strays.
-    pub fn list_nars(&self) -> io::Result<(Vec<(NarName, u64)>, Vec<PathBuf>)> {
+    pub fn list_nars(&self) -> io::Result<Listing<(NarName, u64)>> {
         let mut nars = Vec::new();
         let mut strays = Vec::new();
         walk(&self.nar_dir, &mut |path, len| {
@@ -133,7 +133,7 @@ impl Store {
     }
 
     /// Every narinfo file on disk, by hash, plus strays as for [`Store::list_nars`].
-    pub fn list_narinfos(&self) -> io::Result<(Vec<StorePathHash>, Vec<PathBuf>)> {
+    pub fn list_narinfos(&self) -> io::Result<Listing<StorePathHash>> {
         let mut hashes = Vec::new();
         let mut strays = Vec::new();
         walk(&self.narinfo_dir, &mut |path, _| {
@@ -150,6 +150,9 @@ impl Store {
         Ok((hashes, strays))
     }
 }
+
+/// What a directory walk found: the entries, and the files that are not entries (strays).
+pub type Listing<T> = (Vec<T>, Vec<PathBuf>);
 
 fn walk(dir: &Path, found: &mut dyn FnMut(&Path, u64)) -> io::Result<()> {
     for entry in fs::read_dir(dir).map_err(|e| with_path(e, "listing", dir))? {

@@ -23,6 +23,9 @@ use std::fs::File;
 pub trait Growing: Send {
     /// The final length, announced as Content-Length.
     fn len(&self) -> u64;
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
     /// The file the bytes are written to.
     fn file(&self) -> &File;
     /// Blocks until more than `sent` bytes may be sent and says where they are; `Err` when the

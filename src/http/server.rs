@@ -325,7 +325,12 @@ fn worker(
                 remaining: req.content_length,
                 continue_pending: req.expect_continue,
             };
-            let resp = handler.handle(&req, &mut body);
+            // A bug in one handler must cost one request (a 500), not a worker or the process.
+            let resp = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| handler.handle(&req, &mut body)))
+                .unwrap_or_else(|_| {
+                    log::error!("{} {}: internal error (panic); answered 500", req.method_text, req.target);
+                    Response::text(500, "Internal Server Error\n")
+                });
             (resp, body.remaining, rest[body_in_rest..].to_vec())
         };
         // A body the handler did not read would be taken for the next request: close instead.

@@ -10,6 +10,7 @@ use crate::config::Config;
 use crate::db::{self, Db, NarRecord};
 use crate::flight::{Download, SingleFlight};
 use crate::http::Body;
+use crate::metrics::{Kind, Metrics, StoreStats};
 use crate::nix::hash::Hasher;
 use crate::nix::{NarInfo, NarName, PublicKey, SecretKey, StorePathHash};
 use crate::store::Store;
@@ -85,6 +86,7 @@ pub struct Cache {
     evicting: Mutex<()>,
     /// NARs of narinfos that were served but could not be indexed (a full disk).
     unindexed: Mutex<HashMap<NarName, NarRecord>>,
+    metrics: Arc<Metrics>,
 }
 
 /// Why an upload was refused.
@@ -111,15 +113,6 @@ impl<E: Into<CacheError>> From<E> for UploadError {
     fn from(e: E) -> Self {
         UploadError::Internal(e.into())
     }
-}
-
-/// Figures about the store, for metrics and the status page.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct StoreFigures {
-    pub size_bytes: u64,
-    pub narinfo_count: u64,
-    pub nar_count: u64,
-    pub max_size: Option<u64>,
 }
 
 /// What an eviction pass removed.
@@ -156,17 +149,27 @@ impl Cache {
             usage: AtomicU64::new(0),
             evicting: Mutex::new(()),
             unindexed: Mutex::new(HashMap::new()),
+            metrics: Arc::new(Metrics::new(&config.upstreams.iter().map(|u| u.url.clone()).collect::<Vec<_>>())),
         }
     }
 
-    pub fn figures(&self) -> Result<StoreFigures, CacheError> {
+    /// Figures about the store, for metrics and the status page.
+    pub fn figures(&self) -> Result<StoreStats, CacheError> {
         let (narinfo_count, nar_count) = self.db.counts()?;
-        Ok(StoreFigures {
+        Ok(StoreStats {
             size_bytes: self.usage.load(Ordering::Relaxed),
             narinfo_count,
             nar_count,
             max_size: self.max_size,
         })
+    }
+
+    /// Whether the store and the index can be used right now (`/healthz`).
+    pub fn health(&self) -> Result<(), CacheError> {
+        self.db.counts()?;
+        // A temp file proves the disk takes new files (it is removed at once).
+        drop(self.store.temp_file()?);
+        Ok(())
     }
 
     fn add_usage(&self, added: u64, removed: u64) {
@@ -177,6 +180,10 @@ impl Cache {
                 Some(u.saturating_sub(removed - added))
             });
         }
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
     }
 
     pub fn public_key(&self) -> PublicKey {
@@ -244,16 +251,21 @@ impl Cache {
 
     fn fetch_narinfo(&self, hash: &StorePathHash) -> NarinfoResult {
         let mut any_error = false;
-        for upstream in self.upstreams.list() {
-            let bytes = match self.upstreams.narinfo(upstream, hash) {
+        for (i, upstream) in self.upstreams.list().iter().enumerate() {
+            let started = Instant::now();
+            let result = self.upstreams.narinfo(upstream, hash);
+            self.metrics.upstream_request(i, Kind::Narinfo, started.elapsed(), result.is_ok());
+            let bytes = match result {
                 Ok(Some(b)) => b,
                 Ok(None) => continue,
                 Err(e) => {
                     log::warn!("upstream {}: narinfo {hash}: {e}; trying the next", upstream.url);
+                    self.metrics.upstream_error_detail(i, &e.to_string());
                     any_error = true;
                     continue;
                 }
             };
+            self.metrics.upstream_bytes(i, bytes.len() as u64);
             match self.accept_narinfo(&upstream.url, hash, &bytes) {
                 Ok(served) => return Ok(Some(Arc::new(served))),
                 Err(why) => {
@@ -347,6 +359,7 @@ impl Cache {
         let temp = self.store.temp_file()?;
         let download = Arc::new(Download::new(temp.reopen()?, record.file_size, self.stall_limit));
         downloads.insert(name.clone(), download.clone());
+        self.metrics.download_started();
         drop(downloads);
         // The first reader registers before the download starts, so a full disk from the
         // first byte still has someone to relay to.
@@ -364,9 +377,14 @@ impl Cache {
                     log::error!("nar {name}: internal error (panic) during download; nothing kept");
                     download.finish(Err("internal error".into()));
                     lock(&cache.downloads).remove(&name);
+                    cache.metrics.download_finished();
                 }
             })
-            .map_err(|e| CacheError(format!("starting download thread: {e}")))?;
+            .map_err(|e| {
+                lock(&self.downloads).remove(name);
+                self.metrics.download_finished();
+                CacheError(format!("starting download thread: {e}"))
+            })?;
         Ok(Answer::Miss(Body::Growing(Box::new(first))))
     }
 
@@ -410,6 +428,7 @@ impl Cache {
             }
         }
         lock(&self.downloads).remove(&name);
+        self.metrics.download_finished();
     }
 
     /// Moves a verified NAR into the store and accounts for it.
@@ -479,6 +498,7 @@ impl Cache {
             }
         }
         if evicted.narinfos + evicted.nars > 0 {
+            self.metrics.evicted(evicted.narinfos, evicted.nars, evicted.bytes);
             log::info!(
                 "evicted {} narinfo(s) and {} NAR(s), {} bytes; the store now holds {} of {target} bytes",
                 evicted.narinfos,
@@ -647,7 +667,16 @@ impl Cache {
     ) -> Result<(String, Spilled), String> {
         let mut last_error = String::from("no upstream has it");
         for url in self.nar_candidates(record) {
-            match self.fetch_nar_from(&url, record, temp, download) {
+            let upstream = self.metrics.upstream_for_url(&url);
+            let started = Instant::now();
+            let result = self.fetch_nar_from(&url, record, temp, download, upstream);
+            if let Some(i) = upstream {
+                self.metrics.upstream_request(i, Kind::Nar, started.elapsed(), result.is_ok());
+                if let Err((e, _)) = &result {
+                    self.metrics.upstream_error_detail(i, e);
+                }
+            }
+            match result {
                 Ok(spilled) => return Ok((url, spilled)),
                 Err((e, written)) => {
                     log::warn!("nar {}: {url}: {e}", record.name);
@@ -670,6 +699,7 @@ impl Cache {
         record: &NarRecord,
         temp: &mut crate::store::TempFile,
         download: &Download,
+        upstream: Option<usize>,
     ) -> Result<Spilled, (String, u64)> {
         let body = match self.upstreams.nar(url) {
             Ok(Some(b)) => b,
@@ -699,6 +729,9 @@ impl Cache {
                 return Err((format!("longer than the {} bytes the narinfo says", record.file_size), written));
             }
             hasher.update(&buf[..n]);
+            if let Some(i) = upstream {
+                self.metrics.upstream_bytes(i, n as u64);
+            }
             if !spilled {
                 if let Err(e) = file.write_all(&buf[..n]) {
                     log::error!(

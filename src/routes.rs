@@ -5,6 +5,8 @@
 //! with a 4xx before it reaches code that builds file names.
 
 use crate::cache::{Answer, Cache};
+use crate::metrics::{Kind, Outcome};
+use crate::status;
 use crate::http::{Body, Handler, Method, Request, Response};
 use crate::nix::{NarName, StorePathHash};
 use std::io::Read;
@@ -18,6 +20,7 @@ pub struct Routes {
     pubkey: String,
     allow_put: bool,
     allow_delete: bool,
+    prometheus: bool,
 }
 
 impl Routes {
@@ -29,6 +32,7 @@ impl Routes {
             pubkey,
             allow_put: config.allow_put,
             allow_delete: config.allow_delete,
+            prometheus: config.prometheus,
         }
     }
 }
@@ -40,6 +44,7 @@ pub enum Route {
     NixCacheInfo,
     PubKey,
     Healthz,
+    Metrics,
     Narinfo(StorePathHash),
     Nar(NarName),
     /// A path Nix may ask for that ncps does not serve (`.ls`, `log/`, `realisations/`...).
@@ -83,6 +88,7 @@ pub fn route(path: &str) -> Route {
         "/nix-cache-info" => return Route::NixCacheInfo,
         "/pubkey" => return Route::PubKey,
         "/healthz" => return Route::Healthz,
+        "/metrics" => return Route::Metrics,
         _ => {}
     }
     if let Some(file) = path.strip_prefix("/nar/") {
@@ -140,25 +146,86 @@ impl Routes {
 
     fn read(&self, r: Route, req: &Request, upload: bool) -> Response {
         match r {
-            Route::Root => Response::new(
-                200,
-                "application/json",
-                Body::Bytes(
-                    format!("{{\"hostname\":{},\"publicKey\":{}}}\n", json_str(&self.hostname), json_str(&self.pubkey))
-                        .into_bytes(),
+            Route::Root => self.status(req),
+            Route::Metrics if self.prometheus => match self.cache.figures() {
+                Ok(store) => Response::new(
+                    200,
+                    crate::metrics::CONTENT_TYPE,
+                    Body::Bytes(self.cache.metrics().render_prometheus(&store).into_bytes()),
                 ),
-            ),
+                Err(e) => {
+                    log::error!("metrics: {e}");
+                    Response::text(500, "Internal Server Error\n")
+                }
+            },
+            Route::Metrics => Response::not_found(),
             Route::NixCacheInfo => Response::new(200, "text/x-nix-cache-info", Body::Bytes(NIX_CACHE_INFO.into())),
             Route::PubKey => Response::text(200, format!("{}\n", self.pubkey)),
-            Route::Healthz => Response::text(200, "ok\n"),
+            Route::Healthz => match self.cache.health() {
+                Ok(()) => Response::text(200, "ok\n"),
+                Err(e) => {
+                    log::error!("health check: {e}");
+                    Response::text(503, format!("unhealthy: {e}\n"))
+                }
+            },
             // Under /upload, a client is checking what it needs to send: only what is here counts.
-            Route::Narinfo(hash) if upload => answer(self.cache.narinfo_local(&hash), "text/x-nix-narinfo", req),
-            Route::Narinfo(hash) => answer(self.cache.narinfo(&hash), "text/x-nix-narinfo", req),
-            Route::Nar(name) => {
-                answer(self.cache.nar(&name, req.method == Method::Head), "application/x-nix-nar", req)
-            }
+            Route::Narinfo(hash) if upload => self.answer(self.cache.narinfo_local(&hash), Kind::Narinfo, req),
+            Route::Narinfo(hash) => self.answer(self.cache.narinfo(&hash), Kind::Narinfo, req),
+            Route::Nar(name) => self.answer(self.cache.nar(&name, req.method == Method::Head), Kind::Nar, req),
             Route::NotFound | Route::Bad(_) => Response::not_found(),
         }
+    }
+
+    /// `GET /`: a page for people (Accept: text/html), JSON for everything else.
+    fn status(&self, req: &Request) -> Response {
+        let store = match self.cache.figures() {
+            Ok(f) => f,
+            Err(e) => {
+                log::error!("status page: {e}");
+                return Response::text(500, "Internal Server Error\n");
+            }
+        };
+        let snapshot = self.cache.metrics().snapshot();
+        let input = status::StatusInput {
+            hostname: &self.hostname,
+            public_key: &self.pubkey,
+            host_header: req.header("host"),
+            snapshot: &snapshot,
+            store: &store,
+        };
+        if status::wants_html(req.header("accept")) {
+            Response::new(200, status::HTML_CONTENT_TYPE, Body::Bytes(status::render_html(&input).into_bytes()))
+                .with_header("Content-Security-Policy", status::CONTENT_SECURITY_POLICY)
+        } else {
+            Response::new(200, status::JSON_CONTENT_TYPE, Body::Bytes(status::render_json(&input).into_bytes()))
+        }
+    }
+
+    /// Turns a cache answer into a response, counting it.
+    fn answer(&self, result: Result<Answer, crate::cache::CacheError>, kind: Kind, req: &Request) -> Response {
+        let content_type = match kind {
+            Kind::Narinfo => "text/x-nix-narinfo",
+            Kind::Nar => "application/x-nix-nar",
+        };
+        let (outcome, resp) = match result {
+            Ok(Answer::Hit(body)) => (Outcome::Hit, Response::new(200, content_type, body).with_note("hit")),
+            Ok(Answer::Miss(body)) => (Outcome::Miss, Response::new(200, content_type, body).with_note("miss")),
+            Ok(Answer::Length(n)) => {
+                (Outcome::Miss, Response::new(200, content_type, Body::Declared(n)).with_note("miss"))
+            }
+            Ok(Answer::NotFound) => (Outcome::NotFound, Response::not_found().with_note("absent")),
+            Err(e) => {
+                log::error!("{} {}: {e}", req.method_text, req.target);
+                (Outcome::Error, Response::text(500, "Internal Server Error\n").with_note("error"))
+            }
+        };
+        let metrics = self.cache.metrics();
+        let bytes = if req.method == Method::Head { 0 } else { resp.body.len() };
+        metrics.served(kind, outcome, resp.status, bytes);
+        if matches!(outcome, Outcome::Miss | Outcome::NotFound) {
+            metrics.recent_miss(req.path());
+        }
+        resp
     }
 
     fn put(&self, r: &Route, req: &Request, body: &mut dyn Read) -> Response {
@@ -205,35 +272,6 @@ impl Routes {
             }
         }
     }
-}
-
-fn answer(result: Result<Answer, crate::cache::CacheError>, content_type: &str, req: &Request) -> Response {
-    match result {
-        Ok(Answer::Hit(body)) => Response::new(200, content_type, body).with_note("hit"),
-        Ok(Answer::Miss(body)) => Response::new(200, content_type, body).with_note("miss"),
-        Ok(Answer::Length(n)) => Response::new(200, content_type, Body::Declared(n)).with_note("miss"),
-        Ok(Answer::NotFound) => Response::not_found().with_note("absent"),
-        Err(e) => {
-            log::error!("{} {}: {e}", req.method_text, req.target);
-            Response::text(500, "Internal Server Error\n").with_note("error")
-        }
-    }
-}
-
-/// A JSON string literal.
-pub fn json_str(s: &str) -> String {
-    let mut out = String::with_capacity(s.len() + 2);
-    out.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
-            c => out.push(c),
-        }
-    }
-    out.push('"');
-    out
 }
 
 #[cfg(test)]

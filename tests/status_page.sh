@@ -1,0 +1,179 @@
+#!/usr/bin/env bash
+# tests/status_page.sh -- checks the status page at GET / and takes a screenshot of it.
+#
+#   bash tests/status_page.sh http://127.0.0.1:8501 [OUT.png]   a running ncps
+#   bash tests/status_page.sh "" [OUT.png]                      starts one itself (NCPS_BIN, default target/debug/ncps)
+#   bash tests/status_page.sh --file page.html [OUT.png]        checks and screenshots a saved page
+#
+# 1. GET / with Accept: text/html answers 200 text/html, with the public key (from /pubkey) and
+#    the exact nix.conf lines: `substituters = http://HOST:PORT` (the Host the request used)
+#    and `trusted-public-keys = KEY`.
+# 2. The page is self-contained and inert: no script, no external stylesheet, image or font.
+# 3. A hostile Host header comes back escaped, never as markup.
+# 4. Without text/html, / answers JSON with hostname and publicKey, as Go ncps does.
+# 5. Headless Chromium renders it to OUT.png (default /tmp/ncps-status-page.png), which must be a
+#    PNG larger than 10 KB. Chromium is installed with apt-get when missing and running as root.
+# Exits non-zero, naming each failed check, if anything is wrong.
+set -uo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+failures=0
+pass() { printf 'ok   %s\n' "$*"; }
+fail() { printf 'FAIL %s\n' "$*" >&2; failures=$((failures + 1)); }
+
+TMP=$(mktemp -d)
+SERVER_PID= UPSTREAM_PID=
+cleanup() {
+    [[ -n $SERVER_PID ]] && kill "$SERVER_PID" 2>/dev/null && wait "$SERVER_PID" 2>/dev/null
+    [[ -n $UPSTREAM_PID ]] && kill "$UPSTREAM_PID" 2>/dev/null && wait "$UPSTREAM_PID" 2>/dev/null
+    rm -rf "$TMP"
+}
+trap cleanup EXIT
+
+free_port() {
+    python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])' 2>/dev/null ||
+        echo $((20000 + RANDOM % 20000))
+}
+
+# Starts ncps with two upstreams, one that answers (python3's http.server on an empty directory,
+# so every path is a clean 404) and one where nothing listens, so the page shows both states.
+start_ncps() {
+    local bin=${NCPS_BIN:-$ROOT/target/debug/ncps}
+    if [[ ! -x $bin ]]; then
+        echo "building $bin" >&2
+        (cd "$ROOT" && cargo build -q) || return 1
+    fi
+    local up_port port
+    up_port=$(free_port)
+    mkdir -p "$TMP/upstream" "$TMP/data"
+    printf 'StoreDir: /nix/store\nWantMassQuery: 1\nPriority: 40\n' >"$TMP/upstream/nix-cache-info"
+    local upstreams=(--upstream-cache http://127.0.0.1:9)
+    if command -v python3 >/dev/null; then
+        python3 -m http.server --bind 127.0.0.1 --directory "$TMP/upstream" "$up_port" >/dev/null 2>&1 &
+        UPSTREAM_PID=$!
+        upstreams=(--upstream-cache "http://127.0.0.1:$up_port" "${upstreams[@]}")
+    fi
+    port=$(free_port)
+    "$bin" serve --cache-hostname status-check --cache-data-path "$TMP/data" "${upstreams[@]}" \
+        --server-addr "127.0.0.1:$port" >"$TMP/ncps.log" 2>&1 &
+    SERVER_PID=$!
+    URL=http://127.0.0.1:$port
+    for _ in $(seq 100); do
+        curl -fsS -o /dev/null "$URL/nix-cache-info" 2>/dev/null && break
+        kill -0 "$SERVER_PID" 2>/dev/null || { echo "ncps exited: $(head -c 500 "$TMP/ncps.log")" >&2; return 1; }
+        sleep 0.1
+    done
+    # A few misses, so the page has something in every section.
+    for h in 0mdqa9w1p6cmli6976v4wi0sw9r4p5pr 1b9p07z77phvv2hf6gm9f28syp39f1ag q3fmq8dx1lx3ri1x0v6y4mn1hn0k6a9d; do
+        curl -s -o /dev/null "$URL/$h.narinfo"
+    done
+}
+
+find_chromium() {
+    local c
+    for c in chromium chromium-browser google-chrome; do
+        command -v "$c" >/dev/null && { command -v "$c"; return; }
+    done
+    [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null || return 1
+    echo "chromium missing: installing Debian's chromium package" >&2
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null 2>&1 ||
+        { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null 2>&1; } ||
+        return 1
+    command -v chromium
+}
+
+URL= FILE=
+case ${1:-} in
+    --file) FILE=${2:?--file needs a path}; shift 2 ;;
+    "") start_ncps || { echo "FAIL could not start ncps" >&2; exit 1; }; shift $(($# > 0)) ;;
+    *) URL=${1%/}; shift ;;
+esac
+OUT=${1:-${SCREENSHOT:-/tmp/ncps-status-page.png}}
+
+if [[ -n $FILE ]]; then
+    cp "$FILE" "$TMP/page.html"
+    key=$(sed -n 's/^trusted-public-keys = \([^<[:space:]]*\).*/\1/p' "$TMP/page.html" | head -1)
+    hostport=$(sed -n 's|^.*substituters = http://\([^<[:space:]]*\).*|\1|p' "$TMP/page.html" | head -1)
+    [[ -n $key && -n $hostport ]] || fail "the page has no nix.conf lines"
+    target=file://$(readlink -f "$FILE")
+else
+    hostport=${URL#*://}
+    hostport=${hostport%%/*}
+    key=$(curl -fsS "$URL/pubkey" | tr -d '\r\n') || key=
+    [[ -n $key ]] || fail "GET /pubkey gave no key"
+    code=$(curl -sS -o "$TMP/page.html" -D "$TMP/headers" -w '%{http_code}' -H 'Accept: text/html' "$URL/") || code=000
+    ctype=$(grep -i '^content-type:' "$TMP/headers" | tr -d '\r' | cut -d' ' -f2-)
+    if [[ $code == 200 ]] && grep -qi '^text/html' <<<"$ctype"; then
+        pass "GET / (Accept: text/html): 200 $ctype"
+    else
+        fail "GET / (Accept: text/html) answered $code '$ctype', not 200 text/html"
+    fi
+    target=$URL/
+fi
+
+# Exact lines, each on its own line of the page (they are inside a <pre>).
+if grep -qxF "substituters = http://$hostport" <(sed 's/<[^>]*>/\n/g' "$TMP/page.html"); then
+    pass "nix.conf line: substituters = http://$hostport"
+else
+    fail "the page lacks the line 'substituters = http://$hostport'"
+fi
+if [[ -n $key ]] && grep -qxF "trusted-public-keys = $key" <(sed 's/<[^>]*>/\n/g' "$TMP/page.html"); then
+    pass "nix.conf line: trusted-public-keys = $key"
+else
+    fail "the page lacks the line 'trusted-public-keys = $key'"
+fi
+
+if grep -qiE '<script|<link|<img|<iframe|@import|url\(|src=|href="?(https?:)?//' "$TMP/page.html"; then
+    fail "the page loads or runs something: $(grep -oiE '<script|<link|<img|<iframe|@import|url\(|src=|href="?(https?:)?//' "$TMP/page.html" | sort -u | tr '\n' ' ')"
+else
+    pass "self-contained: no script, no external asset"
+fi
+
+if [[ -z $FILE ]]; then
+    code=$(curl -sS -o "$TMP/evil.html" -w '%{http_code}' -H 'Accept: text/html' \
+        -H 'Host: <script>alert(1)</script>' "$URL/") || code=000
+    if [[ $code != 200 ]]; then
+        pass "hostile Host header refused ($code)"
+    elif grep -qi '<script' "$TMP/evil.html"; then
+        fail "a Host header of <script>... comes back as markup"
+    else
+        pass "hostile Host header is not echoed as markup"
+    fi
+
+    code=$(curl -sS -o "$TMP/status.json" -D "$TMP/jheaders" -w '%{http_code}' "$URL/") || code=000
+    if [[ $code == 200 ]] && command -v python3 >/dev/null; then
+        if python3 - "$TMP/status.json" "$key" <<'EOF'; then
+import json, sys
+d = json.load(open(sys.argv[1]))
+assert isinstance(d.get("hostname"), str) and d["hostname"], "no hostname"
+assert d.get("publicKey") == sys.argv[2], "publicKey differs from /pubkey"
+EOF
+            pass "GET / (no Accept): JSON with hostname and publicKey"
+        else
+            fail "GET / (no Accept) is not JSON with hostname and a publicKey equal to /pubkey: $(head -c 300 "$TMP/status.json")"
+        fi
+    elif [[ $code == 200 ]] && grep -q '"hostname"' "$TMP/status.json" && grep -qF "\"publicKey\":\"$key\"" "$TMP/status.json"; then
+        pass "GET / (no Accept): has hostname and publicKey"
+    else
+        fail "GET / (no Accept) answered $code: $(head -c 300 "$TMP/status.json")"
+    fi
+fi
+
+if CHROMIUM=$(find_chromium); then
+    rm -f "$OUT"
+    timeout 120 "$CHROMIUM" --headless --no-sandbox --disable-gpu --disable-quic --no-first-run \
+        --disable-background-networking --disable-component-update --disable-sync \
+        --user-data-dir="$TMP/chromium" --screenshot="$OUT" --window-size=1200,900 "$target" \
+        >"$TMP/chromium.log" 2>&1
+    size=$(stat -c %s "$OUT" 2>/dev/null || echo 0)
+    if [[ $(head -c 8 "$OUT" 2>/dev/null | od -An -tx1 | tr -d ' \n') == 89504e470d0a1a0a ]] && ((size > 10240)); then
+        pass "screenshot: $OUT ($((size / 1024)) KB)"
+    else
+        fail "no usable screenshot ($OUT, $size bytes): $(tail -c 500 "$TMP/chromium.log")"
+    fi
+else
+    fail "chromium not found and could not be installed"
+fi
+
+((failures == 0)) && echo "status_page: all checks passed" || echo "status_page: $failures check(s) failed" >&2
+exit $((failures > 0))

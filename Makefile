@@ -38,12 +38,14 @@ run: build
 	  --upstream-public-key $(UPSTREAM_KEY) \
 	  --server-addr $(ADDR)
 
-# Unit tests, doc tests, and the end-to-end tests that drive the real Nix client.
+# Unit tests, doc tests, the end-to-end tests that drive the real Nix client, then the checks
+# that need outside tools (systemd-analyze, promtool, headless Chromium), which install them.
 test: deps
-	$(CARGO) build --tests
 	$(CARGO) test --all-targets
 	$(CARGO) test --doc
 	bash tests/systemd.sh
+	bash tests/metrics_check.sh
+	bash tests/status_page.sh "" target/status-page.png
 
 bench: build
 	NCPS=$(CURDIR)/target/release/ncps bash bench/run.sh

@@ -134,6 +134,9 @@ fn bit(set: u64, v: libc::c_int) -> bool {
     (0..64).contains(&v) && set & (1 << v) != 0
 }
 
+// libc marks time_t deprecated on musl (its width changed across musl versions); the call
+// below is the portable way to use it.
+#[allow(deprecated)]
 fn local(t: i64) -> Option<libc::tm> {
     // SAFETY: localtime_r writes only into the tm we pass; all-zero is a valid tm.
     unsafe {

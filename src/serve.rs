@@ -98,7 +98,24 @@ pub fn prepare(config: &Config) -> Result<Prepared, Exit> {
 
 /// Runs ncps until the process is stopped.
 pub fn run(config: &Config) -> Result<(), Exit> {
+    // Blocked here, before any thread exists, so every thread inherits the mask and the
+    // signals wait for the one thread that asks for them.
+    let signals = block_stop_signals();
     let p = prepare(config)?;
+    let cache = p.cache.clone();
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            let sig = wait_for(&signals);
+            log::info!("signal {sig}: recording access times and stopping");
+            if let Err(e) = cache.flush_access_times() {
+                log::warn!("recording access times: {e}");
+            }
+            // Downloads in flight are dropped: their temp files are removed at the next
+            // start, and nothing unverified was ever under a final name.
+            std::process::exit(0);
+        })
+        .map_err(|e| runtime(format!("starting a thread: {e}")))?;
     let cache = p.cache.clone();
     std::thread::Builder::new()
         .name("access-times".into())
@@ -136,6 +153,26 @@ fn run_schedule(schedule: &crate::cron::Schedule, cache: &Cache) {
             Err(e) => log::error!("scheduled eviction: {e}"),
         }
     }
+}
+
+fn block_stop_signals() -> libc::sigset_t {
+    // SAFETY: sigset_t is plain data, initialised by sigemptyset before use; pthread_sigmask
+    // only changes this thread's mask.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        set
+    }
+}
+
+fn wait_for(set: &libc::sigset_t) -> i32 {
+    let mut sig: libc::c_int = 0;
+    // SAFETY: `set` is an initialised signal set; sigwait writes the signal number to `sig`.
+    while unsafe { libc::sigwait(set, &mut sig) } != 0 {}
+    sig
 }
 
 /// The signing key: the file given, else the one generated on first start and kept in the

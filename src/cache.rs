@@ -61,6 +61,10 @@ impl From<db::DbError> for CacheError {
     }
 }
 
+/// How long a narinfo whose NAR has not been fetched is safe from eviction: the time a client
+/// may take between reading a narinfo and asking for its NAR.
+const PENDING_GRACE_SECS: i64 = 600;
+
 /// What a narinfo miss produced, shared by everyone who asked at the same time.
 type NarinfoResult = Result<Option<Arc<Vec<u8>>>, String>;
 
@@ -482,7 +486,7 @@ impl Cache {
             }
         }
         while self.usage.load(Ordering::Relaxed) > target {
-            let victims = self.db.least_recently_used(64)?;
+            let victims = self.db.least_recently_used(64, db::now() - PENDING_GRACE_SECS)?;
             if victims.is_empty() {
                 break;
             }

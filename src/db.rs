@@ -266,17 +266,25 @@ impl Db {
         Ok((a as u64, b as u64))
     }
 
-    /// Up to `limit` narinfos, least recently used first (by the later of the narinfo's and
-    /// its NAR's access times).
-    pub fn least_recently_used(&self, limit: usize) -> Result<Vec<StorePathHash>, DbError> {
+    /// Up to `limit` narinfos to evict, least recently used first (by the later of the
+    /// narinfo's and its NAR's access times).
+    ///
+    /// Only entries whose NAR is stored qualify, plus narinfos whose NAR was never fetched
+    /// and that are older than `pending_before`: a client that was just given a narinfo is
+    /// about to ask for its NAR, and evicting that entry would free a few hundred bytes and
+    /// break the client's download.
+    pub fn least_recently_used(&self, limit: usize, pending_before: i64) -> Result<Vec<StorePathHash>, DbError> {
         let conn = self.conn();
         let mut stmt = conn
             .prepare_cached(
                 "SELECT i.hash FROM narinfos i LEFT JOIN nars n ON n.name = i.nar_name
+                 WHERE n.stored = 1 OR i.accessed_at < ?2
                  ORDER BY max(i.accessed_at, COALESCE(n.accessed_at, 0)), i.created_at LIMIT ?1",
             )
             .context("choosing entries to evict")?;
-        let rows = stmt.query_map([limit as i64], |r| r.get::<_, String>(0)).context("choosing entries to evict")?;
+        let rows = stmt
+            .query_map(params![limit as i64, pending_before], |r| r.get::<_, String>(0))
+            .context("choosing entries to evict")?;
         let mut out = Vec::new();
         for h in rows {
             let h = h.context("choosing entries to evict")?;

@@ -1,0 +1,964 @@
+//! End-to-end specification of the cache's lifecycle: the size limit and
+//! least-recently-used eviction, uploads (`nix copy --to`), DELETE, and
+//! `ncps fsck`. Driven by the real Nix client against a local upstream that
+//! serves a fixture built by tests/fixtures/mkfixture-lifecycle.sh (a 64 MiB
+//! path, 30 paths of 1 MiB, two paths sharing one NAR, and two paths that no
+//! upstream has, for uploads).
+//!
+//! Tests that need Nix skip (with a message) only when `nix` is not installed
+//! and `CI` is unset; under CI a missing `nix` fails them.
+//!
+//! Run: `cargo test --test e2e_lifecycle` (add `-- --nocapture` for timings).
+
+mod common;
+
+use common::*;
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+use std::thread;
+use std::time::{Duration, Instant};
+
+const MIB: u64 = 1024 * 1024;
+
+// ---------------------------------------------------------------------------
+// The lifecycle fixture
+// ---------------------------------------------------------------------------
+
+/// The fixture of mkfixture-lifecycle.sh. `fx.big` is 64 MiB, `fx.many` are 30
+/// paths of 1 MiB (random bytes), all published uncompressed.
+struct Lifecycle {
+    fx: Fixture,
+    /// Two paths with identical contents: their narinfos point at one NAR.
+    twins: Vec<String>,
+    /// Built locally, published nowhere: a dependency, then a path referencing it.
+    uploads: Vec<String>,
+}
+
+fn lifecycle_or_skip() -> Option<&'static Lifecycle> {
+    if !nix_installed() {
+        let test = thread::current().name().unwrap_or("?").to_string();
+        if matches!(std::env::var("CI"), Ok(v) if !v.is_empty()) {
+            panic!("{test}: `nix` is not installed but CI is set: end-to-end tests must run");
+        }
+        eprintln!(
+            "SKIPPED {test}: `nix` is not installed (apt-get install nix-bin); set CI=true to make this a failure"
+        );
+        return None;
+    }
+    static LC: OnceLock<Result<Lifecycle, String>> = OnceLock::new();
+    match LC.get_or_init(build_lifecycle_fixture) {
+        Ok(l) => Some(l),
+        Err(e) => panic!("building the lifecycle fixture failed:\n{e}"),
+    }
+}
+
+fn build_lifecycle_fixture() -> Result<Lifecycle, String> {
+    // Registers common's exit hook, which deletes the store paths listed under
+    // e2e-fixture-<pid>/paths (this binary never builds common's own fixture).
+    let _ = run_dir();
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("e2e-fixture-{}", std::process::id()));
+    let _ = remove_tree(&dir);
+    fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+    let script =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/mkfixture-lifecycle.sh");
+    let started = Instant::now();
+    let mut cmd = Command::new("bash");
+    cmd.arg(&script).arg(&dir);
+    let out = run_with_timeout(cmd, Duration::from_secs(120))?;
+    if !out.status.success() {
+        return Err(format!(
+            "{} {} failed ({}):\n{}\n{}",
+            script.display(),
+            dir.display(),
+            out.status,
+            out.stdout,
+            out.stderr
+        ));
+    }
+    eprintln!(
+        "[e2e] lifecycle fixture built in {:.1}s: {}",
+        started.elapsed().as_secs_f64(),
+        out.stdout.trim()
+    );
+    let read = |p: &str| -> Result<String, String> {
+        fs::read_to_string(dir.join(p))
+            .map(|s| s.trim().to_string())
+            .map_err(|e| format!("{p}: {e}"))
+    };
+    let lines = |p: &str| -> Result<Vec<String>, String> {
+        Ok(read(p)?.lines().map(String::from).collect())
+    };
+    let fx = Fixture {
+        up1_public_key: read("keys/up1.pub")?,
+        up1_secret_key_file: dir.join("keys/up1.sec"),
+        up2_public_key: read("keys/up2.pub")?,
+        top: read("paths/top.txt")?,
+        lib: read("paths/lib.txt")?,
+        big: read("paths/big.txt")?,
+        top_closure: lines("paths/top-closure.txt")?,
+        many: lines("paths/many.txt")?,
+        dir: dir.clone(),
+    };
+    Ok(Lifecycle {
+        twins: lines("paths/twins.txt")?,
+        uploads: lines("paths/uploads.txt")?,
+        fx,
+    })
+}
+
+/// The fixture's upstream and an ncps in front of it trusting up1, with `extra` flags.
+fn proxy(lc: &Lifecycle, extra: &[&str]) -> (Upstream, Ncps) {
+    let up = Upstream::for_cache(&lc.fx, Compression::None);
+    let ncps = Ncps::for_upstreams_with(&[up.url()], &[&lc.fx.up1_public_key], extra);
+    (up, ncps)
+}
+
+// ---------------------------------------------------------------------------
+// Looking at ncps from outside: HTTP and the data directory
+// ---------------------------------------------------------------------------
+
+/// GETs the narinfo of `store_path` and then its NAR, as a client would, and
+/// checks the NAR against the narinfo's FileSize and FileHash. Returns the NAR
+/// URL path (`/nar/...`).
+fn fetch(ncps: &Ncps, store_path: &str) -> String {
+    let r = ncps.get(&format!("/{}.narinfo", store_hash(store_path)));
+    assert_eq!(r.status, 200, "GET narinfo of {store_path}");
+    let ni = NarInfo::parse(&r.text());
+    let url = format!("/{}", ni.get("URL").expect("URL in served narinfo"));
+    let size: u64 = ni.get("FileSize").expect("FileSize").parse().unwrap();
+    let want = ni.get("FileHash").expect("FileHash").to_string();
+    let got = raw_get_hashed(ncps.addr, &url, Duration::from_secs(30))
+        .unwrap_or_else(|e| panic!("GET {url}: {e}"));
+    assert_eq!(got.status, 200, "GET {url} ({store_path})");
+    assert_eq!(got.len, size, "bytes of {url} ({store_path})");
+    assert_eq!(
+        format!("sha256:{}", nix32(&got.sha256)),
+        want,
+        "FileHash of {url} ({store_path})"
+    );
+    url
+}
+
+/// The file name of a `/nar/<name>` URL path.
+fn nar_name(url: &str) -> &str {
+    url.rsplit('/').next().unwrap()
+}
+
+/// The stored narinfo file of `store_path`, if any (found by name, at any depth).
+fn narinfo_file(ncps: &Ncps, store_path: &str) -> Option<PathBuf> {
+    let want = format!("{}.narinfo", store_hash(store_path));
+    ncps.stored_narinfo_files()
+        .into_iter()
+        .find(|p| p.file_name().is_some_and(|n| n.to_string_lossy() == want))
+}
+
+/// The stored NAR file called `name`, if any.
+fn nar_file(ncps: &Ncps, name: &str) -> Option<PathBuf> {
+    ncps.stored_nar_files()
+        .into_iter()
+        .find(|p| p.file_name().is_some_and(|n| n.to_string_lossy() == name))
+}
+
+/// Sum of the sizes of every file under DATA/store.
+fn store_bytes(ncps: &Ncps) -> u64 {
+    files_under(&ncps.data_dir().join("store"))
+        .iter()
+        .map(|p| fs::metadata(p).map(|m| m.len()).unwrap_or(0))
+        .sum()
+}
+
+fn largest_file_under(dir: &Path) -> Option<(PathBuf, u64)> {
+    files_under(dir)
+        .into_iter()
+        .filter_map(|p| fs::metadata(&p).ok().map(|m| (p, m.len())))
+        .max_by_key(|(_, n)| *n)
+}
+
+fn open_db(ncps: &Ncps) -> rusqlite::Connection {
+    rusqlite::Connection::open_with_flags(
+        ncps.data_dir().join("db.sqlite"),
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+    )
+    .expect("open DATA/db.sqlite read-only")
+}
+
+fn db_strings(ncps: &Ncps, sql: &str) -> BTreeSet<String> {
+    let db = open_db(ncps);
+    let mut st = db.prepare(sql).unwrap_or_else(|e| panic!("{sql}: {e}"));
+    let rows = st
+        .query_map([], |r| r.get::<_, String>(0))
+        .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    rows.map(|r| r.unwrap()).collect()
+}
+
+/// Whether the store is whole: every narinfo file points at a NAR file that
+/// is there and holds the bytes its name promises, every NAR file is pointed
+/// at by a narinfo, the index lists exactly these files, and the store is
+/// within `limit`.
+fn store_consistency(ncps: &Ncps, limit: u64) -> Result<(), String> {
+    let nars: BTreeMap<String, PathBuf> = ncps
+        .stored_nar_files()
+        .into_iter()
+        .map(|p| (p.file_name().unwrap().to_string_lossy().into_owned(), p))
+        .collect();
+    let mut pointed_at = BTreeSet::new();
+    let mut narinfo_hashes = BTreeSet::new();
+    for f in ncps.stored_narinfo_files() {
+        let Ok(text) = fs::read_to_string(&f) else {
+            continue; // removed meanwhile
+        };
+        let ni = NarInfo::parse(&text);
+        let url = ni
+            .get("URL")
+            .ok_or_else(|| format!("{} has no URL", f.display()))?;
+        let name = nar_name(url).to_string();
+        if !nars.contains_key(&name) {
+            return Err(format!(
+                "{} points at {url}, which is not on disk",
+                f.display()
+            ));
+        }
+        pointed_at.insert(name);
+        let file_name = f.file_name().unwrap().to_string_lossy().into_owned();
+        narinfo_hashes.insert(file_name.trim_end_matches(".narinfo").to_string());
+    }
+    for (name, path) in &nars {
+        if !pointed_at.contains(name) {
+            return Err(format!(
+                "NAR {} is on disk but no narinfo points at it",
+                path.display()
+            ));
+        }
+        nar_file_matches_its_name(path)?;
+    }
+    let indexed = db_strings(ncps, "SELECT hash FROM narinfos");
+    if indexed != narinfo_hashes {
+        return Err(format!(
+            "the narinfos table lists {indexed:?}, the narinfo files are {narinfo_hashes:?}"
+        ));
+    }
+    let stored = db_strings(ncps, "SELECT name FROM nars WHERE stored = 1");
+    let on_disk: BTreeSet<String> = nars.keys().cloned().collect();
+    if stored != on_disk {
+        return Err(format!(
+            "the nars marked stored are {stored:?}, the NAR files are {on_disk:?}"
+        ));
+    }
+    let bytes = store_bytes(ncps);
+    if bytes > limit {
+        return Err(format!(
+            "DATA/store holds {bytes} bytes, over the {limit}-byte limit"
+        ));
+    }
+    Ok(())
+}
+
+/// The store becomes consistent (see `store_consistency`) within 10 s: a
+/// NAR is moved into the store, and the limit enforced, just after its last
+/// byte went to the client.
+fn assert_store_consistent(ncps: &Ncps, limit: u64, when: &str) {
+    let mut last = Ok(());
+    let ok = wait_until(Duration::from_secs(10), || {
+        last = store_consistency(ncps, limit);
+        last.is_ok()
+    });
+    if !ok {
+        panic!("{when}: the store is not consistent: {}", last.unwrap_err());
+    }
+}
+
+/// `fetch`, then waits (10 s at most) until the NAR is in the store and the
+/// store is within `limit` again (evictions done).
+fn fetch_kept(ncps: &Ncps, store_path: &str, limit: u64) -> String {
+    let url = fetch(ncps, store_path);
+    let ok = wait_until(Duration::from_secs(10), || {
+        nar_file(ncps, nar_name(&url)).is_some() && store_bytes(ncps) <= limit
+    });
+    assert!(
+        ok,
+        "{store_path}: {url} not in the store, or the store ({} bytes) over {limit} bytes, 10 s after it was served",
+        store_bytes(ncps)
+    );
+    url
+}
+
+// ---------------------------------------------------------------------------
+// The size limit
+// ---------------------------------------------------------------------------
+
+#[test]
+fn a_nar_larger_than_the_whole_limit_is_served_verified_but_not_kept() {
+    let Some(lc) = lifecycle_or_skip() else {
+        return;
+    };
+    let fx = &lc.fx;
+    let (up, ncps) = proxy(lc, &["--cache-max-size", "20M"]);
+    let key = ncps.pubkey();
+    let limit = 20 * MIB;
+
+    nix_copy_from(&ncps.url(), &[&fx.top], &key)
+        .expect("nix copy of a closure holding a 64 MiB path through a 20 MiB cache");
+
+    // Right after the copy, not after some later clean-up.
+    let bytes = store_bytes(&ncps);
+    assert!(
+        bytes <= limit,
+        "DATA/store holds {bytes} bytes right after the copy, over the 20 MiB limit"
+    );
+    if let Some((p, n)) = largest_file_under(&ncps.data_dir().join("store")) {
+        assert!(n <= limit, "{} ({n} bytes) was kept", p.display());
+    }
+    // The download's temp file goes too (readers had their own handle).
+    let ok = wait_until(Duration::from_secs(5), || {
+        largest_file_under(ncps.data_dir()).is_none_or(|(_, n)| n <= limit)
+    });
+    assert!(
+        ok,
+        "a file over the limit is still in the data dir: {:?}",
+        largest_file_under(ncps.data_dir())
+    );
+    // The small paths of the closure were kept, with their NARs.
+    for p in [&fx.top, &fx.lib] {
+        let url = upstream_nar_path(fx, Compression::None, p);
+        assert!(narinfo_file(&ncps, p).is_some(), "narinfo of {p} kept");
+        assert!(nar_file(&ncps, nar_name(&url)).is_some(), "NAR of {p} kept");
+    }
+
+    // Not kept means: the next client is served from upstream again, verified.
+    let big_nar = upstream_nar_path(fx, Compression::None, &fx.big);
+    assert_eq!(
+        up.hits(&big_nar),
+        1,
+        "one upstream download of the big NAR so far"
+    );
+    nix_copy_from(&ncps.url(), &[&fx.big], &key).expect("second copy of the 64 MiB path");
+    assert_eq!(
+        up.hits(&big_nar),
+        2,
+        "the big NAR was not kept, so it is fetched from upstream again"
+    );
+    assert!(store_bytes(&ncps) <= limit);
+}
+
+/// About 10 of the 1 MiB paths (1 MiB + 112 bytes of NAR and ~600 bytes of
+/// narinfo each) fit in 10.5 MiB; 11 do not.
+const TEN_PATHS: &str = "10752K";
+const TEN_PATHS_BYTES: u64 = 10752 * 1024;
+
+#[test]
+fn least_recently_used_paths_are_evicted_first() {
+    let Some(lc) = lifecycle_or_skip() else {
+        return;
+    };
+    let fx = &lc.fx;
+    let (up, ncps) = proxy(lc, &["--cache-max-size", TEN_PATHS]);
+    let a = &fx.many[..10];
+    let b = &fx.many[10..15];
+
+    // Access times have a resolution of one second: A1..A6, then (strictly
+    // later) A7..A10, then (later still) A1 again.
+    for p in &a[..6] {
+        fetch_kept(&ncps, p, TEN_PATHS_BYTES);
+    }
+    thread::sleep(Duration::from_millis(1100));
+    for p in &a[6..] {
+        fetch_kept(&ncps, p, TEN_PATHS_BYTES);
+    }
+    assert_eq!(
+        ncps.stored_narinfo_files().len(),
+        10,
+        "ten paths fit in the limit: nothing evicted yet"
+    );
+    thread::sleep(Duration::from_millis(1100));
+    let a1_nar = fetch(&ncps, &a[0]);
+    assert_eq!(
+        up.hits(&format!("/{}.narinfo", store_hash(&a[0]))),
+        1,
+        "A1 again is a hit"
+    );
+    assert_eq!(up.hits(&a1_nar), 1, "A1's NAR again is a hit");
+
+    // Five more paths push out five: the least recently used, A2..A6.
+    for p in b {
+        fetch_kept(&ncps, p, TEN_PATHS_BYTES);
+    }
+    let kept = |p: &String| narinfo_file(&ncps, p).is_some();
+    let evicted: Vec<&String> = a.iter().chain(b).filter(|p| !kept(p)).collect();
+    let want: Vec<&String> = a[1..6].iter().collect();
+    assert_eq!(
+        evicted, want,
+        "exactly A2..A6 (the least recently used) must be evicted; A1 was used again"
+    );
+    for p in &a[1..6] {
+        let url = upstream_nar_path(fx, Compression::None, p);
+        assert!(
+            nar_file(&ncps, nar_name(&url)).is_none(),
+            "the NAR of evicted {p} must be gone too"
+        );
+    }
+    assert_store_consistent(&ncps, TEN_PATHS_BYTES, "after evicting A2..A6");
+}
+
+#[test]
+fn after_evictions_the_store_is_consistent_and_evicted_paths_are_fetched_again() {
+    let Some(lc) = lifecycle_or_skip() else {
+        return;
+    };
+    let fx = &lc.fx;
+    let (up, ncps) = proxy(lc, &["--cache-max-size", TEN_PATHS]);
+    let paths = &fx.many[..20];
+    let mut evictions_seen = false;
+    for (i, p) in paths.iter().enumerate() {
+        fetch_kept(&ncps, p, TEN_PATHS_BYTES);
+        assert_store_consistent(&ncps, TEN_PATHS_BYTES, &format!("after fetching path {i}"));
+        evictions_seen |= narinfo_file(&ncps, &paths[0]).is_none();
+    }
+    assert!(
+        evictions_seen,
+        "20 paths in a 10-path cache must evict some"
+    );
+    let evicted: Vec<&String> = paths
+        .iter()
+        .filter(|p| narinfo_file(&ncps, p).is_none())
+        .collect();
+    assert!(
+        evicted.len() >= 9,
+        "about ten of the twenty paths must have been evicted, got {}",
+        evicted.len()
+    );
+
+    // A client asking for evicted paths gets them, fetched again and verified.
+    let again: Vec<&String> = evicted.iter().take(3).copied().collect();
+    nix_copy_from(&ncps.url(), &again, &ncps.pubkey())
+        .expect("nix copy of paths whose entries were evicted");
+    for p in &again {
+        let url = upstream_nar_path(fx, Compression::None, p);
+        assert_eq!(
+            up.hits(&url),
+            2,
+            "{p}: NAR fetched from upstream a second time"
+        );
+    }
+    assert_store_consistent(&ncps, TEN_PATHS_BYTES, "after fetching evicted paths again");
+}
+
+#[test]
+fn nix_copy_of_more_paths_than_the_limit_holds_succeeds_in_one_go() {
+    let Some(lc) = lifecycle_or_skip() else {
+        return;
+    };
+    let fx = &lc.fx;
+    let (_up, ncps) = proxy(lc, &["--cache-max-size", TEN_PATHS]);
+    // 30 MiB through a 10.5 MiB cache, by one client with parallel downloads:
+    // entries are evicted while the client still needs NARs it was promised.
+    nix_copy_from(&ncps.url(), &fx.many, &ncps.pubkey())
+        .expect("nix copy of 30 paths of 1 MiB through a 10.5 MiB cache");
+    assert_store_consistent(&ncps, TEN_PATHS_BYTES, "after the copy");
+}
+
+#[test]
+fn a_lowered_limit_is_applied_at_start_up() {
+    let Some(lc) = lifecycle_or_skip() else {
+        return;
+    };
+    let fx = &lc.fx;
+    let (up, mut first) = proxy(lc, &[]);
+    for p in &fx.many[..8] {
+        fetch_kept(&first, p, u64::MAX);
+    }
+    thread::sleep(Duration::from_millis(1100));
+    // The last four are the most recently used; about three fit in 4 MiB.
+    for p in &fx.many[8..12] {
+        fetch_kept(&first, p, u64::MAX);
+    }
+    assert!(store_bytes(&first) > 12 * MIB);
+    first.stop();
+
+    let data = first.data_dir().to_string_lossy().into_owned();
+    let up_url = up.url();
+    let second = Ncps::start_raw(
+        [
+            "serve",
+            "--cache-hostname",
+            HOSTNAME,
+            "--cache-data-path",
+            data.as_str(),
+            "--server-addr",
+            "{addr}",
+            "--log-level",
+            "debug",
+            "--upstream-cache",
+            up_url.as_str(),
+            "--upstream-public-key",
+            fx.up1_public_key.as_str(),
+            "--cache-max-size",
+            "4M",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect(),
+        Vec::new(),
+    );
+    let bytes = store_bytes(&first);
+    assert!(
+        bytes <= 4 * MIB,
+        "restarted with --cache-max-size 4M, the store still holds {bytes} bytes"
+    );
+    let kept: Vec<&String> = fx.many[..12]
+        .iter()
+        .filter(|p| narinfo_file(&first, p).is_some())
+        .collect();
+    assert!(
+        !kept.is_empty(),
+        "a 4 MiB store holds some of the 1 MiB paths"
+    );
+    for p in &kept {
+        assert!(
+            fx.many[8..12].contains(*p),
+            "{p} was kept although it was used before the others"
+        );
+    }
+    assert_store_consistent(&first, 4 * MIB, "after start-up with a lower limit");
+    drop(second);
+}
+
+// ---------------------------------------------------------------------------
+// Uploads
+// ---------------------------------------------------------------------------
+
+/// `nix copy --to URL PATHS` from the local store, with a fresh Nix cache dir.
+fn nix_copy_to(url: &str, paths: &[String]) -> Result<(), String> {
+    let tmp = TempDir::new("nix-upload");
+    let mut c = Command::new("nix");
+    c.args(["copy", "--to", url])
+        .args(paths)
+        .args(["--option", "connect-timeout", "5"])
+        .env("NIX_CONFIG", NIX_CONFIG)
+        .env("XDG_CACHE_HOME", tmp.path())
+        .env_remove("NIX_REMOTE");
+    let out = run_with_timeout(c, Duration::from_secs(60))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "nix copy --to {url} failed ({}):\n{}",
+            out.status,
+            out.stderr.trim()
+        ))
+    }
+}
+
+fn uploads_are_signed_by_ncps_and_served_back(suffix: &str) {
+    let Some(lc) = lifecycle_or_skip() else {
+        return;
+    };
+    let (up, ncps) = proxy(lc, &["--cache-allow-put-verb"]);
+    let key = ncps.pubkey();
+    let to = format!("{}{suffix}", ncps.url());
+    nix_copy_to(&to, &lc.uploads).unwrap_or_else(|e| panic!("upload to {to}: {e}"));
+
+    for p in &lc.uploads {
+        assert!(
+            narinfo_file(&ncps, p).is_some(),
+            "narinfo of uploaded {p} stored"
+        );
+        let r = ncps.get(&format!("/{}.narinfo", store_hash(p)));
+        assert_eq!(r.status, 200, "GET narinfo of uploaded {p}");
+        let ni = NarInfo::parse(&r.text());
+        let ours: Vec<String> = ni
+            .sigs()
+            .into_iter()
+            .filter(|s| s.starts_with(&format!("{HOSTNAME}:")))
+            .collect();
+        assert_eq!(
+            ours.len(),
+            1,
+            "one Sig by ncps on uploaded {p}: {:?}",
+            ni.sigs()
+        );
+        assert!(
+            signature_verifies(&key, &ni.fingerprint(), &ours[0]),
+            "ncps's Sig on uploaded {p} verifies against /pubkey"
+        );
+    }
+    // Another machine, trusting ncps's key only, gets them (closure included).
+    nix_copy_from(&ncps.url(), &lc.uploads[1..], &key)
+        .expect("nix copy --from ncps of uploaded paths, trusting only ncps's key");
+    assert_eq!(
+        up.hits_where(|p| p.starts_with("/nar/")),
+        0,
+        "uploaded paths are served from the cache, never fetched from upstream"
+    );
+    assert_store_consistent(&ncps, u64::MAX, "after uploads");
+}
+
+#[test]
+fn nix_copy_to_the_root_url_uploads_when_put_is_allowed() {
+    uploads_are_signed_by_ncps_and_served_back("");
+}
+
+#[test]
+fn nix_copy_to_the_upload_url_uploads_when_put_is_allowed() {
+    uploads_are_signed_by_ncps_and_served_back("/upload");
+}
+
+fn put(ncps: &Ncps, path: &str, body: &[u8]) -> RawResponse {
+    let mut req = format!(
+        "PUT {path} HTTP/1.1\r\nHost: ncps-e2e\r\nContent-Type: application/octet-stream\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    req.extend_from_slice(body);
+    raw_request(ncps.addr, &req, Duration::from_secs(10))
+        .unwrap_or_else(|e| panic!("PUT {path}: {e}"))
+}
+
+#[test]
+fn without_put_allowed_uploads_fail_with_405_and_nothing_is_stored() {
+    let Some(lc) = lifecycle_or_skip() else {
+        return;
+    };
+    let (_up, ncps) = proxy(lc, &[]);
+    for to in [ncps.url(), format!("{}/upload", ncps.url())] {
+        let e = nix_copy_to(&to, &lc.uploads)
+            .expect_err("nix copy --to must fail when PUT is not allowed");
+        assert!(
+            e.contains("405") || e.contains("Method Not Allowed"),
+            "nix copy --to {to} must fail because PUT is refused (405), got: {e}"
+        );
+    }
+    // A correct upload, by hand: the NAR and narinfo of a published path.
+    let fx = &lc.fx;
+    let nar_url = upstream_nar_path(fx, Compression::None, &fx.lib);
+    let nar = fs::read(fx.cache_dir(Compression::None).join(&nar_url[1..])).unwrap();
+    let narinfo = fx.upstream_narinfo(Compression::None, &fx.lib);
+    let narinfo_url = format!("/{}.narinfo", store_hash(&fx.lib));
+    for (path, body) in [
+        (nar_url.clone(), nar.as_slice()),
+        (narinfo_url.clone(), narinfo.as_bytes()),
+        (format!("/upload{nar_url}"), nar.as_slice()),
+        (format!("/upload{narinfo_url}"), narinfo.as_bytes()),
+    ] {
+        assert_eq!(
+            put(&ncps, &path, body).status,
+            405,
+            "PUT {path} without --cache-allow-put-verb"
+        );
+    }
+    let files = files_under(&ncps.data_dir().join("store"));
+    assert!(files.is_empty(), "nothing may be stored: {files:?}");
+}
+
+#[test]
+fn bad_uploads_are_refused_with_400_and_not_kept() {
+    let Some(lc) = lifecycle_or_skip() else {
+        return;
+    };
+    let fx = &lc.fx;
+    // An upstream that has nothing: whatever ncps holds came from the uploads.
+    let empty = TempDir::new("empty-upstream");
+    fs::write(empty.join("nix-cache-info"), "StoreDir: /nix/store\n").unwrap();
+    let up = Upstream::serve_dir(empty.path());
+    let ncps = Ncps::for_upstreams_with(
+        &[up.url()],
+        &[&fx.up1_public_key],
+        &["--cache-allow-put-verb"],
+    );
+
+    let nar_url = upstream_nar_path(fx, Compression::None, &fx.lib);
+    let nar = fs::read(fx.cache_dir(Compression::None).join(&nar_url[1..])).unwrap();
+    let narinfo = fx.upstream_narinfo(Compression::None, &fx.lib);
+    let narinfo_url = format!("/{}.narinfo", store_hash(&fx.lib));
+
+    // A NAR whose bytes do not hash to its name.
+    let mut bad = nar.clone();
+    let i = bad.len() / 2;
+    bad[i] ^= 0x5a;
+    let r = put(&ncps, &nar_url, &bad);
+    assert_eq!(
+        r.status,
+        400,
+        "PUT of a NAR not matching its name: {}",
+        r.text()
+    );
+    assert!(
+        ncps.stored_nar_files().is_empty(),
+        "the bad NAR must not be kept"
+    );
+    assert_eq!(ncps.get(&nar_url).status, 404, "the bad NAR is not served");
+
+    // A narinfo whose NAR was not uploaded.
+    let r = put(&ncps, &narinfo_url, narinfo.as_bytes());
+    assert_eq!(
+        r.status,
+        400,
+        "PUT of a narinfo before its NAR: {}",
+        r.text()
+    );
+    // Garbage, and a narinfo for another path than the URL says.
+    let r = put(&ncps, &narinfo_url, b"this is not a narinfo\n\x00\xff");
+    assert_eq!(r.status, 400, "PUT of a malformed narinfo: {}", r.text());
+    let other = format!("/{}.narinfo", store_hash(&fx.top));
+    let r = put(&ncps, &other, narinfo.as_bytes());
+    assert_eq!(
+        r.status,
+        400,
+        "PUT of a narinfo under another path's hash: {}",
+        r.text()
+    );
+    assert!(
+        ncps.stored_narinfo_files().is_empty(),
+        "no refused narinfo may be kept"
+    );
+    assert_eq!(ncps.get(&narinfo_url).status, 404);
+
+    // The same upload done right is accepted (so the 400s above were about the content).
+    assert_eq!(
+        put(&ncps, &nar_url, &nar).status,
+        204,
+        "PUT of the right NAR"
+    );
+    assert_eq!(
+        put(&ncps, &narinfo_url, narinfo.as_bytes()).status,
+        204,
+        "PUT of its narinfo"
+    );
+    assert_eq!(ncps.get(&narinfo_url).status, 200);
+    nix_copy_from(&ncps.url(), &[&fx.lib], &ncps.pubkey()).expect("the uploaded path is served");
+    assert_eq!(up.hits_where(|p| p.starts_with("/nar/")), 0);
+    assert_store_consistent(&ncps, u64::MAX, "after the good upload");
+}
+
+// ---------------------------------------------------------------------------
+// DELETE
+// ---------------------------------------------------------------------------
+
+fn delete(ncps: &Ncps, path: &str) -> u16 {
+    http_request("DELETE", &format!("{}{path}", ncps.url()))
+        .unwrap_or_else(|e| panic!("DELETE {path}: {e}"))
+        .status
+}
+
+#[test]
+fn delete_removes_a_narinfo_its_unshared_nar_and_a_nar_with_every_narinfo_using_it() {
+    let Some(lc) = lifecycle_or_skip() else {
+        return;
+    };
+    let fx = &lc.fx;
+    let (mut up, ncps) = proxy(lc, &["--cache-allow-delete-verb"]);
+    let lib_nar = fetch_kept(&ncps, &fx.lib, u64::MAX);
+    let twin_nar = fetch_kept(&ncps, &lc.twins[0], u64::MAX);
+    assert_eq!(
+        fetch(&ncps, &lc.twins[1]),
+        twin_nar,
+        "the twins share one NAR"
+    );
+    assert_eq!(ncps.stored_nar_files().len(), 2);
+    // Without an upstream, a GET of a deleted narinfo cannot be refilled.
+    up.stop();
+
+    let lib_ni = format!("/{}.narinfo", store_hash(&fx.lib));
+    assert_eq!(delete(&ncps, &lib_ni), 204, "DELETE {lib_ni}");
+    assert_eq!(ncps.get(&lib_ni).status, 404, "GET {lib_ni} after DELETE");
+    assert!(
+        narinfo_file(&ncps, &fx.lib).is_none(),
+        "narinfo file removed"
+    );
+    assert!(
+        nar_file(&ncps, nar_name(&lib_nar)).is_none(),
+        "its NAR (used by nothing else) removed"
+    );
+    assert_eq!(
+        ncps.get(&lib_nar).status,
+        404,
+        "GET {lib_nar} after its narinfo was deleted"
+    );
+    assert_eq!(delete(&ncps, &lib_ni), 404, "DELETE of what is not there");
+
+    // One of two narinfos sharing a NAR: the NAR stays for the other.
+    let a_ni = format!("/{}.narinfo", store_hash(&lc.twins[0]));
+    let b_ni = format!("/{}.narinfo", store_hash(&lc.twins[1]));
+    assert_eq!(delete(&ncps, &a_ni), 204, "DELETE {a_ni}");
+    assert_eq!(ncps.get(&a_ni).status, 404);
+    assert_eq!(ncps.get(&b_ni).status, 200, "the other twin is untouched");
+    assert_eq!(ncps.get(&twin_nar).status, 200, "the shared NAR stays");
+    assert!(nar_file(&ncps, nar_name(&twin_nar)).is_some());
+
+    // Re-add twin A (upstream back for a moment), then DELETE the NAR itself.
+    up.restart();
+    fetch(&ncps, &lc.twins[0]);
+    up.stop();
+    assert_eq!(ncps.stored_narinfo_files().len(), 2);
+    assert_eq!(delete(&ncps, &twin_nar), 204, "DELETE {twin_nar}");
+    assert_eq!(ncps.get(&twin_nar).status, 404);
+    assert_eq!(
+        ncps.get(&a_ni).status,
+        404,
+        "every narinfo using the NAR is gone"
+    );
+    assert_eq!(
+        ncps.get(&b_ni).status,
+        404,
+        "every narinfo using the NAR is gone"
+    );
+    let left = files_under(&ncps.data_dir().join("store"));
+    assert!(
+        left.is_empty(),
+        "everything was deleted, yet the store holds {left:?}"
+    );
+    assert_store_consistent(&ncps, 0, "after deleting everything");
+}
+
+#[test]
+fn without_delete_allowed_delete_is_405_and_changes_nothing() {
+    let Some(lc) = lifecycle_or_skip() else {
+        return;
+    };
+    let fx = &lc.fx;
+    let (mut up, ncps) = proxy(lc, &["--cache-allow-put-verb"]);
+    let nar = fetch_kept(&ncps, &fx.lib, u64::MAX);
+    up.stop();
+    let ni = format!("/{}.narinfo", store_hash(&fx.lib));
+    let before_ni = ncps.get(&ni).body;
+    let before_files = files_under(&ncps.data_dir().join("store"));
+    for path in [&ni, &nar] {
+        assert_eq!(
+            delete(&ncps, path),
+            405,
+            "DELETE {path} without --cache-allow-delete-verb"
+        );
+        assert_eq!(
+            delete(&ncps, &format!("/upload{path}")),
+            405,
+            "DELETE /upload{path}"
+        );
+    }
+    assert_eq!(ncps.get(&ni).body, before_ni, "narinfo unchanged");
+    assert_eq!(fetch(&ncps, &fx.lib), nar, "NAR still served");
+    assert_eq!(files_under(&ncps.data_dir().join("store")), before_files);
+}
+
+// ---------------------------------------------------------------------------
+// fsck
+// ---------------------------------------------------------------------------
+
+/// `ncps fsck [--repair] --cache-data-path DIR`: exit code and stdout+stderr.
+fn fsck(data: &Path, repair: bool) -> (Option<i32>, String) {
+    let mut c = Command::new(ncps_bin());
+    for v in NCPS_ENV_VARS {
+        c.env_remove(v);
+    }
+    c.arg("fsck");
+    if repair {
+        c.arg("--repair");
+    }
+    c.arg("--cache-data-path").arg(data);
+    let out = run_with_timeout(c, Duration::from_secs(60)).expect("ncps fsck");
+    (out.status.code(), format!("{}{}", out.stdout, out.stderr))
+}
+
+fn summary(out: &str) -> &str {
+    out.lines()
+        .find(|l| l.starts_with("fsck: checked "))
+        .unwrap_or_else(|| panic!("no `fsck: checked ...` summary in:\n{out}"))
+}
+
+#[test]
+fn fsck_finds_corrupt_missing_and_orphaned_files_and_repair_lets_ncps_fetch_them_again() {
+    let Some(lc) = lifecycle_or_skip() else {
+        return;
+    };
+    let fx = &lc.fx;
+    let (up, mut ncps) = proxy(lc, &[]);
+    let (p1, p2, p3) = (&fx.many[0], &fx.many[1], &fx.many[2]);
+    let n1 = fetch_kept(&ncps, p1, u64::MAX);
+    let n2 = fetch_kept(&ncps, p2, u64::MAX);
+    fetch_kept(&ncps, p3, u64::MAX);
+    ncps.stop();
+    let data = ncps.data_dir().to_path_buf();
+
+    let (code, out) = fsck(&data, false);
+    assert_eq!(code, Some(0), "fsck of a sound store:\n{out}");
+    assert_eq!(
+        summary(&out),
+        "fsck: checked 3 narinfo(s) and 3 NAR(s): 0 missing, 0 orphaned, 0 corrupt"
+    );
+
+    // Damage: one byte flipped (same size), one NAR file gone, one stray file.
+    let f1 = nar_file(&ncps, nar_name(&n1)).unwrap();
+    let mut bytes = fs::read(&f1).unwrap();
+    let i = bytes.len() / 2;
+    bytes[i] ^= 0x01;
+    fs::write(&f1, &bytes).unwrap();
+    let f2 = nar_file(&ncps, nar_name(&n2)).unwrap();
+    fs::remove_file(&f2).unwrap();
+    let orphan_name = format!("{}.nar", "1".repeat(52));
+    let orphan = data.join("store/nar/1/11").join(&orphan_name);
+    fs::create_dir_all(orphan.parent().unwrap()).unwrap();
+    fs::write(&orphan, b"nobody indexed this").unwrap();
+
+    let (code, out) = fsck(&data, false);
+    eprintln!("fsck output:\n{out}");
+    assert_eq!(code, Some(1), "fsck finding problems exits 1:\n{out}");
+    assert_eq!(
+        summary(&out),
+        "fsck: checked 3 narinfo(s) and 3 NAR(s): 1 missing, 1 orphaned, 1 corrupt"
+    );
+    let line_with = |a: &str, b: &str| out.lines().any(|l| l.contains(a) && l.contains(b));
+    assert!(
+        line_with("corrupt", nar_name(&n1).split('.').next().unwrap()),
+        "a line names the corrupt NAR:\n{out}"
+    );
+    assert!(
+        line_with("missing", nar_name(&n2).split('.').next().unwrap()),
+        "a line names the missing NAR:\n{out}"
+    );
+    assert!(
+        line_with("orphan", &orphan_name),
+        "a line names the orphan:\n{out}"
+    );
+    assert!(
+        orphan.exists() && f1.exists(),
+        "fsck without --repair changes nothing"
+    );
+
+    let (code, out) = fsck(&data, true);
+    assert_eq!(code, Some(0), "fsck --repair:\n{out}");
+    assert!(!orphan.exists(), "the orphan is removed");
+    let (code, out) = fsck(&data, false);
+    assert_eq!(code, Some(0), "fsck after --repair:\n{out}");
+    assert!(
+        summary(&out).ends_with(": 0 missing, 0 orphaned, 0 corrupt"),
+        "{out}"
+    );
+    if let Some(f) = nar_file(&ncps, nar_name(&n1)) {
+        nar_file_matches_its_name(&f).expect("no corrupt NAR left after --repair");
+    }
+
+    // Served again: the broken NARs from upstream (verified), the sound one from disk.
+    ncps.restart();
+    nix_copy_from(&ncps.url(), &[p1, p2, p3], &ncps.pubkey())
+        .expect("nix copy after fsck --repair");
+    let upstream_nar = |p: &str| upstream_nar_path(fx, Compression::None, p);
+    assert_eq!(
+        up.hits(&upstream_nar(p1)),
+        2,
+        "the corrupt NAR is fetched again"
+    );
+    assert_eq!(
+        up.hits(&upstream_nar(p2)),
+        2,
+        "the missing NAR is fetched again"
+    );
+    assert_eq!(
+        up.hits(&upstream_nar(p3)),
+        1,
+        "the sound NAR is served from disk"
+    );
+    assert_store_consistent(&ncps, u64::MAX, "after repair and refetch");
+}

@@ -657,7 +657,17 @@ impl Cache {
         }
         let mut failed = lock(&self.failed_urls);
         failed.retain(|_, t| t.elapsed() < Duration::from_secs(300));
-        urls.sort_by_key(|u| failed.contains_key(u));
+        // An upstream that just served a bad or broken NAR is likely to serve the next one
+        // badly too: its URLs go after the others', and the failed URL itself goes last.
+        let bases: Vec<&str> = self.upstreams.list().iter().map(|u| u.url.as_str()).collect();
+        let failed_bases: Vec<&str> = bases
+            .iter()
+            .copied()
+            .filter(|b| failed.keys().any(|f| f.starts_with(&format!("{b}/"))))
+            .collect();
+        urls.sort_by_key(|u| {
+            (failed.contains_key(u), failed_bases.iter().any(|b| u.starts_with(&format!("{b}/"))))
+        });
         urls
     }
 

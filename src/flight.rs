@@ -97,6 +97,9 @@ impl<K: Hash + Eq + Clone, V: Clone> Default for SingleFlight<K, V> {
     }
 }
 
+/// NARs up to this size reach clients only once verified.
+const HOLD_WHOLE_UP_TO: u64 = 1 << 20;
+
 /// How much a download may hold in memory when the disk refuses its bytes, before it waits
 /// for its slowest reader.
 const SPILL_MAX: usize = 8 << 20;
@@ -231,6 +234,10 @@ impl Download {
             let limit = match &s.outcome {
                 Some(Ok(())) => self.total,
                 Some(Err(e)) => return Err(e.clone()),
+                // Small NARs are held back whole: streaming them gains nothing, and a client
+                // that got no byte of a bad download retries it (Nix does), which then goes
+                // to another upstream.
+                None if self.total <= HOLD_WHOLE_UP_TO => 0,
                 None => s.written.min(self.total.saturating_sub(1)),
             };
             if limit > sent {
@@ -322,16 +329,31 @@ mod tests {
     }
 
     #[test]
-    fn readers_get_bytes_as_they_arrive_but_not_the_last_before_verification() {
+    fn small_nars_are_held_back_until_verified() {
         let d = download(10);
+        let r = d.reader();
+        d.progress(10);
+        std::thread::scope(|s| {
+            let waiter = s.spawn(|| upto(d.wait(r.id, 0)));
+            std::thread::sleep(Duration::from_millis(50));
+            d.finish(Ok(()));
+            assert_eq!(waiter.join().unwrap(), Ok(10));
+        });
+    }
+
+    #[test]
+    fn readers_get_bytes_as_they_arrive_but_not_the_last_before_verification() {
+        let d = download(HOLD_WHOLE_UP_TO + 10);
         let r = d.reader();
         d.progress(4);
         assert_eq!(upto(d.wait(r.id, 0)), Ok(4));
-        d.progress(10);
-        assert_eq!(upto(d.wait(r.id, 4)), Ok(9), "the last byte waits for the hash check");
+        d.progress(HOLD_WHOLE_UP_TO + 10);
+        assert_eq!(upto(d.wait(r.id, 4)), Ok(HOLD_WHOLE_UP_TO + 9), "the last byte waits for the hash check");
         d.finish(Ok(()));
-        assert_eq!(upto(d.wait(r.id, 9)), Ok(10));
+        assert_eq!(upto(d.wait(r.id, HOLD_WHOLE_UP_TO + 9)), Ok(HOLD_WHOLE_UP_TO + 10));
     }
+
+
 
     #[test]
     fn a_failed_download_fails_its_readers() {
@@ -344,17 +366,18 @@ mod tests {
 
     #[test]
     fn when_the_disk_refuses_bytes_waiting_readers_get_them_from_memory() {
-        let d = download(10);
+        let big = HOLD_WHOLE_UP_TO + 6;
+        let d = download(big);
         let r = d.reader();
-        d.progress(4);
+        d.progress(big - 6);
         d.spill(b"efghij").unwrap();
-        assert_eq!(upto(d.wait(r.id, 0)), Ok(4), "what the file holds comes from the file");
-        match d.wait(r.id, 4) {
+        assert_eq!(upto(d.wait(r.id, 0)), Ok(big - 6), "what the file holds comes from the file");
+        match d.wait(r.id, big - 6) {
             Ok(Chunk::Bytes(b)) => assert_eq!(b, b"efghi", "the last byte is still held back"),
             _ => panic!("expected bytes from memory"),
         }
         d.finish(Ok(()));
-        match d.wait(r.id, 9) {
+        match d.wait(r.id, big - 1) {
             Ok(Chunk::Bytes(b)) => assert_eq!(b, b"j"),
             _ => panic!("expected the last byte"),
         }

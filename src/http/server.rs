@@ -133,7 +133,10 @@ fn poll_loop(
         while let Ok(back) = back_rx.try_recv() {
             busy = busy.saturating_sub(1);
             if let Back::Again(stream, peer, rest) = back {
-                waiting.push(Waiting { stream, peer, buf: rest, deadline: now + config.idle_timeout });
+                // A connection that already sent part of its next head has the header
+                // deadline; an idle one the keep-alive deadline.
+                let wait = if rest.is_empty() { config.idle_timeout } else { config.header_timeout };
+                waiting.push(Waiting { stream, peer, buf: rest, deadline: now + wait });
             }
         }
 
@@ -143,7 +146,7 @@ fn poll_loop(
                 continue; // closed by the peer
             }
             if !w.buf.is_empty() {
-                match dispatch(w, queue, config) {
+                match dispatch(w, queue) {
                     Dispatch::Keep(back) => w = back,
                     Dispatch::Queued => {
                         busy += 1;
@@ -185,7 +188,12 @@ fn accept_all(
     while waiting.len() + in_flight < config.max_connections {
         match listener.accept() {
             Ok((stream, peer)) => {
-                if stream.set_nonblocking(true).is_err() {
+                // Timeouts are set once per connection: they only matter while a worker holds
+                // it in blocking mode, and setting them per request would cost two syscalls.
+                let ok = stream.set_nonblocking(true).is_ok()
+                    && stream.set_read_timeout(Some(config.header_timeout)).is_ok()
+                    && stream.set_write_timeout(Some(config.write_timeout)).is_ok();
+                if !ok {
                     continue;
                 }
                 let _ = stream.set_nodelay(true);
@@ -234,7 +242,7 @@ enum Dispatch {
 }
 
 /// Hands a connection holding a whole request head to the workers, or refuses a bad one.
-fn dispatch(mut w: Waiting, queue: &Queue, config: &ServerConfig) -> Dispatch {
+fn dispatch(mut w: Waiting, queue: &Queue) -> Dispatch {
     match parse_head(&w.buf, w.peer) {
         Parsed::Partial => Dispatch::Keep(w),
         Parsed::Invalid(status, why) => {
@@ -248,10 +256,7 @@ fn dispatch(mut w: Waiting, queue: &Queue, config: &ServerConfig) -> Dispatch {
         }
         Parsed::Complete(req, head_len) => {
             let rest = w.buf.split_off(head_len);
-            let ok = w.stream.set_nonblocking(false).is_ok()
-                && w.stream.set_read_timeout(Some(config.header_timeout)).is_ok()
-                && w.stream.set_write_timeout(Some(config.write_timeout)).is_ok();
-            if !ok {
+            if w.stream.set_nonblocking(false).is_err() {
                 return Dispatch::Refused;
             }
             lock(&queue.jobs).push_back(Job { stream: w.stream, req, rest });
@@ -297,6 +302,12 @@ impl Read for BodyReader<'_> {
     }
 }
 
+/// How long a worker waits for the next request on a keep-alive connection before handing it
+/// back to the poll loop. A client that sends its next request right after reading a response
+/// (Nix fetching a closure, a benchmark) is then served without any hand-off, and an idle one
+/// costs the worker only this long.
+const LINGER: Duration = Duration::from_millis(2);
+
 fn worker(
     queue: &Queue,
     handler: &dyn Handler,
@@ -313,49 +324,100 @@ fn worker(
                 jobs = queue.ready.wait(jobs).unwrap_or_else(|p| p.into_inner());
             }
         };
-        let Job { mut stream, req, rest } = job;
-        let start = Instant::now();
-        let (resp, body_left, leftover) = if req.chunked {
-            (Response::text(411, "chunked request bodies are not supported; send Content-Length\n"), 1, Vec::new())
-        } else {
-            let body_in_rest = (req.content_length.min(rest.len() as u64)) as usize;
-            let mut body = BodyReader {
-                rest: &rest[..body_in_rest],
-                stream: &mut stream,
-                remaining: req.content_length,
-                continue_pending: req.expect_continue,
-            };
-            // A bug in one handler must cost one request (a 500), not a worker or the process.
-            let resp = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| handler.handle(&req, &mut body)))
-                .unwrap_or_else(|_| {
-                    log::error!("{} {}: internal error (panic); answered 500", req.method_text, req.target);
-                    Response::text(500, "Internal Server Error\n")
-                });
-            (resp, body.remaining, rest[body_in_rest..].to_vec())
-        };
-        // A body the handler did not read would be taken for the next request: close instead.
-        let keep_alive = req.keep_alive && body_left == 0;
-        let status = resp.status;
-        let note = resp.note;
-        let result = write_response(&mut stream, resp, req.method == Method::Head, keep_alive);
-        let elapsed = start.elapsed();
-        match &result {
-            Ok(bytes) => log::info!(
-                "{} {} {} {status} {bytes}B {:.1}ms {note}",
-                req.peer.ip(), req.method_text, req.target, elapsed.as_secs_f64() * 1000.0
-            ),
-            Err(e) => log::info!(
-                "{} {} {} {status} aborted after {:.1}ms {note}: {e}",
-                req.peer.ip(), req.method_text, req.target, elapsed.as_secs_f64() * 1000.0
-            ),
-        }
-        let back = if result.is_ok() && keep_alive && stream.set_nonblocking(true).is_ok() {
-            Back::Again(stream, req.peer, leftover)
-        } else {
-            Back::Closed
+        let Job { mut stream, mut req, mut rest } = job;
+        let peer = req.peer;
+        let back = loop {
+            let Some(leftover) = answer(&mut stream, &req, rest, handler) else { break Back::Closed };
+            match next_request(&stream, leftover, peer) {
+                Next::Ready(r, more) => (req, rest) = (r, more),
+                Next::Idle(buf) if stream.set_nonblocking(true).is_ok() => break Back::Again(stream, peer, buf),
+                Next::Idle(_) | Next::Closed => break Back::Closed,
+            }
         };
         // The poll loop counts this connection until it hears back, so always tell it.
         let _ = back_tx.send(back);
         let _ = (&*wake_tx).write(&[1]);
+    }
+}
+
+/// Answers one request. Returns the bytes read past it if the connection may carry another.
+fn answer(stream: &mut TcpStream, req: &Request, rest: Vec<u8>, handler: &dyn Handler) -> Option<Vec<u8>> {
+    let start = Instant::now();
+    let (resp, body_left, leftover) = if req.chunked {
+        (Response::text(411, "chunked request bodies are not supported; send Content-Length\n"), 1, Vec::new())
+    } else {
+        let body_in_rest = (req.content_length.min(rest.len() as u64)) as usize;
+        let mut body = BodyReader {
+            rest: &rest[..body_in_rest],
+            stream: &mut *stream,
+            remaining: req.content_length,
+            continue_pending: req.expect_continue,
+        };
+        // A bug in one handler must cost one request (a 500), not a worker or the process.
+        let resp = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| handler.handle(req, &mut body)))
+            .unwrap_or_else(|_| {
+                log::error!("{} {}: internal error (panic); answered 500", req.method_text, req.target);
+                Response::text(500, "Internal Server Error\n")
+            });
+        (resp, body.remaining, rest[body_in_rest..].to_vec())
+    };
+    // A body the handler did not read would be taken for the next request: close instead.
+    let keep_alive = req.keep_alive && body_left == 0;
+    let status = resp.status;
+    let note = resp.note;
+    let result = write_response(stream, resp, req.method == Method::Head, keep_alive);
+    let ms = start.elapsed().as_secs_f64() * 1000.0;
+    match &result {
+        Ok(bytes) => {
+            log::info!("{} {} {} {status} {bytes}B {ms:.1}ms {note}", req.peer.ip(), req.method_text, req.target)
+        }
+        Err(e) => log::info!(
+            "{} {} {} {status} aborted after {ms:.1}ms {note}: {e}",
+            req.peer.ip(), req.method_text, req.target
+        ),
+    }
+    (result.is_ok() && keep_alive).then_some(leftover)
+}
+
+enum Next {
+    /// The next request is here, with the bytes past its head.
+    Ready(Request, Vec<u8>),
+    /// Nothing complete yet: back to the poll loop, with what was read so far.
+    Idle(Vec<u8>),
+    Closed,
+}
+
+/// Looks for the next request on a keep-alive connection, waiting at most [`LINGER`].
+fn next_request(stream: &TcpStream, mut buf: Vec<u8>, peer: SocketAddr) -> Next {
+    if buf.is_empty() {
+        let mut fd = libc::pollfd { fd: stream.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+        // SAFETY: one valid pollfd.
+        let ready = unsafe { libc::poll(&mut fd, 1, LINGER.as_millis() as libc::c_int) };
+        if ready <= 0 {
+            return Next::Idle(buf);
+        }
+        let mut chunk = [0u8; 4096];
+        // SAFETY: reads into a live buffer of the given length; MSG_DONTWAIT keeps the
+        // blocking socket from waiting.
+        let n = unsafe {
+            libc::recv(stream.as_raw_fd(), chunk.as_mut_ptr() as *mut libc::c_void, chunk.len(), libc::MSG_DONTWAIT)
+        };
+        match n {
+            0 => return Next::Closed,
+            n if n < 0 => {
+                let e = io::Error::last_os_error();
+                return if e.kind() == io::ErrorKind::WouldBlock { Next::Idle(buf) } else { Next::Closed };
+            }
+            n => buf.extend_from_slice(&chunk[..n as usize]),
+        }
+    }
+    match parse_head(&buf, peer) {
+        Parsed::Complete(req, head_len) => {
+            let rest = buf.split_off(head_len);
+            Next::Ready(req, rest)
+        }
+        // Partial heads and bad ones go back to the poll loop, which owns their deadline and
+        // answers malformed requests.
+        _ => Next::Idle(buf),
     }
 }

@@ -1,0 +1,224 @@
+//! End-to-end specification of ncps under concurrent load: each miss is
+//! fetched from upstream once however many clients want it, every client gets
+//! the same verified bytes, NAR bytes are streamed as they arrive rather than
+//! after the download, and floods of misses are answered and remembered.
+//!
+//! Run: `cargo test --test e2e_concurrency` (add `-- --nocapture` for timings).
+
+mod common;
+
+use common::*;
+use std::fs;
+use std::sync::{Arc, Barrier, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+/// `n` threads released together, each running `f(i)`; results in order.
+fn together<T: Send + 'static>(n: usize, f: impl Fn(usize) -> T + Send + Sync + 'static) -> Vec<T> {
+    let barrier = Arc::new(Barrier::new(n));
+    let f = Arc::new(f);
+    let handles: Vec<_> = (0..n)
+        .map(|i| {
+            let (barrier, f) = (barrier.clone(), f.clone());
+            thread::Builder::new()
+                .stack_size(256 * 1024)
+                .spawn(move || {
+                    barrier.wait();
+                    f(i)
+                })
+                .unwrap()
+        })
+        .collect();
+    handles.into_iter().map(|h| h.join().unwrap()).collect()
+}
+
+/// ncps's narinfo for `store_path`: the NAR path it points at and FileSize.
+fn ncps_nar_path(ncps: &Ncps, store_path: &str) -> (String, u64) {
+    let r = ncps.get(&format!("/{}.narinfo", store_hash(store_path)));
+    assert_eq!(r.status, 200, "narinfo of {store_path} through ncps");
+    let ni = NarInfo::parse(&r.text());
+    let url = ni.get("URL").expect("URL").to_string();
+    (format!("/{url}"), ni.get("FileSize").expect("FileSize").parse().unwrap())
+}
+
+#[test]
+fn fifty_concurrent_clients_of_one_nar_share_one_upstream_download_and_get_identical_bytes() {
+    let Some(fx) = fixture_or_skip() else { return };
+    let up = Upstream::for_cache(fx, Compression::Xz);
+    up.set_mode_for(Mode::Slow(4_000_000), Target::Nar);
+    let ncps = Ncps::for_upstreams(&[up.url()], &fx.up1_public_key);
+    let (nar, size) = ncps_nar_path(&ncps, &fx.big);
+    let upstream_path = upstream_nar_path(fx, Compression::Xz, &fx.big);
+    let original = fs::read(fx.cache_dir(Compression::Xz).join(upstream_path.trim_start_matches('/'))).unwrap();
+    assert_eq!(original.len() as u64, size);
+    let want = sha256(&original);
+
+    let addr = ncps.addr;
+    let t = Instant::now();
+    let results = together(50, move |_| raw_get_hashed(addr, &nar, Duration::from_secs(30)));
+    eprintln!("50 concurrent NAR downloads took {:?}", t.elapsed());
+    let mut failures = Vec::new();
+    for (i, r) in results.into_iter().enumerate() {
+        match r {
+            Ok(h) if h.status == 200 && h.len == size && h.sha256 == want && h.end == BodyEnd::Eof => {}
+            Ok(h) => failures.push(format!(
+                "client {i}: status {}, {} of {size} bytes, {}, end {:?}",
+                h.status,
+                h.len,
+                if h.sha256 == want { "same hash" } else { "DIFFERENT hash" },
+                h.end
+            )),
+            Err(e) => failures.push(format!("client {i}: {e}")),
+        }
+    }
+    assert!(failures.is_empty(), "{} of 50 clients failed:\n{}", failures.len(), failures.join("\n"));
+    assert_eq!(up.hits(&upstream_path), 1, "the upstream must be asked for the NAR exactly once");
+    assert_eq!(up.bytes_sent(&upstream_path), size, "and send it exactly once");
+}
+
+#[test]
+fn fifty_concurrent_gets_of_one_narinfo_cause_one_upstream_request() {
+    let Some(fx) = fixture_or_skip() else { return };
+    let up = Upstream::for_cache(fx, Compression::Xz);
+    // ~200 bytes every 100 ms: the narinfo takes about half a second to arrive.
+    up.set_mode_for(Mode::Slow(2_000), Target::Narinfo);
+    let ncps = Ncps::for_upstreams(&[up.url()], &fx.up1_public_key);
+    let path = format!("/{}.narinfo", store_hash(&fx.top));
+    let addr = ncps.addr;
+    let p = path.clone();
+    let results = together(50, move |_| http_get(&format!("http://{addr}{p}")));
+    let bodies: Vec<Vec<u8>> = results
+        .into_iter()
+        .enumerate()
+        .map(|(i, r)| {
+            let r = r.unwrap_or_else(|e| panic!("client {i}: {e}"));
+            assert_eq!(r.status, 200, "client {i}");
+            r.body
+        })
+        .collect();
+    assert!(bodies.iter().all(|b| b == &bodies[0]), "every client must get the same narinfo");
+    let ni = NarInfo::parse(&String::from_utf8_lossy(&bodies[0]));
+    assert_eq!(ni.get("StorePath"), Some(fx.top.as_str()));
+    assert_eq!(up.hits(&path), 1, "the upstream must be asked for the narinfo exactly once");
+}
+
+#[test]
+fn nar_bytes_reach_the_client_before_the_upstream_has_sent_them_all() {
+    let Some(fx) = fixture_or_skip() else { return };
+    let up = Upstream::for_cache(fx, Compression::Xz);
+    up.set_mode_for(Mode::Slow(2_000_000), Target::Nar);
+    let ncps = Ncps::for_upstreams(&[up.url()], &fx.up1_public_key);
+    let (nar, size) = ncps_nar_path(&ncps, &fx.big);
+    let upstream_path = upstream_nar_path(fx, Compression::Xz, &fx.big);
+
+    let mut c = RawConn::connect(ncps.addr, Duration::from_secs(30)).unwrap();
+    c.send(&get_request(&nar)).unwrap();
+    let (status, _) = c.read_head().unwrap();
+    assert_eq!(status, 200);
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut h = Sha256::new();
+    let first = loop {
+        let n = c.read_body_chunk(&mut buf).expect("first body bytes");
+        assert!(n > 0, "the body ended before any byte arrived");
+        h.update(&buf[..n]);
+        break n as u64;
+    };
+    let upstream_sent = up.bytes_sent(&upstream_path);
+    eprintln!("first {first} body bytes arrived when the upstream had sent {upstream_sent} of {size}");
+    assert!(
+        upstream_sent < size,
+        "the client's first bytes arrived only after the upstream had sent the whole NAR \
+         ({upstream_sent} of {size}): ncps does not stream"
+    );
+    let (rest, end) = c.drain_body(|b| h.update(b));
+    assert_eq!((first + rest, end), (size, BodyEnd::Eof));
+    let name = nar.rsplit('/').next().unwrap();
+    assert_eq!(nix32(&h.finish()), name.split('.').next().unwrap(), "the streamed bytes verify");
+}
+
+/// A random but well-formed store path hash (32 nix32 characters).
+fn random_hash(seed: u64) -> String {
+    const ALPHABET: &[u8] = b"0123456789abcdfghijklmnpqrsvwxyz";
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0xD1B5_4A32_D192_ED03;
+    (0..32)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            ALPHABET[(x % 32) as usize] as char
+        })
+        .collect()
+}
+
+#[test]
+fn a_flood_of_distinct_narinfo_misses_is_answered_and_remembered() {
+    let dir = TempDir::new("empty-upstream");
+    fs::write(dir.join("nix-cache-info"), "StoreDir: /nix/store\nWantMassQuery: 1\n").unwrap();
+    let up = Upstream::serve_dir(dir.path());
+    let ncps = Ncps::for_upstreams(&[up.url()], SOME_VALID_PUBLIC_KEY);
+    let salt = std::process::id() as u64;
+    let hashes: Vec<String> = (0..200).map(|i| random_hash(salt * 1000 + i)).collect();
+    let mut uniq = hashes.clone();
+    uniq.sort();
+    uniq.dedup();
+    assert_eq!(uniq.len(), 200);
+
+    // 25 parallel connections, like Nix's http-connections default, 200 lookups.
+    let run = |hashes: &[String]| -> (Vec<String>, Duration) {
+        let queue = Arc::new(Mutex::new(hashes.to_vec()));
+        let addr = ncps.addr;
+        let t = Instant::now();
+        let failures = together(25, move |_| {
+            let mut bad = Vec::new();
+            loop {
+                let Some(h) = queue.lock().unwrap().pop() else { break };
+                match http_get(&format!("http://{addr}/{h}.narinfo")) {
+                    Ok(r) if r.status == 404 => {}
+                    Ok(r) => bad.push(format!("{h}: status {}", r.status)),
+                    Err(e) => bad.push(format!("{h}: {e}")),
+                }
+            }
+            bad
+        });
+        (failures.into_iter().flatten().collect(), t.elapsed())
+    };
+
+    let (failures, took) = run(&hashes);
+    eprintln!("200 distinct misses took {took:?}");
+    assert!(failures.is_empty(), "misses:\n{}", failures.join("\n"));
+    assert!(took < Duration::from_secs(20), "200 misses took {took:?}");
+    let asked = up.hits_where(|p| p.ends_with(".narinfo"));
+    assert_eq!(asked, 200, "each miss asks the upstream once");
+
+    let (failures, took) = run(&hashes);
+    eprintln!("the same 200 misses again took {took:?}");
+    assert!(failures.is_empty(), "repeated misses:\n{}", failures.join("\n"));
+    assert_eq!(
+        up.hits_where(|p| p.ends_with(".narinfo")),
+        200,
+        "within the negative-cache TTL a repeated miss must not reach the upstream"
+    );
+}
+
+#[test]
+fn parallel_nix_clients_share_each_download() {
+    let Some(fx) = fixture_or_skip() else { return };
+    let up = Upstream::for_cache(fx, Compression::Zstd);
+    up.set_mode_for(Mode::Slow(8_000_000), Target::Nar);
+    let ncps = Ncps::for_upstreams(&[up.url()], &fx.up1_public_key);
+    let key = ncps.pubkey();
+    let url = ncps.url();
+    let top = fx.top.clone();
+    let t = Instant::now();
+    let results = together(3, move |_| nix_copy_from(&url, &[&top], &key));
+    eprintln!("3 parallel nix copies took {:?}", t.elapsed());
+    for (i, r) in results.into_iter().enumerate() {
+        r.unwrap_or_else(|e| panic!("nix client {i}: {e}"));
+    }
+    for path in &fx.top_closure {
+        let p = upstream_nar_path(fx, Compression::Zstd, path);
+        assert_eq!(up.hits(&p), 1, "upstream requests for the NAR of {path}");
+        let n = format!("/{}.narinfo", store_hash(path));
+        assert_eq!(up.hits(&n), 1, "upstream requests for the narinfo of {path}");
+    }
+}

@@ -1,0 +1,750 @@
+//! End-to-end specification of what ncps refuses to pass on or keep: narinfos
+//! without a trusted signature, NARs whose bytes do not match their narinfo,
+//! truncated or reset transfers, and what a crash leaves behind; and how its
+//! HTTP front copes with broken upstreams, hostile requests and idle clients.
+//!
+//! Tests that need Nix skip (with a message) only when `nix` is not installed
+//! and `CI` is unset; under CI a missing `nix` fails them.
+//!
+//! Run: `cargo test --test e2e_integrity` (add `-- --nocapture` for timings).
+
+mod common;
+
+use common::*;
+use std::fs;
+use std::io::Write;
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+/// Upstream timeouts short enough that a silent upstream is given up quickly.
+const SHORT_TIMEOUTS: &[&str] = &[
+    "--upstream-dialer-timeout",
+    "1s",
+    "--upstream-response-header-timeout",
+    "1s",
+    "--upstream-body-idle-timeout",
+    "2s",
+];
+
+fn assert_nothing_stored(ncps: &Ncps, what: &str) {
+    let narinfos = ncps.stored_narinfo_files();
+    let nars = ncps.stored_nar_files();
+    assert!(
+        narinfos.is_empty() && nars.is_empty(),
+        "{what}: ncps must keep nothing, but stored narinfos {narinfos:?} and NARs {nars:?}"
+    );
+}
+
+/// Every stored NAR file holds exactly the bytes its name (the FileHash) promises.
+fn assert_only_verified_nars_stored(ncps: &Ncps) {
+    for f in ncps.stored_nar_files() {
+        if let Err(e) = nar_file_matches_its_name(&f) {
+            panic!("ncps stored unverified bytes: {e}");
+        }
+    }
+}
+
+/// The NAR URL path (`/nar/...`) ncps's narinfo for `store_path` points at.
+fn ncps_nar_path(ncps: &Ncps, store_path: &str) -> (String, u64) {
+    let r = ncps.get(&format!("/{}.narinfo", store_hash(store_path)));
+    assert_eq!(r.status, 200, "narinfo of {store_path} through ncps");
+    let ni = NarInfo::parse(&r.text());
+    let url = ni.get("URL").expect("URL in served narinfo").to_string();
+    let size = ni
+        .get("FileSize")
+        .expect("FileSize in served narinfo")
+        .parse()
+        .unwrap();
+    (format!("/{url}"), size)
+}
+
+fn nix_cache_info_is_quick(ncps: &Ncps, when: &str) {
+    let t = Instant::now();
+    let r = raw_request(ncps.addr, &get_request("/nix-cache-info"), Duration::from_secs(5))
+        .unwrap_or_else(|e| panic!("GET /nix-cache-info {when}: {e}"));
+    let took = t.elapsed();
+    assert_eq!(r.status, 200, "GET /nix-cache-info {when}");
+    assert!(
+        took < Duration::from_secs(1),
+        "GET /nix-cache-info {when} took {took:?}"
+    );
+}
+
+// ---------------------------------------------------------------------------
+// Signatures
+// ---------------------------------------------------------------------------
+
+#[test]
+fn harness_resigned_cache_copy_is_signed_by_up2_only_and_nix_accepts_it_with_up2() {
+    let Some(fx) = fixture_or_skip() else { return };
+    let copy = resigned_cache_copy(fx, Compression::Xz, &fx.dir.join("keys/up2.sec"));
+    for path in &fx.top_closure {
+        let p = copy.join(format!("{}.narinfo", store_hash(path)));
+        let ni = NarInfo::parse(&fs::read_to_string(&p).unwrap());
+        let sigs = ni.sigs();
+        assert_eq!(sigs.len(), 1, "{sigs:?}");
+        assert!(signature_verifies(&fx.up2_public_key, &ni.fingerprint(), &sigs[0]));
+        assert!(!signature_verifies(&fx.up1_public_key, &ni.fingerprint(), &sigs[0]));
+    }
+    let up = Upstream::serve_dir(copy.path());
+    nix_copy_from(&up.url(), &[&fx.top], &fx.up2_public_key)
+        .expect("nix copy straight from the re-signed copy, trusting up2");
+}
+
+#[test]
+fn narinfo_signed_only_by_an_untrusted_key_is_not_found_and_nothing_is_stored() {
+    let Some(fx) = fixture_or_skip() else { return };
+    let copy = resigned_cache_copy(fx, Compression::Xz, &fx.dir.join("keys/up2.sec"));
+    let decoy = Upstream::serve_dir(copy.path());
+    let ncps = Ncps::for_upstreams(&[decoy.url()], &fx.up1_public_key);
+    let key = ncps.pubkey();
+
+    for path in &fx.top_closure {
+        let r = ncps.get(&format!("/{}.narinfo", store_hash(path)));
+        assert_eq!(r.status, 404, "narinfo of {path} signed by up2 only, ncps trusts up1");
+    }
+    let err = nix_copy_from(&ncps.url(), &[&fx.top], &key)
+        .expect_err("nix copy through ncps must fail: no trusted signature upstream");
+    eprintln!("nix copy of a path no upstream vouches for failed as expected:\n{err}");
+    assert!(
+        !err.contains("signature") && !err.contains("hash mismatch"),
+        "the failure must be a clean 'not there', got:\n{err}"
+    );
+    assert!(
+        ["no substituter", "does not exist", "is not valid"]
+            .iter()
+            .any(|m| err.contains(m)),
+        "nix must report the path as unavailable, got:\n{err}"
+    );
+    assert_eq!(
+        decoy.hits_where(|p| p.starts_with("/nar/")),
+        0,
+        "no NAR may be fetched for an untrusted narinfo"
+    );
+    assert_nothing_stored(&ncps, "untrusted narinfo");
+}
+
+#[test]
+fn untrusted_first_upstream_is_skipped_for_a_good_second_one() {
+    let Some(fx) = fixture_or_skip() else { return };
+    let copy = resigned_cache_copy(fx, Compression::Xz, &fx.dir.join("keys/up2.sec"));
+    let decoy = Upstream::serve_dir(copy.path());
+    let good = Upstream::for_cache(fx, Compression::Xz);
+    let ncps = Ncps::for_upstreams(&[decoy.url(), good.url()], &fx.up1_public_key);
+    let key = ncps.pubkey();
+    nix_copy_from(&ncps.url(), &[&fx.top], &key)
+        .expect("fetch through ncps: the second upstream's narinfos are signed by up1");
+    assert!(decoy.hits_where(|p| p.ends_with(".narinfo")) >= 1, "the decoy was asked first");
+    assert_eq!(decoy.hits_where(|p| p.starts_with("/nar/")), 0);
+    for path in &fx.top_closure {
+        let served = NarInfo::parse(&ncps.get(&format!("/{}.narinfo", store_hash(path))).text());
+        let up1_sig = &NarInfo::parse(&fx.upstream_narinfo(Compression::Xz, path)).sigs()[0];
+        assert!(served.sigs().contains(up1_sig), "{path}: {:?}", served.sigs());
+        assert!(
+            !served.sigs().iter().any(|s| s.starts_with("up2.example.org-1:")),
+            "the decoy's signature must not be served: {:?}",
+            served.sigs()
+        );
+    }
+    assert_only_verified_nars_stored(&ncps);
+}
+
+#[test]
+fn without_upstream_keys_narinfos_are_passed_on_without_ncps_signature() {
+    let Some(fx) = fixture_or_skip() else { return };
+    let up = Upstream::for_cache(fx, Compression::Zstd);
+    let ncps = Ncps::for_upstreams_with(&[up.url()], &[], &[]);
+    for path in &fx.top_closure {
+        let upstream = NarInfo::parse(&fx.upstream_narinfo(Compression::Zstd, path));
+        let r = ncps.get(&format!("/{}.narinfo", store_hash(path)));
+        assert_eq!(r.status, 200, "narinfo of {path}");
+        let served = NarInfo::parse(&r.text());
+        assert_eq!(
+            served.sigs(),
+            upstream.sigs(),
+            "{path}: only the upstream's Sig, none from {HOSTNAME}"
+        );
+        assert!(!served.sigs().iter().any(|s| s.starts_with(&format!("{HOSTNAME}:"))));
+    }
+    nix_copy_from(&ncps.url(), &[&fx.top], &fx.up1_public_key)
+        .expect("fetch through an ncps without upstream keys, trusting the upstream's key");
+    assert_only_verified_nars_stored(&ncps);
+}
+
+// ---------------------------------------------------------------------------
+// NAR bytes that do not match the narinfo
+// ---------------------------------------------------------------------------
+
+#[test]
+fn corrupted_nars_are_never_kept_and_a_later_fetch_from_a_healed_upstream_succeeds() {
+    let Some(fx) = fixture_or_skip() else { return };
+    let up = Upstream::for_cache(fx, Compression::Xz);
+    up.set_mode_for(Mode::CorruptByte, Target::Nar);
+    let ncps = Ncps::for_upstreams(&[up.url()], &fx.up1_public_key);
+    let key = ncps.pubkey();
+
+    let err = nix_copy_from(&ncps.url(), &[&fx.top], &key)
+        .expect_err("every NAR is corrupted upstream: nix copy through ncps must fail");
+    eprintln!("nix copy with a corrupting upstream failed as expected:\n{err}");
+    // The NAR of `big` through a raw client: never a complete-looking body.
+    let (nar, size) = ncps_nar_path(&ncps, &fx.big);
+    let r = raw_request(ncps.addr, &get_request(&nar), Duration::from_secs(20)).unwrap();
+    assert!(
+        !r.looks_complete(),
+        "a corrupted NAR must not reach the client as a complete response: status {}, {} of {size} bytes, {:?}",
+        r.status,
+        r.body.len(),
+        r.end
+    );
+    assert!(
+        wait_until(Duration::from_secs(3), || ncps.partial_files().is_empty()),
+        "temp files of failed downloads remain: {:?}",
+        ncps.partial_files()
+    );
+    let nars = ncps.stored_nar_files();
+    assert!(nars.is_empty(), "corrupted NARs were stored: {nars:?}");
+
+    up.set_mode(Mode::Normal);
+    nix_copy_from(&ncps.url(), &[&fx.top], &key)
+        .expect("after the upstream heals, the same ncps must fetch and serve the closure");
+    assert_eq!(ncps.stored_nar_files().len(), fx.top_closure.len());
+    assert_only_verified_nars_stored(&ncps);
+}
+
+#[test]
+fn corrupting_first_upstream_then_good_second_a_retry_succeeds_with_only_verified_bytes() {
+    let Some(fx) = fixture_or_skip() else { return };
+    let bad = Upstream::for_cache(fx, Compression::Xz);
+    bad.set_mode_for(Mode::CorruptByte, Target::Nar);
+    let good = Upstream::for_cache(fx, Compression::Xz);
+    let ncps = Ncps::for_upstreams(&[bad.url(), good.url()], &fx.up1_public_key);
+    let key = ncps.pubkey();
+
+    // A client streaming a NAR from the corrupting upstream through ncps
+    // fails (ncps aborts the transfer), and Nix does not retry a NAR whose
+    // bytes it already started unpacking. But each upstream URL is tried only
+    // until it fails once: every later request for that NAR goes to the good
+    // upstream first. So a client needs at most one failed attempt per NAR.
+    let max_failures = fx.top_closure.len();
+    let mut failures = Vec::new();
+    loop {
+        match nix_copy_from(&ncps.url(), &[&fx.top], &key) {
+            Ok(()) => break,
+            Err(e) => {
+                eprintln!("attempt {} failed:\n{e}", failures.len() + 1);
+                failures.push(e);
+                assert!(
+                    failures.len() <= max_failures,
+                    "{} failed attempts for a closure of {max_failures} NARs; the last:\n{}",
+                    failures.len(),
+                    failures.last().unwrap()
+                );
+            }
+        }
+    }
+    eprintln!("succeeded after {} failed attempt(s)", failures.len());
+    for path in &fx.top_closure {
+        let p = upstream_nar_path(fx, Compression::Xz, path);
+        assert!(
+            bad.hits(&p) <= 1,
+            "the corrupting upstream was asked {} times for the NAR of {path}: a URL that failed \
+             must go last",
+            bad.hits(&p)
+        );
+    }
+    assert!(bad.hits_where(|p| p.starts_with("/nar/")) >= 1, "the corrupting upstream was tried");
+    assert!(good.hits_where(|p| p.starts_with("/nar/")) >= 1, "the good upstream delivered");
+    let nars = ncps.stored_nar_files();
+    assert_eq!(nars.len(), fx.top_closure.len(), "{nars:?}");
+    assert_only_verified_nars_stored(&ncps);
+    // And what is stored is exactly the fixture's files.
+    for path in &fx.top_closure {
+        let want = fx.cache_dir(Compression::Xz).join(upstream_nar_path(fx, Compression::Xz, path).trim_start_matches('/'));
+        let name = want.file_name().unwrap().to_owned();
+        let got = nars.iter().find(|p| p.file_name() == Some(&name));
+        let got = got.unwrap_or_else(|| panic!("{path}: no stored NAR named {name:?}"));
+        assert!(fs::read(got).unwrap() == fs::read(&want).unwrap(), "{}", got.display());
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Transfers that break half way
+// ---------------------------------------------------------------------------
+
+fn broken_transfer_never_looks_complete(mode: Mode) {
+    let Some(fx) = fixture_or_skip() else { return };
+    let up = Upstream::for_cache(fx, Compression::Xz);
+    up.set_mode_for(mode, Target::Nar);
+    let ncps = Ncps::for_upstreams(&[up.url()], &fx.up1_public_key);
+    let (nar, size) = ncps_nar_path(&ncps, &fx.big);
+
+    let r = raw_request(ncps.addr, &get_request(&nar), Duration::from_secs(20))
+        .unwrap_or_else(|e| panic!("GET {nar}: {e}"));
+    eprintln!(
+        "{mode:?}: status {}, Content-Length {:?}, {} body bytes, end {:?}",
+        r.status,
+        r.content_length(),
+        r.body.len(),
+        r.end
+    );
+    assert!(
+        !r.looks_complete(),
+        "{mode:?} upstream: the client got a complete-looking response ({} of {size} bytes, {:?})",
+        r.body.len(),
+        r.end
+    );
+    assert!(
+        (r.body.len() as u64) < size,
+        "{mode:?}: the client got all {size} bytes of a NAR that was never verified"
+    );
+    if r.status == 200 {
+        assert!(
+            matches!(r.end, BodyEnd::Eof | BodyEnd::Reset),
+            "{mode:?}: the connection must end (not hang): {:?}",
+            r.end
+        );
+    }
+    assert_eq!(
+        up.hits(&upstream_nar_path(fx, Compression::Xz, &fx.big)),
+        1,
+        "one upstream request for the NAR"
+    );
+    assert!(
+        wait_until(Duration::from_secs(3), || ncps.partial_files().is_empty()),
+        "temp files remain after a failed download: {:?}",
+        ncps.partial_files()
+    );
+    assert!(ncps.stored_nar_files().is_empty(), "{:?}", ncps.stored_nar_files());
+
+    // Healed: the same request now gets every byte, verified.
+    up.set_mode(Mode::Normal);
+    let h = raw_get_hashed(ncps.addr, &nar, Duration::from_secs(20)).unwrap();
+    assert_eq!((h.status, h.len, h.end.clone()), (200, size, BodyEnd::Eof));
+    let name = nar.rsplit('/').next().unwrap();
+    assert_eq!(nix32(&h.sha256), name.split('.').next().unwrap());
+    assert_only_verified_nars_stored(&ncps);
+}
+
+#[test]
+fn upstream_reset_mid_nar_never_reaches_the_client_as_a_complete_response() {
+    broken_transfer_never_looks_complete(Mode::ResetMidBody);
+}
+
+#[test]
+fn upstream_clean_close_mid_nar_never_reaches_the_client_as_a_complete_response() {
+    broken_transfer_never_looks_complete(Mode::CloseMidBody);
+}
+
+// ---------------------------------------------------------------------------
+// Upstreams that fail, hang or crawl
+// ---------------------------------------------------------------------------
+
+#[test]
+fn upstream_answering_500_gives_clean_404s_and_ncps_stays_responsive() {
+    let Some(fx) = fixture_or_skip() else { return };
+    let up = Upstream::for_cache(fx, Compression::Xz);
+    up.set_mode(Mode::Status500);
+    let ncps = Ncps::for_upstreams_with(&[up.url()], &[&fx.up1_public_key], SHORT_TIMEOUTS);
+    for path in &fx.top_closure {
+        let t = Instant::now();
+        let r = ncps.get(&format!("/{}.narinfo", store_hash(path)));
+        assert_eq!(r.status, 404, "narinfo of {path} while the upstream answers 500");
+        assert!(t.elapsed() < Duration::from_secs(5), "took {:?}", t.elapsed());
+    }
+    nix_cache_info_is_quick(&ncps, "with an upstream answering 500");
+    let err = nix_copy_from(&ncps.url(), &[&fx.top], &ncps.pubkey())
+        .expect_err("nothing can be fetched from an upstream answering 500");
+    assert!(!err.contains("signature"), "{err}");
+    nix_cache_info_is_quick(&ncps, "after the failed copy");
+    assert_nothing_stored(&ncps, "upstream answering 500");
+    // A failure is not remembered as "missing": once healed, it is found.
+    up.set_mode(Mode::Normal);
+    assert_eq!(ncps.get(&format!("/{}.narinfo", store_hash(&fx.top))).status, 200);
+}
+
+#[test]
+fn hanging_upstream_gives_clean_failures_within_the_timeouts_and_ncps_stays_responsive() {
+    let Some(fx) = fixture_or_skip() else { return };
+    let up = Upstream::for_cache(fx, Compression::Xz);
+    up.set_mode(Mode::Hang);
+    let ncps = Ncps::for_upstreams_with(&[up.url()], &[&fx.up1_public_key], SHORT_TIMEOUTS);
+
+    // Narinfo: a 404 once the response-header timeout passes.
+    let addr = ncps.addr;
+    let narinfo = format!("/{}.narinfo", store_hash(&fx.top));
+    let pending = {
+        let narinfo = narinfo.clone();
+        std::thread::spawn(move || {
+            let t = Instant::now();
+            let r = raw_request(addr, &get_request(&narinfo), Duration::from_secs(30));
+            (r, t.elapsed())
+        })
+    };
+    assert!(wait_until(Duration::from_secs(3), || up.hits(&narinfo) >= 1));
+    nix_cache_info_is_quick(&ncps, "while a narinfo request waits on a hanging upstream");
+    let (r, took) = pending.join().unwrap();
+    let r = r.expect("narinfo request");
+    assert_eq!(r.status, 404, "narinfo from a hanging upstream");
+    assert!(took < Duration::from_secs(8), "narinfo took {took:?} with 1s timeouts");
+    nix_cache_info_is_quick(&ncps, "after a hanging upstream timed out");
+
+    // NAR: narinfo answered, the NAR request hangs: the client's transfer fails.
+    up.set_mode_for(Mode::Hang, Target::Nar);
+    let (nar, size) = ncps_nar_path(&ncps, &fx.lib);
+    let t = Instant::now();
+    let r = raw_request(ncps.addr, &get_request(&nar), Duration::from_secs(30)).unwrap();
+    let took = t.elapsed();
+    eprintln!(
+        "NAR from a hanging upstream: status {} after {took:?}, {} bytes, {:?}",
+        r.status,
+        r.body.len(),
+        r.end
+    );
+    assert!(!r.looks_complete(), "status {}, {} of {size} bytes", r.status, r.body.len());
+    assert_ne!(r.end, BodyEnd::TimedOut, "ncps must end the response, not leave it hanging");
+    assert!(took < Duration::from_secs(10), "NAR failure took {took:?} with 1s/2s timeouts");
+    nix_cache_info_is_quick(&ncps, "after a NAR download from a hanging upstream failed");
+    assert!(ncps.stored_nar_files().is_empty());
+    assert!(wait_until(Duration::from_secs(3), || ncps.partial_files().is_empty()));
+}
+
+#[test]
+fn slow_upstream_fetch_succeeds_and_verifies() {
+    let Some(fx) = fixture_or_skip() else { return };
+    let up = Upstream::for_cache(fx, Compression::Xz);
+    up.set_mode_for(Mode::Slow(2_000_000), Target::Nar);
+    let ncps = Ncps::for_upstreams_with(&[up.url()], &[&fx.up1_public_key], SHORT_TIMEOUTS);
+    let t = Instant::now();
+    nix_copy_from(&ncps.url(), &[&fx.top], &ncps.pubkey())
+        .expect("a slow (2 MB/s) but steady upstream must work, whatever the idle timeout");
+    eprintln!("slow fetch took {:?}", t.elapsed());
+    assert!(t.elapsed() > Duration::from_secs(2), "the upstream was not slow?");
+    assert_eq!(ncps.stored_nar_files().len(), fx.top_closure.len());
+    assert_only_verified_nars_stored(&ncps);
+}
+
+// ---------------------------------------------------------------------------
+// Crashes and the start-up check
+// ---------------------------------------------------------------------------
+
+#[test]
+fn sigkill_during_a_download_leaves_nothing_partial_after_restart() {
+    let Some(fx) = fixture_or_skip() else { return };
+    let mut up = Upstream::for_cache(fx, Compression::Xz);
+    up.set_mode_for(Mode::Slow(1_000_000), Target::Nar);
+    let mut ncps = Ncps::for_upstreams(&[up.url()], &fx.up1_public_key);
+    let (nar, size) = ncps_nar_path(&ncps, &fx.big);
+
+    let addr = ncps.addr;
+    let client = {
+        let nar = nar.clone();
+        std::thread::spawn(move || raw_request(addr, &get_request(&nar), Duration::from_secs(30)))
+    };
+    // Kill once the download is well under way.
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            up.bytes_sent(&upstream_nar_path(fx, Compression::Xz, &fx.big)) >= 1_000_000
+        }),
+        "the download did not start"
+    );
+    let partial = ncps.partial_files();
+    assert!(!partial.is_empty(), "expected a *.ncps-partial temp file mid-download");
+    ncps.kill9();
+    let r = client.join().unwrap().expect("client response head");
+    assert!(
+        (r.body.len() as u64) < size && !r.looks_complete(),
+        "the client of a killed ncps got a complete-looking NAR: {} of {size} bytes, {:?}",
+        r.body.len(),
+        r.end
+    );
+    assert!(!ncps.partial_files().is_empty(), "the kill should have left the temp file behind");
+
+    // Restart with the upstream down.
+    up.stop();
+    let offset = ncps.log_len();
+    ncps.restart();
+    let log = ncps.log_since(offset);
+    let partial = ncps.partial_files();
+    assert!(partial.is_empty(), "temp files survived the start-up check: {partial:?}");
+    let check: Vec<&str> = log.lines().filter(|l| l.contains("start-up check")).collect();
+    assert!(!check.is_empty(), "no 'start-up check' line in the log:\n{log}");
+    eprintln!("after SIGKILL and restart: {check:?}");
+    assert!(
+        check.iter().any(|l| l.contains("temp")),
+        "the start-up check must say it removed the temp file: {check:?}"
+    );
+    assert!(ncps.stored_nar_files().is_empty(), "{:?}", ncps.stored_nar_files());
+    let r = raw_request(ncps.addr, &get_request(&nar), Duration::from_secs(20)).unwrap();
+    assert!(
+        r.status == 404 || (r.status == 200 && !r.looks_complete()) || r.status >= 500,
+        "with the upstream down the NAR must be missing, never partial: status {}, {} of {size} bytes, {:?}",
+        r.status,
+        r.body.len(),
+        r.end
+    );
+    assert!((r.body.len() as u64) < size || r.status != 200);
+
+    // Upstream back: the fetch succeeds and verifies.
+    up.restart();
+    up.set_mode(Mode::Normal);
+    nix_copy_from(&ncps.url(), &[&fx.top], &ncps.pubkey())
+        .expect("after the restart, with the upstream back, the closure must be fetched");
+    assert_eq!(ncps.stored_nar_files().len(), fx.top_closure.len());
+    assert_only_verified_nars_stored(&ncps);
+}
+
+/// DATA/store/<kind>/<c1>/<c1c2>/<file>, the layout ncps keeps its files in.
+fn sharded(data: &std::path::Path, kind: &str, file: &str) -> std::path::PathBuf {
+    data.join("store").join(kind).join(&file[..1]).join(&file[..2]).join(file)
+}
+
+#[test]
+fn start_up_check_removes_files_the_index_does_not_vouch_for_and_forgets_missing_ones() {
+    let Some(fx) = fixture_or_skip() else { return };
+    let up = Upstream::for_cache(fx, Compression::Xz);
+    let mut ncps = Ncps::for_upstreams(&[up.url()], &fx.up1_public_key);
+    let key = ncps.pubkey();
+    nix_copy_from(&ncps.url(), &[&fx.top], &key).expect("first fetch (fills the cache)");
+    ncps.stop();
+    let data = ncps.data_dir().to_path_buf();
+    let nar_name = |p: &str| upstream_nar_path(fx, Compression::Xz, p).rsplit('/').next().unwrap().to_string();
+
+    // While ncps is down: a NAR is truncated, another deleted, a narinfo deleted,
+    // and files nobody vouches for appear (a stray NAR, a forged narinfo).
+    let big = sharded(&data, "nar", &nar_name(&fx.big));
+    let lib = sharded(&data, "nar", &nar_name(&fx.lib));
+    assert!(big.is_file() && lib.is_file(), "layout: {:?}", ncps.stored_nar_files());
+    let f = fs::OpenOptions::new().write(true).open(&big).unwrap();
+    f.set_len(1000).unwrap();
+    drop(f);
+    fs::remove_file(&lib).unwrap();
+    let top_narinfo = sharded(&data, "narinfo", &format!("{}.narinfo", store_hash(&fx.top)));
+    assert!(top_narinfo.is_file());
+    fs::remove_file(&top_narinfo).unwrap();
+    let stray = sharded(&data, "nar", &format!("{}.nar.xz", "1".repeat(52)));
+    fs::create_dir_all(stray.parent().unwrap()).unwrap();
+    fs::write(&stray, b"nobody vouches for this").unwrap();
+    let victim = &fx.many[0];
+    let forged = {
+        let text = fx.upstream_narinfo(Compression::Xz, victim);
+        let ni = NarInfo::parse(&text);
+        let sig = sign_with_key_file(&fx.dir.join("keys/up2.sec"), &ni.fingerprint());
+        let mut t: String = text.lines().filter(|l| !l.starts_with("Sig:")).map(|l| format!("{l}\n")).collect();
+        t.push_str(&format!("Sig: {sig}\n"));
+        t
+    };
+    let forged_path = sharded(&data, "narinfo", &format!("{}.narinfo", store_hash(victim)));
+    fs::create_dir_all(forged_path.parent().unwrap()).unwrap();
+    fs::write(&forged_path, &forged).unwrap();
+
+    let offset = ncps.log_len();
+    ncps.restart();
+    let log = ncps.log_since(offset);
+    let check: Vec<&str> = log.lines().filter(|l| l.contains("start-up check")).collect();
+    eprintln!("start-up check after tampering: {check:?}");
+    assert!(!check.is_empty(), "no 'start-up check' line:\n{log}");
+    assert!(
+        !check.iter().any(|l| l.contains("agree")),
+        "the start-up check must report what it fixed: {check:?}"
+    );
+    assert!(!stray.exists(), "a NAR file the index does not know must be removed");
+    assert!(!forged_path.exists(), "a narinfo file the index does not know must be removed");
+    assert!(
+        !big.exists() || fs::metadata(&big).unwrap().len() != 1000,
+        "a NAR file whose size disagrees with the index must be removed"
+    );
+
+    // The forged narinfo is not served; the upstream's verified one is.
+    let r = ncps.get(&format!("/{}.narinfo", store_hash(victim)));
+    assert_eq!(r.status, 200);
+    let served = NarInfo::parse(&r.text());
+    assert!(
+        !served.sigs().iter().any(|s| s.starts_with("up2.example.org-1:")),
+        "the planted narinfo was served: {:?}",
+        served.sigs()
+    );
+    // What was dropped is fetched again, verified.
+    nix_copy_from(&ncps.url(), &[&fx.top], &key).expect("fetch after the start-up check");
+    assert_eq!(ncps.stored_nar_files().len(), fx.top_closure.len(), "{:?}", ncps.stored_nar_files());
+    assert_only_verified_nars_stored(&ncps);
+}
+
+fn assert_refuses_database(db_bytes_or_version: DbSetup, expect: &[&str]) {
+    let data = TempDir::new("bad-db");
+    let db = data.join("db.sqlite");
+    match db_bytes_or_version {
+        DbSetup::Garbage(bytes) => fs::write(&db, bytes).unwrap(),
+        DbSetup::UserVersion(v) => {
+            let c = rusqlite::Connection::open(&db).unwrap();
+            c.execute_batch(&format!(
+                "CREATE TABLE from_the_future (x INTEGER); PRAGMA user_version = {v};"
+            ))
+            .unwrap();
+        }
+    }
+    let before = fs::read(&db).unwrap();
+    let data_s = data.path().to_string_lossy().into_owned();
+    let (code, stderr) = run_ncps_expecting_failure(
+        &[
+            "serve",
+            "--cache-hostname",
+            HOSTNAME,
+            "--cache-data-path",
+            &data_s,
+            "--upstream-cache",
+            "http://127.0.0.1:9",
+            "--upstream-public-key",
+            SOME_VALID_PUBLIC_KEY,
+            "--server-addr",
+            "{addr}",
+        ],
+        &[("RUST_BACKTRACE", "1")],
+    );
+    eprintln!("ncps exited {code:?}:\n{stderr}");
+    assert!(matches!(code, Some(c) if c != 0), "exit status {code:?}; stderr:\n{stderr}");
+    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "want exactly one stderr line, got:\n{stderr}");
+    let l = lines[0].to_ascii_lowercase();
+    for bad in ["panicked", "rust_backtrace", "backtrace", "in use", "bind"] {
+        assert!(!l.contains(bad), "stderr must not mention {bad:?}: {:?}", lines[0]);
+    }
+    for want in expect {
+        assert!(l.contains(want), "stderr line must mention {want:?}: {:?}", lines[0]);
+    }
+    assert_eq!(fs::read(&db).unwrap(), before, "ncps must not modify a database it refuses");
+}
+
+enum DbSetup {
+    Garbage(Vec<u8>),
+    UserVersion(u32),
+}
+
+#[test]
+fn database_from_a_newer_ncps_is_refused_with_one_clear_line() {
+    assert_refuses_database(DbSetup::UserVersion(99), &["database", "99"]);
+}
+
+#[test]
+fn garbage_database_file_is_refused_with_one_clear_line() {
+    let garbage: Vec<u8> = b"this is not an SQLite database, it is garbage\n"
+        .iter()
+        .cycle()
+        .take(8192)
+        .copied()
+        .collect();
+    assert_refuses_database(DbSetup::Garbage(garbage), &["database"]);
+}
+
+// ---------------------------------------------------------------------------
+// The HTTP front against hostile and idle clients
+// ---------------------------------------------------------------------------
+
+/// An ncps in front of an empty, healthy upstream (no Nix needed).
+fn ncps_with_empty_upstream(extra: &[&str]) -> (TempDir, Upstream, Ncps) {
+    let dir = TempDir::new("empty-upstream");
+    fs::write(dir.join("nix-cache-info"), "StoreDir: /nix/store\nWantMassQuery: 1\n").unwrap();
+    let up = Upstream::serve_dir(dir.path());
+    let ncps = Ncps::for_upstreams_with(&[up.url()], &[SOME_VALID_PUBLIC_KEY], extra);
+    (dir, up, ncps)
+}
+
+#[test]
+fn hostile_requests_get_4xx_never_the_database_and_ncps_stays_up() {
+    let (_dir, _up, mut ncps) = ncps_with_empty_upstream(&[]);
+    assert!(ncps.data_dir().join("db.sqlite").exists(), "precondition: the database exists");
+    let nar52 = "0".repeat(52);
+    let get = |target: &str| format!("GET {target} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    let big_header = format!(
+        "GET /nix-cache-info HTTP/1.1\r\nHost: x\r\nX-Filler: {}\r\nConnection: close\r\n\r\n",
+        "a".repeat(20 * 1024)
+    );
+    let cases: Vec<(&str, String)> = vec![
+        ("dot-dot under /nar", get("/nar/../db.sqlite")),
+        ("encoded dot-dot", get("/%2e%2e/db.sqlite")),
+        ("encoded slash", get("/nar/..%2fdb.sqlite")),
+        ("encoded dot-dot-slash", get("/nar/%2e%2e%2fdb.sqlite")),
+        ("dot-dot to the data dir", get("/../db.sqlite")),
+        ("double slash", get("//db.sqlite")),
+        ("absolute-form target", get("http://x/../db.sqlite")),
+        ("db.sqlite at the root", get("/db.sqlite")),
+        ("the store layout", get("/store/narinfo")),
+        ("64-char uppercase narinfo hash", get(&format!("/{}.narinfo", "A".repeat(64)))),
+        ("uppercase 32-char narinfo hash", get(&format!("/{}.narinfo", "A".repeat(32)))),
+        ("unknown NAR extension", get(&format!("/nar/{nar52}.nar.exe"))),
+        ("20 KiB header", big_header),
+        ("unknown method", "BREW / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".into()),
+        (
+            "PUT",
+            "PUT /x.narinfo HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello"
+                .into(),
+        ),
+        ("DELETE", "DELETE /nar/x.nar HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".into()),
+        ("not HTTP", "\x16\x03\x01\x02\x00\x01\x00\x01\x7c\x03\x03\r\n\r\n".into()),
+        ("bare LF garbage", "GET\n\n".into()),
+    ];
+    let mut failures = Vec::new();
+    for (what, req) in &cases {
+        let r = match raw_request(ncps.addr, req.as_bytes(), Duration::from_secs(5)) {
+            Ok(r) => r,
+            Err(e) => {
+                failures.push(format!("{what}: no HTTP response: {e}"));
+                continue;
+            }
+        };
+        eprintln!("{what}: {} ({:?})", r.status, r.text().lines().next().unwrap_or(""));
+        if !(400..500).contains(&r.status) {
+            failures.push(format!("{what}: status {} (want 4xx)", r.status));
+        }
+        if r.body.windows(13).any(|w| w == b"SQLite format") {
+            failures.push(format!("{what}: the body contains the database"));
+        }
+        assert!(ncps.is_running(), "ncps died after the {what} request; log:\n{}", ncps.log());
+    }
+    nix_cache_info_is_quick(&ncps, "after the hostile requests");
+    assert!(failures.is_empty(), "hostile requests:\n{}", failures.join("\n"));
+}
+
+#[test]
+fn hundreds_of_unfinished_or_silent_connections_do_not_delay_a_real_request() {
+    let (_dir, _up, ncps) = ncps_with_empty_upstream(&["--server-workers", "4"]);
+    let mut held = Vec::new();
+    for i in 0..300 {
+        let mut s = TcpStream::connect(ncps.addr).unwrap_or_else(|e| panic!("connection {i}: {e}"));
+        s.write_all(b"GET /nix-cache-info HT").unwrap();
+        held.push(s);
+    }
+    nix_cache_info_is_quick(&ncps, "with 300 half-sent request lines open");
+    for i in 0..100 {
+        let s = TcpStream::connect(ncps.addr).unwrap_or_else(|e| panic!("silent connection {i}: {e}"));
+        held.push(s);
+    }
+    nix_cache_info_is_quick(&ncps, "with 300 half-sent and 100 silent connections open");
+    // Several at once, too: none waits for the idle ones.
+    let addr = ncps.addr;
+    let t = Instant::now();
+    let clients: Vec<_> = (0..8)
+        .map(|_| std::thread::spawn(move || raw_request(addr, &get_request("/nix-cache-info"), Duration::from_secs(5))))
+        .collect();
+    for c in clients {
+        assert_eq!(c.join().unwrap().expect("GET /nix-cache-info").status, 200);
+    }
+    assert!(t.elapsed() < Duration::from_secs(2), "8 parallel requests took {:?}", t.elapsed());
+    drop(held);
+    nix_cache_info_is_quick(&ncps, "after the idle connections went away");
+}
+
+#[test]
+fn an_unfinished_request_head_gets_408_after_the_header_timeout() {
+    let (_dir, _up, ncps) = ncps_with_empty_upstream(&["--server-header-timeout", "1s"]);
+    let mut c = RawConn::connect(ncps.addr, Duration::from_secs(6)).unwrap();
+    let t = Instant::now();
+    c.send(b"GET /nix-cache-info HTTP/1.1\r\nHost: x\r\n").unwrap();
+    let r = c.read_response().expect("a response to the unfinished head");
+    let took = t.elapsed();
+    assert_eq!(r.status, 408, "after {took:?}");
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_secs(4),
+        "408 after {took:?} with --server-header-timeout 1s"
+    );
+    nix_cache_info_is_quick(&ncps, "after a 408");
+}

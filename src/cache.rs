@@ -194,11 +194,21 @@ impl Cache {
         self.key.public()
     }
 
+    /// The narinfo if it is on disk (a hit), without ever asking upstream.
+    pub fn narinfo_hit(&self, hash: &StorePathHash) -> Result<Option<Body>, CacheError> {
+        match Store::open_existing(&self.store.narinfo_path(hash))? {
+            Some((file, len)) => {
+                lock(&self.touched).narinfos.insert(*hash, db::now());
+                Ok(Some(Body::File { file, len }))
+            }
+            None => Ok(None),
+        }
+    }
+
     /// `GET /<hash>.narinfo`.
     pub fn narinfo(&self, hash: &StorePathHash) -> Result<Answer, CacheError> {
-        if let Some((file, len)) = Store::open_existing(&self.store.narinfo_path(hash))? {
-            lock(&self.touched).narinfos.insert(*hash, db::now());
-            return Ok(Answer::Hit(Body::File { file, len }));
+        if let Some(body) = self.narinfo_hit(hash)? {
+            return Ok(Answer::Hit(body));
         }
         if self.is_known_missing(hash) {
             return Ok(Answer::NotFound);
@@ -214,10 +224,7 @@ impl Cache {
     /// `GET /upload/<hash>.narinfo`: the local cache only. A client about to upload asks
     /// whether the path is here; asking upstream for a path only it has built is wasted time.
     pub fn narinfo_local(&self, hash: &StorePathHash) -> Result<Answer, CacheError> {
-        match Store::open_existing(&self.store.narinfo_path(hash))? {
-            Some((file, len)) => Ok(Answer::Hit(Body::File { file, len })),
-            None => Ok(Answer::NotFound),
-        }
+        Ok(self.narinfo_hit(hash)?.map_or(Answer::NotFound, Answer::Hit))
     }
 
     fn is_known_missing(&self, hash: &StorePathHash) -> bool {

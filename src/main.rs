@@ -5,6 +5,7 @@ use ncps::serve::{self, Exit};
 
 fn main() {
     if let Err(e) = run() {
+        ncps::logging::flush();
         eprintln!("ncps: {e}");
         std::process::exit(e.code);
     }

@@ -130,9 +130,29 @@ impl Handler for Routes {
             _ => method_not_allowed("GET, HEAD"),
         }
     }
+
+    fn fast(&self, req: &Request) -> Option<Response> {
+        self.fast_answer(req)
+    }
 }
 
 impl Routes {
+    /// Requests the poll loop can answer itself: small, fixed answers and narinfo hits.
+    fn fast_answer(&self, req: &Request) -> Option<Response> {
+        if !matches!(req.method, Method::Get | Method::Head) {
+            return None;
+        }
+        let (path, upload) = strip_upload(req.path());
+        match route(path) {
+            r @ (Route::NixCacheInfo | Route::PubKey) => Some(self.read(r, req, upload)),
+            Route::Narinfo(hash) => match self.cache.narinfo_hit(&hash) {
+                Ok(Some(body)) => Some(self.answer(Ok(Answer::Hit(body)), Kind::Narinfo, req)),
+                _ => None,
+            },
+            _ => None,
+        }
+    }
+
     fn allowed(&self, upload: bool) -> String {
         let mut allow = String::from("GET, HEAD");
         if self.allow_put {

@@ -113,6 +113,7 @@ pub fn run(config: &Config) -> Result<(), Exit> {
             }
             // Downloads in flight are dropped: their temp files are removed at the next
             // start, and nothing unverified was ever under a final name.
+            crate::logging::flush();
             std::process::exit(0);
         })
         .map_err(|e| runtime(format!("starting a thread: {e}")))?;

@@ -39,11 +39,9 @@ pub fn send_file(sock: &TcpStream, file: &File, offset: u64, len: u64) -> io::Re
     Ok(())
 }
 
-/// Writes `resp` (its head, and its body unless `head_only`). Returns the body bytes sent.
-pub fn write_response(sock: &mut TcpStream, resp: Response, head_only: bool, keep_alive: bool) -> io::Result<u64> {
-    let len = resp.body.len();
+fn head(resp: &Response, keep_alive: bool) -> io::Result<Vec<u8>> {
     let mut out = Vec::with_capacity(256);
-    write!(out, "HTTP/1.1 {} {}\r\nServer: ncps\r\nContent-Length: {len}\r\n", resp.status, reason(resp.status))?;
+    write!(out, "HTTP/1.1 {} {}\r\nServer: ncps\r\nContent-Length: {}\r\n", resp.status, reason(resp.status), resp.body.len())?;
     for (k, v) in &resp.headers {
         write!(out, "{k}: {v}\r\n")?;
     }
@@ -51,28 +49,50 @@ pub fn write_response(sock: &mut TcpStream, resp: Response, head_only: bool, kee
         out.extend_from_slice(b"Connection: close\r\n");
     }
     out.extend_from_slice(b"\r\n");
+    Ok(out)
+}
+
+/// The whole of a small response (head and body) as bytes, for sending without waiting.
+/// Errors for bodies that are not small.
+pub fn render_small(resp: Response, head_only: bool, keep_alive: bool) -> io::Result<Vec<u8>> {
+    let mut out = head(&resp, keep_alive)?;
     if head_only {
-        sock.write_all(&out)?;
-        return Ok(0);
+        return Ok(out);
     }
     match resp.body {
-        Body::Empty => sock.write_all(&out)?,
-        Body::Bytes(b) => {
-            out.extend_from_slice(&b);
-            sock.write_all(&out)?;
-        }
+        Body::Empty => {}
+        Body::Bytes(b) => out.extend_from_slice(&b),
         Body::File { file, len } if len <= INLINE_FILE_BYTES => {
             let start = out.len();
             out.resize(start + len as usize, 0);
             read_exact_at(&file, &mut out[start..], 0)?;
-            sock.write_all(&out)?;
         }
+        _ => return Err(io::Error::other("not a small response")),
+    }
+    Ok(out)
+}
+
+/// Writes `resp` (its head, and its body unless `head_only`). Returns the body bytes sent.
+pub fn write_response(sock: &mut TcpStream, resp: Response, head_only: bool, keep_alive: bool) -> io::Result<u64> {
+    let len = resp.body.len();
+    let small = match &resp.body {
+        Body::Empty | Body::Bytes(_) => true,
+        Body::File { len, .. } => *len <= INLINE_FILE_BYTES,
+        _ => false,
+    };
+    if small || head_only {
+        sock.write_all(&render_small(resp, head_only, keep_alive)?)?;
+        return Ok(if head_only { 0 } else { len });
+    }
+    let out = head(&resp, keep_alive)?;
+    match resp.body {
         Body::File { file, len } => {
             sock.write_all(&out)?;
             send_file(sock, &file, 0, len)?;
         }
-        Body::Declared(_) => {
-            // A handler bug, not a client's fault; the head promises bytes we do not have.
+        Body::Declared(_) | Body::Empty | Body::Bytes(_) => {
+            // A length-only body answering a GET is a handler bug: the head would promise
+            // bytes there are none of. (Small bodies were sent above.)
             return Err(io::Error::other("a length-only body cannot answer a GET"));
         }
         Body::Growing(g) => {

@@ -6,7 +6,7 @@
 //! between requests, or still sending their headers (slowly, or never: slowloris), wait in the
 //! poll loop, which costs a few hundred bytes each, until their deadline closes them.
 
-use super::body::write_response;
+use super::body::{render_small, write_response};
 use super::request::{parse_head, Parsed, Request, MAX_HEAD_BYTES};
 use super::{Method, Response};
 use std::collections::VecDeque;
@@ -21,6 +21,13 @@ use std::time::{Duration, Instant};
 /// Answers requests; called from many worker threads at once.
 pub trait Handler: Send + Sync + 'static {
     fn handle(&self, req: &Request, body: &mut dyn Read) -> Response;
+
+    /// Answers `req` at once if that needs no waiting (a small file already on disk), from the
+    /// poll loop itself; `None` sends it to a worker. Only small bodies (bytes, or files of
+    /// at most 16 KiB) may be returned: the poll loop must never block on a big one.
+    fn fast(&self, _req: &Request) -> Option<Response> {
+        None
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -41,12 +48,17 @@ struct Waiting {
     deadline: Instant,
 }
 
-/// A request ready for a worker.
-struct Job {
-    stream: TcpStream,
-    req: Request,
-    /// Bytes read past the head: the start of the body (or of a pipelined request).
-    rest: Vec<u8>,
+/// Work for a worker.
+enum Job {
+    /// A request to answer.
+    Request {
+        stream: TcpStream,
+        req: Request,
+        /// Bytes read past the head: the start of the body (or of a pipelined request).
+        rest: Vec<u8>,
+    },
+    /// The rest of a response the poll loop could not send without waiting.
+    Finish { stream: TcpStream, peer: SocketAddr, unsent: Vec<u8>, keep_alive: bool, rest: Vec<u8> },
 }
 
 struct Queue {
@@ -71,7 +83,7 @@ pub fn serve(listener: TcpListener, config: ServerConfig, handler: Arc<dyn Handl
             .stack_size(512 * 1024)
             .spawn(move || worker(&queue, &*handler, &back_tx, &wake_tx))?;
     }
-    poll_loop(listener, &config, &queue, &back_rx, wake_rx)
+    poll_loop(listener, &config, &queue, &*handler, &back_rx, wake_rx)
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -89,6 +101,7 @@ fn poll_loop(
     listener: TcpListener,
     config: &ServerConfig,
     queue: &Queue,
+    handler: &dyn Handler,
     back_rx: &mpsc::Receiver<Back>,
     mut wake_rx: UnixStream,
 ) -> io::Result<()> {
@@ -146,7 +159,7 @@ fn poll_loop(
                 continue; // closed by the peer
             }
             if !w.buf.is_empty() {
-                match dispatch(w, queue) {
+                match dispatch(w, queue, handler, config, now) {
                     Dispatch::Keep(back) => w = back,
                     Dispatch::Queued => {
                         busy += 1;
@@ -223,8 +236,10 @@ fn read_more(w: &mut Waiting, config: &ServerConfig, now: Instant) -> bool {
                     w.deadline = now + config.header_timeout;
                 }
                 w.buf.extend_from_slice(&chunk[..n]);
-                if w.buf.len() > MAX_HEAD_BYTES + 4096 {
-                    return false; // try_dispatch refuses it with 431
+                // A short read emptied the socket: asking again would only return WouldBlock
+                // (poll is level-triggered, so anything later is reported next round).
+                if n < chunk.len() || w.buf.len() > MAX_HEAD_BYTES + 4096 {
+                    return false; // dispatch refuses an oversized head with 431
                 }
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
@@ -235,35 +250,99 @@ fn read_more(w: &mut Waiting, config: &ServerConfig, now: Instant) -> bool {
 }
 
 enum Dispatch {
-    /// Not a whole head yet.
+    /// Waiting for (more of) the next request.
     Keep(Waiting),
     Queued,
     Refused,
 }
 
-/// Hands a connection holding a whole request head to the workers, or refuses a bad one.
-fn dispatch(mut w: Waiting, queue: &Queue) -> Dispatch {
-    match parse_head(&w.buf, w.peer) {
-        Parsed::Partial => Dispatch::Keep(w),
-        Parsed::Invalid(status, why) => {
-            log::info!("{} bad request: {why}: {status}", w.peer);
-            let msg = format!(
-                "HTTP/1.1 {status} {}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
-                super::reason(status)
-            );
-            let _ = w.stream.write_all(msg.as_bytes());
-            Dispatch::Refused
-        }
-        Parsed::Complete(req, head_len) => {
-            let rest = w.buf.split_off(head_len);
+/// Answers what a connection holds: small hits right here, anything else by a worker;
+/// refuses a bad head. Loops over pipelined requests that the poll loop can answer.
+fn dispatch(mut w: Waiting, queue: &Queue, handler: &dyn Handler, config: &ServerConfig, now: Instant) -> Dispatch {
+    loop {
+        let (req, head_len) = match parse_head(&w.buf, w.peer) {
+            Parsed::Partial => return Dispatch::Keep(w),
+            Parsed::Invalid(status, why) => {
+                log::info!("{} bad request: {why}: {status}", w.peer);
+                let msg = format!(
+                    "HTTP/1.1 {status} {}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+                    super::reason(status)
+                );
+                let _ = w.stream.write_all(msg.as_bytes());
+                return Dispatch::Refused;
+            }
+            Parsed::Complete(req, head_len) => (req, head_len),
+        };
+        let rest = w.buf.split_off(head_len);
+        let simple = req.content_length == 0 && !req.chunked;
+        let answered = if simple { handler.fast(&req) } else { None };
+        let Some(resp) = answered else {
             if w.stream.set_nonblocking(false).is_err() {
                 return Dispatch::Refused;
             }
-            lock(&queue.jobs).push_back(Job { stream: w.stream, req, rest });
-            queue.ready.notify_one();
-            Dispatch::Queued
+            push(queue, Job::Request { stream: w.stream, req, rest });
+            return Dispatch::Queued;
+        };
+        let keep_alive = req.keep_alive;
+        let start = Instant::now();
+        let status = resp.status;
+        let note = resp.note;
+        let body = if req.method == Method::Head { 0 } else { resp.body.len() };
+        let bytes = match render_small(resp, req.method == Method::Head, keep_alive) {
+            Ok(b) => b,
+            Err(e) => {
+                log::error!("{} {} {}: {e}", req.peer.ip(), req.method_text, req.target);
+                return Dispatch::Refused;
+            }
+        };
+        let sent = write_nonblocking(&mut w.stream, &bytes);
+        log::info!(
+            "{} {} {} {status} {body}B {:.1}ms {note}",
+            req.peer.ip(), req.method_text, req.target, start.elapsed().as_secs_f64() * 1000.0
+        );
+        match sent {
+            Err(_) => return Dispatch::Refused,
+            Ok(n) if n < bytes.len() => {
+                // The client's socket buffer is full: a worker waits for it (with the write
+                // timeout), so this loop never does.
+                if w.stream.set_nonblocking(false).is_err() {
+                    return Dispatch::Refused;
+                }
+                let unsent = bytes[n..].to_vec();
+                push(queue, Job::Finish { stream: w.stream, peer: w.peer, unsent, keep_alive, rest });
+                return Dispatch::Queued;
+            }
+            Ok(_) if !keep_alive => return Dispatch::Refused,
+            Ok(_) => {
+                w.buf = rest;
+                let wait = if w.buf.is_empty() { config.idle_timeout } else { config.header_timeout };
+                w.deadline = now + wait;
+                if w.buf.is_empty() {
+                    return Dispatch::Keep(w);
+                }
+            }
         }
     }
+}
+
+fn push(queue: &Queue, job: Job) {
+    lock(&queue.jobs).push_back(job);
+    queue.ready.notify_one();
+}
+
+/// Writes as much of `bytes` as the socket takes without waiting.
+fn write_nonblocking(stream: &mut TcpStream, bytes: &[u8]) -> io::Result<usize> {
+    let mut sent = 0;
+    while sent < bytes.len() {
+        match stream.write(&bytes[sent..]) {
+            Ok(0) => return Err(io::Error::new(io::ErrorKind::WriteZero, "connection closed")),
+            Ok(n) => sent += n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(sent)
 }
 
 /// The request body: bytes already read past the head, then the socket, up to
@@ -324,15 +403,27 @@ fn worker(
                 jobs = queue.ready.wait(jobs).unwrap_or_else(|p| p.into_inner());
             }
         };
-        let Job { mut stream, mut req, mut rest } = job;
-        let peer = req.peer;
+        let (mut stream, peer, mut next) = match job {
+            Job::Request { stream, req, rest } => {
+                let peer = req.peer;
+                (stream, peer, Next::Ready(req, rest))
+            }
+            Job::Finish { mut stream, peer, unsent, keep_alive, rest } => {
+                let next = match stream.write_all(&unsent) {
+                    Ok(()) if keep_alive => next_request(&stream, rest, peer),
+                    _ => Next::Closed,
+                };
+                (stream, peer, next)
+            }
+        };
         let back = loop {
-            let Some(leftover) = answer(&mut stream, &req, rest, handler) else { break Back::Closed };
-            match next_request(&stream, leftover, peer) {
-                Next::Ready(r, more) => (req, rest) = (r, more),
+            let (req, rest) = match next {
+                Next::Ready(req, rest) => (req, rest),
                 Next::Idle(buf) if stream.set_nonblocking(true).is_ok() => break Back::Again(stream, peer, buf),
                 Next::Idle(_) | Next::Closed => break Back::Closed,
-            }
+            };
+            let Some(leftover) = answer(&mut stream, &req, rest, handler) else { break Back::Closed };
+            next = next_request(&stream, leftover, peer);
         };
         // The poll loop counts this connection until it hears back, so always tell it.
         let _ = back_tx.send(back);

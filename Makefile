@@ -11,7 +11,7 @@ ADDR ?= :8501
 
 APT_PACKAGES := nix-bin curl xz-utils ca-certificates build-essential
 
-.PHONY: all build run test deps bench static fuzz clean
+.PHONY: all build run test test-static deps bench static fuzz clean
 
 all: build
 
@@ -52,6 +52,11 @@ bench: build
 
 static:
 	bash build/static.sh
+
+# The end-to-end tests against the static x86_64 binary.
+test-static: static
+	NCPS_E2E_BIN=$(CURDIR)/target/static/ncps-x86_64 $(CARGO) test --test e2e_proxy --test e2e_integrity \
+	  --test e2e_concurrency --test e2e_lifecycle
 
 fuzz:
 	bash fuzz/run.sh

@@ -278,7 +278,10 @@ impl Cache {
             };
             self.metrics.upstream_bytes(i, bytes.len() as u64);
             match self.accept_narinfo(&upstream.url, hash, &bytes) {
-                Ok(served) => return Ok(Some(Arc::new(served))),
+                Ok(served) => {
+                    log::info!("narinfo {hash}: from {} in {:.1}ms", upstream.url, started.elapsed().as_secs_f64() * 1000.0);
+                    return Ok(Some(Arc::new(served)));
+                }
                 Err(why) => {
                     log::warn!("upstream {}: narinfo {hash} refused: {why}; trying the next", upstream.url);
                     any_error = true;

@@ -222,3 +222,56 @@ fn parallel_nix_clients_share_each_download() {
         assert_eq!(up.hits(&n), 1, "upstream requests for the narinfo of {path}");
     }
 }
+
+/// Clients that ask for a large NAR and then stop reading hold a worker only until
+/// `--server-write-timeout`; meanwhile and afterwards other clients are served.
+#[test]
+fn clients_that_stop_reading_are_dropped_and_do_not_starve_others() {
+    use std::io::{Read, Write};
+    let Some(fx) = fixture_or_skip() else { return };
+    let up = Upstream::for_cache(fx, Compression::None);
+    let ncps = Ncps::for_upstreams_with(
+        &[up.url()],
+        &[&fx.up1_public_key],
+        &["--server-workers", "2", "--server-write-timeout", "1s"],
+    );
+    let (nar, size) = ncps_nar_path(&ncps, &fx.big);
+    // Fill the cache first, so the stalled clients below are hits sent with sendfile.
+    let first = raw_get_hashed(ncps.addr, &nar, Duration::from_secs(30)).expect("first fetch");
+    assert_eq!((first.status, first.len), (200, size));
+
+    // Two clients (as many as there are workers) request the NAR and never read.
+    let stalled: Vec<std::net::TcpStream> = (0..2)
+        .map(|_| {
+            let mut s = std::net::TcpStream::connect(ncps.addr).unwrap();
+            write!(s, "GET {nar} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+            s
+        })
+        .collect();
+    thread::sleep(Duration::from_millis(200));
+
+    // Small answers come from the poll loop, so they do not wait for a worker at all.
+    let t = Instant::now();
+    assert_eq!(ncps.get("/nix-cache-info").status, 200);
+    assert!(t.elapsed() < Duration::from_secs(1), "answered in {:?}", t.elapsed());
+
+    // A NAR needs a worker: it is served once the write timeout has freed one.
+    let t = Instant::now();
+    let after = raw_get_hashed(ncps.addr, &nar, Duration::from_secs(30)).expect("NAR after the stall");
+    assert_eq!((after.status, after.len), (200, size));
+    assert!(t.elapsed() < Duration::from_secs(10), "served in {:?}", t.elapsed());
+
+    // The stalled clients were cut off: reading now ends well short of the whole NAR.
+    for mut s in stalled {
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut total = 0u64;
+        let mut buf = vec![0u8; 1 << 16];
+        loop {
+            match s.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => total += n as u64,
+            }
+        }
+        assert!(total < size, "a client that stopped reading still got the whole NAR");
+    }
+}

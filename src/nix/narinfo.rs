@@ -94,6 +94,11 @@ impl NarInfo {
             if line.is_empty() {
                 continue;
             }
+            // `lines()` takes off a `\r\n` ending; a control character left inside a line
+            // (a stray `\r`, a NUL) would not survive printing, or would mislead a reader.
+            if line.bytes().any(|c| c < 0x20 || c == 0x7f) {
+                return Err(bad("control character inside a line".into()));
+            }
             let (key, value) = line
                 .split_once(": ")
                 .or_else(|| line.strip_suffix(':').map(|k| (k, "")))
@@ -307,6 +312,16 @@ Sig: test.example.org-1:HxoeVau/7cYFxbwP84UdPWWUOHleupGFjwD/0joWw4/+XUQ067Gv6svH
         );
         let twice = format!("{REAL}NarSize: 1\n");
         assert_eq!(NarInfo::parse(twice.as_bytes()).unwrap_err(), NarInfoError::Duplicate("NarSize"));
+    }
+
+    #[test]
+    fn crlf_endings_parse_but_control_characters_inside_lines_do_not() {
+        let crlf = REAL.replace('\n', "\r\n");
+        assert_eq!(NarInfo::parse(crlf.as_bytes()).unwrap(), NarInfo::parse(REAL.as_bytes()).unwrap());
+        // Found by the fuzzer: a value ending in `\r` changed on a print/parse round trip.
+        let cr = REAL.replace("Compression: xz\n", "Compression: xz\r");
+        assert!(NarInfo::parse(cr.as_bytes()).is_err());
+        assert!(NarInfo::parse(format!("{REAL}Foo: a\0b\n").as_bytes()).is_err());
     }
 
     #[test]

@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 const MIB: u64 = 1024 * 1024;
 
@@ -56,56 +56,10 @@ fn lifecycle_or_skip() -> Option<&'static Lifecycle> {
 }
 
 fn build_lifecycle_fixture() -> Result<Lifecycle, String> {
-    // Registers common's exit hook, which deletes the store paths listed under
-    // e2e-fixture-<pid>/paths (this binary never builds common's own fixture).
-    let _ = run_dir();
-    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
-        .join(format!("e2e-fixture-{}", std::process::id()));
-    let _ = remove_tree(&dir);
-    fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
-    let script =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/mkfixture-lifecycle.sh");
-    let started = Instant::now();
-    let mut cmd = Command::new("bash");
-    cmd.arg(&script).arg(&dir);
-    let out = run_with_timeout(cmd, Duration::from_secs(120))?;
-    if !out.status.success() {
-        return Err(format!(
-            "{} {} failed ({}):\n{}\n{}",
-            script.display(),
-            dir.display(),
-            out.status,
-            out.stdout,
-            out.stderr
-        ));
-    }
-    eprintln!(
-        "[e2e] lifecycle fixture built in {:.1}s: {}",
-        started.elapsed().as_secs_f64(),
-        out.stdout.trim()
-    );
-    let read = |p: &str| -> Result<String, String> {
-        fs::read_to_string(dir.join(p))
-            .map(|s| s.trim().to_string())
-            .map_err(|e| format!("{p}: {e}"))
-    };
-    let lines = |p: &str| -> Result<Vec<String>, String> {
-        Ok(read(p)?.lines().map(String::from).collect())
-    };
-    let fx = Fixture {
-        up1_public_key: read("keys/up1.pub")?,
-        up1_secret_key_file: dir.join("keys/up1.sec"),
-        up2_public_key: read("keys/up2.pub")?,
-        top: read("paths/top.txt")?,
-        lib: read("paths/lib.txt")?,
-        big: read("paths/big.txt")?,
-        top_closure: lines("paths/top-closure.txt")?,
-        many: lines("paths/many.txt")?,
-        dir: dir.clone(),
-    };
+    let fx = build_fixture_with("mkfixture-lifecycle.sh")?;
     Ok(Lifecycle {
-        twins: lines("paths/twins.txt")?,
-        uploads: lines("paths/uploads.txt")?,
+        twins: fixture_lines(&fx.dir, "paths/twins.txt")?,
+        uploads: fixture_lines(&fx.dir, "paths/uploads.txt")?,
         fx,
     })
 }

@@ -292,11 +292,18 @@ pub fn fixture() -> &'static Fixture {
 }
 
 fn build_fixture() -> Result<Fixture, String> {
+    build_fixture_with("mkfixture.sh")
+}
+
+/// Runs `tests/fixtures/<script> DIR` (a script that writes the layout of
+/// mkfixture.sh) into this process's fixture directory and reads what it built.
+/// The exit hook deletes the store paths listed under `DIR/paths`.
+pub fn build_fixture_with(script: &str) -> Result<Fixture, String> {
     let _ = run_dir(); // stale cleanup + exit hook
     let dir = tmp_base().join(format!("e2e-fixture-{}", std::process::id()));
     let _ = remove_tree(&dir);
     fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/mkfixture.sh");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(script);
     let started = Instant::now();
     let mut cmd = Command::new("bash");
     cmd.arg(&script).arg(&dir);
@@ -316,25 +323,29 @@ fn build_fixture() -> Result<Fixture, String> {
         started.elapsed().as_secs_f64(),
         out.stdout.trim()
     );
-    let read = |p: &str| -> Result<String, String> {
-        fs::read_to_string(dir.join(p))
-            .map(|s| s.trim().to_string())
-            .map_err(|e| format!("{p}: {e}"))
-    };
-    let lines = |p: &str| -> Result<Vec<String>, String> {
-        Ok(read(p)?.lines().map(String::from).collect())
-    };
     Ok(Fixture {
-        up1_public_key: read("keys/up1.pub")?,
+        up1_public_key: fixture_text(&dir, "keys/up1.pub")?,
         up1_secret_key_file: dir.join("keys/up1.sec"),
-        up2_public_key: read("keys/up2.pub")?,
-        top: read("paths/top.txt")?,
-        lib: read("paths/lib.txt")?,
-        big: read("paths/big.txt")?,
-        top_closure: lines("paths/top-closure.txt")?,
-        many: lines("paths/many.txt")?,
+        up2_public_key: fixture_text(&dir, "keys/up2.pub")?,
+        top: fixture_text(&dir, "paths/top.txt")?,
+        lib: fixture_text(&dir, "paths/lib.txt")?,
+        big: fixture_text(&dir, "paths/big.txt")?,
+        top_closure: fixture_lines(&dir, "paths/top-closure.txt")?,
+        many: fixture_lines(&dir, "paths/many.txt")?,
         dir,
     })
+}
+
+/// A fixture file's text, trimmed.
+pub fn fixture_text(dir: &Path, p: &str) -> Result<String, String> {
+    fs::read_to_string(dir.join(p))
+        .map(|s| s.trim().to_string())
+        .map_err(|e| format!("{p}: {e}"))
+}
+
+/// A fixture file's lines (a list of store paths).
+pub fn fixture_lines(dir: &Path, p: &str) -> Result<Vec<String>, String> {
+    Ok(fixture_text(dir, p)?.lines().map(String::from).collect())
 }
 
 // ---------------------------------------------------------------------------

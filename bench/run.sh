@@ -36,7 +36,7 @@ SLOW_RATE=${BENCH_SLOW_RATE:-48m}
 CLIENTS=${BENCH_CLIENTS:-50}
 REPS=${BENCH_REPS:-11}
 MISS_REPS=${BENCH_MISS_REPS:-3}
-WRK_DURATION=${BENCH_WRK_DURATION:-5s}
+WRK_DURATION=${BENCH_WRK_DURATION:-3s}
 ONLY=${BENCH_ONLY:-abcdef}
 OUT=${BENCH_OUT:-$HERE/last-run.txt}
 FIXTURE_NONCE=ncps-bench-v1
@@ -288,17 +288,27 @@ wrk_rps() { # url -> "rps non2xx"
   echo "${rps:-0} ${bad:-0} ${p99:-?} ${errs:-}"
 }
 bench_b() {
-  report "== b. narinfo hit: wrk -c32 -t2 -d$WRK_DURATION, requests/s"
+  local rounds=${BENCH_WRK_ROUNDS:-5}
+  report "== b. narinfo hit: wrk -c32 -t2 -d$WRK_DURATION, requests/s, median of $rounds interleaved rounds"
   command -v wrk >/dev/null || { report "b: wrk missing (apt-get install -y wrk), skipped"; return; }
   local h; h=$(awk '$1=="64M"{print $2}' "$FIX/paths")
-  local n c
-  n=$(wrk_rps "http://127.0.0.1:$P_REF/$h.narinfo")
   if [ $NCPS_OK = 1 ]; then
     ncps_nar_url $P_NCPS_FAST "$h" > /dev/null || { report "b: ncps narinfo fetch failed"; NCPS_FAIL=1; return; }
-    c=$(wrk_rps "http://127.0.0.1:$P_NCPS_FAST/$h.narinfo")
-    report "b: nginx $(awk '{print $1}' <<<"$n") req/s (non-2xx $(awk '{print $2}' <<<"$n"), p99 $(awk '{print $3}' <<<"$n")) | ncps $(awk '{print $1}' <<<"$c") req/s (non-2xx $(awk '{print $2}' <<<"$c"), p99 $(awk '{print $3}' <<<"$c")) $(cut -d' ' -f4- <<<"$c") | ratio ncps/nginx $(ratio "$(awk '{print $1}' <<<"$c")" "$(awk '{print $1}' <<<"$n")")  (target >= 1.0)"
+  fi
+  local ns=() cs=() n c r
+  for r in $(seq "$rounds"); do
+    n=$(wrk_rps "http://127.0.0.1:$P_REF/$h.narinfo"); ns+=("$(awk '{print $1}' <<<"$n")")
+    if [ $NCPS_OK = 1 ]; then
+      c=$(wrk_rps "http://127.0.0.1:$P_NCPS_FAST/$h.narinfo"); cs+=("$(awk '{print $1}' <<<"$c")")
+      [ "$(awk '{print $2}' <<<"$c")" = 0 ] || report "b: ncps round $r: non-2xx $(awk '{print $2}' <<<"$c") $(cut -d' ' -f4- <<<"$c")"
+    fi
+  done
+  local nm; nm=$(printf "%s\n" "${ns[@]}" | median)
+  if [ $NCPS_OK = 1 ]; then
+    local cm; cm=$(printf "%s\n" "${cs[@]}" | median)
+    report "b: nginx $nm req/s (rounds: ${ns[*]}) | ncps $cm req/s (rounds: ${cs[*]}) | ratio ncps/nginx $(ratio "$cm" "$nm")  (target >= 1.0)"
   else
-    report "b: nginx $(awk '{print $1}' <<<"$n") req/s | ncps n/a"
+    report "b: nginx $nm req/s | ncps n/a"
   fi
 }
 

@@ -10,6 +10,7 @@ use crate::config::Config;
 use crate::db::{self, Db, NarRecord};
 use crate::flight::{Download, SingleFlight};
 use crate::http::Body;
+use crate::memo::Memo;
 use crate::metrics::{Kind, Metrics, StoreStats};
 use crate::nix::hash::Hasher;
 use crate::nix::{NarInfo, NarName, PublicKey, SecretKey, StorePathHash};
@@ -61,6 +62,11 @@ impl From<db::DbError> for CacheError {
     }
 }
 
+/// Memory for recently served narinfos (a few thousand typical ones).
+const MEMO_BUDGET: usize = 4 << 20;
+/// Larger narinfos (thousands of references) are served from their file.
+const MEMO_ENTRY_MAX: u64 = 16 * 1024;
+
 /// How long a narinfo whose NAR has not been fetched is safe from eviction: the time a client
 /// may take between reading a narinfo and asking for its NAR.
 const PENDING_GRACE_SECS: i64 = 600;
@@ -91,6 +97,8 @@ pub struct Cache {
     /// NARs of narinfos that were served but could not be indexed (a full disk).
     unindexed: Mutex<HashMap<NarName, NarRecord>>,
     metrics: Arc<Metrics>,
+    /// Recently served narinfos, so a hit needs no file system call.
+    memo: Mutex<Memo>,
 }
 
 /// Why an upload was refused.
@@ -153,6 +161,7 @@ impl Cache {
             usage: AtomicU64::new(0),
             evicting: Mutex::new(()),
             unindexed: Mutex::new(HashMap::new()),
+            memo: Mutex::new(Memo::new(MEMO_BUDGET, Duration::from_secs(60))),
             metrics: Arc::new(Metrics::new(&config.upstreams.iter().map(|u| u.url.clone()).collect::<Vec<_>>())),
         }
     }
@@ -194,15 +203,23 @@ impl Cache {
         self.key.public()
     }
 
-    /// The narinfo if it is on disk (a hit), without ever asking upstream.
+    /// The narinfo if it is here (a hit), without ever asking upstream.
     pub fn narinfo_hit(&self, hash: &StorePathHash) -> Result<Option<Body>, CacheError> {
-        match Store::open_existing(&self.store.narinfo_path(hash))? {
-            Some((file, len)) => {
-                lock(&self.touched).narinfos.insert(*hash, db::now());
-                Ok(Some(Body::File { file, len }))
-            }
-            None => Ok(None),
+        if let Some(bytes) = lock(&self.memo).get(hash) {
+            lock(&self.touched).narinfos.insert(*hash, db::now());
+            return Ok(Some(Body::Bytes(bytes.to_vec())));
         }
+        let Some((file, len)) = Store::open_existing(&self.store.narinfo_path(hash))? else {
+            return Ok(None);
+        };
+        lock(&self.touched).narinfos.insert(*hash, db::now());
+        if len > MEMO_ENTRY_MAX {
+            return Ok(Some(Body::File { file, len }));
+        }
+        let mut bytes = vec![0u8; len as usize];
+        std::os::unix::fs::FileExt::read_exact_at(&file, &mut bytes, 0)?;
+        lock(&self.memo).insert(*hash, Arc::from(&bytes[..]));
+        Ok(Some(Body::Bytes(bytes)))
     }
 
     /// `GET /<hash>.narinfo`.
@@ -339,6 +356,7 @@ impl Cache {
         // file, which start-up drops, never a served narinfo whose NAR nobody can find.
         let replaced = self.db.put_narinfo(hash, &info.store_path, record, served.len() as u64)?;
         self.store.write_atomic(&self.store.narinfo_path(hash), &served)?;
+        lock(&self.memo).insert(*hash, Arc::from(&served[..]));
         self.add_usage(served.len() as u64, replaced);
         self.enforce_limit();
         Ok(served)
@@ -505,6 +523,7 @@ impl Cache {
                     break;
                 }
                 // The file goes first, so the narinfo is never served once its NAR may be gone.
+                lock(&self.memo).remove(&hash);
                 Store::remove(&self.store.narinfo_path(&hash))?;
                 if let Some(r) = self.db.remove_narinfo(&hash)? {
                     self.remove_files(&r, &mut evicted)?;
@@ -528,6 +547,7 @@ impl Cache {
     fn remove_files(&self, r: &db::Removed, tally: &mut Evicted) -> Result<(), CacheError> {
         let mut freed = 0;
         for (hash, size) in &r.narinfos {
+            lock(&self.memo).remove(hash);
             Store::remove(&self.store.narinfo_path(hash))?;
             freed += size;
             tally.narinfos += 1;
@@ -546,6 +566,7 @@ impl Cache {
 
     /// `DELETE /<hash>.narinfo`: removes it, and its NAR when nothing else uses it.
     pub fn delete_narinfo(&self, hash: &StorePathHash) -> Result<bool, CacheError> {
+        lock(&self.memo).remove(hash);
         Store::remove(&self.store.narinfo_path(hash))?;
         self.forget_missing(hash);
         match self.db.remove_narinfo(hash)? {

@@ -13,6 +13,7 @@ pub mod flight;
 pub mod fsck;
 pub mod http;
 pub mod logging;
+pub mod memo;
 pub mod metrics;
 pub mod nix;
 pub mod routes;

@@ -84,10 +84,20 @@ pub fn flush() {
     log::logger().flush();
 }
 
-/// The current time as `YYYY-MM-DDTHH:MM:SSZ`.
+/// The current time as `YYYY-MM-DDTHH:MM:SSZ`. Formatted once a second per thread: a busy
+/// server logs thousands of lines within the same second.
 pub fn utc_now() -> String {
+    thread_local! {
+        static LAST: std::cell::RefCell<(u64, String)> = const { std::cell::RefCell::new((u64::MAX, String::new())) };
+    }
     let secs = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
-    format_utc(secs)
+    LAST.with(|last| {
+        let mut last = last.borrow_mut();
+        if last.0 != secs {
+            *last = (secs, format_utc(secs));
+        }
+        last.1.clone()
+    })
 }
 /// Formats Unix seconds as an ISO 8601 UTC timestamp.
 ///

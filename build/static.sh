@@ -248,10 +248,10 @@ for arch in $ARCHS; do
     bin=$OUT/ncps-$arch
     file "$bin"
     # A static executable has no PT_INTERP (dynamic loader) and no dynamic section.
-    if readelf -lW "$bin" | grep -q INTERP || readelf -dW "$bin" | grep -q NEEDED; then
+    if [[ $(readelf -lW "$bin") == *INTERP* || $(readelf -dW "$bin") == *NEEDED* ]]; then
         echo "  FAIL: $bin is dynamically linked" >&2; fail=1
     fi
-    if ! file "$bin" | grep -q 'statically linked'; then
+    if [[ $(file "$bin") != *'statically linked'* ]]; then
         echo "  FAIL: file(1) does not call $bin statically linked" >&2; fail=1
     fi
     if [[ $arch == x86_64 ]]; then

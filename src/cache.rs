@@ -31,8 +31,8 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 pub enum Answer {
     /// Served from disk.
     Hit(Body),
-    /// Fetched (or being fetched) from upstream.
-    Miss(Body),
+    /// Fetched (or being fetched) from upstream: the body and where it comes from, for the log.
+    Miss(Body, Arc<str>),
     /// Only the length is known (a HEAD for a NAR not fetched yet).
     Length(u64),
     NotFound,
@@ -72,7 +72,8 @@ const MEMO_ENTRY_MAX: u64 = 16 * 1024;
 const PENDING_GRACE_SECS: i64 = 600;
 
 /// What a narinfo miss produced, shared by everyone who asked at the same time.
-type NarinfoResult = Result<Option<Arc<Vec<u8>>>, String>;
+/// The narinfo ncps serves and the upstream it came from, `None` when no upstream has it.
+type NarinfoResult = Result<Option<(Arc<str>, Arc<Vec<u8>>)>, String>;
 
 pub struct Cache {
     store: Store,
@@ -232,7 +233,7 @@ impl Cache {
         }
         let (result, _) = self.narinfo_flights.run(*hash, || self.fetch_narinfo(hash));
         match result {
-            Ok(Some(bytes)) => Ok(Answer::Miss(Body::Bytes(bytes.to_vec()))),
+            Ok(Some((from, bytes))) => Ok(Answer::Miss(Body::Bytes(bytes.to_vec()), from)),
             Ok(None) => Ok(Answer::NotFound),
             Err(e) => Err(CacheError(e)),
         }
@@ -297,7 +298,7 @@ impl Cache {
             match self.accept_narinfo(&upstream.url, hash, &bytes) {
                 Ok(served) => {
                     log::info!("narinfo {hash}: from {} in {:.1}ms", upstream.url, started.elapsed().as_secs_f64() * 1000.0);
-                    return Ok(Some(Arc::new(served)));
+                    return Ok(Some((Arc::from(upstream.url.as_str()), Arc::new(served))));
                 }
                 Err(why) => {
                     log::warn!("upstream {}: narinfo {hash} refused: {why}; trying the next", upstream.url);
@@ -324,9 +325,7 @@ impl Cache {
         if !self.trusted.is_empty() && !verified {
             return Err("no signature by a trusted upstream key".into());
         }
-        let (file_hash, file_size) = info
-            .file_digest()
-            .ok_or("no FileHash/FileSize to check the NAR against")?;
+        let (file_hash, file_size) = info.file_digest()?;
         let (name, upstream_url) = nar_location(base, &info.url, &file_hash, &info.compression)?;
         info.url = format!("nar/{name}");
         if self.sign && verified {
@@ -382,7 +381,7 @@ impl Cache {
         }
         let mut downloads = lock(&self.downloads);
         if let Some(d) = downloads.get(name) {
-            return Ok(Answer::Miss(Body::Growing(Box::new(d.reader()))));
+            return Ok(Answer::Miss(Body::Growing(Box::new(d.reader())), origin(&record.upstream_url)));
         }
         // A download may have finished between the first look and taking the lock.
         if let Some((file, len)) = Store::open_existing(&path)? {
@@ -396,6 +395,7 @@ impl Cache {
         // The first reader registers before the download starts, so a full disk from the
         // first byte still has someone to relay to.
         let first = download.reader();
+        let from = origin(&record.upstream_url);
         let job = DownloadJob { record, temp, download };
         let cache = Arc::clone(self);
         std::thread::Builder::new()
@@ -417,7 +417,7 @@ impl Cache {
                 self.metrics.download_finished();
                 CacheError(format!("starting download thread: {e}"))
             })?;
-        Ok(Answer::Miss(Body::Growing(Box::new(first))))
+        Ok(Answer::Miss(Body::Growing(Box::new(first)), from))
     }
 
     fn run_download(&self, job: DownloadJob) {
@@ -650,9 +650,8 @@ impl Cache {
         if info.store_path_hash() != Some(*hash) {
             return Err(UploadError::Bad(format!("narinfo describes {}, not {hash}", info.store_path)));
         }
-        let (file_hash, file_size) = info
-            .file_digest()
-            .ok_or_else(|| UploadError::Bad("narinfo has no FileHash/FileSize".into()))?;
+        let (file_hash, file_size) =
+            info.file_digest().map_err(|e| UploadError::Bad(format!("narinfo: {e}")))?;
         let name = info
             .url
             .strip_prefix("nar/")
@@ -879,6 +878,13 @@ struct DownloadJob {
     record: NarRecord,
     temp: crate::store::TempFile,
     download: Arc<Download>,
+}
+
+/// The scheme and authority of `url` (`http://host:port`), which names its upstream in logs.
+fn origin(url: &str) -> Arc<str> {
+    let after_scheme = url.find("://").map_or(0, |i| i + 3);
+    let end = url[after_scheme..].find('/').map_or(url.len(), |i| after_scheme + i);
+    Arc::from(&url[..end])
 }
 
 /// Where ncps keeps a NAR (its name) and where to fetch it (an absolute URL), from a

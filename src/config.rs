@@ -481,15 +481,18 @@ pub fn parse_listen_addr(addr: &str) -> Result<(String, u16), String> {
 /// assert_eq!(parse_size("100B"), Some(100));
 /// assert_eq!(parse_size("1.5G"), None);
 /// assert_eq!(parse_size("10GB"), None);
+/// assert_eq!(parse_size("1µ"), None);
 /// ```
 pub fn parse_size(s: &str) -> Option<u64> {
-    let (num, unit) = s.split_at(s.len().checked_sub(1)?);
-    let shift = match unit.to_ascii_uppercase().as_str() {
-        "B" => 0,
-        "K" => 10,
-        "M" => 20,
-        "G" => 30,
-        "T" => 40,
+    // Not split_at(len - 1): that panics when the last character is more than one byte.
+    let unit = s.chars().last()?;
+    let num = &s[..s.len() - unit.len_utf8()];
+    let shift = match unit.to_ascii_uppercase() {
+        'B' => 0,
+        'K' => 10,
+        'M' => 20,
+        'G' => 30,
+        'T' => 40,
         _ => return None,
     };
     if num.is_empty() || !num.bytes().all(|c| c.is_ascii_digit()) {

@@ -44,6 +44,8 @@ pub enum DbError {
     Sqlite { context: String, source: rusqlite::Error },
     NewerSchema { found: u32, supported: u32 },
     Corrupt(String),
+    /// Tables but no schema version: another program's database (Go ncps's, typically).
+    Foreign(Vec<String>),
 }
 
 impl fmt::Display for DbError {
@@ -56,6 +58,13 @@ impl fmt::Display for DbError {
                  it was written by a newer ncps; use that version or a fresh database"
             ),
             DbError::Corrupt(m) => write!(f, "database is corrupt: {m}"),
+            DbError::Foreign(tables) => write!(
+                f,
+                "the database holds tables ({}) but no ncps-rs schema version: it belongs to another \
+                 program (Go ncps keeps a schema_migrations table); ncps-rs keeps its own index, so \
+                 point --cache-database-url at a new file",
+                tables.join(", ")
+            ),
         }
     }
 }
@@ -130,6 +139,19 @@ impl Db {
         let found: u32 = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).context(ctx)?;
         if found > SCHEMA_VERSION {
             return Err(DbError::NewerSchema { found, supported: SCHEMA_VERSION });
+        }
+        if found == 0 {
+            // Creating our tables next to someone else's would fail half-way ("table narinfos
+            // already exists") or, worse, succeed and mix two indexes in one file.
+            let mut stmt = conn
+                .prepare("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")
+                .context(ctx)?;
+            let tables: Vec<String> =
+                stmt.query_map([], |r| r.get(0)).context(ctx)?.collect::<Result<_, _>>().context(ctx)?;
+            drop(stmt);
+            if !tables.is_empty() {
+                return Err(DbError::Foreign(tables));
+            }
         }
         let check: String =
             conn.query_row("PRAGMA quick_check", [], |r| r.get(0)).context(ctx)?;
@@ -449,6 +471,26 @@ impl Db {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn a_database_with_tables_but_no_version_is_refused_untouched() {
+        let dir = std::env::temp_dir().join(format!("ncps-db-foreign-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("go.sqlite");
+        let _ = std::fs::remove_file(&path);
+        let conn = Connection::open(&path).unwrap();
+        conn.execute_batch("CREATE TABLE schema_migrations (version TEXT); CREATE TABLE narinfos (id INTEGER);")
+            .unwrap();
+        drop(conn);
+        let err = Db::open(&path).err().expect("refused");
+        assert!(matches!(err, DbError::Foreign(_)), "{err}");
+        assert!(err.to_string().contains("schema_migrations"), "{err}");
+        let conn = Connection::open(&path).unwrap();
+        let version: u32 = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
+        assert_eq!(version, 0, "nothing was migrated");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
     use super::*;
 
     fn record(stored: bool) -> NarRecord {

@@ -229,7 +229,9 @@ impl Routes {
         };
         let (outcome, resp) = match result {
             Ok(Answer::Hit(body)) => (Outcome::Hit, Response::new(200, content_type, body).with_note("hit")),
-            Ok(Answer::Miss(body)) => (Outcome::Miss, Response::new(200, content_type, body).with_note("miss")),
+            Ok(Answer::Miss(body, from)) => {
+                (Outcome::Miss, Response::new(200, content_type, body).with_note("miss").with_upstream(from))
+            }
             Ok(Answer::Length(n)) => {
                 (Outcome::Miss, Response::new(200, content_type, Body::Declared(n)).with_note("miss"))
             }

@@ -53,12 +53,37 @@ pub fn prepare(config: &Config) -> Result<Prepared, Exit> {
         ConfigError::new("cache-data-path", format!("cannot create {}: {e}", config.data_path.display()))
     })?;
     let store = Store::open(&config.data_path, &config.temp_path).map_err(|e| {
-        let flag = if config.temp_path.starts_with(&config.data_path) { "cache-data-path" } else { "cache-temp-path" };
+        let flag = if e.in_temp_dir && !config.temp_path.starts_with(&config.data_path) {
+            "cache-temp-path"
+        } else {
+            "cache-data-path"
+        };
         ConfigError::new(flag, format!("not writable: {e}"))
     })?;
-    let db = Db::open(&config.database_path)
-        .map_err(|e| runtime(format!("database {}: {e}", config.database_path.display())))?;
-    let key = load_key(config, &db)?;
+    // The start-up check removes files the index does not vouch for. With no index at all,
+    // every file would go: a cache left by Go ncps (same layout, its own database) or one
+    // whose database was deleted. Refuse instead; nothing here may cost a user their cache.
+    let db_exists = std::fs::metadata(&config.database_path).is_ok_and(|m| m.len() > 0);
+    if !db_exists && store.holds_files().unwrap_or(true) {
+        return Err(ConfigError::new(
+            "cache-database-url",
+            format!(
+                "{} does not exist, but {} already holds cached files (a cache made by Go ncps, \
+                 or one whose database was removed); ncps-rs will not delete them: move that \
+                 folder away (or give another --cache-data-path) to start with an empty cache",
+                config.database_path.display(),
+                config.data_path.join("store").display()
+            ),
+        )
+        .into());
+    }
+    let db = Db::open(&config.database_path).map_err(|e| match e {
+        crate::db::DbError::Foreign(_) => {
+            ConfigError::new("cache-database-url", format!("{}: {e}", config.database_path.display())).into()
+        }
+        e => runtime(format!("database {}: {e}", config.database_path.display())),
+    })?;
+    let key = load_key(config)?;
 
     let listener = bind(&config.server_addr)?;
     let max_connections = raise_fd_limit(config.workers);
@@ -178,7 +203,7 @@ fn wait_for(set: &libc::sigset_t) -> i32 {
 
 /// The signing key: the file given, else the one generated on first start and kept in the
 /// data path, so that clients that trust it keep trusting it across restarts.
-fn load_key(config: &Config, _db: &Db) -> Result<SecretKey, Exit> {
+fn load_key(config: &Config) -> Result<SecretKey, Exit> {
     if let Some(path) = &config.secret_key_path {
         let text = std::fs::read_to_string(path).map_err(|e| {
             ConfigError::new("cache-secret-key-path", format!("reading {}: {e}", path.display()))

@@ -37,21 +37,38 @@ pub fn with_path(e: io::Error, what: &str, path: &Path) -> io::Error {
     io::Error::new(e.kind(), format!("{what} {}: {e}", path.display()))
 }
 
+/// Why [`Store::open`] failed, and whether the temp directory (not the data path) is to blame,
+/// so that the error names the right flag.
+#[derive(Debug)]
+pub struct OpenError {
+    pub in_temp_dir: bool,
+    pub source: io::Error,
+}
+
+impl std::fmt::Display for OpenError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.source.fmt(f)
+    }
+}
+
 impl Store {
     /// Opens (creating if needed) the store under `data_path`, with temp files in `temp_dir`,
     /// and checks both can be written.
-    pub fn open(data_path: &Path, temp_dir: &Path) -> io::Result<Store> {
+    pub fn open(data_path: &Path, temp_dir: &Path) -> Result<Store, OpenError> {
         let store = Store {
             nar_dir: data_path.join("store").join("nar"),
             narinfo_dir: data_path.join("store").join("narinfo"),
             temp_dir: temp_dir.to_path_buf(),
             counter: AtomicU64::new(0),
         };
-        for dir in [&store.nar_dir, &store.narinfo_dir, &store.temp_dir] {
-            fs::create_dir_all(dir).map_err(|e| with_path(e, "creating", dir))?;
+        let data_err = |source| OpenError { in_temp_dir: false, source };
+        let temp_err = |source| OpenError { in_temp_dir: true, source };
+        for dir in [&store.nar_dir, &store.narinfo_dir] {
+            fs::create_dir_all(dir).map_err(|e| data_err(with_path(e, "creating", dir)))?;
         }
+        fs::create_dir_all(&store.temp_dir).map_err(|e| temp_err(with_path(e, "creating", &store.temp_dir)))?;
         // Prove the temp directory is writable now, not on the first miss.
-        drop(store.temp_file()?);
+        drop(store.temp_file().map_err(temp_err)?);
         Ok(store)
     }
 
@@ -130,6 +147,20 @@ impl Store {
             }
         })?;
         Ok((nars, strays))
+    }
+
+    /// Whether any file at all is under the NAR or narinfo directories.
+    pub fn holds_files(&self) -> io::Result<bool> {
+        fn any_file(dir: &Path) -> io::Result<bool> {
+            for entry in fs::read_dir(dir).map_err(|e| with_path(e, "listing", dir))? {
+                let entry = entry?;
+                if !entry.file_type()?.is_dir() || any_file(&entry.path())? {
+                    return Ok(true);
+                }
+            }
+            Ok(false)
+        }
+        Ok(any_file(&self.nar_dir)? || any_file(&self.narinfo_dir)?)
     }
 
     /// Every narinfo file on disk, by hash, plus strays as for [`Store::list_nars`].

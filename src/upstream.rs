@@ -108,8 +108,11 @@ impl Upstreams {
         }
         let limit = MAX_NARINFO_BYTES as u64 + 1;
         let mut body = Vec::new();
-        resp.into_body()
-            .into_reader()
+        // Not asked for, but some servers compress every response; the limit applies to the
+        // decoded text, so a small, highly compressed body cannot grow without bound.
+        let encoding = content_encoding(&resp);
+        let (reader, _) = decode(resp.into_body().into_reader(), &encoding)?;
+        reader
             .take(limit)
             .read_to_end(&mut body)
             .map_err(|e| UpstreamError::Transport(e.to_string()))?;
@@ -133,20 +136,34 @@ impl Upstreams {
             resp.headers().get(name).and_then(|v| v.to_str().ok()).map(|s| s.trim().to_string())
         };
         let content_length = header("content-length").and_then(|v| v.parse().ok());
-        let encoding = header("content-encoding").unwrap_or_default().to_ascii_lowercase();
-        let raw = resp.into_body().into_reader();
-        let (reader, decoded): (Box<dyn Read + Send>, bool) = match encoding.as_str() {
-            "" | "identity" => (Box::new(raw), false),
-            "zstd" => {
-                let d = zstd::stream::read::Decoder::new(raw)
-                    .map_err(|e| UpstreamError::Transport(format!("zstd decoder: {e}")))?;
-                (Box::new(d), true)
-            }
-            other => {
-                return Err(UpstreamError::Transport(format!("unsupported Content-Encoding {other:?}")))
-            }
-        };
+        let encoding = content_encoding(&resp);
+        let (reader, decoded) = decode(resp.into_body().into_reader(), &encoding)?;
         Ok(Some(NarBody { reader, content_length, decoded }))
+    }
+}
+
+fn content_encoding(resp: &ureq::http::Response<ureq::Body>) -> String {
+    resp.headers()
+        .get("content-encoding")
+        .and_then(|v| v.to_str().ok())
+        .map(|s| s.trim().to_ascii_lowercase())
+        .unwrap_or_default()
+}
+
+/// Undoes a `Content-Encoding` (zstd is the one Nix cache servers use). Returns the reader of
+/// the decoded bytes and whether anything was undone.
+fn decode(
+    raw: impl Read + Send + 'static,
+    encoding: &str,
+) -> Result<(Box<dyn Read + Send>, bool), UpstreamError> {
+    match encoding {
+        "" | "identity" => Ok((Box::new(raw), false)),
+        "zstd" => {
+            let d = zstd::stream::read::Decoder::new(raw)
+                .map_err(|e| UpstreamError::Transport(format!("zstd decoder: {e}")))?;
+            Ok((Box::new(d), true))
+        }
+        other => Err(UpstreamError::Transport(format!("unsupported Content-Encoding {other:?}"))),
     }
 }
 

@@ -117,11 +117,11 @@ fn nar_bytes_reach_the_client_before_the_upstream_has_sent_them_all() {
     assert_eq!(status, 200);
     let mut buf = vec![0u8; 64 * 1024];
     let mut h = Sha256::new();
-    let first = loop {
+    let first = {
         let n = c.read_body_chunk(&mut buf).expect("first body bytes");
         assert!(n > 0, "the body ended before any byte arrived");
         h.update(&buf[..n]);
-        break n as u64;
+        n as u64
     };
     let upstream_sent = up.bytes_sent(&upstream_path);
     eprintln!("first {first} body bytes arrived when the upstream had sent {upstream_sent} of {size}");
@@ -198,6 +198,28 @@ fn a_flood_of_distinct_narinfo_misses_is_answered_and_remembered() {
         200,
         "within the negative-cache TTL a repeated miss must not reach the upstream"
     );
+}
+
+#[test]
+fn a_remembered_miss_is_asked_again_after_the_negative_ttl() {
+    let dir = TempDir::new("empty-upstream");
+    fs::write(dir.join("nix-cache-info"), "StoreDir: /nix/store\nWantMassQuery: 1\n").unwrap();
+    let up = Upstream::serve_dir(dir.path());
+    let ncps = Ncps::for_upstreams_with(&[up.url()], &[SOME_VALID_PUBLIC_KEY], &["--cache-negative-ttl", "1s"]);
+    let path = format!("/{}.narinfo", random_hash(std::process::id() as u64));
+    let asked = || up.hits(&path);
+    assert_eq!(ncps.get(&path).status, 404);
+    assert_eq!(ncps.get(&path).status, 404);
+    assert_eq!(asked(), 1, "a second miss within the TTL is answered from memory");
+    std::thread::sleep(Duration::from_millis(1300));
+    assert_eq!(ncps.get(&path).status, 404);
+    assert_eq!(asked(), 2, "after the TTL the upstream is asked again (it may have the path now)");
+
+    let off = Ncps::for_upstreams_with(&[up.url()], &[SOME_VALID_PUBLIC_KEY], &["--cache-negative-ttl", "0s"]);
+    up.reset_hits();
+    assert_eq!(off.get(&path).status, 404);
+    assert_eq!(off.get(&path).status, 404);
+    assert_eq!(asked(), 2, "a TTL of 0 remembers nothing");
 }
 
 #[test]

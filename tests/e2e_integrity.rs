@@ -423,6 +423,79 @@ fn slow_upstream_fetch_succeeds_and_verifies() {
     assert_only_verified_nars_stored(&ncps);
 }
 
+#[test]
+fn upstream_stalling_mid_nar_is_given_up_after_the_body_idle_timeout_and_the_next_upstream_serves_it() {
+    let Some(fx) = fixture_or_skip() else { return };
+    let stalling = Upstream::for_cache(fx, Compression::Xz);
+    stalling.set_mode_for(Mode::StallMidBody, Target::Nar);
+    let good = Upstream::for_cache(fx, Compression::Xz);
+    let ncps = Ncps::for_upstreams_with(&[stalling.url(), good.url()], &[&fx.up1_public_key], SHORT_TIMEOUTS);
+    let (nar, size) = ncps_nar_path(&ncps, &fx.big);
+
+    let t = Instant::now();
+    let r = raw_request(ncps.addr, &get_request(&nar), Duration::from_secs(30))
+        .unwrap_or_else(|e| panic!("GET {nar}: {e}"));
+    let took = t.elapsed();
+    assert!(!r.looks_complete(), "half a NAR, then silence, must not look complete: {:?}", r.end);
+    assert!(took < Duration::from_secs(10), "the 2 s body-idle timeout should end it, took {took:?}");
+    assert!(
+        wait_until(Duration::from_secs(3), || ncps.partial_files().is_empty()),
+        "temp files remain: {:?}",
+        ncps.partial_files()
+    );
+    assert!(ncps.stored_nar_files().is_empty(), "{:?}", ncps.stored_nar_files());
+    assert!(ncps.log().contains("timed out") || ncps.log().contains("timeout"), "a log line says why");
+
+    // The stalled upstream is now tried last: the client gets the NAR, and Nix the closure.
+    let h = raw_get_hashed(ncps.addr, &nar, Duration::from_secs(20)).unwrap();
+    assert_eq!((h.status, h.len, h.end.clone()), (200, size, BodyEnd::Eof));
+    assert_eq!(good.hits(&upstream_nar_path(fx, Compression::Xz, &fx.big)), 1);
+    nix_copy_from(&ncps.url(), &[&fx.top], &ncps.pubkey()).expect("the closure, through the good upstream");
+    assert_only_verified_nars_stored(&ncps);
+}
+
+#[test]
+fn upstream_answering_with_content_encoding_zstd_is_decoded_before_hashing() {
+    let Some(fx) = fixture_or_skip() else { return };
+    for c in [Compression::Xz, Compression::None] {
+        let up = Upstream::for_cache(fx, c);
+        up.set_mode(Mode::ZstdEncoded);
+        let ncps = Ncps::for_upstreams(&[up.url()], &fx.up1_public_key);
+        nix_copy_from(&ncps.url(), &[&fx.top], &ncps.pubkey())
+            .unwrap_or_else(|e| panic!("{c:?} cache behind Content-Encoding: zstd: {e}"));
+        assert_eq!(ncps.stored_nar_files().len(), fx.top_closure.len(), "{c:?}");
+        assert_only_verified_nars_stored(&ncps);
+    }
+}
+
+#[test]
+fn uncompressed_nar_is_checked_against_the_signed_nar_hash_not_the_unsigned_file_hash() {
+    // FileHash, FileSize and URL are outside the signed fingerprint. A narinfo for `top` that
+    // keeps its valid signature but points them at `lib`'s NAR must not get `lib`'s bytes
+    // stored and re-signed as `top`.
+    let Some(fx) = fixture_or_skip() else { return };
+    let forged = resigned_cache_copy(fx, Compression::None, &fx.up1_secret_key_file);
+    let top_path = forged.join(format!("{}.narinfo", store_hash(&fx.top)));
+    let lib = NarInfo::parse(&fs::read_to_string(forged.join(format!("{}.narinfo", store_hash(&fx.lib)))).unwrap());
+    let top = fs::read_to_string(&top_path).unwrap();
+    let swapped: String = top
+        .lines()
+        .map(|l| match l.split_once(": ").map(|(k, _)| k) {
+            Some(k @ ("URL" | "FileHash" | "FileSize")) => format!("{k}: {}\n", lib.get(k).unwrap()),
+            _ => format!("{l}\n"),
+        })
+        .collect();
+    assert_ne!(swapped, top);
+    fs::write(&top_path, &swapped).unwrap();
+    let up = Upstream::serve_dir(forged.path());
+    let ncps = Ncps::for_upstreams(&[up.url()], &fx.up1_public_key);
+
+    let r = ncps.get(&format!("/{}.narinfo", store_hash(&fx.top)));
+    assert_eq!(r.status, 404, "a narinfo whose FileHash contradicts its signed NarHash: {}", r.text());
+    assert!(ncps.log().contains("FileHash/FileSize differ from NarHash/NarSize"), "a log line says why");
+    assert_nothing_stored(&ncps, "forged FileHash");
+}
+
 // ---------------------------------------------------------------------------
 // Crashes and the start-up check
 // ---------------------------------------------------------------------------

@@ -514,6 +514,16 @@ fn uploads_are_signed_by_ncps_and_served_back(suffix: &str) {
     let key = ncps.pubkey();
     let to = format!("{}{suffix}", ncps.url());
     nix_copy_to(&to, &lc.uploads).unwrap_or_else(|e| panic!("upload to {to}: {e}"));
+    let probed = up.hits_where(|p| p.ends_with(".narinfo"));
+    if suffix == "/upload" {
+        // ncps issue 907: Nix asks whether each path is there before uploading it; under
+        // /upload that is answered locally, never by an upstream that cannot have it.
+        assert_eq!(probed, 0, "narinfo probes under /upload reached the upstream: {:?}", up.requests());
+    } else {
+        // At the root the probes were real lookups, remembered as misses: the upload must
+        // clear those, or the GETs below would be 404 for a minute.
+        assert!(probed > 0, "Nix probed the root URL before uploading");
+    }
 
     for p in &lc.uploads {
         assert!(

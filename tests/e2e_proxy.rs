@@ -12,6 +12,7 @@ mod common;
 
 use common::*;
 use std::fs;
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 // ---------------------------------------------------------------------------
@@ -421,9 +422,85 @@ fn bad_config_unwritable_data_path_exits_2() {
     );
 }
 
+/// A data path with cached files, as Go ncps leaves it: `store/nar/<c>/<cc>/<name>`.
+fn data_path_holding_a_cache() -> (TempDir, PathBuf) {
+    let d = TempDir::new("switch");
+    let name = "1w1fff338fvdw53sqgamddn1b2xgds473pv6y13gizdbqjv4i5p3.nar.xz";
+    let nar = d.join("store/nar/1/1w").join(name);
+    fs::create_dir_all(nar.parent().unwrap()).unwrap();
+    fs::write(&nar, b"bytes ncps-rs did not write").unwrap();
+    (d, nar)
+}
+
+fn serve_args(data: &str) -> Vec<String> {
+    let args = ["serve", "--cache-hostname", HOSTNAME, "--cache-data-path", data];
+    let more = ["--upstream-cache", "http://127.0.0.1:9", "--upstream-public-key", SOME_VALID_PUBLIC_KEY];
+    args.iter().chain(&more).chain(&["--server-addr", "{addr}"]).map(|s| s.to_string()).collect()
+}
+
+#[test]
+fn a_cache_without_its_database_is_refused_and_left_alone() {
+    // Go ncps's files, or ours after db.sqlite was deleted: with no index to vouch for them the
+    // start-up check would remove every one. ncps must stop and say so instead.
+    let (d, nar) = data_path_holding_a_cache();
+    let args = serve_args(&d.path().to_string_lossy());
+    let args: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
+    assert_config_error(&args, "--cache-database-url");
+    assert!(nar.exists(), "the cached file must survive");
+    assert!(!d.join("db.sqlite").exists(), "no database may be created, or the next start would wipe the cache");
+}
+
+#[test]
+fn a_database_made_by_another_program_is_refused_and_left_alone() {
+    let (d, nar) = data_path_holding_a_cache();
+    let db = d.join("db.sqlite");
+    let conn = rusqlite::Connection::open(&db).unwrap();
+    conn.execute_batch("CREATE TABLE schema_migrations (version TEXT); CREATE TABLE narinfos (hash TEXT);")
+        .unwrap();
+    drop(conn);
+    let args = serve_args(&d.path().to_string_lossy());
+    let args: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
+    assert_config_error(&args, "--cache-database-url");
+    assert!(nar.exists(), "the cached file must survive");
+    let conn = rusqlite::Connection::open(&db).unwrap();
+    let version: u32 = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
+    assert_eq!(version, 0, "the other program's database must not be migrated");
+}
+
 // ---------------------------------------------------------------------------
 // Endpoints
 // ---------------------------------------------------------------------------
+
+#[test]
+fn healthz_is_200_while_the_store_takes_files_and_503_when_it_does_not() {
+    let (_dir, _up, ncps) = proxy_for_empty_upstream();
+    let r = ncps.get("/healthz");
+    assert_eq!(r.status, 200, "{}", r.text());
+    // The temp directory gone: new files cannot be written, so the cache is not usable.
+    remove_tree(&ncps.data_dir().join("tmp")).unwrap();
+    let r = ncps.get("/healthz");
+    assert!(r.status >= 500, "healthz with no temp directory: {} {}", r.status, r.text());
+    assert_eq!(ncps.get("/nix-cache-info").status, 200, "ncps itself keeps answering");
+}
+
+#[test]
+fn each_request_is_logged_with_status_bytes_duration_hit_or_miss_and_upstream() {
+    let Some(fx) = fixture_or_skip() else { return };
+    let (up, ncps) = proxy_for(fx, Compression::Xz);
+    let path = format!("/{}.narinfo", store_hash(&fx.top));
+    assert_eq!(ncps.get(&path).status, 200);
+    assert_eq!(ncps.get(&path).status, 200);
+    // The log is written in batches (see src/logging.rs): give it a moment.
+    let count = |log: &str| log.lines().filter(|l| l.contains(&format!("GET {path} "))).count();
+    wait_until(Duration::from_secs(3), || count(&ncps.log()) >= 2);
+    let log = ncps.log();
+    let lines: Vec<&str> = log.lines().filter(|l| l.contains(&format!("GET {path} "))).collect();
+    assert_eq!(lines.len(), 2, "one line per request:\n{log}");
+    let miss = " 200 ";
+    assert!(lines[0].contains(miss) && lines[0].contains("ms miss via ") && lines[0].contains(&up.url()), "{}", lines[0]);
+    assert!(lines[1].contains(miss) && lines[1].trim_end().ends_with("ms hit"), "{}", lines[1]);
+    assert!(lines.iter().all(|l| l.contains(" INFO ") && l.contains("127.0.0.1 GET ")), "{lines:?}");
+}
 
 /// An ncps in front of an empty (but healthy) upstream; needs no Nix.
 fn proxy_for_empty_upstream() -> (TempDir, Upstream, Ncps) {
@@ -542,5 +619,67 @@ fn served_narinfo_points_to_nar_keeps_upstream_sig_and_adds_ncps_sig() {
             ncps.head(&format!("/{}.narinfo", store_hash(path))).status,
             200
         );
+        let ct = nar.header("content-type").unwrap_or("");
+        assert_eq!(ct, "application/x-nix-nar", "Content-Type of /{url}");
+        let head = ncps.head(&format!("/{url}"));
+        assert_eq!(head.status, 200, "HEAD /{url}");
+        assert_eq!(head.header("content-length"), served.get("FileSize"), "HEAD /{url} Content-Length");
+        assert!(head.body.is_empty(), "HEAD /{url} has no body");
     }
+}
+
+#[test]
+fn go_ncps_alias_flags_a_given_key_file_and_explicit_database_and_temp_paths() {
+    let Some(fx) = fixture_or_skip() else { return };
+    let up = Upstream::for_cache(fx, Compression::Xz);
+    let elsewhere = TempDir::new("paths");
+    let db = elsewhere.join("index.sqlite");
+    let temp = elsewhere.join("tmp");
+    let s = |v: &str| v.to_string();
+    let ncps = Ncps::start_raw(
+        vec![
+            s("serve"),
+            s("--cache-hostname"),
+            s(HOSTNAME),
+            s("--cache-storage-local"),
+            s("{data}"),
+            s("--cache-upstream-url"),
+            up.url(),
+            s("--cache-database-url"),
+            format!("sqlite:{}", db.display()),
+            s("--cache-temp-path"),
+            temp.display().to_string(),
+            s("--cache-secret-key-path"),
+            fx.up1_secret_key_file.display().to_string(),
+            s("--server-addr"),
+            s("{addr}"),
+        ],
+        vec![(s("CACHE_UPSTREAM_PUBLIC_KEYS"), fx.up1_public_key.clone())],
+    );
+    assert_eq!(ncps.pubkey(), fx.up1_public_key, "/pubkey is the public half of --cache-secret-key-path");
+    nix_copy_from(&ncps.url(), &[&fx.top], &fx.up1_public_key).expect("fetch through ncps");
+    assert!(db.exists(), "the index is where --cache-database-url says");
+    assert!(!ncps.data_dir().join("db.sqlite").exists(), "no second database in the data path");
+    assert!(temp.is_dir(), "the temp directory is where --cache-temp-path says");
+    assert!(!ncps.data_dir().join("secret-key").exists(), "no key is generated when one is given");
+    assert_eq!(ncps.stored_nar_files().len(), fx.top_closure.len());
+}
+
+#[test]
+fn with_signing_off_narinfos_keep_only_upstream_signatures() {
+    let Some(fx) = fixture_or_skip() else { return };
+    let up = Upstream::for_cache(fx, Compression::Zstd);
+    let ncps = Ncps::for_upstreams_with(&[up.url()], &[&fx.up1_public_key], &["--cache-sign-narinfo=false"]);
+    let r = ncps.get(&format!("/{}.narinfo", store_hash(&fx.top)));
+    assert_eq!(r.status, 200);
+    let sigs = NarInfo::parse(&r.text()).sigs();
+    assert!(sigs.iter().all(|s| !s.starts_with(&format!("{HOSTNAME}:"))), "no ncps Sig: {sigs:?}");
+    assert!(!sigs.is_empty(), "the upstream's Sig is kept");
+    nix_copy_from(&ncps.url(), &[&fx.top], &fx.up1_public_key).expect("trusting the upstream key works");
+    let mut fresh = Ncps::for_upstreams_with(&[up.url()], &[&fx.up1_public_key], &["--cache-sign-narinfo=false"]);
+    assert!(
+        nix_copy_from(&fresh.url(), &[&fx.top], &fresh.pubkey()).is_err(),
+        "trusting only ncps's key must fail when ncps signs nothing"
+    );
+    fresh.stop();
 }

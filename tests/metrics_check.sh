@@ -36,8 +36,16 @@ find_promtool() {
     if [[ -x $cache/promtool ]]; then echo "$cache/promtool"; return; fi
     command -v apt-get >/dev/null || return 1
     echo "promtool missing: fetching it from Debian's prometheus package" >&2
-    apt-cache policy prometheus 2>/dev/null | grep -q 'Candidate: [0-9]' ||
-        { echo "no prometheus package candidate (apt-get update?)" >&2; return 1; }
+    # Not `apt-cache policy | grep -q`: under pipefail, grep quitting early makes apt-cache die
+    # of SIGPIPE and the pipeline fail even when the package is there.
+    local policy
+    policy=$(apt-cache policy prometheus 2>/dev/null)
+    if [[ $policy != *"Candidate: "[0-9]* ]]; then
+        apt-get update -qq >/dev/null 2>&1
+        policy=$(apt-cache policy prometheus 2>/dev/null)
+    fi
+    [[ $policy == *"Candidate: "[0-9]* ]] ||
+        { echo "no candidate for Debian's prometheus package, even after apt-get update" >&2; return 1; }
     mkdir -p "$cache" "$TMP/deb" &&
         (cd "$TMP/deb" && apt-get download -q prometheus >/dev/null 2>&1) &&
         dpkg-deb -x "$TMP"/deb/prometheus_*.deb "$TMP/deb/x" &&

@@ -12,7 +12,10 @@
 # 3. A hostile Host header comes back escaped, never as markup.
 # 4. Without text/html, / answers JSON with hostname and publicKey, as Go ncps does.
 # 5. Headless Chromium renders it to OUT.png (default /tmp/ncps-status-page.png), which must be a
-#    PNG larger than 10 KB. Chromium is installed with apt-get when missing and running as root.
+#    1200x900 PNG larger than 10 KB, and its rendered DOM shows every figure the page promises
+#    (hit ratio, bytes served and fetched, store against its 1.0 GiB limit, upstream health with
+#    the failing one's error, recent misses, the nix.conf lines). Chromium is installed with
+#    apt-get when missing and running as root.
 # Exits non-zero, naming each failed check, if anything is wrong.
 set -uo pipefail
 
@@ -55,7 +58,7 @@ start_ncps() {
     fi
     port=$(free_port)
     "$bin" serve --cache-hostname status-check --cache-data-path "$TMP/data" "${upstreams[@]}" \
-        --server-addr "127.0.0.1:$port" >"$TMP/ncps.log" 2>&1 &
+        --cache-max-size 1G --server-addr "127.0.0.1:$port" >"$TMP/ncps.log" 2>&1 &
     SERVER_PID=$!
     URL=http://127.0.0.1:$port
     for _ in $(seq 100); do
@@ -166,10 +169,30 @@ if CHROMIUM=$(find_chromium); then
         --user-data-dir="$TMP/chromium" --screenshot="$OUT" --window-size=1200,900 "$target" \
         >"$TMP/chromium.log" 2>&1
     size=$(stat -c %s "$OUT" 2>/dev/null || echo 0)
-    if [[ $(head -c 8 "$OUT" 2>/dev/null | od -An -tx1 | tr -d ' \n') == 89504e470d0a1a0a ]] && ((size > 10240)); then
-        pass "screenshot: $OUT ($((size / 1024)) KB)"
+    # Width and height from the PNG header: a page that failed to load still makes a PNG, but
+    # a near-blank one compresses to a few KB.
+    dims=$(python3 -c 'import struct,sys; d=open(sys.argv[1],"rb").read(24); print("%dx%d" % struct.unpack(">II", d[16:24]))' "$OUT" 2>/dev/null)
+    if [[ $(head -c 8 "$OUT" 2>/dev/null | od -An -tx1 | tr -d ' \n') == 89504e470d0a1a0a ]] && ((size > 10240)) &&
+        [[ $dims == 1200x900 ]]; then
+        pass "screenshot: $OUT ($((size / 1024)) KB, $dims)"
     else
-        fail "no usable screenshot ($OUT, $size bytes): $(tail -c 500 "$TMP/chromium.log")"
+        fail "no usable screenshot ($OUT, $size bytes, ${dims:-no size}): $(tail -c 500 "$TMP/chromium.log")"
+    fi
+    # What the browser rendered (the DOM after parsing), not only what the server sent: each
+    # figure the page promises is there as text a person reads.
+    timeout 120 "$CHROMIUM" --headless --no-sandbox --disable-gpu --disable-quic --no-first-run \
+        --disable-background-networking --disable-component-update --disable-sync \
+        --user-data-dir="$TMP/chromium" --dump-dom "$target" >"$TMP/dom.html" 2>>"$TMP/chromium.log"
+    text=$(sed 's/<[^>]*>/ /g' "$TMP/dom.html" | tr -s ' \n' ' ')
+    want=("Hit ratio" "Served from cache" "Fetched from upstreams" "Store" "Use this cache" "Upstreams"
+        "Recent misses" "trusted-public-keys = $key")
+    [[ -z $FILE ]] && want+=("of 1.0 GiB" "healthy" "failing" "Connection refused" "q3fmq8dx1lx3ri1x0v6y4mn1hn0k6a9d.narinfo")
+    missing=()
+    for w in "${want[@]}"; do [[ $text == *"$w"* ]] || missing+=("$w"); done
+    if ((${#missing[@]} == 0)); then
+        pass "rendered page shows: ${want[*]}"
+    else
+        fail "rendered page lacks: ${missing[*]}"
     fi
 else
     fail "chromium not found and could not be installed"

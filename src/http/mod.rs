@@ -73,11 +73,13 @@ pub struct Response {
     pub body: Body,
     /// What the request log should say about how this was answered (`hit`, `miss`, ...).
     pub note: &'static str,
+    /// The upstream a miss was fetched from, for the request log.
+    pub upstream: Option<std::sync::Arc<str>>,
 }
 
 impl Response {
     pub fn new(status: u16, content_type: &str, body: Body) -> Response {
-        Response { status, headers: vec![("Content-Type", content_type.to_string())], body, note: "" }
+        Response { status, headers: vec![("Content-Type", content_type.to_string())], body, note: "", upstream: None }
     }
 
     /// A short plain-text answer, for errors and small endpoints.
@@ -97,6 +99,19 @@ impl Response {
     pub fn with_note(mut self, note: &'static str) -> Response {
         self.note = note;
         self
+    }
+
+    pub fn with_upstream(mut self, upstream: std::sync::Arc<str>) -> Response {
+        self.upstream = Some(upstream);
+        self
+    }
+
+    /// How the request log describes this answer: `hit`, or `miss via http://upstream`.
+    pub fn log_note(&self) -> String {
+        match &self.upstream {
+            Some(u) => format!("{} via {u}", self.note),
+            None => self.note.to_string(),
+        }
     }
 }
 

@@ -275,7 +275,16 @@ fn dispatch(mut w: Waiting, queue: &Queue, handler: &dyn Handler, config: &Serve
         };
         let rest = w.buf.split_off(head_len);
         let simple = req.content_length == 0 && !req.chunked;
-        let answered = if simple { handler.fast(&req) } else { None };
+        // A panic here would take down the poll loop and with it the server: a worker retries
+        // the request instead, where a second panic costs only that request (a 500).
+        let answered = if simple {
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| handler.fast(&req))).unwrap_or_else(|_| {
+                log::error!("{} {}: internal error (panic) in the fast path", req.method_text, req.target);
+                None
+            })
+        } else {
+            None
+        };
         let Some(resp) = answered else {
             if w.stream.set_nonblocking(false).is_err() {
                 return Dispatch::Refused;
@@ -286,7 +295,7 @@ fn dispatch(mut w: Waiting, queue: &Queue, handler: &dyn Handler, config: &Serve
         let keep_alive = req.keep_alive;
         let start = Instant::now();
         let status = resp.status;
-        let note = resp.note;
+        let note = resp.log_note();
         let body = if req.method == Method::Head { 0 } else { resp.body.len() };
         let bytes = match render_small(resp, req.method == Method::Head, keep_alive) {
             Ok(b) => b,
@@ -455,7 +464,7 @@ fn answer(stream: &mut TcpStream, req: &Request, rest: Vec<u8>, handler: &dyn Ha
     // A body the handler did not read would be taken for the next request: close instead.
     let keep_alive = req.keep_alive && body_left == 0;
     let status = resp.status;
-    let note = resp.note;
+    let note = resp.log_note();
     let result = write_response(stream, resp, req.method == Method::Head, keep_alive);
     let ms = start.elapsed().as_secs_f64() * 1000.0;
     match &result {

@@ -185,13 +185,27 @@ impl NarInfo {
         self.sigs.push(sig);
     }
 
-    /// What describes the bytes at `URL`: (hash, size) of the file as stored. For uncompressed
-    /// NARs this falls back to NarHash/NarSize, which describe the same bytes.
-    pub fn file_digest(&self) -> Option<(Hash, u64)> {
+    /// What describes the bytes at `URL`: (hash, size) of the file as stored.
+    ///
+    /// For uncompressed NARs the answer is always NarHash/NarSize: they are covered by the
+    /// signature, FileHash/FileSize are not, so trusting the latter would let anyone who can
+    /// edit an otherwise validly signed narinfo choose which bytes get stored. A FileHash that
+    /// disagrees with NarHash on an uncompressed NAR makes the narinfo inconsistent: an error.
+    /// For compressed NARs FileHash/FileSize are all there is; the client checks NarHash after
+    /// decompressing.
+    pub fn file_digest(&self) -> Result<(Hash, u64), &'static str> {
+        if self.compression == "none" {
+            let disagree = self.file_hash.is_some_and(|h| h != self.nar_hash)
+                || self.file_size.is_some_and(|s| s != self.nar_size);
+            return if disagree {
+                Err("FileHash/FileSize differ from NarHash/NarSize, yet Compression is none")
+            } else {
+                Ok((self.nar_hash, self.nar_size))
+            };
+        }
         match (self.file_hash, self.file_size) {
-            (Some(h), Some(s)) => Some((h, s)),
-            _ if self.compression == "none" => Some((self.nar_hash, self.nar_size)),
-            _ => None,
+            (Some(h), Some(s)) => Ok((h, s)),
+            _ => Err("no FileHash/FileSize to check the NAR against"),
         }
     }
 }
@@ -325,12 +339,21 @@ Sig: test.example.org-1:HxoeVau/7cYFxbwP84UdPWWUOHleupGFjwD/0joWw4/+XUQ067Gv6svH
     }
 
     #[test]
-    fn file_digest_falls_back_to_nar_hash_when_uncompressed() {
+    fn file_digest_of_uncompressed_nars_is_the_signed_nar_hash() {
         let mut info = NarInfo::parse(REAL.as_bytes()).unwrap();
-        assert_eq!(info.file_digest(), Some((info.file_hash.unwrap(), 212)));
+        assert_eq!(info.file_digest(), Ok((info.file_hash.unwrap(), 212)));
         info.file_hash = None;
-        assert_eq!(info.file_digest(), None);
+        assert!(info.file_digest().is_err(), "compressed without FileHash");
         info.compression = "none".into();
-        assert_eq!(info.file_digest(), Some((info.nar_hash, 336)));
+        info.file_size = None;
+        assert_eq!(info.file_digest(), Ok((info.nar_hash, 336)));
+        // An unsigned FileHash that points elsewhere must not decide what gets stored.
+        info.file_hash = Some(Hash::parse("sha256:1ry6v2khizqmidqkmdc8cnk5nigzzb9fxzvy2q4h1ykxpw7jwah3").unwrap());
+        info.file_size = Some(336);
+        assert!(info.file_digest().is_err());
+        info.file_hash = Some(info.nar_hash);
+        assert_eq!(info.file_digest(), Ok((info.nar_hash, 336)));
+        info.file_size = Some(335);
+        assert!(info.file_digest().is_err());
     }
 }

@@ -617,6 +617,10 @@ pub enum Mode {
     CorruptByte,
     /// Throttle bodies to this many bytes per second.
     Slow(u64),
+    /// Send headers and half the body, then go silent with the connection open.
+    StallMidBody,
+    /// Send bodies compressed with zstd and `Content-Encoding: zstd`, as harmonia does.
+    ZstdEncoded,
 }
 
 /// Which requests the misbehaviour applies to; the others are served normally.
@@ -900,8 +904,13 @@ fn handle_upstream_conn(st: &UpstreamState, mut s: TcpStream, generation: u64) -
         let i = body.len() / 2;
         body[i] ^= 0x5a;
     }
+    let mut encoding = "";
+    if mode == Mode::ZstdEncoded {
+        body = zstd::encode_all(&body[..], 3)?;
+        encoding = "Content-Encoding: zstd\r\n";
+    }
     let header = format!(
-        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nContent-Type: {ctype}\r\nConnection: close\r\n\r\n",
+        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nContent-Type: {ctype}\r\n{encoding}Connection: close\r\n\r\n",
         body.len()
     );
     s.write_all(header.as_bytes())?;
@@ -923,6 +932,14 @@ fn handle_upstream_conn(st: &UpstreamState, mut s: TcpStream, generation: u64) -
                 let _ = s.shutdown(Shutdown::Write);
             }
             drop(s);
+        }
+        Mode::StallMidBody => {
+            s.write_all(&body[..body.len() / 2])?;
+            s.flush()?;
+            count(body.len() / 2);
+            while st.generation.load(Ordering::SeqCst) == generation {
+                thread::sleep(Duration::from_millis(50));
+            }
         }
         Mode::Slow(bps) => {
             let chunk = (bps / 10).max(1) as usize;

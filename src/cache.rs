@@ -36,6 +36,8 @@ pub enum Answer {
     /// Only the length is known (a HEAD for a NAR not fetched yet).
     Length(u64),
     NotFound,
+    /// Too many downloads at once: try again shortly.
+    Busy,
 }
 
 /// An internal failure (disk, database): the client gets a 500, the log gets this.
@@ -84,6 +86,10 @@ pub struct Cache {
     sign: bool,
     negative_ttl: Duration,
     stall_limit: Duration,
+    /// Downloads run on their own threads and outlive the request that started them (the
+    /// bytes are wanted by the cache even if that client left), so the worker pool does not
+    /// bound them: this does.
+    max_downloads: usize,
     narinfo_flights: SingleFlight<StorePathHash, NarinfoResult>,
     downloads: Mutex<HashMap<NarName, Arc<Download>>>,
     /// Upstream NAR URLs that failed recently, tried last next time.
@@ -153,6 +159,7 @@ impl Cache {
             sign: config.sign_narinfo,
             negative_ttl: config.negative_ttl,
             stall_limit: config.body_idle_timeout * 2,
+            max_downloads: config.workers.max(4),
             narinfo_flights: SingleFlight::new(),
             downloads: Mutex::new(HashMap::new()),
             failed_urls: Mutex::new(HashMap::new()),
@@ -386,6 +393,10 @@ impl Cache {
         // A download may have finished between the first look and taking the lock.
         if let Some((file, len)) = Store::open_existing(&path)? {
             return Ok(Answer::Hit(Body::File { file, len }));
+        }
+        if downloads.len() >= self.max_downloads {
+            log::warn!("nar {name}: {} downloads already running; answered 503", downloads.len());
+            return Ok(Answer::Busy);
         }
         let temp = self.store.temp_file()?;
         let download = Arc::new(Download::new(temp.reopen()?, record.file_size, self.stall_limit));

@@ -224,7 +224,7 @@ impl Download {
 
     /// Reader `id`: blocks until more than `sent` bytes may be sent and says where they are.
     /// The last byte is held back until the file is verified.
-    fn wait(&self, id: u64, sent: u64) -> Result<Chunk, String> {
+    fn wait(&self, id: u64, sent: u64, client_gone: &dyn Fn() -> bool) -> Result<Chunk, String> {
         let mut s = lock(&self.state);
         s.readers.insert(id, sent);
         if s.spilling {
@@ -253,6 +253,9 @@ impl Download {
             }
             if s.last_progress.elapsed() > self.stall_limit {
                 return Err(format!("download stalled for {:?}", self.stall_limit));
+            }
+            if client_gone() {
+                return Err("the client went away".into());
             }
             s = self
                 .changed
@@ -283,8 +286,8 @@ impl crate::http::Growing for DownloadBody {
     fn file(&self) -> &File {
         &self.download.file
     }
-    fn wait(&self, sent: u64) -> Result<Chunk, String> {
-        self.download.wait(self.id, sent)
+    fn wait(&self, sent: u64, client_gone: &dyn Fn() -> bool) -> Result<Chunk, String> {
+        self.download.wait(self.id, sent, client_gone)
     }
 }
 
@@ -334,7 +337,7 @@ mod tests {
         let r = d.reader();
         d.progress(10);
         std::thread::scope(|s| {
-            let waiter = s.spawn(|| upto(d.wait(r.id, 0)));
+            let waiter = s.spawn(|| upto(d.wait(r.id, 0, &|| false)));
             std::thread::sleep(Duration::from_millis(50));
             d.finish(Ok(()));
             assert_eq!(waiter.join().unwrap(), Ok(10));
@@ -346,11 +349,11 @@ mod tests {
         let d = download(HOLD_WHOLE_UP_TO + 10);
         let r = d.reader();
         d.progress(4);
-        assert_eq!(upto(d.wait(r.id, 0)), Ok(4));
+        assert_eq!(upto(d.wait(r.id, 0, &|| false)), Ok(4));
         d.progress(HOLD_WHOLE_UP_TO + 10);
-        assert_eq!(upto(d.wait(r.id, 4)), Ok(HOLD_WHOLE_UP_TO + 9), "the last byte waits for the hash check");
+        assert_eq!(upto(d.wait(r.id, 4, &|| false)), Ok(HOLD_WHOLE_UP_TO + 9), "the last byte waits for the hash check");
         d.finish(Ok(()));
-        assert_eq!(upto(d.wait(r.id, HOLD_WHOLE_UP_TO + 9)), Ok(HOLD_WHOLE_UP_TO + 10));
+        assert_eq!(upto(d.wait(r.id, HOLD_WHOLE_UP_TO + 9, &|| false)), Ok(HOLD_WHOLE_UP_TO + 10));
     }
 
 
@@ -361,7 +364,7 @@ mod tests {
         let r = d.reader();
         d.progress(10);
         d.finish(Err("hash mismatch".into()));
-        assert_eq!(upto(d.wait(r.id, 9)), Err("hash mismatch".to_string()));
+        assert_eq!(upto(d.wait(r.id, 9, &|| false)), Err("hash mismatch".to_string()));
     }
 
     #[test]
@@ -371,13 +374,13 @@ mod tests {
         let r = d.reader();
         d.progress(big - 6);
         d.spill(b"efghij").unwrap();
-        assert_eq!(upto(d.wait(r.id, 0)), Ok(big - 6), "what the file holds comes from the file");
-        match d.wait(r.id, big - 6) {
+        assert_eq!(upto(d.wait(r.id, 0, &|| false)), Ok(big - 6), "what the file holds comes from the file");
+        match d.wait(r.id, big - 6, &|| false) {
             Ok(Chunk::Bytes(b)) => assert_eq!(b, b"efghi", "the last byte is still held back"),
             _ => panic!("expected bytes from memory"),
         }
         d.finish(Ok(()));
-        match d.wait(r.id, big - 1) {
+        match d.wait(r.id, big - 1, &|| false) {
             Ok(Chunk::Bytes(b)) => assert_eq!(b, b"j"),
             _ => panic!("expected the last byte"),
         }

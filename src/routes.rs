@@ -236,6 +236,12 @@ impl Routes {
                 (Outcome::Miss, Response::new(200, content_type, Body::Declared(n)).with_note("miss"))
             }
             Ok(Answer::NotFound) => (Outcome::NotFound, Response::not_found().with_note("absent")),
+            Ok(Answer::Busy) => (
+                Outcome::Error,
+                Response::text(503, "Service Unavailable: too many downloads at once\n")
+                    .with_header("Retry-After", "2")
+                    .with_note("busy"),
+            ),
             Err(e) => {
                 log::error!("{} {}: {e}", req.method_text, req.target);
                 (Outcome::Error, Response::text(500, "Internal Server Error\n").with_note("error"))

@@ -223,6 +223,38 @@ fn a_remembered_miss_is_asked_again_after_the_negative_ttl() {
 }
 
 #[test]
+fn downloads_left_running_by_departed_clients_are_bounded_and_the_next_gets_503() {
+    let Some(fx) = fixture_or_skip() else { return };
+    let up = Upstream::for_cache(fx, Compression::Xz);
+    up.set_mode_for(Mode::Slow(20), Target::Nar);
+    // Four workers allow four downloads at once.
+    let ncps = Ncps::for_upstreams_with(&[up.url()], &[&fx.up1_public_key], &["--server-workers", "4"]);
+    let nars: Vec<String> = fx.many[..5]
+        .iter()
+        .map(|p| {
+            let r = ncps.get(&format!("/{}.narinfo", store_hash(p)));
+            assert_eq!(r.status, 200);
+            format!("/{}", NarInfo::parse(&r.text()).get("URL").unwrap())
+        })
+        .collect();
+    for nar in &nars[..4] {
+        // Ask, then leave: the download goes on for the cache's sake.
+        let mut c = RawConn::connect(ncps.addr, Duration::from_secs(10)).unwrap();
+        c.send(&get_request(nar)).unwrap();
+        assert_eq!(c.read_head().unwrap().0, 200, "{nar}");
+    }
+    // The clients left, so their workers are free again (they notice the hang-up while
+    // waiting for bytes), but the four downloads go on.
+    let t = Instant::now();
+    let r = ncps.get(&nars[4]);
+    assert!(t.elapsed() < Duration::from_secs(3), "answered in {:?}: workers are still held", t.elapsed());
+    assert_eq!(r.status, 503, "a fifth download while four run");
+    assert!(r.header("retry-after").is_some(), "503 says when to retry");
+    assert_eq!(ncps.get("/nix-cache-info").status, 200, "ncps keeps answering");
+    up.set_mode(Mode::Normal);
+}
+
+#[test]
 fn parallel_nix_clients_share_each_download() {
     let Some(fx) = fixture_or_skip() else { return };
     let up = Upstream::for_cache(fx, Compression::Zstd);

@@ -99,7 +99,7 @@ pub fn write_response(sock: &mut TcpStream, resp: Response, head_only: bool, kee
             sock.write_all(&out)?;
             let mut sent = 0;
             while sent < len {
-                match g.wait(sent) {
+                match g.wait(sent, &|| peer_gone(sock)) {
                     Ok(Chunk::File { upto }) => {
                         let upto = upto.min(len);
                         if upto > sent {
@@ -126,6 +126,15 @@ pub fn write_response(sock: &mut TcpStream, resp: Response, head_only: bool, kee
 fn read_exact_at(file: &File, buf: &mut [u8], offset: u64) -> io::Result<()> {
     use std::os::unix::fs::FileExt;
     file.read_exact_at(buf, offset)
+}
+
+/// Whether the client closed its end (or the connection broke), without blocking. A request
+/// still unread (pipelining) is not a hang-up.
+fn peer_gone(sock: &TcpStream) -> bool {
+    let mut p = libc::pollfd { fd: sock.as_raw_fd(), events: libc::POLLRDHUP, revents: 0 };
+    // SAFETY: one valid, initialised pollfd, and a zero timeout.
+    let n = unsafe { libc::poll(&mut p, 1, 0) };
+    n > 0 && p.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0
 }
 
 /// Makes the coming close of `sock` a TCP reset, so the client sees a failed transfer at once

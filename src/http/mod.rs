@@ -29,8 +29,10 @@ pub trait Growing: Send {
     /// The file the bytes are written to.
     fn file(&self) -> &File;
     /// Blocks until more than `sent` bytes may be sent and says where they are; `Err` when the
-    /// transfer failed and the client must be cut off.
-    fn wait(&self, sent: u64) -> Result<Chunk, String>;
+    /// transfer failed and the client must be cut off. While it waits it asks `client_gone`
+    /// now and then, and gives up when that says yes: a client that left must not hold a
+    /// worker until a slow download ends.
+    fn wait(&self, sent: u64, client_gone: &dyn Fn() -> bool) -> Result<Chunk, String>;
 }
 
 /// The next part of a [`Growing`] body.

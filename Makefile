@@ -47,7 +47,15 @@ test: deps
 	bash tests/metrics_check.sh
 	bash tests/status_page.sh "" target/status-page.png
 
+# The peers the benchmark compares against (nginx) and its load generator (wrk).
+BENCH_PACKAGES := nginx-light wrk procps iproute2
+
 bench: build
+	@missing=""; for p in $(BENCH_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing:$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	fi
 	NCPS=$(CURDIR)/target/release/ncps bash bench/run.sh
 
 static:

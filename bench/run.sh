@@ -5,7 +5,8 @@
 #
 # Compares ncps against nginx in one run and prints ratios:
 #   a. large NAR hit (64 MiB, 1 GiB): ncps vs nginx (sendfile on) serving the same NAR file
-#   b. narinfo hit: wrk -c32 -t2 -d5s, ncps vs nginx serving the same .narinfo file
+#   b. narinfo hit: wrk -c32 -t2 -d3s, ncps vs nginx serving the same .narinfo file (median of
+#      interleaved rounds)
 #   c. cold miss of the 64 MiB NAR from a rate-limited upstream: ncps (fresh data dir) vs direct
 #   d. 50 concurrent clients missing the same NAR from the slow upstream: upstream request count,
 #      time to first byte, byte-identical bodies; same through nginx proxy_cache + proxy_cache_lock
@@ -21,7 +22,7 @@
 # Knobs (env): NCPS, BENCH_FIXTURES, BENCH_WORK (default: mktemp), BENCH_KEEP=1 (keep work dir),
 #   BENCH_PORT_BASE (19100), BENCH_SLOW_RATE (nginx limit_rate of the slow upstream, 48m),
 #   BENCH_CLIENTS (50), BENCH_REPS (11: hit reps for 64 MiB; 1 GiB uses max(3, REPS/2)),
-#   BENCH_MISS_REPS (3), BENCH_WRK_DURATION (5s), BENCH_ONLY (subset of "abcdef", default all),
+#   BENCH_MISS_REPS (3), BENCH_WRK_DURATION (3s), BENCH_ONLY (subset of "abcdef", default all),
 #   BENCH_SKIP_1G=1, BENCH_OUT (summary file, default bench/last-run.txt).
 set -euo pipefail
 
@@ -404,6 +405,8 @@ bench_d() {
         kill $SAMPLER_PID 2>/dev/null; wait $SAMPLER_PID 2>/dev/null || true; SAMPLER_PID=
         sleep 0.3
         swarm_report ncps "$WORK/swarm-ncps" "$sha" "$off"
+        local worst; worst=$(awk '{print $1}' "$WORK/swarm-ncps"/t.* | sort -g | tail -1)
+        report "d[ncps]: slowest client's TTFB minus the upstream's own TTFB: $(awk -v a="$worst" -v b="$(cut -d' ' -f1 <<<"$r")" 'BEGIN{printf "%.3f", a-b}') s (target <= 1 s)"
         report "e: ncps during (d): peak VmRSS sampled $(cut -d' ' -f1 "$WORK/sampler") kB, VmHWM $(rss_kb "$NCPS_PID" VmHWM) kB, max threads $(cut -d' ' -f2 "$WORK/sampler"); after: VmRSS $(rss_kb "$NCPS_PID" VmRSS) kB"
         local pc; pc=$(grep -c -E 'panick|ERROR' "$WORK/ncps-d/stderr" || true)
         [ "$pc" = 0 ] || report "d: ncps stderr has $pc ERROR/panic lines, e.g.: $(grep -m3 -E 'panick|ERROR' "$WORK/ncps-d/stderr" | tr '\n' '|')"

@@ -388,7 +388,7 @@ impl Cache {
         }
         let mut downloads = lock(&self.downloads);
         if let Some(d) = downloads.get(name) {
-            return Ok(Answer::Miss(Body::Growing(Box::new(d.reader())), origin(&record.upstream_url)));
+            return Ok(Answer::Miss(Body::Growing(Box::new(d.reader())), Arc::from(origin(&record.upstream_url))));
         }
         // A download may have finished between the first look and taking the lock.
         if let Some((file, len)) = Store::open_existing(&path)? {
@@ -406,7 +406,7 @@ impl Cache {
         // The first reader registers before the download starts, so a full disk from the
         // first byte still has someone to relay to.
         let first = download.reader();
-        let from = origin(&record.upstream_url);
+        let from = Arc::from(origin(&record.upstream_url));
         let job = DownloadJob { record, temp, download };
         let cache = Arc::clone(self);
         std::thread::Builder::new()
@@ -891,11 +891,11 @@ struct DownloadJob {
     download: Arc<Download>,
 }
 
-/// The scheme and authority of `url` (`http://host:port`), which names its upstream in logs.
-fn origin(url: &str) -> Arc<str> {
+/// The scheme and authority of `url` (`http://host:port`): which upstream it is on.
+fn origin(url: &str) -> &str {
     let after_scheme = url.find("://").map_or(0, |i| i + 3);
     let end = url[after_scheme..].find('/').map_or(url.len(), |i| after_scheme + i);
-    Arc::from(&url[..end])
+    &url[..end]
 }
 
 /// Where ncps keeps a NAR (its name) and where to fetch it (an absolute URL), from a
@@ -903,7 +903,6 @@ fn origin(url: &str) -> Arc<str> {
 /// on the upstream's own origin, so a narinfo cannot send ncps to fetch from anywhere else.
 fn nar_location(base: &str, url: &str, file_hash: &crate::nix::Hash, compression: &str) -> Result<(NarName, String), String> {
     let absolute = if url.starts_with("http://") || url.starts_with("https://") {
-        let origin = |u: &str| u.splitn(4, '/').take(3).collect::<Vec<_>>().join("/");
         if origin(url) != origin(base) {
             return Err(format!("URL {url:?} points outside the upstream"));
         }

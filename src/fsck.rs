@@ -183,10 +183,8 @@ pub fn repair(store: &Store, db: &Db, report: &Report) -> Result<(), String> {
 /// 1 when problems were found and left alone.
 pub fn run(paths: &crate::config::StoragePaths, repair_it: bool) -> Result<i32, String> {
     let store = Store::open(&paths.data_path, &paths.temp_path).map_err(|e| e.to_string())?;
-    // Without its database every cached file looks orphaned, and --repair would remove them
-    // all (see serve.rs, which refuses the same situation).
-    let db_exists = std::fs::metadata(&paths.database_path).is_ok_and(|m| m.len() > 0);
-    if !db_exists && store.holds_files().unwrap_or(true) {
+    // Without its database every cached file looks orphaned, and --repair would remove them all.
+    if store.holds_files_without(&paths.database_path) {
         return Err(format!(
             "database {} does not exist, but the store holds files: nothing to check them against",
             paths.database_path.display()

@@ -60,11 +60,9 @@ pub fn prepare(config: &Config) -> Result<Prepared, Exit> {
         };
         ConfigError::new(flag, format!("not writable: {e}"))
     })?;
-    // The start-up check removes files the index does not vouch for. With no index at all,
-    // every file would go: a cache left by Go ncps (same layout, its own database) or one
-    // whose database was deleted. Refuse instead; nothing here may cost a user their cache.
-    let db_exists = std::fs::metadata(&config.database_path).is_ok_and(|m| m.len() > 0);
-    if !db_exists && store.holds_files().unwrap_or(true) {
+    // The start-up check removes files the index does not vouch for: with no index at all,
+    // that would be every file. Nothing here may cost a user their cache.
+    if store.holds_files_without(&config.database_path) {
         return Err(ConfigError::new(
             "cache-database-url",
             format!(

@@ -149,8 +149,16 @@ impl Store {
         Ok((nars, strays))
     }
 
+    /// Whether the store holds files but `database_path` does not exist: a cache left by Go
+    /// ncps (same layout, its own database) or one whose database was deleted. Every file
+    /// would look orphaned, so `serve` and `fsck` refuse to start rather than remove them all.
+    pub fn holds_files_without(&self, database_path: &Path) -> bool {
+        let db_exists = fs::metadata(database_path).is_ok_and(|m| m.len() > 0);
+        !db_exists && self.holds_files().unwrap_or(true)
+    }
+
     /// Whether any file at all is under the NAR or narinfo directories.
-    pub fn holds_files(&self) -> io::Result<bool> {
+    fn holds_files(&self) -> io::Result<bool> {
         fn any_file(dir: &Path) -> io::Result<bool> {
             for entry in fs::read_dir(dir).map_err(|e| with_path(e, "listing", dir))? {
                 let entry = entry?;

@@ -255,7 +255,7 @@ impl Download {
                 return Err(format!("download stalled for {:?}", self.stall_limit));
             }
             if client_gone() {
-                return Err("the client went away".into());
+                return Err(crate::http::CLIENT_GONE.into());
             }
             s = self
                 .changed

@@ -316,13 +316,43 @@ fn broken_transfer_never_looks_complete(mode: Mode) {
     );
     assert!(ncps.stored_nar_files().is_empty(), "{:?}", ncps.stored_nar_files());
 
+    // The real Nix client, with every NAR (small ones too) broken the same way: a clean
+    // failure, within its own retries, and still nothing kept.
+    nix_fails_cleanly_then_succeeds_once_healed(&ncps, &up, &format!("{mode:?} upstream"));
+
     // Healed: the same request now gets every byte, verified.
-    up.set_mode(Mode::Normal);
     let h = raw_get_hashed(ncps.addr, &nar, Duration::from_secs(20)).unwrap();
     assert_eq!((h.status, h.len, h.end.clone()), (200, size, BodyEnd::Eof));
     let name = nar.rsplit('/').next().unwrap();
     assert_eq!(nix32(&h.sha256), name.split('.').next().unwrap());
     assert_only_verified_nars_stored(&ncps);
+}
+
+/// `nix copy` of the fixture's closure through `ncps` while `up` misbehaves: it must fail
+/// (not hang, not report a signature problem), leave no file and no temp file in ncps's
+/// store; then, with `up` healed, the same ncps must deliver the closure, verified.
+fn nix_fails_cleanly_then_succeeds_once_healed(ncps: &Ncps, up: &Upstream, what: &str) {
+    let fx = fixture();
+    let key = ncps.pubkey();
+    let t = Instant::now();
+    let err = nix_copy_from_timeout(&ncps.url(), &[&fx.top], &key, Duration::from_secs(120))
+        .expect_err(&format!("{what}: nix copy through ncps must fail"));
+    eprintln!("{what}: nix copy failed after {:?}, as expected:\n{err}", t.elapsed());
+    assert!(err.starts_with("nix copy --from"), "{what}: nix copy must end by itself: {err}");
+    assert!(!err.contains("signature"), "{what}: not a signature problem: {err}");
+    assert!(
+        wait_until(Duration::from_secs(5), || ncps.partial_files().is_empty()),
+        "{what}: temp files remain after nix copy failed: {:?}",
+        ncps.partial_files()
+    );
+    assert!(ncps.stored_nar_files().is_empty(), "{what}: {:?}", ncps.stored_nar_files());
+    nix_cache_info_is_quick(ncps, &format!("after nix copy failed against a {what}"));
+
+    up.set_mode(Mode::Normal);
+    nix_copy_from(&ncps.url(), &[&fx.top], &key)
+        .unwrap_or_else(|e| panic!("{what}, healed: nix copy through the same ncps must succeed: {e}"));
+    assert_eq!(ncps.stored_nar_files().len(), fx.top_closure.len(), "{what}, healed");
+    assert_only_verified_nars_stored(ncps);
 }
 
 #[test]
@@ -400,12 +430,15 @@ fn hanging_upstream_gives_clean_failures_within_the_timeouts_and_ncps_stays_resp
         r.body.len(),
         r.end
     );
-    assert!(!r.looks_complete(), "status {}, {} of {size} bytes", r.status, r.body.len());
+    assert_eq!(r.status, 502, "no byte came: a clear Bad Gateway, not a 200 cut off at byte 0");
+    assert!(r.text().contains("Bad Gateway"), "the 502 says why: {}", r.text());
     assert_ne!(r.end, BodyEnd::TimedOut, "ncps must end the response, not leave it hanging");
     assert!(took < Duration::from_secs(10), "NAR failure took {took:?} with 1s/2s timeouts");
     nix_cache_info_is_quick(&ncps, "after a NAR download from a hanging upstream failed");
     assert!(ncps.stored_nar_files().is_empty());
     assert!(wait_until(Duration::from_secs(3), || ncps.partial_files().is_empty()));
+
+    nix_fails_cleanly_then_succeeds_once_healed(&ncps, &up, "upstream hanging on NARs");
 }
 
 #[test]
@@ -564,6 +597,116 @@ fn sigkill_during_a_download_leaves_nothing_partial_after_restart() {
         .expect("after the restart, with the upstream back, the closure must be fetched");
     assert_eq!(ncps.stored_nar_files().len(), fx.top_closure.len());
     assert_only_verified_nars_stored(&ncps);
+}
+
+// ---------------------------------------------------------------------------
+// A full disk
+// ---------------------------------------------------------------------------
+
+/// A tmpfs of `size` mounted at `dir` for as long as it lives (needs root and the right to
+/// mount, which a container may withhold: then `None`, and the test says it skipped).
+struct SmallDisk {
+    dir: std::path::PathBuf,
+}
+
+impl SmallDisk {
+    fn mount(dir: &std::path::Path, size: &str) -> Option<SmallDisk> {
+        fs::create_dir_all(dir).ok()?;
+        let out = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size},mode=0755"), "tmpfs"])
+            .arg(dir)
+            .output()
+            .ok()?;
+        if !out.status.success() {
+            eprintln!("cannot mount a tmpfs ({}): {}", out.status, String::from_utf8_lossy(&out.stderr).trim());
+            return None;
+        }
+        Some(SmallDisk { dir: dir.to_path_buf() })
+    }
+
+    fn available(&self) -> u64 {
+        let c = std::ffi::CString::new(self.dir.to_string_lossy().as_bytes()).unwrap();
+        let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+        assert_eq!(unsafe { libc::statvfs(c.as_ptr(), &mut st) }, 0, "statvfs {}", self.dir.display());
+        st.f_bavail as u64 * st.f_frsize as u64
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        // Lazy: ncps may still hold files open if the test failed before stopping it.
+        let _ = std::process::Command::new("umount").arg("-l").arg(&self.dir).status();
+    }
+}
+
+#[test]
+fn disk_full_mid_download_still_serves_the_client_keeps_nothing_half_written_and_says_why() {
+    let Some(fx) = fixture_or_skip() else { return };
+    let up = Upstream::for_cache(fx, Compression::Xz);
+    let big_nar = upstream_nar_path(fx, Compression::Xz, &fx.big);
+    let big_size = fs::metadata(fx.cache_dir(Compression::Xz).join(big_nar.trim_start_matches('/')))
+        .unwrap()
+        .len();
+    // Room for the database, the key and the small paths, but not for `big`.
+    let root = TempDir::new("small-disk");
+    let Some(disk) = SmallDisk::mount(&root.join("data"), "3m") else {
+        eprintln!("SKIPPED: no tmpfs to fill (run as root, with the right to mount)");
+        return;
+    };
+    assert!(big_size > 3 << 20, "the fixture's big NAR ({big_size} bytes) must not fit in 3 MiB");
+    let data = disk.dir.to_string_lossy().into_owned();
+    let args = [
+        "serve", "--cache-hostname", HOSTNAME, "--cache-data-path", &data, "--server-addr", "{addr}",
+        "--log-level", "debug", "--upstream-cache", &up.url(), "--upstream-public-key", &fx.up1_public_key,
+    ];
+    let mut ncps = Ncps::start_raw(args.iter().map(|s| s.to_string()).collect(), Vec::new());
+    let free_at_start = disk.available();
+    let key = ncps.pubkey();
+
+    // Nix gets the whole closure, every byte verified by Nix itself...
+    nix_copy_from(&ncps.url(), &[&fx.top], &key)
+        .expect("with the disk full mid-download, the client must still get the NAR");
+    let log = ncps.log();
+    // ...the log says why `big` was not kept...
+    let big_name = big_nar.rsplit('/').next().unwrap();
+    let full: Vec<&str> = log.lines().filter(|l| l.contains("No space left on device")).collect();
+    assert!(!full.is_empty(), "no log line names the full disk:\n{log}");
+    assert!(
+        log.lines().any(|l| l.contains(big_name) && l.contains("not kept")),
+        "no log line says the NAR {big_name} was not kept:\n{log}"
+    );
+    eprintln!("the log says: {full:?}");
+    // ...nothing half-written is kept, and the space the temp file took is given back.
+    let on_disk = files_under(&disk.dir);
+    assert!(
+        !on_disk.iter().any(|p| p.to_string_lossy().ends_with(".ncps-partial")),
+        "temp files remain on the full disk: {on_disk:?}"
+    );
+    let nars = files_under(&disk.dir.join("store/nar"));
+    assert!(!nars.iter().any(|p| p.ends_with(big_name)), "the NAR that did not fit was kept: {nars:?}");
+    for f in &nars {
+        nar_file_matches_its_name(f).unwrap_or_else(|e| panic!("after a full disk: {e}"));
+    }
+    assert_eq!(nars.len(), fx.top_closure.len() - 1, "the small NARs fit and are kept: {nars:?}");
+    assert!(
+        wait_until(Duration::from_secs(3), || disk.available() + (256 << 10) >= free_at_start),
+        "the failed temp file's space was not given back: {} bytes free, {free_at_start} at start",
+        disk.available()
+    );
+
+    // ncps keeps working: another client gets the closure again (`big` from upstream once more),
+    // and after a restart the start-up check finds nothing to fix.
+    nix_copy_from(&ncps.url(), &[&fx.top], &key).expect("a second client, after the disk filled once");
+    assert_eq!(up.hits(&big_nar), 2, "big was not kept, so each client's copy came from upstream");
+    let offset = ncps.log_len();
+    ncps.restart();
+    let after = ncps.log_since(offset);
+    assert!(
+        !after.lines().any(|l| l.contains("start-up check") && l.contains("removed")),
+        "the start-up check had something to clean after a full disk:\n{after}"
+    );
+    nix_copy_from(&ncps.url(), &[&fx.top], &key).expect("after a restart");
+    ncps.stop();
 }
 
 /// DATA/store/<kind>/<c1>/<c1c2>/<file>, the layout ncps keeps its files in.

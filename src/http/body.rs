@@ -72,34 +72,61 @@ pub fn render_small(resp: Response, head_only: bool, keep_alive: bool) -> io::Re
     Ok(out)
 }
 
-/// Writes `resp` (its head, and its body unless `head_only`). Returns the body bytes sent.
-pub fn write_response(sock: &mut TcpStream, resp: Response, head_only: bool, keep_alive: bool) -> io::Result<u64> {
+/// What [`write_response`] sent: the status (not always the handler's, see below) and the
+/// number of body bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Sent {
+    pub status: u16,
+    pub bytes: u64,
+}
+
+/// Writes `resp` (its head, and its body unless `head_only`).
+///
+/// A growing body's head waits for its first bytes: a download that fails before any arrive
+/// (upstream refused, hung, answered an error, or a small NAR held back whole failed its hash)
+/// is answered `502 Bad Gateway` with the reason, which a client reports as such and retries,
+/// rather than a `200` cut off at byte 0.
+pub fn write_response(sock: &mut TcpStream, resp: Response, head_only: bool, keep_alive: bool) -> io::Result<Sent> {
     let len = resp.body.len();
     let small = match &resp.body {
         Body::Empty | Body::Bytes(_) => true,
         Body::File { len, .. } => *len <= INLINE_FILE_BYTES,
         _ => false,
     };
+    let status = resp.status;
     if small || head_only {
         sock.write_all(&render_small(resp, head_only, keep_alive)?)?;
-        return Ok(if head_only { 0 } else { len });
+        return Ok(Sent { status, bytes: if head_only { 0 } else { len } });
     }
-    let out = head(&resp, keep_alive)?;
     match resp.body {
-        Body::File { file, len } => {
-            sock.write_all(&out)?;
-            send_file(sock, &file, 0, len)?;
+        Body::File { ref file, len } => {
+            sock.write_all(&head(&resp, keep_alive)?)?;
+            send_file(sock, file, 0, len)?;
         }
         Body::Declared(_) | Body::Empty | Body::Bytes(_) => {
             // A length-only body answering a GET is a handler bug: the head would promise
             // bytes there are none of. (Small bodies were sent above.)
             return Err(io::Error::other("a length-only body cannot answer a GET"));
         }
-        Body::Growing(g) => {
-            sock.write_all(&out)?;
+        Body::Growing(ref g) => {
+            let first = if len == 0 { None } else { Some(g.wait(0, &|| peer_gone(sock))) };
+            if let Some(Err(why)) = first {
+                if why == crate::http::CLIENT_GONE {
+                    return Err(io::Error::other(why));
+                }
+                let failed = Response::text(502, format!("Bad Gateway: {why}\n"));
+                sock.write_all(&render_small(failed, false, keep_alive)?)?;
+                return Ok(Sent { status: 502, bytes: 0 });
+            }
+            sock.write_all(&head(&resp, keep_alive)?)?;
+            let mut next = first;
             let mut sent = 0;
             while sent < len {
-                match g.wait(sent, &|| peer_gone(sock)) {
+                let chunk = match next.take() {
+                    Some(c) => c,
+                    None => g.wait(sent, &|| peer_gone(sock)),
+                };
+                match chunk {
                     Ok(Chunk::File { upto }) => {
                         let upto = upto.min(len);
                         if upto > sent {
@@ -120,7 +147,7 @@ pub fn write_response(sock: &mut TcpStream, resp: Response, head_only: bool, kee
             }
         }
     }
-    Ok(len)
+    Ok(Sent { status, bytes: len })
 }
 
 fn read_exact_at(file: &File, buf: &mut [u8], offset: u64) -> io::Result<()> {
@@ -150,5 +177,70 @@ pub fn abort(sock: &TcpStream) {
             &linger as *const libc::linger as *const libc::c_void,
             std::mem::size_of::<libc::linger>() as libc::socklen_t,
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::http::Growing;
+    use std::io::Read;
+    use std::net::TcpListener;
+
+    /// A body whose download fails after `ok` bytes.
+    struct FailsAfter {
+        file: File,
+        len: u64,
+        ok: u64,
+    }
+
+    impl Growing for FailsAfter {
+        fn len(&self) -> u64 {
+            self.len
+        }
+        fn file(&self) -> &File {
+            &self.file
+        }
+        fn wait(&self, sent: u64, _: &dyn Fn() -> bool) -> Result<Chunk, String> {
+            if sent < self.ok {
+                Ok(Chunk::Bytes(vec![b'x'; (self.ok - sent) as usize]))
+            } else {
+                Err("upstream reset".into())
+            }
+        }
+    }
+
+    /// What a client reads when `body` is sent to it: the bytes, and whether the
+    /// connection ended cleanly.
+    fn send(body: FailsAfter) -> (Result<Sent, String>, Vec<u8>, bool) {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut client = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (mut server, _) = l.accept().unwrap();
+        let resp = Response::new(200, "application/x-nix-nar", Body::Growing(Box::new(body)));
+        let sent = write_response(&mut server, resp, false, true).map_err(|e| e.to_string());
+        drop(server);
+        let mut got = Vec::new();
+        let clean = client.read_to_end(&mut got).is_ok();
+        (sent, got, clean)
+    }
+
+    #[test]
+    fn a_download_failing_before_its_first_byte_is_a_502_that_says_why() {
+        let (sent, got, clean) = send(FailsAfter { file: File::open("/dev/null").unwrap(), len: 10, ok: 0 });
+        assert_eq!(sent, Ok(Sent { status: 502, bytes: 0 }));
+        let got = String::from_utf8(got).unwrap();
+        assert!(got.starts_with("HTTP/1.1 502 Bad Gateway\r\n"), "{got}");
+        assert!(got.ends_with("\r\n\r\nBad Gateway: upstream reset\n"), "{got}");
+        assert!(clean);
+    }
+
+    #[test]
+    fn a_download_failing_mid_body_resets_the_connection_after_a_200() {
+        let (sent, got, clean) = send(FailsAfter { file: File::open("/dev/null").unwrap(), len: 10, ok: 4 });
+        assert_eq!(sent, Err("upstream reset".to_string()));
+        // A reset may discard what the client had not read yet, so only a prefix is certain.
+        assert!(b"HTTP/1.1 200 OK\r\n".starts_with(&got[..got.len().min(17)]), "{got:?}");
+        assert!(!got.ends_with(b"xxxxxxxxxx"), "{:?}", String::from_utf8_lossy(&got));
+        assert!(!clean, "the client must see a reset, not a clean end");
     }
 }

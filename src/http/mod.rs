@@ -35,6 +35,10 @@ pub trait Growing: Send {
     fn wait(&self, sent: u64, client_gone: &dyn Fn() -> bool) -> Result<Chunk, String>;
 }
 
+/// What [`Growing::wait`] returns as its error when `client_gone` said yes: there is no one
+/// left to answer.
+pub const CLIENT_GONE: &str = "the client went away";
+
 /// The next part of a [`Growing`] body.
 pub enum Chunk {
     /// The file holds the bytes up to this offset: send them from it.

@@ -6,7 +6,7 @@
 //! between requests, or still sending their headers (slowly, or never: slowloris), wait in the
 //! poll loop, which costs a few hundred bytes each, until their deadline closes them.
 
-use super::body::{render_small, write_response};
+use super::body::{render_small, write_response, Sent};
 use super::request::{parse_head, Parsed, Request, MAX_HEAD_BYTES};
 use super::{Method, Response};
 use std::collections::VecDeque;
@@ -468,7 +468,7 @@ fn answer(stream: &mut TcpStream, req: &Request, rest: Vec<u8>, handler: &dyn Ha
     let result = write_response(stream, resp, req.method == Method::Head, keep_alive);
     let ms = start.elapsed().as_secs_f64() * 1000.0;
     match &result {
-        Ok(bytes) => {
+        Ok(Sent { status, bytes }) => {
             log::info!("{} {} {} {status} {bytes}B {ms:.1}ms {note}", req.peer.ip(), req.method_text, req.target)
         }
         Err(e) => log::info!(

@@ -1589,9 +1589,13 @@ impl RawResponse {
     pub fn text(&self) -> String {
         String::from_utf8_lossy(&self.body).into_owned()
     }
-    /// Whether the response looks complete to a client: all Content-Length
-    /// bytes, or a final chunk, or (no length) a clean close.
+    /// Whether a client would take this for the whole of what it asked for: a
+    /// 2xx with all Content-Length bytes, or a final chunk, or (no length) a
+    /// clean close. A complete error answer (a 502, say) is not.
     pub fn looks_complete(&self) -> bool {
+        if !(200..300).contains(&self.status) {
+            return false;
+        }
         let chunked = self
             .header("transfer-encoding")
             .is_some_and(|v| v.to_ascii_lowercase().contains("chunked"));

@@ -420,7 +420,7 @@ fn hanging_upstream_gives_clean_failures_within_the_timeouts_and_ncps_stays_resp
 
     // NAR: narinfo answered, the NAR request hangs: the client's transfer fails.
     up.set_mode_for(Mode::Hang, Target::Nar);
-    let (nar, size) = ncps_nar_path(&ncps, &fx.lib);
+    let (nar, _) = ncps_nar_path(&ncps, &fx.lib);
     let t = Instant::now();
     let r = raw_request(ncps.addr, &get_request(&nar), Duration::from_secs(30)).unwrap();
     let took = t.elapsed();

@@ -527,6 +527,10 @@ fn uncompressed_nar_is_checked_against_the_signed_nar_hash_not_the_unsigned_file
     assert_eq!(r.status, 404, "a narinfo whose FileHash contradicts its signed NarHash: {}", r.text());
     assert!(ncps.log().contains("FileHash/FileSize differ from NarHash/NarSize"), "a log line says why");
     assert_nothing_stored(&ncps, "forged FileHash");
+    let err = nix_copy_from(&ncps.url(), &[&fx.top], &ncps.pubkey())
+        .expect_err("Nix cannot get a path whose only narinfo is forged");
+    assert!(err.contains("nix copy --from") && !err.contains("hash mismatch"), "a clean failure: {err}");
+    assert_only_verified_nars_stored(&ncps);
 }
 
 // ---------------------------------------------------------------------------

@@ -169,19 +169,39 @@ fn decode(
 
 /// Mozilla's roots as bundled, plus the system's when it has a bundle, so that a device with
 /// no CA package still works and a LAN with its own CA (added to the system store) works too.
+/// `SSL_CERT_FILE`, when set, names the bundle to add instead of the system's, as it does for
+/// the Go ncps (and OpenSSL, curl, Nix): a private CA need not be installed system-wide.
 fn root_certs() -> Vec<ureq::tls::Certificate<'static>> {
     let mut certs: Vec<ureq::tls::Certificate<'static>> = webpki_root_certs::TLS_SERVER_ROOT_CERTS
         .iter()
         .map(|c| ureq::tls::Certificate::from_der(c.as_ref()))
         .collect();
-    for path in ["/etc/ssl/certs/ca-certificates.crt", "/etc/pki/tls/certs/ca-bundle.crt", "/etc/ssl/cert.pem"] {
-        if let Ok(pem) = std::fs::read(path) {
-            for item in ureq::tls::parse_pem(&pem).flatten() {
-                if let ureq::tls::PemItem::Certificate(c) = item {
-                    certs.push(c.to_owned());
+    let from_env = std::env::var_os("SSL_CERT_FILE").filter(|v| !v.is_empty()).map(std::path::PathBuf::from);
+    let candidates = match &from_env {
+        Some(p) => vec![p.clone()],
+        None => ["/etc/ssl/certs/ca-certificates.crt", "/etc/pki/tls/certs/ca-bundle.crt", "/etc/ssl/cert.pem"]
+            .iter()
+            .map(std::path::PathBuf::from)
+            .collect(),
+    };
+    for path in candidates {
+        match std::fs::read(&path) {
+            Ok(pem) => {
+                let before = certs.len();
+                for item in ureq::tls::parse_pem(&pem).flatten() {
+                    if let ureq::tls::PemItem::Certificate(c) = item {
+                        certs.push(c.to_owned());
+                    }
                 }
+                if from_env.is_some() {
+                    log::info!("trusting {} certificate(s) from SSL_CERT_FILE={}", certs.len() - before, path.display());
+                }
+                break;
             }
-            break;
+            Err(e) if from_env.is_some() => {
+                log::warn!("SSL_CERT_FILE={}: {e}; HTTPS upstreams are checked against the bundled roots only", path.display());
+            }
+            Err(_) => {}
         }
     }
     certs

@@ -246,6 +246,51 @@ fn first_upstream_answering_500_falls_back_to_the_next_one() {
 }
 
 // ---------------------------------------------------------------------------
+// HTTPS upstreams (cache.nixos.org is one)
+// ---------------------------------------------------------------------------
+
+fn tls_front_or_skip(up: &Upstream) -> Option<TlsFront> {
+    match TlsFront::new(up.port()) {
+        Ok(f) => Some(f),
+        Err(e) if std::env::var_os("CI").is_none() => {
+            eprintln!("SKIPPED: no HTTPS test upstream ({e})");
+            None
+        }
+        Err(e) => panic!("under CI the HTTPS test upstream must work: {e}"),
+    }
+}
+
+#[test]
+fn https_upstream_is_fetched_verified_and_its_certificate_checked() {
+    let Some(fx) = fixture_or_skip() else { return };
+    let up = Upstream::for_cache(fx, Compression::Xz);
+    let Some(front) = tls_front_or_skip(&up) else { return };
+    let upstream_args = ["--upstream-cache", &front.url(), "--upstream-public-key", &fx.up1_public_key];
+
+    // Trusting the front's CA (SSL_CERT_FILE, as for Go programs, curl and Nix): it works.
+    let ca = front.ca_file().to_string_lossy().into_owned();
+    let ncps = Ncps::start_with_env(&upstream_args, &[("SSL_CERT_FILE", &ca)]);
+    nix_copy_from(&ncps.url(), &[&fx.top], &ncps.pubkey()).expect("the closure through an HTTPS upstream");
+    assert_eq!(ncps.stored_nar_files().len(), fx.top_closure.len());
+    for f in ncps.stored_nar_files() {
+        nar_file_matches_its_name(&f).unwrap_or_else(|e| panic!("over HTTPS: {e}"));
+    }
+    assert!(up.hits_where(|p| p.starts_with("/nar/")) >= 3, "the NARs came through the HTTPS front");
+    assert!(ncps.log().contains("from SSL_CERT_FILE="), "start-up says which bundle it added");
+
+    // Not trusting it (the system bundle only): nothing is fetched, and the log says why.
+    up.reset_hits();
+    let strict = Ncps::start_with_env(&upstream_args, &[("SSL_CERT_FILE", "")]);
+    let r = strict.get(&format!("/{}.narinfo", store_hash(&fx.top)));
+    assert_ne!(r.status, 200, "an upstream whose certificate no trusted CA issued: {}", r.text());
+    assert_eq!(up.total_hits(), 0, "no request may pass an unverified TLS handshake");
+    let log = strict.log();
+    let said = log.lines().find(|l| l.contains(&front.url()) && l.to_lowercase().contains("certificate"));
+    let said = said.unwrap_or_else(|| panic!("no log line names the upstream and its certificate problem:\n{log}"));
+    eprintln!("untrusted HTTPS upstream: HTTP {}; the log says: {said}", r.status);
+}
+
+// ---------------------------------------------------------------------------
 // Configuration
 // ---------------------------------------------------------------------------
 

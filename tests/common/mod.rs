@@ -1000,6 +1000,119 @@ fn set_linger_zero(s: &TcpStream) {
 }
 
 // ---------------------------------------------------------------------------
+// HTTPS in front of an Upstream
+// ---------------------------------------------------------------------------
+
+/// An HTTPS front for an [`Upstream`]: it terminates TLS with a certificate for 127.0.0.1
+/// issued by a throwaway CA (made with the `openssl` command) and relays each connection to
+/// the plain upstream, so every misbehaviour of [`Mode`] reaches ncps over TLS too. A reset
+/// or short body behind it ends the TLS stream without close_notify, as a broken link would.
+pub struct TlsFront {
+    port: u16,
+    dir: TempDir,
+    stop: Arc<AtomicBool>,
+}
+
+impl TlsFront {
+    /// Errors when the `openssl` command is missing or fails.
+    pub fn new(backend_port: u16) -> Result<TlsFront, String> {
+        let dir = TempDir::new("tls-front");
+        let openssl = |args: &[&str]| -> Result<(), String> {
+            let out = Command::new("openssl")
+                .args(args)
+                .current_dir(dir.path())
+                .output()
+                .map_err(|e| format!("openssl: {e}"))?;
+            if out.status.success() {
+                Ok(())
+            } else {
+                Err(format!("openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr)))
+            }
+        };
+        let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"];
+        openssl(&[&["req", "-x509"][..], &ec, &["-keyout", "ca.key", "-out", "ca.pem", "-days", "2",
+            "-subj", "/CN=ncps e2e test CA", "-addext", "basicConstraints=critical,CA:TRUE",
+            "-addext", "keyUsage=critical,keyCertSign"]].concat())?;
+        openssl(&[&["req"][..], &ec, &["-keyout", "leaf.key", "-out", "leaf.csr", "-subj", "/CN=127.0.0.1"]].concat())?;
+        fs::write(dir.join("leaf.ext"), "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n")
+            .map_err(|e| e.to_string())?;
+        openssl(&["x509", "-req", "-in", "leaf.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+            "-days", "2", "-extfile", "leaf.ext", "-outform", "DER", "-out", "leaf.der"])?;
+        openssl(&["pkcs8", "-topk8", "-nocrypt", "-in", "leaf.key", "-outform", "DER", "-out", "leaf.key.der"])?;
+
+        let read = |f: &str| fs::read(dir.join(f)).map_err(|e| format!("{f}: {e}"));
+        let cert = rustls::pki_types::CertificateDer::from(read("leaf.der")?);
+        let key = rustls::pki_types::PrivateKeyDer::Pkcs8(read("leaf.key.der")?.into());
+        let config = rustls::ServerConfig::builder()
+            .with_no_client_auth()
+            .with_single_cert(vec![cert], key)
+            .map_err(|e| format!("TLS server config: {e}"))?;
+        let config = Arc::new(config);
+        let listener = TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
+        let port = listener.local_addr().map_err(|e| e.to_string())?.port();
+        let stop = Arc::new(AtomicBool::new(false));
+        let stop2 = stop.clone();
+        thread::spawn(move || {
+            for conn in listener.incoming() {
+                if stop2.load(Ordering::SeqCst) {
+                    break;
+                }
+                let Ok(conn) = conn else { continue };
+                let config = config.clone();
+                thread::spawn(move || {
+                    let _ = relay_tls(config, conn, backend_port);
+                });
+            }
+        });
+        Ok(TlsFront { port, dir, stop })
+    }
+
+    pub fn url(&self) -> String {
+        format!("https://127.0.0.1:{}", self.port)
+    }
+
+    /// The CA certificate (PEM) that issued the front's certificate.
+    pub fn ca_file(&self) -> PathBuf {
+        self.dir.join("ca.pem")
+    }
+}
+
+impl Drop for TlsFront {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        let _ = TcpStream::connect(("127.0.0.1", self.port)); // wake the accept loop
+    }
+}
+
+/// One request per connection (the test upstream always closes): read its head over TLS,
+/// send it on in the clear, relay the answer back.
+fn relay_tls(config: Arc<rustls::ServerConfig>, conn: TcpStream, backend_port: u16) -> io::Result<()> {
+    conn.set_read_timeout(Some(Duration::from_secs(30)))?;
+    let server = rustls::ServerConnection::new(config).map_err(io::Error::other)?;
+    let mut tls = rustls::StreamOwned::new(server, conn);
+    let mut head = Vec::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = tls.read(&mut buf)?;
+        if n == 0 {
+            return Ok(());
+        }
+        head.extend_from_slice(&buf[..n]);
+    }
+    let mut back = TcpStream::connect(("127.0.0.1", backend_port))?;
+    back.write_all(&head)?;
+    loop {
+        let n = back.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        tls.write_all(&buf[..n])?;
+    }
+    tls.conn.send_close_notify();
+    tls.flush()
+}
+
+// ---------------------------------------------------------------------------
 // ncps process handle
 // ---------------------------------------------------------------------------
 
@@ -1027,7 +1140,16 @@ impl Ncps {
         Ncps::start_with_hostname(HOSTNAME, extra)
     }
 
+    /// As [`Ncps::start`], with these environment variables set for ncps.
+    pub fn start_with_env(extra: &[&str], envs: &[(&str, &str)]) -> Ncps {
+        Ncps::start_with_hostname_and_env(HOSTNAME, extra, envs)
+    }
+
     pub fn start_with_hostname(hostname: &str, extra: &[&str]) -> Ncps {
+        Ncps::start_with_hostname_and_env(hostname, extra, &[])
+    }
+
+    fn start_with_hostname_and_env(hostname: &str, extra: &[&str], envs: &[(&str, &str)]) -> Ncps {
         let mut args: Vec<String> = [
             "serve",
             "--cache-hostname",
@@ -1043,7 +1165,7 @@ impl Ncps {
         .map(|s| s.to_string())
         .collect();
         args.extend(extra.iter().map(|s| s.to_string()));
-        Ncps::start_raw(args, Vec::new())
+        Ncps::start_raw(args, envs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect())
     }
 
     /// Typical proxy: one or more upstream URLs, each trusted with `key`.

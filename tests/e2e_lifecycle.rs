@@ -298,6 +298,35 @@ fn a_nar_larger_than_the_whole_limit_is_served_verified_but_not_kept() {
     assert!(store_bytes(&ncps) <= limit);
 }
 
+#[test]
+fn the_scheduled_eviction_pass_runs_on_its_schedule_and_leaves_a_store_within_its_limit_alone() {
+    let Some(lc) = lifecycle_or_skip() else {
+        return;
+    };
+    let fx = &lc.fx;
+    let (_up, ncps) = proxy(lc, &["--cache-max-size", TEN_PATHS, "--cache-lru-schedule", "@every 1s"]);
+    let paths = &fx.many[..3];
+    for p in paths {
+        fetch_kept(&ncps, p, TEN_PATHS_BYTES);
+    }
+    let offset = ncps.log_len();
+    let runs = |log: &str| log.lines().filter(|l| l.contains("scheduled eviction:")).count();
+    assert!(
+        wait_until(Duration::from_secs(6), || runs(&ncps.log_since(offset)) >= 2),
+        "two runs of an `@every 1s` schedule within 6 s; the log since:\n{}",
+        ncps.log_since(offset)
+    );
+    let log = ncps.log_since(offset);
+    assert!(
+        log.lines().filter(|l| l.contains("scheduled eviction:")).all(|l| l.contains(": 0 narinfo(s), 0 NAR(s), 0 bytes")),
+        "a store within its limit must lose nothing:\n{log}"
+    );
+    for p in paths {
+        assert!(narinfo_file(&ncps, p).is_some(), "{p} kept");
+    }
+    assert_store_consistent(&ncps, TEN_PATHS_BYTES, "after scheduled passes");
+}
+
 /// About 10 of the 1 MiB paths (1 MiB + 112 bytes of NAR and ~600 bytes of
 /// narinfo each) fit in 10.5 MiB; 11 do not.
 const TEN_PATHS: &str = "10752K";

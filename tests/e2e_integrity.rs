@@ -710,6 +710,40 @@ fn disk_full_mid_download_still_serves_the_client_keeps_nothing_half_written_and
         "the start-up check had something to clean after a full disk:\n{after}"
     );
     nix_copy_from(&ncps.url(), &[&fx.top], &key).expect("after a restart");
+
+    // A disk with no room at all (filled by someone else): narinfos and NARs alike are still
+    // served, verified, and the log says why nothing was kept.
+    let filler = disk.dir.join("filler");
+    let _ = std::process::Command::new("dd")
+        .args(["if=/dev/zero", "bs=64k"])
+        .arg(format!("of={}", filler.display()))
+        .output();
+    assert!(disk.available() < 64 << 10, "the filler left {} bytes free", disk.available());
+    let offset = ncps.log_len();
+    let fresh = &fx.many[..2];
+    let copied = nix_copy_from(&ncps.url(), fresh, &key);
+    let log = ncps.log_since(offset);
+    copied.unwrap_or_else(|e| panic!("with no room at all, clients must still be served: {e}\nncps log:\n{log}"));
+    assert!(
+        log.contains("verified but not kept") && log.contains("verified and served, but not kept"),
+        "the log must say that narinfos and NARs were served but not kept:\n{log}"
+    );
+    let on_disk = files_under(&disk.dir);
+    assert!(
+        !on_disk.iter().any(|p| p.to_string_lossy().ends_with(".ncps-partial")),
+        "temp files remain on the full disk: {on_disk:?}"
+    );
+    for f in files_under(&disk.dir.join("store/nar")) {
+        nar_file_matches_its_name(&f).unwrap_or_else(|e| panic!("on a full disk: {e}"));
+    }
+    // Room again: the same paths are now kept, with no restart.
+    fs::remove_file(&filler).unwrap();
+    nix_copy_from(&ncps.url(), fresh, &key).expect("once there is room again");
+    assert!(
+        wait_until(Duration::from_secs(5), || files_under(&disk.dir.join("store/nar")).len() == nars.len() + fresh.len()),
+        "with room again, the fresh paths' NARs must be kept: {:?}",
+        files_under(&disk.dir.join("store/nar"))
+    );
     ncps.stop();
 }
 

@@ -18,8 +18,9 @@ pub use server::{serve, Handler, ServerConfig};
 use std::fs::File;
 
 /// A body that is still being written by someone else (a download in progress). The server
-/// sends what [`Growing::wait`] allows and aborts the connection if it reports a failure, so a
-/// client never mistakes a broken transfer for a complete one.
+/// sends the response head with the first bytes [`Growing::wait`] allows, then the rest as it
+/// allows them. A failure before that first byte is answered 502; one after it aborts the
+/// connection, so a client never mistakes a broken transfer for a complete one.
 pub trait Growing: Send {
     /// The final length, announced as Content-Length.
     fn len(&self) -> u64;

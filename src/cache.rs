@@ -361,7 +361,15 @@ impl Cache {
         // Index first, file second: a crash between the two leaves an index entry without a
         // file, which start-up drops, never a served narinfo whose NAR nobody can find.
         let replaced = self.db.put_narinfo(hash, &info.store_path, record, served.len() as u64)?;
-        self.store.write_atomic(&self.store.narinfo_path(hash), &served)?;
+        if let Err(e) = self.store.write_atomic(&self.store.narinfo_path(hash), &served) {
+            // The index may take a row when the disk has no room for the file (a full disk
+            // with space left in the database's pages): drop the row too, so the next request
+            // is a clean miss and the size accounting never counts a file that is not there.
+            if let Err(e2) = self.delete_narinfo(hash) {
+                log::warn!("narinfo {hash}: its file could not be written and its index row stays until the next start-up check: {e2}");
+            }
+            return Err(e.into());
+        }
         lock(&self.memo).insert(*hash, Arc::from(&served[..]));
         self.add_usage(served.len() as u64, replaced);
         self.enforce_limit();

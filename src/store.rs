@@ -101,22 +101,27 @@ impl Store {
         tmp.commit(dest)
     }
 
-    /// Opens a file for serving; `None` if it does not exist.
+    /// Opens a file for serving; `None` if it does not exist. A file standing where one of its
+    /// directories belongs (a damaged store) also means "not there": the request becomes a
+    /// miss, served from upstream, rather than an error for every client.
     pub fn open_existing(path: &Path) -> io::Result<Option<(File, u64)>> {
         match File::open(path) {
             Ok(f) => {
                 let len = f.metadata()?.len();
                 Ok(Some((f, len)))
             }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) if matches!(e.kind(), io::ErrorKind::NotFound | io::ErrorKind::NotADirectory) => Ok(None),
             Err(e) => Err(with_path(e, "opening", path)),
         }
     }
 
-    /// Removes a file; a file already gone is not an error.
+    /// Removes a file; a file already gone (or never possible, see `open_existing`) is not an
+    /// error.
     pub fn remove(path: &Path) -> io::Result<()> {
         match fs::remove_file(path) {
-            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(with_path(e, "removing", path)),
+            Err(e) if !matches!(e.kind(), io::ErrorKind::NotFound | io::ErrorKind::NotADirectory) => {
+                Err(with_path(e, "removing", path))
+            }
             _ => Ok(()),
         }
     }

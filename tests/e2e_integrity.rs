@@ -747,6 +747,50 @@ fn disk_full_mid_download_still_serves_the_client_keeps_nothing_half_written_and
     ncps.stop();
 }
 
+#[test]
+fn a_narinfo_whose_file_cannot_be_written_is_served_and_leaves_no_index_row_behind() {
+    let Some(fx) = fixture_or_skip() else { return };
+    let up = Upstream::for_cache(fx, Compression::Xz);
+    let ncps = Ncps::for_upstreams(&[up.url()], &fx.up1_public_key);
+    // A regular file where the shard directory of `lib`'s narinfo belongs: the index can
+    // take the row, the store cannot take the file.
+    let narinfo = sharded(ncps.data_dir(), "narinfo", &format!("{}.narinfo", store_hash(&fx.lib)));
+    let shard = narinfo.parent().unwrap();
+    fs::create_dir_all(shard.parent().unwrap()).unwrap();
+    fs::write(shard, b"in the way").unwrap();
+
+    nix_copy_from(&ncps.url(), &[&fx.top], &ncps.pubkey()).expect("a narinfo that cannot be kept is still served");
+    let log = ncps.log();
+    let hash = store_hash(&fx.lib);
+    assert!(
+        log.lines().any(|l| l.contains(hash) && l.contains("verified but not kept")),
+        "a log line says the narinfo of lib was not kept:\n{log}"
+    );
+    let db = rusqlite::Connection::open_with_flags(
+        ncps.data_dir().join("db.sqlite"),
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+    )
+    .unwrap();
+    let rows: i64 = db.query_row("SELECT COUNT(*) FROM narinfos WHERE hash = ?1", [hash], |r| r.get(0)).unwrap();
+    assert_eq!(rows, 0, "the index keeps no row for a narinfo whose file is not there");
+    let all: i64 = db.query_row("SELECT COUNT(*) FROM narinfos", [], |r| r.get(0)).unwrap();
+    assert_eq!(all as usize, fx.top_closure.len() - 1, "the other narinfos are indexed");
+    assert_only_verified_nars_stored(&ncps);
+    drop(db);
+
+    // The start-up check copes with the stray file too.
+    let mut ncps = ncps;
+    let offset = ncps.log_len();
+    ncps.restart();
+    let after = ncps.log_since(offset);
+    assert!(
+        after.lines().any(|l| l.contains("start-up check") && l.contains("1 file(s) the index did not vouch for")),
+        "the start-up check removes the file in the way and says so:\n{after}"
+    );
+    nix_copy_from(&ncps.url(), &[&fx.top], &ncps.pubkey()).expect("after a restart");
+    assert!(narinfo.is_file(), "with the way clear, lib's narinfo is kept");
+}
+
 /// DATA/store/<kind>/<c1>/<c1c2>/<file>, the layout ncps keeps its files in.
 fn sharded(data: &std::path::Path, kind: &str, file: &str) -> std::path::PathBuf {
     data.join("store").join(kind).join(&file[..1]).join(&file[..2]).join(file)

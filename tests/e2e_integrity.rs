@@ -432,6 +432,12 @@ fn hanging_upstream_gives_clean_failures_within_the_timeouts_and_ncps_stays_resp
     );
     assert_eq!(r.status, 502, "no byte came: a clear Bad Gateway, not a 200 cut off at byte 0");
     assert!(r.text().contains("Bad Gateway"), "the 502 says why: {}", r.text());
+    // The request is logged just after its answer is sent.
+    let logged = |log: &str| log.lines().find(|l| l.contains(&format!("GET {nar} 502 "))).map(String::from);
+    assert!(wait_until(Duration::from_secs(2), || logged(&ncps.log()).is_some()), "no request log line for the 502");
+    let line = logged(&ncps.log()).unwrap();
+    eprintln!("request log: {line}");
+    assert!(line.ends_with(r.text().trim().trim_start_matches("Bad Gateway: ")), "the request log line says why: {line}");
     assert_ne!(r.end, BodyEnd::TimedOut, "ncps must end the response, not leave it hanging");
     assert!(took < Duration::from_secs(10), "NAR failure took {took:?} with 1s/2s timeouts");
     nix_cache_info_is_quick(&ncps, "after a NAR download from a hanging upstream failed");

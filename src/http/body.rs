@@ -72,12 +72,13 @@ pub fn render_small(resp: Response, head_only: bool, keep_alive: bool) -> io::Re
     Ok(out)
 }
 
-/// What [`write_response`] sent: the status (not always the handler's, see below) and the
-/// number of body bytes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// What [`write_response`] sent: the status (not always the handler's, see below), the
+/// number of body bytes, and why the handler's answer was replaced, if it was.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Sent {
     pub status: u16,
     pub bytes: u64,
+    pub replaced_because: Option<String>,
 }
 
 /// Writes `resp` (its head, and its body unless `head_only`).
@@ -96,7 +97,7 @@ pub fn write_response(sock: &mut TcpStream, resp: Response, head_only: bool, kee
     let status = resp.status;
     if small || head_only {
         sock.write_all(&render_small(resp, head_only, keep_alive)?)?;
-        return Ok(Sent { status, bytes: if head_only { 0 } else { len } });
+        return Ok(Sent { status, bytes: if head_only { 0 } else { len }, replaced_because: None });
     }
     match resp.body {
         Body::File { ref file, len } => {
@@ -115,8 +116,9 @@ pub fn write_response(sock: &mut TcpStream, resp: Response, head_only: bool, kee
                     return Err(io::Error::other(why));
                 }
                 let failed = Response::text(502, format!("Bad Gateway: {why}\n"));
+                let bytes = failed.body.len();
                 sock.write_all(&render_small(failed, false, keep_alive)?)?;
-                return Ok(Sent { status: 502, bytes: 0 });
+                return Ok(Sent { status: 502, bytes, replaced_because: Some(why) });
             }
             sock.write_all(&head(&resp, keep_alive)?)?;
             let mut next = first;
@@ -147,7 +149,7 @@ pub fn write_response(sock: &mut TcpStream, resp: Response, head_only: bool, kee
             }
         }
     }
-    Ok(Sent { status, bytes: len })
+    Ok(Sent { status, bytes: len, replaced_because: None })
 }
 
 fn read_exact_at(file: &File, buf: &mut [u8], offset: u64) -> io::Result<()> {
@@ -227,7 +229,8 @@ mod tests {
     #[test]
     fn a_download_failing_before_its_first_byte_is_a_502_that_says_why() {
         let (sent, got, clean) = send(FailsAfter { file: File::open("/dev/null").unwrap(), len: 10, ok: 0 });
-        assert_eq!(sent, Ok(Sent { status: 502, bytes: 0 }));
+        let sent = sent.unwrap();
+        assert_eq!((sent.status, sent.replaced_because.as_deref()), (502, Some("upstream reset")));
         let got = String::from_utf8(got).unwrap();
         assert!(got.starts_with("HTTP/1.1 502 Bad Gateway\r\n"), "{got}");
         assert!(got.ends_with("\r\n\r\nBad Gateway: upstream reset\n"), "{got}");

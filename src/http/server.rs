@@ -468,9 +468,13 @@ fn answer(stream: &mut TcpStream, req: &Request, rest: Vec<u8>, handler: &dyn Ha
     let result = write_response(stream, resp, req.method == Method::Head, keep_alive);
     let ms = start.elapsed().as_secs_f64() * 1000.0;
     match &result {
-        Ok(Sent { status, bytes }) => {
+        Ok(Sent { status, bytes, replaced_because: None }) => {
             log::info!("{} {} {} {status} {bytes}B {ms:.1}ms {note}", req.peer.ip(), req.method_text, req.target)
         }
+        Ok(Sent { status, bytes, replaced_because: Some(why) }) => log::info!(
+            "{} {} {} {status} {bytes}B {ms:.1}ms {note}: {why}",
+            req.peer.ip(), req.method_text, req.target
+        ),
         Err(e) => log::info!(
             "{} {} {} {status} aborted after {ms:.1}ms {note}: {e}",
             req.peer.ip(), req.method_text, req.target

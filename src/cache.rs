@@ -363,10 +363,13 @@ impl Cache {
         let replaced = self.db.put_narinfo(hash, &info.store_path, record, served.len() as u64)?;
         if let Err(e) = self.store.write_atomic(&self.store.narinfo_path(hash), &served) {
             // The index may take a row when the disk has no room for the file (a full disk
-            // with space left in the database's pages): drop the row too, so the next request
-            // is a clean miss and the size accounting never counts a file that is not there.
-            if let Err(e2) = self.delete_narinfo(hash) {
-                log::warn!("narinfo {hash}: its file could not be written and its index row stays until the next start-up check: {e2}");
+            // with space left in the database's pages): a row this call added goes again, so
+            // the next request is a clean miss. Only the row: its NAR (an upload's, say) may
+            // be stored and wanted. A row that was there before keeps its file, if any.
+            if replaced == 0 {
+                if let Err(e2) = self.db.delete_narinfo(hash) {
+                    log::warn!("narinfo {hash}: its index row stays until the next start-up check: {e2}");
+                }
             }
             return Err(e.into());
         }
@@ -426,8 +429,8 @@ impl Cache {
                 let run = std::panic::AssertUnwindSafe(|| cache.run_download(job));
                 if std::panic::catch_unwind(run).is_err() {
                     log::error!("nar {name}: internal error (panic) during download; nothing kept");
+                    cache.forget_download(&name, &download);
                     download.finish(Err("internal error".into()));
-                    lock(&cache.downloads).remove(&name);
                     cache.metrics.download_finished();
                 }
             })
@@ -475,11 +478,23 @@ impl Cache {
             }
             Err(e) => {
                 log::warn!("nar {name}: download failed, nothing kept: {e}");
+                // Out of the map first: a client retrying at once must start a new download,
+                // not join this dead one and get its error again.
+                self.forget_download(&name, &download);
                 download.finish(Err(e));
             }
         }
-        lock(&self.downloads).remove(&name);
+        self.forget_download(&name, &download);
         self.metrics.download_finished();
+    }
+
+    /// Takes a finished download out of the map, unless a newer one for the same NAR has
+    /// taken its place.
+    fn forget_download(&self, name: &NarName, download: &Arc<Download>) {
+        let mut downloads = lock(&self.downloads);
+        if downloads.get(name).is_some_and(|d| Arc::ptr_eq(d, download)) {
+            downloads.remove(name);
+        }
     }
 
     /// Moves a verified NAR into the store and accounts for it.

@@ -248,8 +248,18 @@ impl Routes {
             }
         };
         let metrics = self.cache.metrics();
-        let bytes = if req.method == Method::Head { 0 } else { resp.body.len() };
-        metrics.served(kind, outcome, resp.status, bytes);
+        let mut resp = resp;
+        if matches!(resp.body, Body::Growing(_)) {
+            // Counted once sent: a download that fails before its first byte is a 502.
+            let metrics = metrics.clone();
+            resp.on_sent = Some(Box::new(move |sent| {
+                let outcome = if sent.replaced_because.is_some() { Outcome::Error } else { outcome };
+                metrics.served(kind, outcome, sent.status, sent.bytes);
+            }));
+        } else {
+            let bytes = if req.method == Method::Head { 0 } else { resp.body.len() };
+            metrics.served(kind, outcome, resp.status, bytes);
+        }
         if matches!(outcome, Outcome::Miss | Outcome::NotFound) {
             metrics.recent_miss(req.path());
         }

@@ -193,8 +193,13 @@ fn root_certs() -> Vec<ureq::tls::Certificate<'static>> {
                         certs.push(c.to_owned());
                     }
                 }
-                if from_env.is_some() {
-                    log::info!("trusting {} certificate(s) from SSL_CERT_FILE={}", certs.len() - before, path.display());
+                match certs.len() - before {
+                    _ if from_env.is_none() => {}
+                    0 => log::warn!(
+                        "SSL_CERT_FILE={}: no PEM certificate in it; HTTPS upstreams are checked against the bundled roots only",
+                        path.display()
+                    ),
+                    n => log::info!("trusting {n} certificate(s) from SSL_CERT_FILE={}", path.display()),
                 }
                 break;
             }

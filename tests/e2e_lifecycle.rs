@@ -751,7 +751,7 @@ fn delete_removes_a_narinfo_its_unshared_nar_and_a_nar_with_every_narinfo_using_
         twin_nar,
         "the twins share one NAR"
     );
-    assert_eq!(ncps.stored_nar_files().len(), 2);
+    assert_eq!(ncps.wait_for_stored_nars(2).len(), 2);
     // Without an upstream, a GET of a deleted narinfo cannot be refilled.
     up.stop();
 

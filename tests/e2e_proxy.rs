@@ -271,7 +271,7 @@ fn https_upstream_is_fetched_verified_and_its_certificate_checked() {
     let ca = front.ca_file().to_string_lossy().into_owned();
     let ncps = Ncps::start_with_env(&upstream_args, &[("SSL_CERT_FILE", &ca)]);
     nix_copy_from(&ncps.url(), &[&fx.top], &ncps.pubkey()).expect("the closure through an HTTPS upstream");
-    assert_eq!(ncps.stored_nar_files().len(), fx.top_closure.len());
+    assert_eq!(ncps.wait_for_stored_nars(fx.top_closure.len()).len(), fx.top_closure.len());
     for f in ncps.stored_nar_files() {
         nar_file_matches_its_name(&f).unwrap_or_else(|e| panic!("over HTTPS: {e}"));
     }
@@ -710,7 +710,7 @@ fn go_ncps_alias_flags_a_given_key_file_and_explicit_database_and_temp_paths() {
     assert!(!ncps.data_dir().join("db.sqlite").exists(), "no second database in the data path");
     assert!(temp.is_dir(), "the temp directory is where --cache-temp-path says");
     assert!(!ncps.data_dir().join("secret-key").exists(), "no key is generated when one is given");
-    assert_eq!(ncps.stored_nar_files().len(), fx.top_closure.len());
+    assert_eq!(ncps.wait_for_stored_nars(fx.top_closure.len()).len(), fx.top_closure.len());
 }
 
 #[test]

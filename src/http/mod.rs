@@ -11,7 +11,7 @@ mod body;
 mod request;
 mod server;
 
-pub use body::send_file;
+pub use body::{send_file, Sent};
 pub use request::{Method, Request};
 pub use server::{serve, Handler, ServerConfig};
 
@@ -82,11 +82,24 @@ pub struct Response {
     pub note: &'static str,
     /// The upstream a miss was fetched from, for the request log.
     pub upstream: Option<std::sync::Arc<str>>,
+    /// Called once the response is sent (or given up), with what was sent: a growing body's
+    /// answer is only known then (it may become a 502), so what counts it waits for this.
+    pub on_sent: Option<OnSent>,
 }
+
+/// See [`Response::on_sent`].
+pub type OnSent = Box<dyn FnOnce(&Sent) + Send>;
 
 impl Response {
     pub fn new(status: u16, content_type: &str, body: Body) -> Response {
-        Response { status, headers: vec![("Content-Type", content_type.to_string())], body, note: "", upstream: None }
+        Response {
+            status,
+            headers: vec![("Content-Type", content_type.to_string())],
+            body,
+            note: "",
+            upstream: None,
+            on_sent: None,
+        }
     }
 
     /// A short plain-text answer, for errors and small endpoints.

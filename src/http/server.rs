@@ -463,9 +463,17 @@ fn answer(stream: &mut TcpStream, req: &Request, rest: Vec<u8>, handler: &dyn Ha
     };
     // A body the handler did not read would be taken for the next request: close instead.
     let keep_alive = req.keep_alive && body_left == 0;
+    let mut resp = resp;
     let status = resp.status;
     let note = resp.log_note();
+    let on_sent = resp.on_sent.take();
+    let planned = if req.method == Method::Head { 0 } else { resp.body.len() };
     let result = write_response(stream, resp, req.method == Method::Head, keep_alive);
+    if let Some(on_sent) = on_sent {
+        // An aborted transfer counts as what it was meant to be; the log line says it broke.
+        let aborted = Sent { status, bytes: planned, replaced_because: None };
+        on_sent(result.as_ref().unwrap_or(&aborted));
+    }
     let ms = start.elapsed().as_secs_f64() * 1000.0;
     match &result {
         Ok(Sent { status, bytes, replaced_because: None }) => {

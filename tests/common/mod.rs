@@ -1100,6 +1100,7 @@ fn relay_tls(config: Arc<rustls::ServerConfig>, conn: TcpStream, backend_port: u
         head.extend_from_slice(&buf[..n]);
     }
     let mut back = TcpStream::connect(("127.0.0.1", backend_port))?;
+    back.set_read_timeout(Some(Duration::from_secs(30)))?;
     back.write_all(&head)?;
     loop {
         let n = back.read(&mut buf)?;
@@ -1295,6 +1296,13 @@ impl Ncps {
     /// Files under DATA/store/nar (any depth).
     pub fn stored_nar_files(&self) -> Vec<PathBuf> {
         files_under(&self.data.join("store/nar"))
+    }
+
+    /// The stored NAR files once there are `n` of them, or after 10 s whatever there is: a
+    /// verified download reaches its clients just before its file is moved into the store.
+    pub fn wait_for_stored_nars(&self, n: usize) -> Vec<PathBuf> {
+        wait_until(Duration::from_secs(10), || self.stored_nar_files().len() == n);
+        self.stored_nar_files()
     }
 
     /// Files under DATA/store/narinfo (any depth).

@@ -140,7 +140,7 @@ pub fn parsers(data: &[u8]) {
             }
         }
         _ => {
-            let _ = ncps::config::parse_duration(s);
+            let _ = ncps::duration::parse_duration(s);
         }
     }
 }

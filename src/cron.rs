@@ -89,7 +89,7 @@ impl Schedule {
             _ => text,
         };
         if let Some(d) = spec.strip_prefix("@every ") {
-            let d = crate::config::parse_duration(d.trim())
+            let d = crate::duration::parse_duration(d.trim())
                 .filter(|d| *d >= Duration::from_secs(1))
                 .ok_or_else(|| CronError(format!("bad duration in {text:?}")))?;
             return Ok(Schedule::Every(d));

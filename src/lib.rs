@@ -9,6 +9,7 @@ pub mod cache;
 pub mod config;
 pub mod cron;
 pub mod db;
+pub mod duration;
 pub mod flight;
 pub mod fsck;
 pub mod http;

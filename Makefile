@@ -9,7 +9,7 @@ UPSTREAM ?= https://cache.nixos.org
 UPSTREAM_KEY ?= cache.nixos.org-1:6NCHdD59X431o0gWypbMrAURkbJ16ZPMQFGspcDShjY=
 ADDR ?= :8501
 
-APT_PACKAGES := nix-bin curl xz-utils ca-certificates build-essential
+APT_PACKAGES := nix-bin curl xz-utils ca-certificates build-essential tzdata
 
 .PHONY: all build run test test-static deps bench static fuzz clean
 

@@ -157,6 +157,7 @@ pub struct Config {
     pub log_level: log::LevelFilter,
     pub max_size: Option<u64>,
     pub lru_schedule: Option<crate::cron::Schedule>,
+    /// A name [`crate::tz::check_name`] accepts; loaded by [`crate::tz::Zone::load`].
     pub lru_timezone: String,
     pub allow_put: bool,
     pub allow_delete: bool,
@@ -361,12 +362,9 @@ impl Config {
             ),
         };
         let lru_timezone = raw.one("cache-lru-schedule-timezone").unwrap_or("Local").to_string();
-        if !crate::cron::timezone_exists(&lru_timezone) {
-            return Err(ConfigError::new(
-                "cache-lru-schedule-timezone",
-                format!("{lru_timezone:?}: unknown time zone (no such file under /usr/share/zoneinfo)"),
-            ));
-        }
+        // Only the spelling here; `serve::prepare` loads the zone.
+        crate::tz::check_name(&lru_timezone)
+            .map_err(|e| ConfigError::new("cache-lru-schedule-timezone", e.to_string()))?;
         let workers: usize = raw
             .one("server-workers")
             .and_then(|v| v.parse().ok())
@@ -619,6 +617,17 @@ mod tests {
         assert_eq!(flag(&[MINIMAL, &["--no-such-flag"]].concat()), "no-such-flag");
         let e = parse(&[MINIMAL, &["--upstream-public-key=nope"]].concat(), &[]).unwrap_err();
         assert_eq!(e.to_string(), "--upstream-public-key: \"nope\": expected `name:base64`");
+    }
+
+    #[test]
+    fn the_schedule_timezone_is_checked_for_its_spelling_only_not_looked_up() {
+        let tz = |v: &str| parse(&[MINIMAL, &["--cache-lru-schedule-timezone", v]].concat(), &[]);
+        assert_eq!(parse(MINIMAL, &[]).unwrap().lru_timezone, "Local");
+        // Whether the zone exists is for start-up (`serve::prepare`) to find out.
+        assert_eq!(tz("Nowhere/Atlantis").unwrap().lru_timezone, "Nowhere/Atlantis");
+        for bad in ["../etc/passwd", "/etc/localtime", ""] {
+            assert_eq!(tz(bad).unwrap_err().flag, "cache-lru-schedule-timezone", "{bad:?}");
+        }
     }
 
     #[test]

@@ -21,4 +21,5 @@ pub mod routes;
 pub mod serve;
 pub mod status;
 pub mod store;
+pub mod tz;
 pub mod upstream;

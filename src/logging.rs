@@ -106,18 +106,8 @@ pub fn utc_now() -> String {
 /// assert_eq!(ncps::logging::format_utc(1_795_000_000), "2026-11-18T11:06:40Z");
 /// ```
 pub fn format_utc(secs: u64) -> String {
-    let days = (secs / 86_400) as i64;
+    let (year, month, day) = crate::tz::civil_from_days((secs / 86_400) as i64);
     let rem = secs % 86_400;
-    // Civil-from-days (H. Hinnant's algorithm), valid for every date after 1970.
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
     format!(
         "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
         rem / 3600,

@@ -44,11 +44,13 @@ pub struct Prepared {
     pub listener: TcpListener,
     pub cache: Arc<Cache>,
     pub server: ServerConfig,
+    /// The zone of `--cache-lru-schedule`.
+    pub lru_zone: crate::tz::Zone,
 }
 
 pub fn prepare(config: &Config) -> Result<Prepared, Exit> {
-    // Before any thread starts: the time zone is process-wide state.
-    crate::cron::set_timezone(&config.lru_timezone);
+    let lru_zone = crate::tz::Zone::load(&config.lru_timezone)
+        .map_err(|e| ConfigError::new("cache-lru-schedule-timezone", e.to_string()))?;
     std::fs::create_dir_all(&config.data_path).map_err(|e| {
         ConfigError::new("cache-data-path", format!("cannot create {}: {e}", config.data_path.display()))
     })?;
@@ -116,6 +118,7 @@ pub fn prepare(config: &Config) -> Result<Prepared, Exit> {
             write_timeout: config.write_timeout,
             max_connections,
         },
+        lru_zone,
     })
 }
 
@@ -151,20 +154,20 @@ pub fn run(config: &Config) -> Result<(), Exit> {
         })
         .map_err(|e| runtime(format!("starting a thread: {e}")))?;
     if let Some(schedule) = config.lru_schedule.clone() {
-        let cache = p.cache.clone();
+        let (cache, zone) = (p.cache.clone(), p.lru_zone);
         std::thread::Builder::new()
             .name("lru".into())
-            .spawn(move || run_schedule(&schedule, &cache))
+            .spawn(move || run_schedule(&schedule, &zone, &cache))
             .map_err(|e| runtime(format!("starting a thread: {e}")))?;
     }
     let routes = Arc::new(Routes::new(p.cache, config));
     http::serve(p.listener, p.server, routes).map_err(|e| runtime(format!("server stopped: {e}")))
 }
 
-fn run_schedule(schedule: &crate::cron::Schedule, cache: &Cache) {
+fn run_schedule(schedule: &crate::cron::Schedule, zone: &crate::tz::Zone, cache: &Cache) {
     loop {
         let now = crate::db::now();
-        let Some(next) = schedule.next_after(now) else {
+        let Some(next) = schedule.next_after(now, zone) else {
             log::warn!("--cache-lru-schedule never fires; scheduled eviction is off");
             return;
         };

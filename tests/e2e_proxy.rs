@@ -467,6 +467,17 @@ fn bad_config_unwritable_data_path_exits_2() {
     );
 }
 
+#[test]
+fn bad_config_unknown_schedule_timezone_exits_2() {
+    let d = TempDir::new("badcfg");
+    for bad in ["Nowhere/Atlantis", "../etc/passwd"] {
+        let mut args = serve_args(&d.path().to_string_lossy());
+        args.extend(["--cache-lru-schedule-timezone".to_string(), bad.to_string()]);
+        let args: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
+        assert_config_error(&args, "--cache-lru-schedule-timezone");
+    }
+}
+
 /// A data path with cached files, as Go ncps leaves it: `store/nar/<c>/<cc>/<name>`.
 fn data_path_holding_a_cache() -> (TempDir, PathBuf) {
     let d = TempDir::new("switch");

@@ -5,59 +5,91 @@
 //! would cost a read of every NAR per hit), so this is where corruption is found: every stored
 //! NAR is re-hashed against the FileHash/FileSize it was accepted with. With `--repair`, what
 //! is broken is removed, so a NAR from upstream is fetched (and verified) again on next use.
+//!
+//! It goes one shard at a time (what [`crate::cache::check`] compares), so memory stays flat
+//! at a million entries and the time is linear in the bytes stored; progress goes to stderr.
 
-use crate::db::{Db, NarRecord};
-use crate::nix::hash::Hasher;
-use crate::nix::{NarInfo, NarName, StorePathHash};
-use crate::store::Store;
-use std::collections::HashSet;
+use crate::cache::check::{self, Problem, Since};
+use crate::cache::verify::{copy_hashed, CopyError};
+use crate::cache::CacheError;
+use crate::index::{Index, IndexError, SqliteIndex};
+use crate::nix::NarInfo;
+use crate::storage::{shards, BlobStore, LocalStore, StorageError};
 use std::fmt;
-use std::io::Read;
+use std::time::{Duration, Instant};
 
-/// One problem found.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Problem {
-    /// Indexed, but its file is gone.
-    MissingNarinfo(StorePathHash),
-    MissingNar(NarName),
-    /// A file the index does not vouch for.
-    Orphan(std::path::PathBuf),
-    /// The file's bytes are not what was verified (or do not parse).
-    CorruptNarinfo(StorePathHash, String),
-    CorruptNar(NarName, String),
+/// Why fsck could not run to its end.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum FsckError {
+    /// The store holds files but there is no database to check them against.
+    NoDatabase(std::path::PathBuf),
+    Index(IndexError),
+    Storage(StorageError),
+    /// A repair failed.
+    Repair(CacheError),
 }
 
-impl fmt::Display for Problem {
+impl fmt::Display for FsckError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Problem::MissingNarinfo(h) => write!(f, "missing: narinfo {h} is indexed but has no file"),
-            Problem::MissingNar(n) => write!(f, "missing: NAR {n} is indexed as stored but has no file"),
-            Problem::Orphan(p) => write!(f, "orphaned: {} is not in the index", p.display()),
-            Problem::CorruptNarinfo(h, why) => write!(f, "corrupt: narinfo {h}: {why}"),
-            Problem::CorruptNar(n, why) => write!(f, "corrupt: NAR {n}: {why}"),
+            FsckError::NoDatabase(p) => write!(
+                f,
+                "database {} does not exist, but the store holds files: nothing to check them against",
+                p.display()
+            ),
+            FsckError::Index(e) => write!(f, "index: {e}"),
+            FsckError::Storage(e) => write!(f, "store: {e}"),
+            FsckError::Repair(e) => write!(f, "repairing: {e}"),
         }
     }
 }
 
+impl std::error::Error for FsckError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            FsckError::NoDatabase(_) => None,
+            FsckError::Index(e) => Some(e),
+            FsckError::Storage(e) => Some(e),
+            FsckError::Repair(e) => Some(e),
+        }
+    }
+}
+
+impl From<IndexError> for FsckError {
+    fn from(e: IndexError) -> Self {
+        FsckError::Index(e)
+    }
+}
+
+impl From<StorageError> for FsckError {
+    fn from(e: StorageError) -> Self {
+        FsckError::Storage(e)
+    }
+}
+
+/// What was checked and found.
 #[derive(Debug, Default)]
 pub struct Report {
     pub narinfos_checked: usize,
     pub nars_checked: usize,
-    pub problems: Vec<Problem>,
+    pub bytes_hashed: u64,
+    pub missing: usize,
+    pub orphaned: usize,
+    pub corrupt: usize,
 }
 
 impl Report {
-    fn count(&self, kind: fn(&Problem) -> bool) -> usize {
-        self.problems.iter().filter(|p| kind(p)).count()
+    pub fn problems(&self) -> usize {
+        self.missing + self.orphaned + self.corrupt
     }
-    pub fn missing(&self) -> usize {
-        self.count(|p| matches!(p, Problem::MissingNarinfo(_) | Problem::MissingNar(_)))
-    }
-    pub fn orphaned(&self) -> usize {
-        self.count(|p| matches!(p, Problem::Orphan(_)))
-    }
-    pub fn corrupt(&self) -> usize {
-        self.count(|p| matches!(p, Problem::CorruptNarinfo(..) | Problem::CorruptNar(..)))
+
+    fn count(&mut self, p: &Problem) {
+        match p {
+            Problem::MissingNarinfo(_) | Problem::MissingNar(_) => self.missing += 1,
+            Problem::OrphanNarinfo(_) | Problem::OrphanNar(_) | Problem::Stray(_) => self.orphaned += 1,
+            Problem::CorruptNarinfo(..) | Problem::CorruptNar(..) => self.corrupt += 1,
+        }
     }
 }
 
@@ -66,141 +98,130 @@ impl fmt::Display for Report {
         write!(
             f,
             "checked {} narinfo(s) and {} NAR(s): {} missing, {} orphaned, {} corrupt",
-            self.narinfos_checked,
-            self.nars_checked,
-            self.missing(),
-            self.orphaned(),
-            self.corrupt()
+            self.narinfos_checked, self.nars_checked, self.missing, self.orphaned, self.corrupt
         )
     }
 }
 
-fn hash_file(path: &std::path::Path) -> std::io::Result<(crate::nix::Hash, u64)> {
-    let mut f = std::fs::File::open(path)?;
-    let mut hasher = Hasher::new();
-    let mut buf = vec![0u8; 1 << 20];
-    let mut len = 0u64;
-    loop {
-        let n = f.read(&mut buf)?;
-        if n == 0 {
-            return Ok((hasher.finish(), len));
-        }
-        hasher.update(&buf[..n]);
-        len += n as u64;
-    }
-}
-
-/// Checks everything; returns what was found (nothing is changed).
-pub fn check(store: &Store, db: &Db) -> Result<Report, String> {
-    let e = |e: &dyn fmt::Display| e.to_string();
+/// Checks everything, one shard at a time; hands each problem to `found` as it is found.
+pub fn check(
+    blobs: &dyn BlobStore,
+    index: &dyn Index,
+    found: &mut dyn FnMut(&Problem) -> Result<(), FsckError>,
+    progress: &mut dyn FnMut(usize, usize, &Report),
+) -> Result<Report, FsckError> {
     let mut report = Report::default();
-    let indexed: HashSet<StorePathHash> = db.narinfo_hashes().map_err(|x| e(&x))?.into_iter().collect();
-    let (files, strays) = store.list_narinfos().map_err(|x| e(&x))?;
-    report.problems.extend(strays.into_iter().map(Problem::Orphan));
-    let files: HashSet<StorePathHash> = files.into_iter().collect();
-    for h in files.difference(&indexed) {
-        report.problems.push(Problem::Orphan(store.narinfo_path(h)));
+    let mut emit = |report: &mut Report, p: Problem| -> Result<(), FsckError> {
+        report.count(&p);
+        found(&p)
+    };
+    for s in blobs.strays_outside_shards()? {
+        emit(&mut report, Problem::Stray(s))?;
     }
-    let mut sorted: Vec<_> = indexed.iter().collect();
-    sorted.sort();
-    for h in sorted {
-        report.narinfos_checked += 1;
-        if !files.contains(h) {
-            report.problems.push(Problem::MissingNarinfo(*h));
-            continue;
-        }
-        let bytes = std::fs::read(store.narinfo_path(h)).map_err(|x| e(&x))?;
-        match NarInfo::parse(&bytes) {
-            Err(why) => report.problems.push(Problem::CorruptNarinfo(*h, why.to_string())),
-            Ok(info) if info.store_path_hash() != Some(*h) => {
-                report.problems.push(Problem::CorruptNarinfo(*h, format!("describes {}", info.store_path)))
-            }
-            Ok(_) => {
-                if db.narinfo_nar(h).map_err(|x| e(&x))?.is_none() {
-                    report.problems.push(Problem::CorruptNarinfo(*h, "its NAR is not indexed".into()));
+    let all: Vec<String> = shards().collect();
+    for (i, shard) in all.iter().enumerate() {
+        progress(i, all.len(), &report);
+        let narinfos = blobs.list_narinfos(shard)?;
+        let rows = index.narinfos_in_shard(shard)?;
+        report.narinfos_checked += rows.len();
+        let mut problems: Vec<Problem> = narinfos.strays.into_iter().map(Problem::Stray).collect();
+        problems.extend(check::narinfo_shard(&narinfos.entries, &rows, Since(None)));
+        let on_disk: std::collections::HashSet<_> = narinfos.entries.iter().map(|e| e.name).collect();
+        for row in rows.iter().filter(|r| on_disk.contains(&r.hash)) {
+            let Some(blob) = blobs.narinfo(&row.hash)? else { continue };
+            let bytes = blob.into_bytes()?;
+            match NarInfo::parse(&bytes) {
+                Err(why) => problems.push(Problem::CorruptNarinfo(row.hash, why.to_string())),
+                Ok(info) if info.store_path_hash() != Some(row.hash) => {
+                    problems.push(Problem::CorruptNarinfo(row.hash, format!("describes {}", info.store_path)))
                 }
+                Ok(_) if row.nar.is_none() => {
+                    problems.push(Problem::CorruptNarinfo(row.hash, "its NAR is not indexed".into()))
+                }
+                Ok(_) => {}
             }
         }
-    }
-
-    let records: Vec<NarRecord> = db.all_nars().map_err(|x| e(&x))?;
-    let stored: HashSet<NarName> = records.iter().filter(|r| r.stored).map(|r| r.name.clone()).collect();
-    let (nar_files, strays) = store.list_nars().map_err(|x| e(&x))?;
-    report.problems.extend(strays.into_iter().map(Problem::Orphan));
-    let on_disk: HashSet<NarName> = nar_files.into_iter().map(|(n, _)| n).collect();
-    for n in on_disk.difference(&stored) {
-        report.problems.push(Problem::Orphan(store.nar_path(n)));
-    }
-    for r in records.iter().filter(|r| r.stored) {
-        report.nars_checked += 1;
-        if !on_disk.contains(&r.name) {
-            report.problems.push(Problem::MissingNar(r.name.clone()));
-            continue;
+        let nars = blobs.list_nars(shard)?;
+        let rows = index.nars_in_shard(shard)?;
+        problems.extend(nars.strays.into_iter().map(Problem::Stray));
+        problems.extend(check::nar_shard(&nars.entries, &rows, Since(None)));
+        let on_disk: std::collections::HashSet<_> = nars.entries.iter().map(|e| e.name.clone()).collect();
+        for r in rows.iter().map(|r| &r.record).filter(|r| r.stored) {
+            report.nars_checked += 1;
+            if !on_disk.contains(&r.name) {
+                continue; // reported as missing above
+            }
+            let Some(blob) = blobs.nar(&r.name)? else { continue };
+            let (hash, len) = match hash_blob(blob) {
+                Ok(done) => done,
+                Err(e) => {
+                    problems.push(Problem::CorruptNar(r.name.clone(), format!("reading: {e}")));
+                    continue;
+                }
+            };
+            report.bytes_hashed += len;
+            if len != r.file_size {
+                problems.push(Problem::CorruptNar(r.name.clone(), format!("{len} bytes, expected {}", r.file_size)));
+            } else if hash != r.file_hash {
+                problems.push(Problem::CorruptNar(r.name.clone(), format!("sha256 {hash}, expected {}", r.file_hash)));
+            }
         }
-        let (hash, len) = hash_file(&store.nar_path(&r.name)).map_err(|x| e(&x))?;
-        if len != r.file_size {
-            report.problems.push(Problem::CorruptNar(r.name.clone(), format!("{len} bytes, expected {}", r.file_size)));
-        } else if hash != r.file_hash {
-            report.problems.push(Problem::CorruptNar(r.name.clone(), format!("sha256 {hash}, expected {}", r.file_hash)));
+        for p in problems {
+            emit(&mut report, p)?;
         }
     }
+    progress(all.len(), all.len(), &report);
     Ok(report)
 }
 
-/// Removes what `report` found broken: orphan files, index entries without files, corrupt
-/// files. A NAR that came from upstream is only marked absent (it is fetched again on next
-/// use); an uploaded one cannot be fetched again, so the narinfos that need it go too.
-pub fn repair(store: &Store, db: &Db, report: &Report) -> Result<(), String> {
-    let e = |e: &dyn fmt::Display| e.to_string();
-    for p in &report.problems {
-        match p {
-            Problem::Orphan(path) => Store::remove(path).map_err(|x| e(&x))?,
-            Problem::MissingNarinfo(h) | Problem::CorruptNarinfo(h, _) => {
-                Store::remove(&store.narinfo_path(h)).map_err(|x| e(&x))?;
-                if let Some(removed) = db.remove_narinfo(h).map_err(|x| e(&x))? {
-                    if let Some((name, _)) = removed.nar {
-                        Store::remove(&store.nar_path(&name)).map_err(|x| e(&x))?;
-                    }
-                }
-            }
-            Problem::MissingNar(n) | Problem::CorruptNar(n, _) => {
-                Store::remove(&store.nar_path(n)).map_err(|x| e(&x))?;
-                let refetchable = db.nar(n).map_err(|x| e(&x))?.is_some_and(|r| !r.upstream_url.is_empty());
-                if refetchable {
-                    db.set_nar_stored(n, false).map_err(|x| e(&x))?;
-                } else if let Some(removed) = db.remove_nar(n).map_err(|x| e(&x))? {
-                    for (h, _) in removed.narinfos {
-                        Store::remove(&store.narinfo_path(&h)).map_err(|x| e(&x))?;
-                    }
-                }
-            }
+fn hash_blob(blob: crate::storage::Blob) -> Result<(crate::nix::Hash, u64), CopyError<std::convert::Infallible>> {
+    match blob {
+        crate::storage::Blob::File { file, .. } => {
+            let mut reader = std::io::BufReader::with_capacity(0, file);
+            copy_hashed(&mut reader, u64::MAX, &mut |_, _| Ok(()))
         }
+        crate::storage::Blob::Bytes(b) => copy_hashed(&mut &b[..], u64::MAX, &mut |_, _| Ok(())),
     }
-    Ok(())
 }
 
 /// The `fsck` command. Returns the exit status: 0 when the store is sound (or was repaired),
 /// 1 when problems were found and left alone.
-pub fn run(paths: &crate::config::StoragePaths, repair_it: bool) -> Result<i32, String> {
-    let store = Store::open(&paths.data_path, &paths.temp_path).map_err(|e| e.to_string())?;
+pub fn run(paths: &crate::config::StoragePaths, repair_it: bool) -> Result<i32, FsckError> {
+    let blobs = LocalStore::open(&paths.data_path)?;
     // Without its database every cached file looks orphaned, and --repair would remove them all.
-    if store.holds_files_without(&paths.database_path) {
-        return Err(format!(
-            "database {} does not exist, but the store holds files: nothing to check them against",
-            paths.database_path.display()
-        ));
+    let db_exists = std::fs::metadata(&paths.database_path).is_ok_and(|m| m.len() > 0);
+    if !db_exists && blobs.holds_anything().unwrap_or(true) {
+        return Err(FsckError::NoDatabase(paths.database_path.clone()));
     }
-    let db = Db::open(&paths.database_path).map_err(|e| format!("database {}: {e}", paths.database_path.display()))?;
-    let report = check(&store, &db)?;
-    for p in &report.problems {
+    let index = SqliteIndex::open(&paths.database_path)?;
+    let started = Instant::now();
+    let mut last = Instant::now();
+    let mut progress = |done: usize, all: usize, r: &Report| {
+        if last.elapsed() >= Duration::from_secs(2) || (done == all && started.elapsed() >= Duration::from_secs(2)) {
+            last = Instant::now();
+            eprintln!(
+                "fsck: {:>3}% ({done}/{all} shards) {} narinfo(s), {} NAR(s), {} MB hashed, {:.0}s",
+                done * 100 / all.max(1),
+                r.narinfos_checked,
+                r.nars_checked,
+                r.bytes_hashed / 1_000_000,
+                started.elapsed().as_secs_f64()
+            );
+        }
+    };
+    let mut found = |p: &Problem| -> Result<(), FsckError> {
         println!("{p}");
-    }
+        if repair_it {
+            crate::cache::check::repair(&blobs, &index, p).map_err(FsckError::Repair)?;
+        }
+        Ok(())
+    };
+    let report = check(&blobs, &index, &mut found, &mut progress)?;
     println!("fsck: {report}");
-    if report.problems.is_empty() {
+    if report.problems() == 0 {
         return Ok(0);
     }
     if repair_it {
-        repair(&store, &db, &report)?;
         println!("fsck: repaired: broken entries removed; NARs from upstream will be fetched again");
         return Ok(0);
     }

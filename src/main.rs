@@ -28,7 +28,7 @@ fn run() -> Result<(), Exit> {
             match ncps::fsck::run(&paths, repair) {
                 Ok(0) => Ok(()),
                 Ok(code) => Err(Exit { code, message: "the store has problems (see above)".into() }),
-                Err(e) => Err(Exit { code: 1, message: e }),
+                Err(e) => Err(Exit { code: 1, message: e.to_string() }),
             }
         }
         Command::Serve(raw) => {

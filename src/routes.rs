@@ -14,6 +14,15 @@ use std::sync::Arc;
 
 pub const NIX_CACHE_INFO: &str = "StoreDir: /nix/store\nWantMassQuery: 1\nPriority: 40\n";
 
+/// What the routes are told by the configuration (built in `serve::prepare`).
+#[derive(Debug, Clone)]
+pub struct RouteSettings {
+    pub hostname: String,
+    pub allow_put: bool,
+    pub allow_delete: bool,
+    pub prometheus: bool,
+}
+
 pub struct Routes {
     cache: Arc<Cache>,
     hostname: String,
@@ -24,16 +33,10 @@ pub struct Routes {
 }
 
 impl Routes {
-    pub fn new(cache: Arc<Cache>, config: &crate::config::Config) -> Routes {
+    pub fn new(cache: Arc<Cache>, settings: RouteSettings) -> Routes {
         let pubkey = cache.public_key().to_string();
-        Routes {
-            cache,
-            hostname: config.hostname.clone(),
-            pubkey,
-            allow_put: config.allow_put,
-            allow_delete: config.allow_delete,
-            prometheus: config.prometheus,
-        }
+        let RouteSettings { hostname, allow_put, allow_delete, prometheus } = settings;
+        Routes { cache, hostname, pubkey, allow_put, allow_delete, prometheus }
     }
 }
 
@@ -277,7 +280,7 @@ impl Routes {
         };
         match result {
             Ok(()) => Response::new(204, "text/plain", Body::Empty).with_note("stored"),
-            Err(crate::cache::UploadError::Internal(e)) => {
+            Err(e) if !e.is_client_error() => {
                 log::error!("{} {}: {e}", req.method_text, req.target);
                 Response::text(500, "Internal Server Error\n").with_note("error")
             }

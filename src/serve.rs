@@ -3,13 +3,14 @@
 //! Everything that can be wrong with the configuration or the data directory is found before
 //! the port is bound, and reported as one line naming the flag, with exit status 2.
 
-use crate::cache::Cache;
+use crate::cache::{Cache, CacheSettings, Parts};
 use crate::config::{parse_listen_addr, Config, ConfigError};
-use crate::db::Db;
 use crate::http::{self, ServerConfig};
+use crate::index::{IndexError, SqliteIndex};
 use crate::nix::SecretKey;
-use crate::routes::Routes;
-use crate::store::Store;
+use crate::routes::{RouteSettings, Routes};
+use crate::storage::{BlobStore, LocalStore, Staging};
+use crate::upstream::{UpstreamSettings, Upstreams};
 use std::fmt;
 use std::net::{TcpListener, ToSocketAddrs};
 use std::path::Path;
@@ -54,17 +55,16 @@ pub fn prepare(config: &Config) -> Result<Prepared, Exit> {
     std::fs::create_dir_all(&config.data_path).map_err(|e| {
         ConfigError::new("cache-data-path", format!("cannot create {}: {e}", config.data_path.display()))
     })?;
-    let store = Store::open(&config.data_path, &config.temp_path).map_err(|e| {
-        let flag = if e.in_temp_dir && !config.temp_path.starts_with(&config.data_path) {
-            "cache-temp-path"
-        } else {
-            "cache-data-path"
-        };
+    let blobs = LocalStore::open(&config.data_path)
+        .map_err(|e| ConfigError::new("cache-data-path", format!("not writable: {e}")))?;
+    let staging = Staging::open(&config.temp_path).map_err(|e| {
+        let flag = if config.temp_path.starts_with(&config.data_path) { "cache-data-path" } else { "cache-temp-path" };
         ConfigError::new(flag, format!("not writable: {e}"))
     })?;
-    // The start-up check removes files the index does not vouch for: with no index at all,
-    // that would be every file. Nothing here may cost a user their cache.
-    if store.holds_files_without(&config.database_path) {
+    // The store check removes blobs the index does not vouch for: with no index at all, that
+    // would be every blob. Nothing here may cost a user their cache.
+    let db_exists = std::fs::metadata(&config.database_path).is_ok_and(|m| m.len() > 0);
+    if !db_exists && blobs.holds_anything().unwrap_or(true) {
         return Err(ConfigError::new(
             "cache-database-url",
             format!(
@@ -72,13 +72,13 @@ pub fn prepare(config: &Config) -> Result<Prepared, Exit> {
                  or one whose database was removed); ncps-rs will not delete them: move that \
                  folder away (or give another --cache-data-path) to start with an empty cache",
                 config.database_path.display(),
-                config.data_path.join("store").display()
+                blobs.describe()
             ),
         )
         .into());
     }
-    let db = Db::open(&config.database_path).map_err(|e| match e {
-        crate::db::DbError::Foreign(_) => {
+    let index = SqliteIndex::open(&config.database_path).map_err(|e| match e {
+        IndexError::Foreign(_) => {
             ConfigError::new("cache-database-url", format!("{}: {e}", config.database_path.display())).into()
         }
         e => runtime(format!("database {}: {e}", config.database_path.display())),
@@ -87,8 +87,24 @@ pub fn prepare(config: &Config) -> Result<Prepared, Exit> {
 
     let listener = bind(&config.server_addr)?;
     let max_connections = raise_fd_limit(config.workers);
-    let cache = Arc::new(Cache::new(config, store, db, key));
-    cache.reconcile().map_err(|e| runtime(format!("checking the store at start-up: {e}")))?;
+    let upstreams = Upstreams::new(UpstreamSettings {
+        list: config.upstreams.clone(),
+        dial_timeout: config.dial_timeout,
+        header_timeout: config.response_header_timeout,
+        body_idle_timeout: config.body_idle_timeout,
+    });
+    let settings = CacheSettings {
+        trusted_keys: config.upstream_keys.clone(),
+        sign: config.sign_narinfo,
+        negative_ttl: config.negative_ttl,
+        stall_limit: config.body_idle_timeout * 2,
+        max_downloads: config.workers.max(4),
+        max_size: config.max_size,
+        clean_marker: config.data_path.join("clean-shutdown"),
+    };
+    let parts = Parts { blobs: Arc::new(blobs), index: Arc::new(index), staging };
+    let cache = Arc::new(Cache::new(settings, parts, upstreams, key));
+    cache.start().map_err(|e| runtime(format!("checking the store at start-up: {e}")))?;
 
     log::info!("ncps {} listening on {}", env!("CARGO_PKG_VERSION"), describe(&listener));
     for u in &config.upstreams {
@@ -103,7 +119,6 @@ pub fn prepare(config: &Config) -> Result<Prepared, Exit> {
     }
     if let Some(max) = config.max_size {
         log::info!("store limit {max} bytes; holding {} now", cache.figures().map(|f| f.size_bytes).unwrap_or(0));
-        cache.evict_scheduled().map_err(|e| runtime(format!("evicting to the limit at start-up: {e}")))?;
     }
     if !config.sign_narinfo {
         log::info!("--cache-sign-narinfo=false: narinfos are served with upstream signatures only");
@@ -134,23 +149,12 @@ pub fn run(config: &Config) -> Result<(), Exit> {
         .spawn(move || {
             let sig = wait_for(&signals);
             log::info!("signal {sig}: recording access times and stopping");
-            if let Err(e) = cache.flush_access_times() {
-                log::warn!("recording access times: {e}");
-            }
-            // Downloads in flight are dropped: their temp files are removed at the next
-            // start, and nothing unverified was ever under a final name.
+            // Waits for writes in progress, then marks the stop clean. Downloads in flight
+            // are dropped: their temp files are removed at the next start, and nothing
+            // unverified was ever under a final name.
+            cache.stop();
             crate::logging::flush();
             std::process::exit(0);
-        })
-        .map_err(|e| runtime(format!("starting a thread: {e}")))?;
-    let cache = p.cache.clone();
-    std::thread::Builder::new()
-        .name("access-times".into())
-        .spawn(move || loop {
-            std::thread::sleep(Duration::from_secs(30));
-            if let Err(e) = cache.flush_access_times() {
-                log::warn!("recording access times: {e}");
-            }
         })
         .map_err(|e| runtime(format!("starting a thread: {e}")))?;
     if let Some(schedule) = config.lru_schedule.clone() {
@@ -160,20 +164,28 @@ pub fn run(config: &Config) -> Result<(), Exit> {
             .spawn(move || run_schedule(&schedule, &zone, &cache))
             .map_err(|e| runtime(format!("starting a thread: {e}")))?;
     }
-    let routes = Arc::new(Routes::new(p.cache, config));
+    let routes = Arc::new(Routes::new(
+        p.cache,
+        RouteSettings {
+            hostname: config.hostname.clone(),
+            allow_put: config.allow_put,
+            allow_delete: config.allow_delete,
+            prometheus: config.prometheus,
+        },
+    ));
     http::serve(p.listener, p.server, routes).map_err(|e| runtime(format!("server stopped: {e}")))
 }
 
 fn run_schedule(schedule: &crate::cron::Schedule, zone: &crate::tz::Zone, cache: &Cache) {
     loop {
-        let now = crate::db::now();
+        let now = crate::index::now();
         let Some(next) = schedule.next_after(now, zone) else {
             log::warn!("--cache-lru-schedule never fires; scheduled eviction is off");
             return;
         };
         // Sleep in short steps so a clock change does not delay a run by hours.
-        while crate::db::now() < next {
-            std::thread::sleep(Duration::from_secs(((next - crate::db::now()).clamp(1, 30)) as u64));
+        while crate::index::now() < next {
+            std::thread::sleep(Duration::from_secs(((next - crate::index::now()).clamp(1, 30)) as u64));
         }
         match cache.evict_scheduled() {
             Ok(e) => log::info!("scheduled eviction: {} narinfo(s), {} NAR(s), {} bytes", e.narinfos, e.nars, e.bytes),

@@ -4,21 +4,29 @@
 //! waiting for each piece of a body all have limits (a stalled upstream must not hold a worker
 //! or a download forever), and the caller checks every byte that comes back.
 
-use crate::config::{Config, UpstreamConfig};
+use crate::config::UpstreamConfig;
 use crate::nix::narinfo::MAX_NARINFO_BYTES;
 use crate::nix::StorePathHash;
 use std::fmt;
 use std::io::Read;
 use std::time::Duration;
 
+/// Why an upstream request failed.
 #[derive(Debug)]
+#[non_exhaustive]
 pub enum UpstreamError {
     /// The upstream answered with a status that is neither success nor "not here".
     Status(u16),
-    /// Connecting, sending or receiving failed (including timeouts).
-    Transport(String),
+    /// Connecting, sending or receiving the head failed (including timeouts).
+    Transport(Box<ureq::Error>),
+    /// Reading the body failed.
+    Read(std::io::Error),
     /// The answer is larger than anything legitimate.
     TooLarge,
+    /// A `Content-Encoding` ncps cannot undo.
+    UnsupportedEncoding(String),
+    /// The zstd decoder could not start.
+    Decoder(std::io::Error),
 }
 
 impl fmt::Display for UpstreamError {
@@ -26,17 +34,39 @@ impl fmt::Display for UpstreamError {
         match self {
             UpstreamError::Status(s) => write!(f, "HTTP status {s}"),
             UpstreamError::Transport(e) => write!(f, "{e}"),
+            UpstreamError::Read(e) => write!(f, "{e}"),
             UpstreamError::TooLarge => write!(f, "response too large"),
+            UpstreamError::UnsupportedEncoding(e) => write!(f, "unsupported Content-Encoding {e:?}"),
+            UpstreamError::Decoder(e) => write!(f, "zstd decoder: {e}"),
         }
     }
 }
 
-impl std::error::Error for UpstreamError {}
+impl std::error::Error for UpstreamError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            UpstreamError::Transport(e) => Some(e.as_ref()),
+            UpstreamError::Read(e) | UpstreamError::Decoder(e) => Some(e),
+            _ => None,
+        }
+    }
+}
 
 impl From<ureq::Error> for UpstreamError {
     fn from(e: ureq::Error) -> Self {
-        UpstreamError::Transport(e.to_string())
+        UpstreamError::Transport(Box::new(e))
     }
+}
+
+/// What the upstream client is told by the configuration (built in `serve::prepare`).
+#[derive(Debug, Clone)]
+pub struct UpstreamSettings {
+    /// The upstreams, in the order they are tried.
+    pub list: Vec<UpstreamConfig>,
+    pub dial_timeout: Duration,
+    pub header_timeout: Duration,
+    /// The longest wait for the next piece of a body.
+    pub body_idle_timeout: Duration,
 }
 
 /// A NAR body being received.
@@ -55,21 +85,9 @@ pub struct Upstreams {
 }
 
 impl Upstreams {
-    pub fn new(config: &Config) -> Upstreams {
-        Self::with_timeouts(
-            config.upstreams.clone(),
-            config.dial_timeout,
-            config.response_header_timeout,
-            config.body_idle_timeout,
-        )
-    }
-
-    pub fn with_timeouts(
-        list: Vec<UpstreamConfig>,
-        dial: Duration,
-        header: Duration,
-        body_idle: Duration,
-    ) -> Upstreams {
+    pub fn new(settings: UpstreamSettings) -> Upstreams {
+        let UpstreamSettings { list, dial_timeout: dial, header_timeout: header, body_idle_timeout: body_idle } =
+            settings;
         let tls = ureq::tls::TlsConfig::builder()
             .root_certs(ureq::tls::RootCerts::Specific(std::sync::Arc::new(root_certs())))
             .build();
@@ -115,7 +133,7 @@ impl Upstreams {
         reader
             .take(limit)
             .read_to_end(&mut body)
-            .map_err(|e| UpstreamError::Transport(e.to_string()))?;
+            .map_err(UpstreamError::Read)?;
         if body.len() as u64 >= limit {
             return Err(UpstreamError::TooLarge);
         }
@@ -160,10 +178,10 @@ fn decode(
         "" | "identity" => Ok((Box::new(raw), false)),
         "zstd" => {
             let d = zstd::stream::read::Decoder::new(raw)
-                .map_err(|e| UpstreamError::Transport(format!("zstd decoder: {e}")))?;
+                .map_err(UpstreamError::Decoder)?;
             Ok((Box::new(d), true))
         }
-        other => Err(UpstreamError::Transport(format!("unsupported Content-Encoding {other:?}"))),
+        other => Err(UpstreamError::UnsupportedEncoding(other.to_string())),
     }
 }
 

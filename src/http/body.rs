@@ -1,6 +1,6 @@
 //! Writing responses to a socket: heads, byte bodies, and file bodies by `sendfile(2)`.
 
-use super::{reason, Body, Chunk, Response};
+use super::{reason, Body, Chunk, Interrupted, Response};
 use std::fs::File;
 use std::io::{self, Write};
 use std::net::TcpStream;
@@ -112,9 +112,10 @@ pub fn write_response(sock: &mut TcpStream, resp: Response, head_only: bool, kee
         Body::Growing(ref g) => {
             let first = if len == 0 { None } else { Some(g.wait(0, &|| peer_gone(sock))) };
             if let Some(Err(why)) = first {
-                if why == crate::http::CLIENT_GONE {
+                if matches!(why, Interrupted::ClientGone) {
                     return Err(io::Error::other(why));
                 }
+                let why = why.to_string();
                 let failed = Response::text(502, format!("Bad Gateway: {why}\n"));
                 let bytes = failed.body.len();
                 sock.write_all(&render_small(failed, false, keep_alive)?)?;
@@ -203,11 +204,11 @@ mod tests {
         fn file(&self) -> &File {
             &self.file
         }
-        fn wait(&self, sent: u64, _: &dyn Fn() -> bool) -> Result<Chunk, String> {
+        fn wait(&self, sent: u64, _: &dyn Fn() -> bool) -> Result<Chunk, Interrupted> {
             if sent < self.ok {
                 Ok(Chunk::Bytes(vec![b'x'; (self.ok - sent) as usize]))
             } else {
-                Err("upstream reset".into())
+                Err(Interrupted::Failed(std::sync::Arc::from(Box::<dyn std::error::Error + Send + Sync>::from("upstream reset"))))
             }
         }
     }

@@ -12,6 +12,7 @@ mod request;
 mod server;
 
 pub use body::{send_file, Sent};
+
 pub use request::{Method, Request};
 pub use server::{serve, Handler, ServerConfig};
 
@@ -33,12 +34,36 @@ pub trait Growing: Send {
     /// transfer failed and the client must be cut off. While it waits it asks `client_gone`
     /// now and then, and gives up when that says yes: a client that left must not hold a
     /// worker until a slow download ends.
-    fn wait(&self, sent: u64, client_gone: &dyn Fn() -> bool) -> Result<Chunk, String>;
+    fn wait(&self, sent: u64, client_gone: &dyn Fn() -> bool) -> Result<Chunk, Interrupted>;
 }
 
-/// What [`Growing::wait`] returns as its error when `client_gone` said yes: there is no one
-/// left to answer.
-pub const CLIENT_GONE: &str = "the client went away";
+/// Why a [`Growing`] body stopped before its end.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub enum Interrupted {
+    /// `client_gone` said yes: there is no one left to answer.
+    ClientGone,
+    /// The transfer failed (the client is answered 502, or cut off): why.
+    Failed(std::sync::Arc<dyn std::error::Error + Send + Sync>),
+}
+
+impl std::fmt::Display for Interrupted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Interrupted::ClientGone => f.write_str("the client went away"),
+            Interrupted::Failed(e) => e.fmt(f),
+        }
+    }
+}
+
+impl std::error::Error for Interrupted {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Interrupted::ClientGone => None,
+            Interrupted::Failed(e) => Some(e.as_ref()),
+        }
+    }
+}
 
 /// The next part of a [`Growing`] body.
 pub enum Chunk {

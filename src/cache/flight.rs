@@ -14,7 +14,41 @@ use std::hash::Hash;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use crate::http::Chunk;
+use crate::http::{Chunk, Interrupted};
+
+/// Why a download ended, shared by all its readers.
+pub type Outcome = Result<(), Arc<dyn std::error::Error + Send + Sync>>;
+
+/// How relaying a download to its readers can fail on its own account.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum RelayError {
+    /// The disk refused bytes and no client waits for them: nothing to relay to.
+    NoReaders,
+    /// The disk refused bytes and the slowest client read nothing for this long.
+    SlowestReaderStalled(Duration),
+    /// Nothing arrived from upstream for this long.
+    Stalled(Duration),
+    /// The disk is full and bytes this reader still needs were already dropped from memory.
+    BytesDropped,
+}
+
+impl std::fmt::Display for RelayError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RelayError::NoReaders => f.write_str("the disk is full and no client is waiting for this download"),
+            RelayError::SlowestReaderStalled(d) => write!(f, "the slowest client read nothing for {d:?}"),
+            RelayError::Stalled(d) => write!(f, "download stalled for {d:?}"),
+            RelayError::BytesDropped => f.write_str("the disk is full and these bytes are no longer held"),
+        }
+    }
+}
+
+impl std::error::Error for RelayError {}
+
+fn failed(e: RelayError) -> Interrupted {
+    Interrupted::Failed(Arc::new(e))
+}
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -39,7 +73,7 @@ impl<K: Hash + Eq + Clone, V: Clone> SingleFlight<K, V> {
     /// for `key`. Returns also whether this caller was the one that computed.
     ///
     /// ```
-    /// use ncps::flight::SingleFlight;
+    /// use ncps::cache::flight::SingleFlight;
     /// let sf: SingleFlight<&str, u32> = SingleFlight::new();
     /// assert_eq!(sf.run("k", || 7), (7, true));
     /// ```
@@ -133,7 +167,7 @@ struct State {
     next_reader: u64,
     last_progress: Instant,
     /// `Some(Ok)` once the whole file is verified; `Some(Err)` when the download failed.
-    outcome: Option<Result<(), String>>,
+    outcome: Option<Outcome>,
 }
 
 impl Download {
@@ -172,7 +206,7 @@ impl Download {
     /// Writer: the file refused these bytes (and all later ones); relay them from memory.
     /// Blocks while the buffer is full; fails if no reader is left to relay to, or if the
     /// slowest one stops reading.
-    pub fn spill(&self, bytes: &[u8]) -> Result<(), String> {
+    pub fn spill(&self, bytes: &[u8]) -> Result<(), RelayError> {
         let mut s = lock(&self.state);
         if !s.spilling {
             s.spilling = true;
@@ -180,7 +214,7 @@ impl Download {
         }
         loop {
             if s.readers.is_empty() {
-                return Err("the disk is full and no client is waiting for this download".into());
+                return Err(RelayError::NoReaders);
             }
             let slowest = s.readers.values().copied().min().unwrap_or(s.written);
             let drop_n = (slowest.saturating_sub(s.spill_start) as usize).min(s.spill.len());
@@ -190,7 +224,7 @@ impl Download {
                 break;
             }
             if s.last_progress.elapsed() > self.stall_limit {
-                return Err(format!("the slowest client read nothing for {:?}", self.stall_limit));
+                return Err(RelayError::SlowestReaderStalled(self.stall_limit));
             }
             s = self.changed.wait_timeout(s, Duration::from_millis(200)).unwrap_or_else(|p| p.into_inner()).0;
         }
@@ -203,13 +237,13 @@ impl Download {
     }
 
     /// Writer: the download ended, verified (`Ok`) or not.
-    pub fn finish(&self, outcome: Result<(), String>) {
+    pub fn finish(&self, outcome: Outcome) {
         lock(&self.state).outcome = Some(outcome);
         self.changed.notify_all();
     }
 
     /// Whether the download ended, and how.
-    pub fn outcome(&self) -> Option<Result<(), String>> {
+    pub fn outcome(&self) -> Option<Outcome> {
         lock(&self.state).outcome.clone()
     }
 
@@ -224,7 +258,7 @@ impl Download {
 
     /// Reader `id`: blocks until more than `sent` bytes may be sent and says where they are.
     /// The last byte is held back until the file is verified.
-    fn wait(&self, id: u64, sent: u64, client_gone: &dyn Fn() -> bool) -> Result<Chunk, String> {
+    fn wait(&self, id: u64, sent: u64, client_gone: &dyn Fn() -> bool) -> Result<Chunk, Interrupted> {
         let mut s = lock(&self.state);
         s.readers.insert(id, sent);
         if s.spilling {
@@ -233,7 +267,7 @@ impl Download {
         loop {
             let limit = match &s.outcome {
                 Some(Ok(())) => self.total,
-                Some(Err(e)) => return Err(e.clone()),
+                Some(Err(e)) => return Err(Interrupted::Failed(e.clone())),
                 // Small NARs are held back whole: streaming them gains nothing, and a client
                 // that got no byte of a bad download retries it (Nix does), which then goes
                 // to another upstream.
@@ -245,17 +279,17 @@ impl Download {
                     return Ok(Chunk::File { upto: limit.min(s.on_disk) });
                 }
                 if sent < s.spill_start {
-                    return Err("the disk is full and these bytes are no longer held".into());
+                    return Err(failed(RelayError::BytesDropped));
                 }
                 let from = (sent - s.spill_start) as usize;
                 let to = ((limit - s.spill_start) as usize).min(s.spill.len()).min(from + (256 << 10));
                 return Ok(Chunk::Bytes(s.spill.range(from..to).copied().collect()));
             }
             if s.last_progress.elapsed() > self.stall_limit {
-                return Err(format!("download stalled for {:?}", self.stall_limit));
+                return Err(failed(RelayError::Stalled(self.stall_limit)));
             }
             if client_gone() {
-                return Err(crate::http::CLIENT_GONE.into());
+                return Err(Interrupted::ClientGone);
             }
             s = self
                 .changed
@@ -286,7 +320,7 @@ impl crate::http::Growing for DownloadBody {
     fn file(&self) -> &File {
         &self.download.file
     }
-    fn wait(&self, sent: u64, client_gone: &dyn Fn() -> bool) -> Result<Chunk, String> {
+    fn wait(&self, sent: u64, client_gone: &dyn Fn() -> bool) -> Result<Chunk, Interrupted> {
         self.download.wait(self.id, sent, client_gone)
     }
 }
@@ -324,11 +358,15 @@ mod tests {
         Arc::new(Download::new(f, total, Duration::from_secs(5)))
     }
 
-    fn upto(c: Result<Chunk, String>) -> Result<u64, String> {
-        match c? {
+    fn upto(c: Result<Chunk, Interrupted>) -> Result<u64, String> {
+        match c.map_err(|e| e.to_string())? {
             Chunk::File { upto } => Ok(upto),
             Chunk::Bytes(_) => Err("expected file bytes".into()),
         }
+    }
+
+    fn failure(why: &str) -> Outcome {
+        Err(Arc::from(Box::<dyn std::error::Error + Send + Sync>::from(why)))
     }
 
     #[test]
@@ -363,7 +401,7 @@ mod tests {
         let d = download(10);
         let r = d.reader();
         d.progress(10);
-        d.finish(Err("hash mismatch".into()));
+        d.finish(failure("hash mismatch"));
         assert_eq!(upto(d.wait(r.id, 9, &|| false)), Err("hash mismatch".to_string()));
     }
 

@@ -1,0 +1,191 @@
+//! The comparison of store and index, one shard at a time, shared by the start-up check (after
+//! anything but a clean stop) and `ncps fsck`. Pure: it is handed both listings and says what
+//! disagrees; callers decide what to do about it.
+
+use crate::index::{IndexedNar, IndexedNarinfo};
+use crate::nix::{NarName, StorePathHash};
+use crate::storage::{Listed, Stray};
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+
+/// One disagreement between store and index.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Problem {
+    /// Indexed, but its blob is gone.
+    MissingNarinfo(StorePathHash),
+    /// Indexed as stored, but its blob is gone.
+    MissingNar(NarName),
+    /// A narinfo blob the index does not know.
+    OrphanNarinfo(StorePathHash),
+    /// A NAR blob the index does not vouch for (unknown, not marked stored, or of another size
+    /// than was verified).
+    OrphanNar(NarName),
+    /// Something in the store that is not an entry.
+    Stray(Stray),
+    /// The blob's bytes are not what was verified (or do not parse); found by `fsck`, which
+    /// reads them.
+    CorruptNarinfo(StorePathHash, String),
+    CorruptNar(NarName, String),
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Problem::MissingNarinfo(h) => write!(f, "missing: narinfo {h} is indexed but has no file"),
+            Problem::MissingNar(n) => write!(f, "missing: NAR {n} is indexed as stored but has no file"),
+            Problem::OrphanNarinfo(h) => write!(f, "orphaned: narinfo {h} is not in the index"),
+            Problem::OrphanNar(n) => write!(f, "orphaned: NAR {n} is not in the index as stored"),
+            Problem::Stray(s) => write!(f, "orphaned: {s} is not in the index"),
+            Problem::CorruptNarinfo(h, why) => write!(f, "corrupt: narinfo {h}: {why}"),
+            Problem::CorruptNar(n, why) => write!(f, "corrupt: NAR {n}: {why}"),
+        }
+    }
+}
+
+/// Blobs written at or after this time (seconds), and rows created then, are left out: they
+/// belong to writes running while the check runs, which can be half-way between their index
+/// row and their blob.
+#[derive(Debug, Clone, Copy)]
+pub struct Since(pub Option<i64>);
+
+impl Since {
+    fn spares(&self, t: i64) -> bool {
+        self.0.is_some_and(|s| t >= s)
+    }
+}
+
+/// What disagrees in one shard of narinfos.
+pub fn narinfo_shard(blobs: &[Listed<StorePathHash>], rows: &[IndexedNarinfo], since: Since) -> Vec<Problem> {
+    let on_disk: HashSet<&StorePathHash> = blobs.iter().map(|b| &b.name).collect();
+    let indexed: HashSet<&StorePathHash> = rows.iter().map(|r| &r.hash).collect();
+    let mut out: Vec<Problem> = blobs
+        .iter()
+        .filter(|b| !indexed.contains(&b.name) && !since.spares(b.modified))
+        .map(|b| Problem::OrphanNarinfo(b.name))
+        .collect();
+    out.extend(
+        rows.iter()
+            .filter(|r| !on_disk.contains(&r.hash) && !since.spares(r.created_at))
+            .map(|r| Problem::MissingNarinfo(r.hash)),
+    );
+    out
+}
+
+/// What disagrees in one shard of NARs. A blob is vouched for only if the index says it was
+/// stored, with this size.
+pub fn nar_shard(blobs: &[Listed<NarName>], rows: &[IndexedNar], since: Since) -> Vec<Problem> {
+    let stored: HashMap<&NarName, u64> =
+        rows.iter().filter(|r| r.record.stored).map(|r| (&r.record.name, r.record.file_size)).collect();
+    let on_disk: HashSet<&NarName> = blobs.iter().map(|b| &b.name).collect();
+    let mut out: Vec<Problem> = blobs
+        .iter()
+        .filter(|b| stored.get(&b.name) != Some(&b.len) && !since.spares(b.modified))
+        .map(|b| Problem::OrphanNar(b.name.clone()))
+        .collect();
+    out.extend(
+        rows.iter()
+            .filter(|r| r.record.stored && !on_disk.contains(&r.record.name) && !since.spares(r.created_at))
+            .map(|r| Problem::MissingNar(r.record.name.clone())),
+    );
+    out
+}
+
+/// Repairs one problem in `blobs` and `index` (shared with `ncps fsck --repair`).
+///
+/// - a stray or an orphaned blob goes (an orphaned NAR's row, if it said stored, no longer does);
+/// - a narinfo row whose blob is missing, or whose blob is corrupt, goes with its blob (and
+///   its NAR, when no other narinfo uses it);
+/// - a NAR missing or corrupt: one from upstream is marked absent and fetched again on next
+///   use; an uploaded one cannot be fetched again, so the narinfos that need it go too.
+pub fn repair(
+    blobs: &dyn crate::storage::BlobStore,
+    index: &dyn crate::index::Index,
+    p: &Problem,
+) -> Result<(), crate::cache::CacheError> {
+    match p {
+        Problem::Stray(s) => blobs.remove_stray(s)?,
+        Problem::OrphanNarinfo(h) => blobs.remove_narinfo(h)?,
+        Problem::OrphanNar(n) => {
+            blobs.remove_nar(n)?;
+            if index.nar(n)?.is_some_and(|r| r.stored) {
+                index.set_nar_stored(n, false)?;
+            }
+        }
+        Problem::MissingNarinfo(h) | Problem::CorruptNarinfo(h, _) => {
+            blobs.remove_narinfo(h)?;
+            for removed in index.remove_narinfos(&[*h])? {
+                if let Some((name, _)) = removed.nar {
+                    blobs.remove_nar(&name)?;
+                }
+            }
+        }
+        Problem::MissingNar(n) | Problem::CorruptNar(n, _) => {
+            blobs.remove_nar(n)?;
+            let refetchable = index.nar(n)?.is_some_and(|r| !r.upstream_url.is_empty());
+            if refetchable {
+                index.set_nar_stored(n, false)?;
+            } else if let Some(removed) = index.remove_nar(n)? {
+                for (h, _) in removed.narinfos {
+                    blobs.remove_narinfo(&h)?;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::index::NarRecord;
+    use crate::nix::Hash;
+
+    fn h(c: char) -> StorePathHash {
+        StorePathHash::parse(&c.to_string().repeat(32)).unwrap()
+    }
+    fn n(c: char) -> NarName {
+        NarName::parse(&format!("{}.nar", c.to_string().repeat(52))).unwrap()
+    }
+    fn row(c: char, created_at: i64) -> IndexedNarinfo {
+        IndexedNarinfo { hash: h(c), nar: None, size: 1, created_at }
+    }
+    fn nar_row(c: char, stored: bool, size: u64) -> IndexedNar {
+        IndexedNar {
+            record: NarRecord { name: n(c), file_hash: Hash::of(b""), file_size: size, upstream_url: String::new(), stored },
+            created_at: 0,
+        }
+    }
+
+    #[test]
+    fn blobs_without_rows_and_rows_without_blobs_are_found() {
+        let blobs = [Listed { name: h('a'), len: 1, modified: 0 }, Listed { name: h('b'), len: 1, modified: 0 }];
+        let rows = [row('b', 0), row('c', 0)];
+        assert_eq!(
+            narinfo_shard(&blobs, &rows, Since(None)),
+            vec![Problem::OrphanNarinfo(h('a')), Problem::MissingNarinfo(h('c'))]
+        );
+    }
+
+    #[test]
+    fn writes_newer_than_the_check_are_left_alone() {
+        let blobs = [Listed { name: h('a'), len: 1, modified: 100 }];
+        let rows = [row('c', 100)];
+        assert!(narinfo_shard(&blobs, &rows, Since(Some(100))).is_empty());
+        assert_eq!(narinfo_shard(&blobs, &rows, Since(Some(101))).len(), 2);
+    }
+
+    #[test]
+    fn a_nar_blob_is_vouched_for_only_if_stored_with_its_verified_size() {
+        let blobs = [
+            Listed { name: n('1'), len: 3, modified: 0 },
+            Listed { name: n('2'), len: 3, modified: 0 },
+            Listed { name: n('3'), len: 4, modified: 0 },
+        ];
+        let rows = [nar_row('1', true, 3), nar_row('2', false, 3), nar_row('3', true, 3), nar_row('4', true, 3)];
+        assert_eq!(
+            nar_shard(&blobs, &rows, Since(None)),
+            vec![Problem::OrphanNar(n('2')), Problem::OrphanNar(n('3')), Problem::MissingNar(n('4'))]
+        );
+    }
+}

@@ -1,0 +1,244 @@
+//! Size accounting, the evictor, and deletes.
+//!
+//! `--cache-max-size` counts stored NARs (each once, however many narinfos share it) plus
+//! narinfos. A write that takes the store over the limit only wakes the evictor thread and
+//! returns: hits, downloads and other writes never wait for a pass. A pass removes whole
+//! entries, least recently used first, in batches of [`BATCH`]: the batch's narinfo blobs
+//! first (so a narinfo is never served once its NAR may be gone), then its rows in one index
+//! transaction, then the NAR blobs no other narinfo uses. A client still reading an evicted
+//! NAR keeps its open file.
+
+use super::{Cache, CacheError};
+use crate::index::{now, Index, Removed};
+use crate::nix::{NarName, StorePathHash};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+/// Entries removed per index transaction: large enough that a transaction's fixed cost
+/// vanishes, small enough that a write waiting for the index waits milliseconds.
+const BATCH: usize = 512;
+
+/// How long a narinfo whose NAR has not been fetched is safe from eviction: the time a client
+/// may take between reading a narinfo and asking for its NAR.
+const PENDING_GRACE_SECS: i64 = 600;
+
+/// What an eviction pass removed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Evicted {
+    pub narinfos: u64,
+    pub nars: u64,
+    pub bytes: u64,
+}
+
+pub(super) struct Space {
+    max: Option<u64>,
+    /// Bytes the store holds, kept in step with the index's totals.
+    usage: AtomicU64,
+    /// One pass at a time.
+    evicting: Mutex<()>,
+    wanted: Mutex<bool>,
+    wake: Condvar,
+}
+
+impl Space {
+    pub(super) fn new(max: Option<u64>) -> Space {
+        Space { max, usage: AtomicU64::new(0), evicting: Mutex::new(()), wanted: Mutex::new(false), wake: Condvar::new() }
+    }
+
+    pub(super) fn usage(&self) -> u64 {
+        self.usage.load(Ordering::Relaxed)
+    }
+
+    pub(super) fn add(&self, added: u64, removed: u64) {
+        if added >= removed {
+            self.usage.fetch_add(added - removed, Ordering::Relaxed);
+        } else {
+            let _ = self.usage.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |u| {
+                Some(u.saturating_sub(removed - added))
+            });
+        }
+    }
+
+    /// Takes the figure from the index again (after a pass or a check).
+    pub(super) fn refresh(&self, index: &dyn Index) {
+        match index.totals() {
+            Ok(t) => self.usage.store(t.bytes(), Ordering::Relaxed),
+            Err(e) => log::warn!("reading the store's size: {e}"),
+        }
+    }
+
+    fn over(&self) -> bool {
+        self.max.is_some_and(|max| self.usage() > max)
+    }
+
+    /// Asks the evictor for a pass.
+    pub(super) fn wake(&self) {
+        *super::lock(&self.wanted) = true;
+        self.wake.notify_one();
+    }
+}
+
+impl Cache {
+    /// After a write: wakes the evictor if the store is over its limit.
+    pub(super) fn enforce_limit(&self) {
+        if self.space.over() {
+            self.space.wake();
+        }
+    }
+
+    /// The evictor thread: a pass whenever a write crossed the limit (or at start).
+    pub(super) fn run_evictor(&self) {
+        loop {
+            {
+                let mut wanted = super::lock(&self.space.wanted);
+                while !*wanted {
+                    wanted = self.space.wake.wait(wanted).unwrap_or_else(|p| p.into_inner());
+                }
+                *wanted = false;
+            }
+            if let Err(e) = self.evict_scheduled() {
+                log::error!("evicting to stay under --cache-max-size: {e}");
+                // Do not spin on a failing index.
+                std::thread::sleep(Duration::from_secs(1));
+            }
+        }
+    }
+
+    /// A full pass to the limit (`--cache-lru-schedule`, and the evictor's).
+    pub fn evict_scheduled(&self) -> Result<Evicted, CacheError> {
+        match self.settings.max_size {
+            Some(max) => self.evict_to(max),
+            None => Ok(Evicted::default()),
+        }
+    }
+
+    /// Removes least recently used entries until the store holds at most `target` bytes.
+    pub fn evict_to(&self, target: u64) -> Result<Evicted, CacheError> {
+        let _one_at_a_time = super::lock(&self.space.evicting);
+        let started = Instant::now();
+        // Hits since the last flush must count, or an entry in use could look old.
+        self.flush_access_times()?;
+        self.space.refresh(&*self.index);
+        let mut evicted = Evicted::default();
+        // NARs no narinfo points at (an upload whose narinfo never came) go first.
+        while self.space.usage() > target {
+            let unreferenced = self.index.unreferenced_nars(BATCH)?;
+            if unreferenced.is_empty() {
+                break;
+            }
+            for (name, _) in unreferenced {
+                if self.space.usage() <= target {
+                    break;
+                }
+                let _writing = self.writing();
+                if let Some(r) = self.index.remove_nar(&name)? {
+                    self.remove_blobs(&r, &mut evicted)?;
+                }
+            }
+        }
+        while self.space.usage() > target {
+            let victims = self.index.least_recently_used(BATCH, now() - PENDING_GRACE_SECS)?;
+            if victims.is_empty() {
+                break;
+            }
+            let before = evicted;
+            self.evict_batch(&victims, target, &mut evicted)?;
+            if evicted == before {
+                break;
+            }
+        }
+        if evicted.narinfos + evicted.nars > 0 {
+            self.metrics.evicted(evicted.narinfos, evicted.nars, evicted.bytes);
+            let secs = started.elapsed().as_secs_f64();
+            log::info!(
+                "evicted {} narinfo(s) and {} NAR(s), {} bytes in {secs:.2}s; the store now holds {} of {target} bytes",
+                evicted.narinfos,
+                evicted.nars,
+                evicted.bytes,
+                self.space.usage()
+            );
+        }
+        Ok(evicted)
+    }
+
+    /// Evicts from `victims` (in LRU order) until the store is at `target`.
+    fn evict_batch(&self, victims: &[(StorePathHash, u64)], target: u64, tally: &mut Evicted) -> Result<(), CacheError> {
+        let _writing = self.writing();
+        // Only as many as the excess needs. Each victim's size is the most its removal frees
+        // (a shared NAR stays), so this never takes more than needed; a shortfall is made up
+        // by the next batch.
+        let excess = self.space.usage().saturating_sub(target);
+        let mut chosen = Vec::with_capacity(victims.len());
+        let mut freed_at_most = 0u64;
+        for (hash, size) in victims {
+            if freed_at_most >= excess {
+                break;
+            }
+            freed_at_most += size;
+            // The blob goes first, so the narinfo is never served once its NAR may be gone.
+            self.narinfos.forget(hash);
+            self.blobs.remove_narinfo(hash)?;
+            chosen.push(*hash);
+        }
+        let removed = self.index.remove_narinfos(&chosen)?;
+        for r in &removed {
+            self.remove_blobs(r, tally)?;
+        }
+        self.space.refresh(&*self.index);
+        Ok(())
+    }
+
+    /// Deletes the blobs of what the index just dropped, and accounts for them.
+    fn remove_blobs(&self, r: &Removed, tally: &mut Evicted) -> Result<(), CacheError> {
+        let mut freed = 0;
+        for (hash, size) in &r.narinfos {
+            self.narinfos.forget(hash);
+            self.blobs.remove_narinfo(hash)?;
+            freed += size;
+            tally.narinfos += 1;
+        }
+        if let Some((name, stored)) = &r.nar {
+            self.blobs.remove_nar(name)?;
+            if let Some(size) = stored {
+                freed += size;
+                tally.nars += 1;
+            }
+        }
+        tally.bytes += freed;
+        self.space.add(0, freed);
+        Ok(())
+    }
+
+    /// `DELETE /<hash>.narinfo`: removes it, and its NAR when nothing else uses it.
+    pub fn delete_narinfo(&self, hash: &StorePathHash) -> Result<bool, CacheError> {
+        let _writing = self.writing();
+        self.narinfos.forget(hash);
+        self.blobs.remove_narinfo(hash)?;
+        self.forget_missing(hash);
+        match self.index.remove_narinfos(&[*hash])?.pop() {
+            Some(r) => {
+                self.remove_blobs(&r, &mut Evicted::default())?;
+                Ok(true)
+            }
+            None => Ok(false),
+        }
+    }
+
+    /// `DELETE /nar/<name>`: removes it and every narinfo pointing at it.
+    pub fn delete_nar(&self, name: &NarName) -> Result<bool, CacheError> {
+        let _writing = self.writing();
+        match self.index.remove_nar(name)? {
+            Some(r) => {
+                self.remove_blobs(&r, &mut Evicted::default())?;
+                Ok(true)
+            }
+            None => {
+                // Not indexed, but a stray blob of that name must not survive a DELETE.
+                let existed = self.blobs.nar_len(name)?.is_some();
+                self.blobs.remove_nar(name)?;
+                Ok(existed)
+            }
+        }
+    }
+}

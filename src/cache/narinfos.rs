@@ -1,0 +1,223 @@
+//! Narinfo hits and misses: the memo of recently served narinfos, the negative cache, and the
+//! single-flight upstream lookup whose answer passes the trust rules before it is stored.
+
+use super::flight::SingleFlight;
+use super::{lock, trust, Answer, Cache, CacheError};
+use crate::http::Body;
+use crate::index::NarRecord;
+use crate::memo::Memo;
+use crate::metrics::Kind;
+use crate::nix::{NarInfo, StorePathHash};
+use crate::storage::Blob;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Memory for recently served narinfos (a few thousand typical ones).
+const MEMO_BUDGET: usize = 4 << 20;
+/// Larger narinfos (thousands of references) are served from the store each time.
+const MEMO_ENTRY_MAX: u64 = 16 * 1024;
+/// Hashes remembered as missing at most: a flood of lookups for random hashes must not grow
+/// memory without limit.
+const NEGATIVE_MAX: usize = 100_000;
+
+/// What a narinfo miss produced, shared by everyone who asked at the same time: the narinfo
+/// ncps serves and the upstream it came from, `None` when no upstream has it.
+type Found = Option<(Arc<str>, Arc<Vec<u8>>)>;
+
+pub(super) struct State {
+    flights: SingleFlight<StorePathHash, Found>,
+    negative: Mutex<HashMap<StorePathHash, Instant>>,
+    /// Recently served narinfos, so a hit needs no store call.
+    memo: Mutex<Memo>,
+}
+
+impl State {
+    pub(super) fn new() -> State {
+        State {
+            flights: SingleFlight::new(),
+            negative: Mutex::new(HashMap::new()),
+            memo: Mutex::new(Memo::new(MEMO_BUDGET, Duration::from_secs(60))),
+        }
+    }
+
+    pub(super) fn forget(&self, hash: &StorePathHash) {
+        lock(&self.memo).remove(hash);
+    }
+}
+
+impl Cache {
+    /// The narinfo if it is here (a hit), without ever asking upstream.
+    pub fn narinfo_hit(&self, hash: &StorePathHash) -> Result<Option<Body>, CacheError> {
+        if let Some(bytes) = lock(&self.narinfos.memo).get(hash) {
+            self.touch_narinfo(hash);
+            return Ok(Some(Body::Bytes(bytes.to_vec())));
+        }
+        let Some(blob) = self.blobs.narinfo(hash)? else {
+            return Ok(None);
+        };
+        self.touch_narinfo(hash);
+        if blob.len() > MEMO_ENTRY_MAX {
+            return Ok(Some(body_of(blob)));
+        }
+        let bytes = blob.into_bytes()?;
+        lock(&self.narinfos.memo).insert(*hash, Arc::from(&bytes[..]));
+        Ok(Some(Body::Bytes(bytes)))
+    }
+
+    /// `GET /<hash>.narinfo`.
+    pub fn narinfo(&self, hash: &StorePathHash) -> Result<Answer, CacheError> {
+        if let Some(body) = self.narinfo_hit(hash)? {
+            return Ok(Answer::Hit(body));
+        }
+        if self.is_known_missing(hash) {
+            return Ok(Answer::NotFound);
+        }
+        let (found, _) = self.narinfos.flights.run(*hash, || self.fetch_narinfo(hash));
+        Ok(match found {
+            Some((from, bytes)) => Answer::Miss(Body::Bytes(bytes.to_vec()), from),
+            None => Answer::NotFound,
+        })
+    }
+
+    /// `GET /upload/<hash>.narinfo`: the local cache only. A client about to upload asks
+    /// whether the path is here; asking upstream for a path only it has built is wasted time.
+    pub fn narinfo_local(&self, hash: &StorePathHash) -> Result<Answer, CacheError> {
+        Ok(self.narinfo_hit(hash)?.map_or(Answer::NotFound, Answer::Hit))
+    }
+
+    fn is_known_missing(&self, hash: &StorePathHash) -> bool {
+        let mut negative = lock(&self.narinfos.negative);
+        match negative.get(hash) {
+            Some(t) if t.elapsed() < self.settings.negative_ttl => true,
+            Some(_) => {
+                negative.remove(hash);
+                false
+            }
+            None => false,
+        }
+    }
+
+    fn remember_missing(&self, hash: &StorePathHash) {
+        let ttl = self.settings.negative_ttl;
+        if ttl.is_zero() {
+            return;
+        }
+        let mut negative = lock(&self.narinfos.negative);
+        if negative.len() >= NEGATIVE_MAX {
+            negative.retain(|_, t| t.elapsed() < ttl);
+            if negative.len() >= NEGATIVE_MAX {
+                negative.clear();
+            }
+        }
+        negative.insert(*hash, Instant::now());
+    }
+
+    /// Forgets that `hash` was missing (an upload or a new upstream can make it exist).
+    pub fn forget_missing(&self, hash: &StorePathHash) {
+        lock(&self.narinfos.negative).remove(hash);
+    }
+
+    fn fetch_narinfo(&self, hash: &StorePathHash) -> Found {
+        let mut any_error = false;
+        for (i, upstream) in self.upstreams.list().iter().enumerate() {
+            let started = Instant::now();
+            let result = self.upstreams.narinfo(upstream, hash);
+            self.metrics.upstream_request(i, Kind::Narinfo, started.elapsed(), result.is_ok());
+            let bytes = match result {
+                Ok(Some(b)) => b,
+                Ok(None) => continue,
+                Err(e) => {
+                    log::warn!("upstream {}: narinfo {hash}: {e}; trying the next", upstream.url);
+                    self.metrics.upstream_error_detail(i, &e.to_string());
+                    any_error = true;
+                    continue;
+                }
+            };
+            self.metrics.upstream_bytes(i, bytes.len() as u64);
+            match trust::accept_upstream(hash, &bytes, &self.settings.trusted_keys, &upstream.url) {
+                Ok(accepted) => {
+                    let (info, record) = accepted.served(self.signer());
+                    let served = self.keep_accepted_narinfo(hash, &info, record);
+                    log::info!(
+                        "narinfo {hash}: from {} in {:.1}ms",
+                        upstream.url,
+                        started.elapsed().as_secs_f64() * 1000.0
+                    );
+                    return Some((Arc::from(upstream.url.as_str()), Arc::new(served)));
+                }
+                Err(why) => {
+                    log::warn!("upstream {}: narinfo {hash} refused: {why}; trying the next", upstream.url);
+                    any_error = true;
+                }
+            }
+        }
+        // Only a clean "no" from every upstream is remembered: an upstream that failed may
+        // have it a moment later.
+        if !any_error {
+            self.remember_missing(hash);
+        }
+        None
+    }
+
+    /// Stores a verified upstream narinfo; returns the bytes to serve. A full disk must not
+    /// turn a verified answer into an error: then it is served, nothing is kept, and where its
+    /// NAR is is remembered so that can be served too.
+    fn keep_accepted_narinfo(&self, hash: &StorePathHash, info: &NarInfo, record: NarRecord) -> Vec<u8> {
+        match self.store_narinfo(hash, info, &record) {
+            Ok(served) => served,
+            Err(e) => {
+                log::error!("narinfo {hash}: verified but not kept: {e}");
+                let mut unindexed = lock(&self.unindexed);
+                if unindexed.len() >= 10_000 {
+                    unindexed.clear();
+                }
+                unindexed.insert(record.name.clone(), record);
+                info.to_string().into_bytes()
+            }
+        }
+    }
+
+    /// Indexes and stores the narinfo ncps serves; returns its bytes.
+    pub(super) fn store_narinfo(
+        &self,
+        hash: &StorePathHash,
+        info: &NarInfo,
+        record: &NarRecord,
+    ) -> Result<Vec<u8>, CacheError> {
+        let served = info.to_string().into_bytes();
+        let _writing = self.writing();
+        // Index first, blob second: a crash between the two leaves an index entry without a
+        // blob, which the store check drops, never a served narinfo whose NAR nobody can find.
+        let recorded = self.index.put_narinfo(hash, &info.store_path, record, served.len() as u64)?;
+        if recorded.nar_invalidated {
+            // The NAR's name now stands for other bytes: the old blob must not be served for it.
+            self.blobs.remove_nar(&record.name)?;
+            self.space.refresh(&*self.index);
+        }
+        if let Err(e) = self.blobs.put_narinfo(hash, &served, &self.staging) {
+            // The index may take a row when the disk has no room for the blob (a full disk
+            // with space left in the database's pages): a row this call added goes again, so
+            // the next request is a clean miss. Only the row: its NAR (an upload's, say) may
+            // be stored and wanted. A row that was there before keeps its blob, if any.
+            if recorded.replaced_size == 0 {
+                if let Err(e2) = self.index.delete_narinfo_row(hash) {
+                    log::warn!("narinfo {hash}: its index row stays until the next store check: {e2}");
+                }
+            }
+            return Err(e.into());
+        }
+        lock(&self.narinfos.memo).insert(*hash, Arc::from(&served[..]));
+        self.space.add(served.len() as u64, recorded.replaced_size);
+        self.enforce_limit();
+        Ok(served)
+    }
+}
+
+/// A blob as an HTTP body: a local file goes out with `sendfile`.
+pub(super) fn body_of(blob: Blob) -> Body {
+    match blob {
+        Blob::File { file, len } => Body::File { file, len },
+        Blob::Bytes(b) => Body::Bytes(b),
+    }
+}

@@ -1,0 +1,261 @@
+//! The trust rules, as pure functions of bytes: what ncps accepts from an upstream or a client,
+//! and what it is then willing to sign.
+//!
+//! - An upstream narinfo is accepted only if it describes the path asked for and a `Sig`
+//!   verifies against one of the trusted keys (any of them, whatever its name, as Nix does).
+//!   With no keys configured it is passed on, never signed by ncps.
+//! - What decides the stored NAR's bytes is what the signature covers: for `Compression: none`
+//!   `NarHash`/`NarSize` (a `FileHash` that disagrees is refused); otherwise `FileHash`/
+//!   `FileSize`, and the client checks `NarHash` after decompressing.
+//! - The `URL` is not signed, so only relative URLs or absolute ones on the upstream's own
+//!   origin are followed: a narinfo cannot make ncps fetch from anywhere else.
+//! - The narinfo ncps serves points at `nar/<name>` on ncps itself.
+
+use crate::index::NarRecord;
+use crate::nix::narinfo::NarInfoError;
+use crate::nix::{Hash, NarInfo, NarName, PublicKey, SecretKey, StorePathHash};
+use std::fmt;
+
+/// Why an upstream's narinfo is not accepted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Refusal {
+    Unparsable(NarInfoError),
+    /// It describes another store path than the one asked for.
+    WrongPath { describes: String },
+    /// No signature by a trusted key.
+    Unsigned,
+    /// The digest fields are missing or inconsistent.
+    Digest(&'static str),
+    /// The URL points outside the upstream.
+    UrlOutside(String),
+    /// The URL is neither absolute on the upstream nor a plain relative path.
+    UrlNotPlain(String),
+    /// No NAR name can be made for this compression.
+    Unnameable { compression: String },
+}
+
+impl fmt::Display for Refusal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Refusal::Unparsable(e) => e.fmt(f),
+            Refusal::WrongPath { describes } => write!(f, "it describes {describes}, not the path asked for"),
+            Refusal::Unsigned => f.write_str("no signature by a trusted upstream key"),
+            Refusal::Digest(e) => f.write_str(e),
+            Refusal::UrlOutside(url) => write!(f, "URL {url:?} points outside the upstream"),
+            Refusal::UrlNotPlain(url) => write!(f, "URL {url:?} is not a plain relative path"),
+            Refusal::Unnameable { compression } => {
+                write!(f, "cannot name a NAR with compression {compression:?}")
+            }
+        }
+    }
+}
+
+impl std::error::Error for Refusal {}
+
+/// An accepted narinfo: re-pointed at ncps's own `nar/<name>`, with the record of its NAR
+/// (where to fetch it, what it must hash to), ready to be signed and served.
+#[derive(Debug, Clone)]
+pub struct Accepted {
+    pub info: NarInfo,
+    pub nar: NarRecord,
+    /// Whether an upstream signature verified: only then may ncps add its own.
+    pub verified: bool,
+}
+
+impl Accepted {
+    /// The narinfo as served: signed by `key` if one is given and the upstream's signature
+    /// verified.
+    pub fn served(mut self, key: Option<&SecretKey>) -> (NarInfo, NarRecord) {
+        if let (Some(key), true) = (key, self.verified) {
+            self.info.sign(key);
+        }
+        (self.info, self.nar)
+    }
+}
+
+/// Decides whether `bytes`, `upstream`'s answer for `hash`, can be trusted.
+pub fn accept_upstream(
+    hash: &StorePathHash,
+    bytes: &[u8],
+    trusted: &[PublicKey],
+    upstream: &str,
+) -> Result<Accepted, Refusal> {
+    let mut info = NarInfo::parse(bytes).map_err(Refusal::Unparsable)?;
+    if info.store_path_hash() != Some(*hash) {
+        return Err(Refusal::WrongPath { describes: info.store_path });
+    }
+    let verified = info.verify(trusted);
+    if !trusted.is_empty() && !verified {
+        return Err(Refusal::Unsigned);
+    }
+    let (file_hash, file_size) = info.file_digest().map_err(Refusal::Digest)?;
+    let (name, upstream_url) = nar_location(upstream, &info.url, &file_hash, &info.compression)?;
+    info.url = format!("nar/{name}");
+    Ok(Accepted { info, nar: NarRecord { name, file_hash, file_size, upstream_url, stored: false }, verified })
+}
+
+/// What an uploaded narinfo claims: the narinfo, and the NAR (name, hash, size) it needs.
+#[derive(Debug)]
+pub struct Claimed {
+    pub info: NarInfo,
+    pub nar: NarName,
+    pub file_hash: Hash,
+    pub file_size: u64,
+}
+
+/// Checks an uploaded narinfo for `hash` on its own (whether its NAR is here is the caller's
+/// question).
+pub fn claimed_by_upload(hash: &StorePathHash, bytes: &[u8]) -> Result<Claimed, super::UploadError> {
+    use super::UploadError;
+    let info = NarInfo::parse(bytes).map_err(UploadError::Narinfo)?;
+    if info.store_path_hash() != Some(*hash) {
+        return Err(UploadError::WrongPath { describes: info.store_path });
+    }
+    let (file_hash, file_size) = info.file_digest().map_err(UploadError::Digest)?;
+    let nar = info
+        .url
+        .strip_prefix("nar/")
+        .and_then(NarName::parse)
+        .ok_or_else(|| UploadError::BadUrl(info.url.clone()))?;
+    Ok(Claimed { info, nar, file_hash, file_size })
+}
+
+/// Whether an uploaded NAR's bytes (with SHA-256 `got`) are what its name says, as NARs
+/// written by `nix copy` are named (`<nix32 of sha256 of the file>.nar<ext>`).
+pub fn upload_matches_name(name: &NarName, got: &Hash) -> bool {
+    let hash_part = name.as_str().split(".nar").next().unwrap_or("");
+    Hash::parse_digest(hash_part).as_ref() == Some(got)
+}
+
+/// The scheme and authority of `url` (`http://host:port`): which upstream it is on.
+pub fn origin(url: &str) -> &str {
+    let after_scheme = url.find("://").map_or(0, |i| i + 3);
+    let end = url[after_scheme..].find('/').map_or(url.len(), |i| after_scheme + i);
+    &url[..end]
+}
+
+/// Where ncps keeps a NAR (its name) and where to fetch it (an absolute URL), from a
+/// narinfo's `URL`. Relative URLs are resolved against the upstream; absolute ones must stay
+/// on the upstream's own origin.
+pub fn nar_location(base: &str, url: &str, file_hash: &Hash, compression: &str) -> Result<(NarName, String), Refusal> {
+    let absolute = if url.starts_with("http://") || url.starts_with("https://") {
+        if origin(url) != origin(base) {
+            return Err(Refusal::UrlOutside(url.to_string()));
+        }
+        url.to_string()
+    } else if url.contains("..") || url.starts_with('/') || url.contains("://") {
+        return Err(Refusal::UrlNotPlain(url.to_string()));
+    } else {
+        format!("{base}/{url}")
+    };
+    let last = url.rsplit('/').next().unwrap_or("");
+    let last = last.split('?').next().unwrap_or("");
+    let name = NarName::parse(last)
+        .or_else(|| NarName::for_file(file_hash, compression))
+        .ok_or_else(|| Refusal::Unnameable { compression: compression.to_string() })?;
+    Ok((name, absolute))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PATH_HASH: &str = "0mdqa9w1p6cmli6976v4wi0sw9r4p5pr";
+
+    fn narinfo(url: &str, compression: &str, extra: &str) -> String {
+        let nar = Hash::of(b"nar");
+        format!(
+            "StorePath: /nix/store/{PATH_HASH}-hello\nURL: {url}\nCompression: {compression}\n\
+             {extra}NarHash: {nar}\nNarSize: 3\nReferences: \n"
+        )
+    }
+
+    fn key() -> SecretKey {
+        SecretKey::generate("up-1").unwrap()
+    }
+
+    fn signed(text: &str, key: &SecretKey) -> Vec<u8> {
+        let mut info = NarInfo::parse(text.as_bytes()).unwrap();
+        info.sign(key);
+        info.to_string().into_bytes()
+    }
+
+    fn hash() -> StorePathHash {
+        StorePathHash::parse(PATH_HASH).unwrap()
+    }
+
+    #[test]
+    fn a_narinfo_signed_by_a_trusted_key_is_accepted_and_repointed_at_ncps() {
+        let k = key();
+        let bytes = signed(&narinfo("nar/abc.nar", "none", ""), &k);
+        let a = accept_upstream(&hash(), &bytes, &[k.public()], "http://up:1").unwrap();
+        assert!(a.verified);
+        assert_eq!(a.nar.file_hash, Hash::of(b"nar"), "NarHash decides for Compression: none");
+        assert_eq!(a.info.url, format!("nar/{}", a.nar.name));
+        assert!(a.nar.upstream_url.starts_with("http://up:1/nar/"));
+        let ours = key();
+        let (served, _) = a.served(Some(&ours));
+        assert!(served.verify(&[ours.public()]), "ncps signs what it verified");
+    }
+
+    #[test]
+    fn an_unsigned_or_foreign_signed_narinfo_is_refused_when_keys_are_configured() {
+        let trusted = key();
+        let text = narinfo("nar/abc.nar", "none", "");
+        let err = accept_upstream(&hash(), text.as_bytes(), &[trusted.public()], "http://up:1").unwrap_err();
+        assert_eq!(err, Refusal::Unsigned);
+        let other = signed(&text, &key());
+        let err = accept_upstream(&hash(), &other, &[trusted.public()], "http://up:1").unwrap_err();
+        assert_eq!(err, Refusal::Unsigned);
+    }
+
+    #[test]
+    fn without_keys_a_narinfo_is_passed_on_but_never_signed_by_ncps() {
+        let text = narinfo("nar/abc.nar", "none", "");
+        let a = accept_upstream(&hash(), text.as_bytes(), &[], "http://up:1").unwrap();
+        assert!(!a.verified);
+        let ours = key();
+        let (served, _) = a.served(Some(&ours));
+        assert!(!served.verify(&[ours.public()]));
+    }
+
+    #[test]
+    fn a_narinfo_for_another_path_is_refused() {
+        let k = key();
+        let bytes = signed(&narinfo("nar/abc.nar", "none", ""), &k);
+        let other = StorePathHash::parse("1mdqa9w1p6cmli6976v4wi0sw9r4p5pr").unwrap();
+        let err = accept_upstream(&other, &bytes, &[k.public()], "http://up:1").unwrap_err();
+        assert!(matches!(err, Refusal::WrongPath { .. }), "{err}");
+    }
+
+    #[test]
+    fn a_file_hash_that_disagrees_with_the_signed_nar_hash_is_refused() {
+        let k = key();
+        let bad = format!("FileHash: {}\nFileSize: 3\n", Hash::of(b"other"));
+        let bytes = signed(&narinfo("nar/abc.nar", "none", &bad), &k);
+        let err = accept_upstream(&hash(), &bytes, &[k.public()], "http://up:1").unwrap_err();
+        assert!(matches!(err, Refusal::Digest(_)), "{err}");
+    }
+
+    #[test]
+    fn nar_urls_stay_on_their_upstream() {
+        let h = Hash::of(b"x");
+        let n = format!("{}.nar.xz", h.to_nix32());
+        let (name, url) = nar_location("http://up:1", &format!("nar/{n}"), &h, "xz").unwrap();
+        assert_eq!((name.as_str(), url.as_str()), (n.as_str(), format!("http://up:1/nar/{n}").as_str()));
+        assert!(matches!(nar_location("http://up:1", "http://evil:1/nar/x.nar", &h, "xz"), Err(Refusal::UrlOutside(_))));
+        assert!(matches!(nar_location("http://up:1", "../../x", &h, "xz"), Err(Refusal::UrlNotPlain(_))));
+        // An opaque upstream name is replaced by one made from the file hash.
+        let (name, _) = nar_location("http://up:1", "blobs/0c5e2f", &h, "zstd").unwrap();
+        assert_eq!(name.as_str(), format!("{}.nar.zst", h.to_nix32()));
+    }
+
+    #[test]
+    fn an_uploaded_nar_must_hash_to_its_name() {
+        let h = Hash::of(b"bytes");
+        let name = NarName::parse(&format!("{}.nar", h.to_nix32())).unwrap();
+        assert!(upload_matches_name(&name, &h));
+        assert!(!upload_matches_name(&name, &Hash::of(b"other")));
+    }
+}

@@ -1,0 +1,66 @@
+//! `PUT` uploads (`nix copy --to http://ncps/...`): a NAR is kept only if its bytes hash to its
+//! name; a narinfo only if it describes the path it is put at and its NAR is here with exactly
+//! the FileHash and FileSize it claims. Then ncps signs it.
+
+use super::verify::{copy_hashed, CopyError};
+use super::{trust, Cache, UploadError};
+use crate::index::NarRecord;
+use crate::nix::narinfo::MAX_NARINFO_BYTES;
+use crate::nix::{NarName, StorePathHash};
+use std::io::Read;
+
+impl Cache {
+    /// `PUT /nar/<name>`.
+    pub fn put_nar(&self, name: &NarName, body: &mut dyn Read, len: u64) -> Result<(), UploadError> {
+        if self.settings.max_size.is_some_and(|max| len > max) {
+            return Err(UploadError::TooLarge(len));
+        }
+        let mut temp = self.staging.temp_file()?;
+        let copied = copy_hashed(body, u64::MAX, &mut |_, chunk| temp.write_all(chunk));
+        let (got, written) = match copied {
+            Ok(done) => done,
+            Err(CopyError::Read { after, source }) => return Err(UploadError::Read { after, source }),
+            Err(CopyError::Sink { source, .. }) => return Err(source.into()),
+            Err(CopyError::TooLong { limit }) => return Err(UploadError::TooLarge(limit)),
+        };
+        if !trust::upload_matches_name(name, &got) {
+            return Err(UploadError::NameMismatch { got });
+        }
+        let record =
+            NarRecord { name: name.clone(), file_hash: got, file_size: written, upstream_url: String::new(), stored: false };
+        let _writing = self.writing();
+        self.index.put_nar(&record)?;
+        let previous = self.blobs.nar_len(name)?;
+        self.blobs.put_nar(name, temp)?;
+        self.index.set_nar_stored(name, true)?;
+        self.space.add(written, previous.unwrap_or(0));
+        self.enforce_limit();
+        Ok(())
+    }
+
+    /// `PUT /<hash>.narinfo`.
+    pub fn put_narinfo(&self, hash: &StorePathHash, body: &mut dyn Read) -> Result<(), UploadError> {
+        let mut bytes = Vec::new();
+        body.take(MAX_NARINFO_BYTES as u64 + 1)
+            .read_to_end(&mut bytes)
+            .map_err(|source| UploadError::Read { after: bytes.len() as u64, source })?;
+        let mut claimed = trust::claimed_by_upload(hash, &bytes)?;
+        let record = match self.index.nar(&claimed.nar)? {
+            Some(r) if r.stored && r.file_hash == claimed.file_hash && r.file_size == claimed.file_size => r,
+            Some(r) if r.stored => {
+                return Err(UploadError::NarDiffers {
+                    name: claimed.nar,
+                    stored: (r.file_size, r.file_hash),
+                    claimed: (claimed.file_size, claimed.file_hash),
+                })
+            }
+            _ => return Err(UploadError::NarMissing(claimed.nar)),
+        };
+        if let Some(key) = self.signer() {
+            claimed.info.sign(key);
+        }
+        self.store_narinfo(hash, &claimed.info, &record)?;
+        self.forget_missing(hash);
+        Ok(())
+    }
+}

@@ -1,0 +1,143 @@
+//! The contract every [`Index`] is held to (see the module documentation of
+//! [`crate::index`]). Each implementation runs [`every_rule`] on a fresh, empty index.
+
+use super::*;
+
+fn hash(c: char) -> StorePathHash {
+    StorePathHash::parse(&c.to_string().repeat(32)).expect("valid hash")
+}
+
+fn record(c: char, stored: bool) -> NarRecord {
+    NarRecord {
+        name: NarName::parse(&format!("{}.nar.xz", c.to_string().repeat(52))).expect("valid name"),
+        file_hash: Hash::of(b"nar"),
+        file_size: 3,
+        upstream_url: "http://up/nar/x".into(),
+        stored,
+    }
+}
+
+/// Runs every rule; each leaves the index empty again.
+pub fn every_rule(index: &dyn Index) {
+    a_narinfo_records_its_nar_and_rerecording_keeps_the_stored_flag(index);
+    a_nar_shared_by_two_narinfos_goes_with_the_last_one(index);
+    totals_follow_every_write(index);
+    the_lru_order_counts_a_nars_use_for_its_narinfos(index);
+    pending_narinfos_are_spared_until_their_grace_ends(index);
+    shard_listings_return_exactly_their_keys(index);
+    unreferenced_nars_are_listed(index);
+}
+
+fn empty(index: &dyn Index) {
+    assert_eq!(index.totals().unwrap(), Totals::default(), "the rule left rows behind");
+}
+
+fn a_narinfo_records_its_nar_and_rerecording_keeps_the_stored_flag(index: &dyn Index) {
+    let h = hash('a');
+    let nar = record('1', false);
+    assert_eq!(index.put_narinfo(&h, "/nix/store/x-y", &nar, 100).unwrap().replaced_size, 0);
+    assert_eq!(index.nar(&nar.name).unwrap(), Some(nar.clone()));
+    assert_eq!(index.narinfo_nar(&h).unwrap(), Some(nar.name.clone()));
+    assert!(index.set_nar_stored(&nar.name, true).unwrap());
+    assert_eq!(index.totals().unwrap().bytes(), 103);
+    let again = index.put_narinfo(&h, "/nix/store/x-y", &nar, 90).unwrap();
+    assert_eq!(again, Recorded { replaced_size: 100, nar_invalidated: false });
+    assert!(index.nar(&nar.name).unwrap().unwrap().stored);
+    let mut other = nar.clone();
+    other.file_hash = Hash::of(b"other");
+    let changed = index.put_narinfo(&h, "/nix/store/x-y", &other, 90).unwrap();
+    assert!(changed.nar_invalidated, "the stored blob now stands for other bytes");
+    assert!(!index.nar(&nar.name).unwrap().unwrap().stored, "new bytes must be fetched again");
+    let removed = index.remove_narinfos(&[h, hash('z')]).unwrap();
+    assert_eq!(removed.len(), 1, "unknown hashes are skipped");
+    assert_eq!(removed[0].nar, Some((nar.name.clone(), None)));
+    empty(index);
+}
+
+fn a_nar_shared_by_two_narinfos_goes_with_the_last_one(index: &dyn Index) {
+    let (a, b) = (hash('a'), hash('b'));
+    let nar = record('1', false);
+    index.put_narinfo(&a, "/nix/store/a-x", &nar, 10).unwrap();
+    index.put_narinfo(&b, "/nix/store/b-x", &nar, 10).unwrap();
+    index.set_nar_stored(&nar.name, true).unwrap();
+    assert_eq!(index.totals().unwrap().bytes(), 23, "the shared NAR counts once");
+    let r = index.remove_narinfos(&[a]).unwrap();
+    assert_eq!(r[0].nar, None);
+    let r = index.remove_narinfos(&[b]).unwrap();
+    assert_eq!(r[0].nar, Some((nar.name.clone(), Some(3))));
+    assert!(!index.set_nar_stored(&nar.name, true).unwrap(), "a removed NAR cannot be marked stored");
+    index.put_narinfo(&a, "/nix/store/a-x", &nar, 10).unwrap();
+    index.put_narinfo(&b, "/nix/store/b-x", &nar, 10).unwrap();
+    let r = index.remove_nar(&nar.name).unwrap().unwrap();
+    assert_eq!(r.narinfos.len(), 2, "removing a NAR takes its narinfos");
+    assert_eq!(index.remove_nar(&nar.name).unwrap(), None);
+    empty(index);
+}
+
+fn totals_follow_every_write(index: &dyn Index) {
+    let nar = record('2', false);
+    index.put_nar(&nar).unwrap();
+    assert_eq!(index.totals().unwrap(), Totals::default(), "a NAR not stored counts nothing");
+    index.set_nar_stored(&nar.name, true).unwrap();
+    assert_eq!(index.totals().unwrap(), Totals { narinfos: 0, narinfo_bytes: 0, nars: 1, nar_bytes: 3 });
+    index.put_narinfo(&hash('c'), "/nix/store/c-x", &nar, 40).unwrap();
+    index.put_narinfo(&hash('c'), "/nix/store/c-x", &nar, 50).unwrap();
+    assert_eq!(index.totals().unwrap(), Totals { narinfos: 1, narinfo_bytes: 50, nars: 1, nar_bytes: 3 });
+    index.delete_narinfo_row(&hash('c')).unwrap();
+    index.set_nar_stored(&nar.name, false).unwrap();
+    assert_eq!(index.totals().unwrap(), Totals::default());
+    index.remove_nar(&nar.name).unwrap();
+    empty(index);
+}
+
+fn the_lru_order_counts_a_nars_use_for_its_narinfos(index: &dyn Index) {
+    let (a, b, c) = (hash('a'), hash('b'), hash('c'));
+    for (h, n) in [(a, '1'), (b, '2'), (c, '3')] {
+        let nar = record(n, false);
+        index.put_narinfo(&h, "/nix/store/x", &nar, 1).unwrap();
+        index.set_nar_stored(&nar.name, true).unwrap();
+    }
+    let now = now();
+    index.touch(&[(a, now + 10), (c, now + 20)], &[(record('2', true).name, now + 30)]).unwrap();
+    let lru = index.least_recently_used(10, 0).unwrap();
+    assert_eq!(lru, vec![(a, 4), (c, 4), (b, 4)], "each with its size and its NAR's");
+    assert_eq!(index.least_recently_used(1, 0).unwrap().len(), 1, "the limit is kept");
+    let removed = index.remove_narinfos(&[a, b, c]).unwrap();
+    assert_eq!(removed.len(), 3);
+    empty(index);
+}
+
+fn pending_narinfos_are_spared_until_their_grace_ends(index: &dyn Index) {
+    let h = hash('d');
+    index.put_narinfo(&h, "/nix/store/d", &record('4', false), 1).unwrap();
+    assert!(index.least_recently_used(10, 0).unwrap().is_empty(), "its NAR was never fetched");
+    assert_eq!(index.least_recently_used(10, now() + 1).unwrap(), vec![(h, 1)]);
+    index.remove_narinfos(&[h]).unwrap();
+    empty(index);
+}
+
+fn shard_listings_return_exactly_their_keys(index: &dyn Index) {
+    let (a, b) = (hash('a'), hash('b'));
+    index.put_narinfo(&a, "/nix/store/a", &record('1', false), 1).unwrap();
+    index.put_narinfo(&b, "/nix/store/b", &record('b', false), 1).unwrap();
+    let in_aa = index.narinfos_in_shard("aa").unwrap();
+    assert_eq!(in_aa.len(), 1);
+    assert_eq!((in_aa[0].hash, in_aa[0].nar.clone()), (a, Some(record('1', false).name)));
+    assert!(index.narinfos_in_shard("ab").unwrap().is_empty());
+    assert_eq!(index.nars_in_shard("11").unwrap().len(), 1);
+    assert_eq!(index.nars_in_shard("bb").unwrap()[0].record, record('b', false));
+    assert!(index.nars_in_shard("1a").unwrap().is_empty());
+    index.remove_narinfos(&[a, b]).unwrap();
+    empty(index);
+}
+
+fn unreferenced_nars_are_listed(index: &dyn Index) {
+    let nar = record('5', false);
+    index.put_nar(&nar).unwrap();
+    index.set_nar_stored(&nar.name, true).unwrap();
+    assert_eq!(index.unreferenced_nars(10).unwrap(), vec![(nar.name.clone(), 3)]);
+    index.put_narinfo(&hash('f'), "/nix/store/e", &nar, 1).unwrap();
+    assert!(index.unreferenced_nars(10).unwrap().is_empty());
+    index.remove_narinfos(&[hash('f')]).unwrap();
+    empty(index);
+}

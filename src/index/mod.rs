@@ -1,0 +1,193 @@
+//! The index seam: what each stored entry is, and when it was last used.
+//!
+//! The blob store is the truth for serving (a blob under its final name is complete and
+//! verified); the index says what each entry is: which NAR a narinfo points at, where that NAR
+//! came from, the hash and size it must have, when each was last used, and how many bytes the
+//! store holds. Today's implementation is [`sqlite::SqliteIndex`] (embedded, the default); a
+//! server database is a second implementation of [`Index`], held to the same contract
+//! (`contract` tests run against every implementation).
+//!
+//! # What every implementation promises
+//! - **Atomic operations.** Each method is one transaction: a crash leaves it done or not done.
+//! - **Totals in constant time.** [`Index::totals`] costs the same at a million entries as at
+//!   ten (kept up to date with every write, not summed when asked).
+//! - **LRU order without a sort.** [`Index::least_recently_used`] walks an index in access
+//!   order and stops after `limit` rows.
+//! - **Shard listings** ([`Index::narinfos_in_shard`], [`Index::nars_in_shard`]) return the rows
+//!   whose key starts with the two given characters, so a check holds one shard at a time.
+//! - **Concurrency.** Methods may be called from many threads at once; reads do not wait for a
+//!   long write (SQLite: WAL and a pool of connections).
+//! - **Refusal of what is not ours.** A schema newer than this build, a corrupt database, or
+//!   another program's tables are refused at open with an [`IndexError`] that says so, and
+//!   nothing is changed.
+
+pub mod sqlite;
+
+#[cfg(test)]
+mod contract;
+
+pub use sqlite::SqliteIndex;
+
+use crate::nix::{Hash, NarName, StorePathHash};
+use std::fmt;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// Seconds since the epoch: the index's clock.
+pub fn now() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
+}
+
+/// What the index knows about one NAR file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NarRecord {
+    pub name: NarName,
+    pub file_hash: Hash,
+    pub file_size: u64,
+    /// Where to fetch it from (the upstream whose narinfo pointed at it); empty for uploads.
+    pub upstream_url: String,
+    /// Whether the blob is complete under its final name.
+    pub stored: bool,
+}
+
+/// A NAR row as a shard listing returns it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IndexedNar {
+    pub record: NarRecord,
+    pub created_at: i64,
+}
+
+/// A narinfo row as a shard listing returns it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IndexedNarinfo {
+    pub hash: StorePathHash,
+    /// `None` when the row names a NAR the index does not know (a damaged index).
+    pub nar: Option<NarName>,
+    pub size: u64,
+    pub created_at: i64,
+}
+
+/// What recording a narinfo changed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Recorded {
+    /// The size of the narinfo this one replaced (0 if new).
+    pub replaced_size: u64,
+    /// Whether the NAR's name now stands for other bytes than the stored blob of that name,
+    /// which must then go (it is fetched again).
+    pub nar_invalidated: bool,
+}
+
+/// What a removal took out of the index: narinfos with their sizes, and the NAR (its name
+/// and, if its blob was stored, its size).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Removed {
+    pub narinfos: Vec<(StorePathHash, u64)>,
+    pub nar: Option<(NarName, Option<u64>)>,
+}
+
+/// Counts and bytes of what the store holds, per the index.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Totals {
+    pub narinfos: u64,
+    pub narinfo_bytes: u64,
+    /// NARs whose blob is stored.
+    pub nars: u64,
+    pub nar_bytes: u64,
+}
+
+impl Totals {
+    /// Bytes the store holds: stored NARs (each once, however many narinfos share it) plus
+    /// narinfos.
+    pub fn bytes(&self) -> u64 {
+        self.narinfo_bytes + self.nar_bytes
+    }
+}
+
+/// The index of what the store holds. See the module documentation for the contract.
+pub trait Index: Send + Sync {
+    /// Records a narinfo (`size` bytes stored) and the NAR it points at. A NAR already known
+    /// with the same digest keeps its `stored` flag; one known with another digest is marked
+    /// not stored.
+    fn put_narinfo(&self, hash: &StorePathHash, store_path: &str, nar: &NarRecord, size: u64)
+        -> Result<Recorded, IndexError>;
+    /// Records a NAR on its own (an upload, before its narinfo), not yet stored.
+    fn put_nar(&self, nar: &NarRecord) -> Result<(), IndexError>;
+    fn nar(&self, name: &NarName) -> Result<Option<NarRecord>, IndexError>;
+    /// The NAR a narinfo points at.
+    fn narinfo_nar(&self, hash: &StorePathHash) -> Result<Option<NarName>, IndexError>;
+    /// Marks a NAR's blob as present (or not). `false` if the index no longer knows the NAR
+    /// (deleted or evicted meanwhile): then the blob must not be kept.
+    fn set_nar_stored(&self, name: &NarName, stored: bool) -> Result<bool, IndexError>;
+    fn totals(&self) -> Result<Totals, IndexError>;
+    /// Up to `limit` narinfos to evict, least recently used first (a NAR's use counts as a use
+    /// of every narinfo pointing at it). Only entries whose NAR is stored qualify, plus those
+    /// whose NAR was never fetched and that were last used before `pending_before`: a client
+    /// just given a narinfo is about to ask for its NAR. Each comes with the most its removal
+    /// can free (its size plus its NAR's, if stored; less if another narinfo shares the NAR).
+    fn least_recently_used(&self, limit: usize, pending_before: i64) -> Result<Vec<(StorePathHash, u64)>, IndexError>;
+    /// Up to `limit` stored NARs that no narinfo points at, with their sizes.
+    fn unreferenced_nars(&self, limit: usize) -> Result<Vec<(NarName, u64)>, IndexError>;
+    /// Removes narinfos, and each one's NAR when no other narinfo points at it, in one
+    /// transaction. Returns what was removed (hashes the index did not know are skipped).
+    fn remove_narinfos(&self, hashes: &[StorePathHash]) -> Result<Vec<Removed>, IndexError>;
+    /// Removes a NAR and every narinfo pointing at it.
+    fn remove_nar(&self, name: &NarName) -> Result<Option<Removed>, IndexError>;
+    /// Drops only a narinfo's row (its blob could not be written).
+    fn delete_narinfo_row(&self, hash: &StorePathHash) -> Result<(), IndexError>;
+    /// Records last-use times, in one transaction.
+    fn touch(&self, narinfos: &[(StorePathHash, i64)], nars: &[(NarName, i64)]) -> Result<(), IndexError>;
+    fn narinfos_in_shard(&self, shard: &str) -> Result<Vec<IndexedNarinfo>, IndexError>;
+    fn nars_in_shard(&self, shard: &str) -> Result<Vec<IndexedNar>, IndexError>;
+}
+
+/// Why the index failed.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum IndexError {
+    /// The database refused or failed an operation: what was being done, and why.
+    Backend { action: &'static str, source: Box<dyn std::error::Error + Send + Sync> },
+    /// Written by a newer ncps.
+    NewerSchema { found: u32, supported: u32 },
+    /// The database's own check failed, or a row holds a value no ncps writes.
+    Corrupt(String),
+    /// Tables but no schema version of ours: another program's database (Go ncps's, typically).
+    Foreign(Vec<String>),
+}
+
+impl fmt::Display for IndexError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            IndexError::Backend { action, source } => write!(f, "{action}: {source}"),
+            IndexError::NewerSchema { found, supported } => write!(
+                f,
+                "the database has schema version {found}, this ncps knows up to {supported}: \
+                 it was written by a newer ncps; use that version or a fresh database"
+            ),
+            IndexError::Corrupt(m) => write!(f, "database is corrupt: {m}"),
+            IndexError::Foreign(tables) => write!(
+                f,
+                "the database holds tables ({}) but no ncps-rs schema version: it belongs to another \
+                 program (Go ncps keeps a schema_migrations table); ncps-rs keeps its own index, so \
+                 point --cache-database-url at a new file",
+                tables.join(", ")
+            ),
+        }
+    }
+}
+
+impl std::error::Error for IndexError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            IndexError::Backend { source, .. } => Some(source.as_ref()),
+            _ => None,
+        }
+    }
+}
+
+/// The key range `[low, high)` of one shard: keys starting with `shard`.
+pub(crate) fn shard_range(shard: &str) -> (String, String) {
+    let mut high = shard.as_bytes().to_vec();
+    if let Some(last) = high.last_mut() {
+        *last += 1;
+    }
+    (shard.to_string(), String::from_utf8_lossy(&high).into_owned())
+}

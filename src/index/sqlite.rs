@@ -1,0 +1,664 @@
+//! The SQLite index (bundled SQLite, WAL, `synchronous=NORMAL`), the embedded default.
+//!
+//! Migrations are embedded and applied at open, so there is no separate migrate step; a
+//! database written by a newer ncps is refused rather than guessed at. Connections come from a
+//! small pool: in WAL mode readers never wait for the writer, so a NAR miss looking up its
+//! record is not held up by an eviction batch. Writes take the write lock at their start
+//! (`BEGIN IMMEDIATE`), so two writers queue instead of failing on an upgrade.
+//!
+//! Costs that stay flat as the store grows (DESIGN.md, "A million entries"): totals are kept
+//! by triggers, not summed; the LRU order is an index on `(accessed_at, created_at)`, where a
+//! narinfo's `accessed_at` also counts the uses of its NAR, so choosing victims reads a few
+//! hundred index entries instead of sorting a join of both tables.
+
+use super::{
+    shard_range, IndexError, IndexedNar, IndexedNarinfo, NarRecord, Recorded, Removed, Totals,
+};
+use crate::nix::{Hash, NarName, StorePathHash};
+use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
+use std::path::{Path, PathBuf};
+use std::sync::{Condvar, Mutex, MutexGuard};
+use std::time::Duration;
+
+/// Each entry moves the schema from version `index` to `index + 1`.
+const MIGRATIONS: &[&str] = &[
+    "
+    CREATE TABLE config (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+    CREATE TABLE nars (
+        name TEXT PRIMARY KEY,
+        file_hash TEXT NOT NULL,
+        file_size INTEGER NOT NULL,
+        upstream_url TEXT NOT NULL,
+        stored INTEGER NOT NULL DEFAULT 0,
+        created_at INTEGER NOT NULL,
+        accessed_at INTEGER NOT NULL
+    );
+    CREATE TABLE narinfos (
+        hash TEXT PRIMARY KEY,
+        store_path TEXT NOT NULL,
+        nar_name TEXT NOT NULL,
+        size INTEGER NOT NULL,
+        created_at INTEGER NOT NULL,
+        accessed_at INTEGER NOT NULL
+    );
+    CREATE INDEX narinfos_nar_name ON narinfos(nar_name);
+    CREATE INDEX narinfos_accessed_at ON narinfos(accessed_at);
+",
+    // 2: totals kept by triggers; LRU order served by an index.
+    "
+    CREATE TABLE totals (
+        id INTEGER PRIMARY KEY CHECK (id = 0),
+        narinfos INTEGER NOT NULL,
+        narinfo_bytes INTEGER NOT NULL,
+        nars INTEGER NOT NULL,
+        nar_bytes INTEGER NOT NULL
+    );
+    INSERT INTO totals VALUES (0,
+        (SELECT COUNT(*) FROM narinfos), (SELECT COALESCE(SUM(size), 0) FROM narinfos),
+        (SELECT COUNT(*) FROM nars WHERE stored = 1),
+        (SELECT COALESCE(SUM(file_size), 0) FROM nars WHERE stored = 1));
+    CREATE TRIGGER narinfos_added AFTER INSERT ON narinfos BEGIN
+        UPDATE totals SET narinfos = narinfos + 1, narinfo_bytes = narinfo_bytes + NEW.size WHERE id = 0;
+    END;
+    CREATE TRIGGER narinfos_removed AFTER DELETE ON narinfos BEGIN
+        UPDATE totals SET narinfos = narinfos - 1, narinfo_bytes = narinfo_bytes - OLD.size WHERE id = 0;
+    END;
+    CREATE TRIGGER narinfos_resized AFTER UPDATE OF size ON narinfos BEGIN
+        UPDATE totals SET narinfo_bytes = narinfo_bytes - OLD.size + NEW.size WHERE id = 0;
+    END;
+    CREATE TRIGGER nars_added AFTER INSERT ON nars WHEN NEW.stored BEGIN
+        UPDATE totals SET nars = nars + 1, nar_bytes = nar_bytes + NEW.file_size WHERE id = 0;
+    END;
+    CREATE TRIGGER nars_removed AFTER DELETE ON nars WHEN OLD.stored BEGIN
+        UPDATE totals SET nars = nars - 1, nar_bytes = nar_bytes - OLD.file_size WHERE id = 0;
+    END;
+    CREATE TRIGGER nars_changed AFTER UPDATE OF stored, file_size ON nars WHEN OLD.stored OR NEW.stored BEGIN
+        UPDATE totals SET nars = nars - OLD.stored + NEW.stored,
+            nar_bytes = nar_bytes - OLD.stored * OLD.file_size + NEW.stored * NEW.file_size WHERE id = 0;
+    END;
+    UPDATE narinfos SET accessed_at = max(accessed_at,
+        COALESCE((SELECT n.accessed_at FROM nars n WHERE n.name = narinfos.nar_name), 0));
+    DROP INDEX narinfos_accessed_at;
+    CREATE INDEX narinfos_lru ON narinfos(accessed_at, created_at);
+",
+];
+
+pub const SCHEMA_VERSION: u32 = MIGRATIONS.len() as u32;
+
+/// Connections in the pool at most: the worker threads rarely need the index at once (hits
+/// never do), and each connection keeps its own page cache.
+const POOL_MAX: usize = 4;
+
+fn fail(action: &'static str) -> impl FnOnce(rusqlite::Error) -> IndexError {
+    move |e| IndexError::Backend { action, source: Box::new(e) }
+}
+
+trait Context<T> {
+    fn context(self, action: &'static str) -> Result<T, IndexError>;
+}
+
+impl<T> Context<T> for Result<T, rusqlite::Error> {
+    fn context(self, action: &'static str) -> Result<T, IndexError> {
+        self.map_err(fail(action))
+    }
+}
+
+fn parse_hash(h: &str) -> Result<StorePathHash, IndexError> {
+    StorePathHash::parse(h).ok_or_else(|| IndexError::Corrupt(format!("narinfo hash {h:?}")))
+}
+
+fn parse_name(n: &str) -> Result<NarName, IndexError> {
+    NarName::parse(n).ok_or_else(|| IndexError::Corrupt(format!("nar name {n:?}")))
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding the lock cannot leave SQLite inconsistent (its own transactions
+    // guard that), so a poisoned lock is still usable.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+struct Pool {
+    /// `None`: one in-memory database (tests), so the pool holds exactly one connection.
+    path: Option<PathBuf>,
+    idle: Mutex<(Vec<Connection>, usize)>,
+    returned: Condvar,
+}
+
+/// A connection borrowed from the pool, given back on drop.
+struct Conn<'a> {
+    pool: &'a Pool,
+    conn: Option<Connection>,
+}
+
+impl std::ops::Deref for Conn<'_> {
+    type Target = Connection;
+    fn deref(&self) -> &Connection {
+        self.conn.as_ref().expect("a pooled connection is present until drop")
+    }
+}
+
+impl std::ops::DerefMut for Conn<'_> {
+    fn deref_mut(&mut self) -> &mut Connection {
+        self.conn.as_mut().expect("a pooled connection is present until drop")
+    }
+}
+
+impl Drop for Conn<'_> {
+    fn drop(&mut self) {
+        if let Some(c) = self.conn.take() {
+            lock(&self.pool.idle).0.push(c);
+            self.pool.returned.notify_one();
+        }
+    }
+}
+
+impl Pool {
+    fn get(&self) -> Result<Conn<'_>, IndexError> {
+        let mut idle = lock(&self.idle);
+        loop {
+            if let Some(c) = idle.0.pop() {
+                return Ok(Conn { pool: self, conn: Some(c) });
+            }
+            if let (Some(path), true) = (&self.path, idle.1 < POOL_MAX) {
+                idle.1 += 1;
+                drop(idle);
+                let opened = Connection::open(path).context("opening a database connection").and_then(|c| {
+                    configure(&c)?;
+                    Ok(c)
+                });
+                if opened.is_err() {
+                    lock(&self.idle).1 -= 1;
+                }
+                return Ok(Conn { pool: self, conn: Some(opened?) });
+            }
+            idle = self.returned.wait(idle).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+}
+
+fn configure(conn: &Connection) -> Result<(), IndexError> {
+    conn.busy_timeout(Duration::from_secs(5)).context("configuring the database")?;
+    // NORMAL in WAL mode: a power cut may lose the last transactions but never corrupts;
+    // the start-up check reconciles the store after anything but a clean stop.
+    conn.pragma_update(None, "synchronous", "NORMAL").context("configuring the database")?;
+    Ok(())
+}
+
+pub struct SqliteIndex {
+    pool: Pool,
+}
+
+impl SqliteIndex {
+    /// Opens the database, creating and migrating it as needed.
+    pub fn open(path: &Path) -> Result<SqliteIndex, IndexError> {
+        let conn = Connection::open(path).context("opening the database")?;
+        Self::setup(conn, Some(path.to_path_buf()))
+    }
+
+    pub fn open_in_memory() -> Result<SqliteIndex, IndexError> {
+        Self::setup(Connection::open_in_memory().context("opening an in-memory database")?, None)
+    }
+
+    fn setup(mut conn: Connection, path: Option<PathBuf>) -> Result<SqliteIndex, IndexError> {
+        const CTX: &str = "opening the database";
+        conn.busy_timeout(Duration::from_secs(5)).context(CTX)?;
+        // A file that is not SQLite fails here, on the first read, with "file is not a database".
+        let found: u32 = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).context(CTX)?;
+        if found > SCHEMA_VERSION {
+            return Err(IndexError::NewerSchema { found, supported: SCHEMA_VERSION });
+        }
+        if found == 0 {
+            // Creating our tables next to someone else's would fail half-way ("table narinfos
+            // already exists") or, worse, succeed and mix two indexes in one file.
+            let mut stmt =
+                conn.prepare("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name").context(CTX)?;
+            let tables: Vec<String> =
+                stmt.query_map([], |r| r.get(0)).context(CTX)?.collect::<Result<_, _>>().context(CTX)?;
+            drop(stmt);
+            if !tables.is_empty() {
+                return Err(IndexError::Foreign(tables));
+            }
+        }
+        let check: String = conn.query_row("PRAGMA quick_check", [], |r| r.get(0)).context(CTX)?;
+        if check != "ok" {
+            return Err(IndexError::Corrupt(check));
+        }
+        conn.pragma_update(None, "journal_mode", "WAL").context(CTX)?;
+        configure(&conn)?;
+        for (i, sql) in MIGRATIONS.iter().enumerate().skip(found as usize) {
+            let tx = conn.transaction().context(CTX)?;
+            tx.execute_batch(sql).context("migrating the database")?;
+            tx.pragma_update(None, "user_version", (i + 1) as u32).context(CTX)?;
+            tx.commit().context(CTX)?;
+            if found > 0 {
+                log::info!("database migrated to schema version {}", i + 1);
+            }
+        }
+        Ok(SqliteIndex { pool: Pool { path, idle: Mutex::new((vec![conn], 1)), returned: Condvar::new() } })
+    }
+
+    fn conn(&self) -> Result<Conn<'_>, IndexError> {
+        self.pool.get()
+    }
+
+    /// Runs `f` in a write transaction (the write lock taken at its start).
+    fn write<T>(
+        &self,
+        action: &'static str,
+        f: impl FnOnce(&rusqlite::Transaction<'_>) -> Result<T, IndexError>,
+    ) -> Result<T, IndexError> {
+        let mut conn = self.conn()?;
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).context(action)?;
+        let out = f(&tx)?;
+        tx.commit().context(action)?;
+        Ok(out)
+    }
+}
+
+fn remove_nar_row(tx: &rusqlite::Transaction<'_>, name: &str) -> Result<Option<(NarName, Option<u64>)>, IndexError> {
+    const CTX: &str = "removing a nar";
+    let row: Option<(i64, bool)> = tx
+        .prepare_cached("SELECT file_size, stored FROM nars WHERE name = ?1")
+        .context(CTX)?
+        .query_row([name], |r| Ok((r.get(0)?, r.get(1)?)))
+        .optional()
+        .context(CTX)?;
+    let Some((size, stored)) = row else { return Ok(None) };
+    tx.prepare_cached("DELETE FROM nars WHERE name = ?1").context(CTX)?.execute([name]).context(CTX)?;
+    Ok(Some((parse_name(name)?, stored.then_some(size as u64))))
+}
+
+fn nar_record(name: NarName, hash: &str, size: i64, upstream_url: String, stored: bool) -> Result<NarRecord, IndexError> {
+    let file_hash =
+        Hash::parse(hash).map_err(|e| IndexError::Corrupt(format!("nar {name}: file_hash: {e}")))?;
+    Ok(NarRecord { name, file_hash, file_size: size as u64, upstream_url, stored })
+}
+
+impl super::Index for SqliteIndex {
+    fn put_narinfo(
+        &self,
+        hash: &StorePathHash,
+        store_path: &str,
+        nar: &NarRecord,
+        size: u64,
+    ) -> Result<Recorded, IndexError> {
+        const CTX: &str = "recording a narinfo";
+        let t = super::now();
+        self.write(CTX, |tx| {
+            let old: Option<i64> = tx
+                .query_row("SELECT size FROM narinfos WHERE hash = ?1", [hash.as_str()], |r| r.get(0))
+                .optional()
+                .context(CTX)?;
+            let was: Option<(String, i64, bool)> = tx
+                .query_row("SELECT file_hash, file_size, stored FROM nars WHERE name = ?1", [nar.name.as_str()], |r| {
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+                })
+                .optional()
+                .context(CTX)?;
+            let nar_invalidated = was.is_some_and(|(h, s, stored)| {
+                stored && (h != nar.file_hash.to_string() || s as u64 != nar.file_size)
+            });
+            tx.execute(
+                "INSERT INTO nars(name, file_hash, file_size, upstream_url, stored, created_at, accessed_at)
+                 VALUES (?1, ?2, ?3, ?4, 0, ?5, ?5)
+                 ON CONFLICT(name) DO UPDATE SET
+                   stored = CASE WHEN file_hash = excluded.file_hash AND file_size = excluded.file_size
+                                 THEN stored ELSE 0 END,
+                   file_hash = excluded.file_hash, file_size = excluded.file_size,
+                   upstream_url = excluded.upstream_url",
+                params![nar.name.as_str(), nar.file_hash.to_string(), nar.file_size as i64, nar.upstream_url, t],
+            )
+            .context(CTX)?;
+            tx.execute(
+                "INSERT INTO narinfos(hash, store_path, nar_name, size, created_at, accessed_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?5)
+                 ON CONFLICT(hash) DO UPDATE SET store_path = excluded.store_path,
+                   nar_name = excluded.nar_name, size = excluded.size, accessed_at = excluded.accessed_at",
+                params![hash.as_str(), store_path, nar.name.as_str(), size as i64, t],
+            )
+            .context(CTX)?;
+            Ok(Recorded { replaced_size: old.unwrap_or(0) as u64, nar_invalidated })
+        })
+    }
+
+    fn put_nar(&self, nar: &NarRecord) -> Result<(), IndexError> {
+        let t = super::now();
+        self.conn()?
+            .execute(
+                "INSERT INTO nars(name, file_hash, file_size, upstream_url, stored, created_at, accessed_at)
+                 VALUES (?1, ?2, ?3, ?4, 0, ?5, ?5)
+                 ON CONFLICT(name) DO UPDATE SET file_hash = excluded.file_hash,
+                   file_size = excluded.file_size, accessed_at = excluded.accessed_at",
+                params![nar.name.as_str(), nar.file_hash.to_string(), nar.file_size as i64, nar.upstream_url, t],
+            )
+            .context("recording a nar")?;
+        Ok(())
+    }
+
+    fn nar(&self, name: &NarName) -> Result<Option<NarRecord>, IndexError> {
+        const CTX: &str = "reading a nar";
+        let conn = self.conn()?;
+        let row = conn
+            .prepare_cached("SELECT file_hash, file_size, upstream_url, stored FROM nars WHERE name = ?1")
+            .context(CTX)?
+            .query_row([name.as_str()], |r| {
+                Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?, r.get::<_, String>(2)?, r.get::<_, bool>(3)?))
+            })
+            .optional()
+            .context(CTX)?;
+        row.map(|(hash, size, url, stored)| nar_record(name.clone(), &hash, size, url, stored)).transpose()
+    }
+
+    fn narinfo_nar(&self, hash: &StorePathHash) -> Result<Option<NarName>, IndexError> {
+        let n: Option<String> = self
+            .conn()?
+            .query_row("SELECT nar_name FROM narinfos WHERE hash = ?1", [hash.as_str()], |r| r.get(0))
+            .optional()
+            .context("reading a narinfo")?;
+        Ok(n.and_then(|n| NarName::parse(&n)))
+    }
+
+    fn set_nar_stored(&self, name: &NarName, stored: bool) -> Result<bool, IndexError> {
+        let n = self
+            .conn()?
+            .execute("UPDATE nars SET stored = ?2 WHERE name = ?1", params![name.as_str(), stored])
+            .context("marking a nar stored")?;
+        Ok(n > 0)
+    }
+
+    fn totals(&self) -> Result<Totals, IndexError> {
+        let conn = self.conn()?;
+        let (a, b, c, d): (i64, i64, i64, i64) = conn
+            .prepare_cached("SELECT narinfos, narinfo_bytes, nars, nar_bytes FROM totals WHERE id = 0")
+            .context("reading the totals")?
+            .query_row([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+            .context("reading the totals")?;
+        let n = |v: i64| v.max(0) as u64;
+        Ok(Totals { narinfos: n(a), narinfo_bytes: n(b), nars: n(c), nar_bytes: n(d) })
+    }
+
+    fn least_recently_used(&self, limit: usize, pending_before: i64) -> Result<Vec<(StorePathHash, u64)>, IndexError> {
+        const CTX: &str = "choosing entries to evict";
+        let conn = self.conn()?;
+        let mut stmt = conn
+            .prepare_cached(
+                "SELECT i.hash, i.size + COALESCE(
+                     (SELECT n.file_size FROM nars n WHERE n.name = i.nar_name AND n.stored = 1), 0)
+                 FROM narinfos i INDEXED BY narinfos_lru
+                 WHERE i.accessed_at < ?2
+                    OR EXISTS (SELECT 1 FROM nars n WHERE n.name = i.nar_name AND n.stored = 1)
+                 ORDER BY i.accessed_at, i.created_at LIMIT ?1",
+            )
+            .context(CTX)?;
+        let rows = stmt
+            .query_map(params![limit as i64, pending_before], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))
+            .context(CTX)?;
+        rows.map(|row| {
+            let (h, size) = row.context(CTX)?;
+            Ok((parse_hash(&h)?, size.max(0) as u64))
+        })
+        .collect()
+    }
+
+    fn unreferenced_nars(&self, limit: usize) -> Result<Vec<(NarName, u64)>, IndexError> {
+        const CTX: &str = "listing unreferenced nars";
+        let conn = self.conn()?;
+        let mut stmt = conn
+            .prepare_cached(
+                "SELECT name, file_size FROM nars n WHERE stored = 1
+                 AND NOT EXISTS (SELECT 1 FROM narinfos i WHERE i.nar_name = n.name) LIMIT ?1",
+            )
+            .context(CTX)?;
+        let rows = stmt
+            .query_map([limit as i64], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))
+            .context(CTX)?;
+        rows.map(|row| {
+            let (n, size) = row.context(CTX)?;
+            Ok((parse_name(&n)?, size as u64))
+        })
+        .collect()
+    }
+
+    fn remove_narinfos(&self, hashes: &[StorePathHash]) -> Result<Vec<Removed>, IndexError> {
+        const CTX: &str = "removing narinfos";
+        self.write(CTX, |tx| {
+            let mut select = tx.prepare_cached("SELECT nar_name, size FROM narinfos WHERE hash = ?1").context(CTX)?;
+            let mut delete = tx.prepare_cached("DELETE FROM narinfos WHERE hash = ?1").context(CTX)?;
+            let mut used = tx
+                .prepare_cached("SELECT EXISTS(SELECT 1 FROM narinfos WHERE nar_name = ?1)")
+                .context(CTX)?;
+            let mut out = Vec::with_capacity(hashes.len());
+            for hash in hashes {
+                let row: Option<(String, i64)> = select
+                    .query_row([hash.as_str()], |r| Ok((r.get(0)?, r.get(1)?)))
+                    .optional()
+                    .context(CTX)?;
+                let Some((nar_name, size)) = row else { continue };
+                delete.execute([hash.as_str()]).context(CTX)?;
+                let still_used: bool = used.query_row([&nar_name], |r| r.get(0)).context(CTX)?;
+                let mut removed = Removed { narinfos: vec![(*hash, size as u64)], nar: None };
+                if !still_used {
+                    removed.nar = remove_nar_row(tx, &nar_name)?;
+                }
+                out.push(removed);
+            }
+            Ok(out)
+        })
+    }
+
+    fn remove_nar(&self, name: &NarName) -> Result<Option<Removed>, IndexError> {
+        const CTX: &str = "removing a nar";
+        self.write(CTX, |tx| {
+            let mut narinfos = Vec::new();
+            {
+                let mut stmt = tx.prepare("SELECT hash, size FROM narinfos WHERE nar_name = ?1").context(CTX)?;
+                let rows = stmt
+                    .query_map([name.as_str()], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))
+                    .context(CTX)?;
+                for row in rows {
+                    let (h, size) = row.context(CTX)?;
+                    narinfos.push((parse_hash(&h)?, size as u64));
+                }
+            }
+            tx.execute("DELETE FROM narinfos WHERE nar_name = ?1", [name.as_str()]).context(CTX)?;
+            let nar = remove_nar_row(tx, name.as_str())?;
+            if nar.is_none() && narinfos.is_empty() {
+                return Ok(None);
+            }
+            Ok(Some(Removed { narinfos, nar }))
+        })
+    }
+
+    fn delete_narinfo_row(&self, hash: &StorePathHash) -> Result<(), IndexError> {
+        self.conn()?
+            .execute("DELETE FROM narinfos WHERE hash = ?1", [hash.as_str()])
+            .context("deleting a narinfo")?;
+        Ok(())
+    }
+
+    fn touch(&self, narinfos: &[(StorePathHash, i64)], nars: &[(NarName, i64)]) -> Result<(), IndexError> {
+        const CTX: &str = "recording access times";
+        self.write(CTX, |tx| {
+            let mut a = tx
+                .prepare_cached("UPDATE narinfos SET accessed_at = max(accessed_at, ?2) WHERE hash = ?1")
+                .context(CTX)?;
+            for (h, t) in narinfos {
+                a.execute(params![h.as_str(), t]).context(CTX)?;
+            }
+            let mut b = tx
+                .prepare_cached("UPDATE nars SET accessed_at = max(accessed_at, ?2) WHERE name = ?1")
+                .context(CTX)?;
+            // A NAR's use is a use of every narinfo that points at it: that is what keeps the
+            // LRU order a single index.
+            let mut c = tx
+                .prepare_cached("UPDATE narinfos SET accessed_at = max(accessed_at, ?2) WHERE nar_name = ?1")
+                .context(CTX)?;
+            for (n, t) in nars {
+                b.execute(params![n.as_str(), t]).context(CTX)?;
+                c.execute(params![n.as_str(), t]).context(CTX)?;
+            }
+            Ok(())
+        })
+    }
+
+    fn narinfos_in_shard(&self, shard: &str) -> Result<Vec<IndexedNarinfo>, IndexError> {
+        const CTX: &str = "listing narinfos";
+        let (low, high) = shard_range(shard);
+        let conn = self.conn()?;
+        let mut stmt = conn
+            .prepare_cached(
+                "SELECT i.hash, i.nar_name, i.size, i.created_at,
+                        EXISTS(SELECT 1 FROM nars n WHERE n.name = i.nar_name)
+                 FROM narinfos i WHERE i.hash >= ?1 AND i.hash < ?2 ORDER BY i.hash",
+            )
+            .context(CTX)?;
+        let rows = stmt
+            .query_map([&low, &high], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, i64>(2)?,
+                    r.get::<_, i64>(3)?,
+                    r.get::<_, bool>(4)?,
+                ))
+            })
+            .context(CTX)?;
+        rows.map(|row| {
+            let (hash, nar, size, created_at, known) = row.context(CTX)?;
+            Ok(IndexedNarinfo {
+                hash: parse_hash(&hash)?,
+                nar: if known { NarName::parse(&nar) } else { None },
+                size: size as u64,
+                created_at,
+            })
+        })
+        .collect()
+    }
+
+    fn nars_in_shard(&self, shard: &str) -> Result<Vec<IndexedNar>, IndexError> {
+        const CTX: &str = "listing nars";
+        let (low, high) = shard_range(shard);
+        let conn = self.conn()?;
+        let mut stmt = conn
+            .prepare_cached(
+                "SELECT name, file_hash, file_size, upstream_url, stored, created_at
+                 FROM nars WHERE name >= ?1 AND name < ?2 ORDER BY name",
+            )
+            .context(CTX)?;
+        let rows = stmt
+            .query_map([&low, &high], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, i64>(2)?,
+                    r.get::<_, String>(3)?,
+                    r.get::<_, bool>(4)?,
+                    r.get::<_, i64>(5)?,
+                ))
+            })
+            .context(CTX)?;
+        rows.map(|row| {
+            let (name, hash, size, url, stored, created_at) = row.context(CTX)?;
+            Ok(IndexedNar { record: nar_record(parse_name(&name)?, &hash, size, url, stored)?, created_at })
+        })
+        .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::index::Index;
+
+    fn temp_path(what: &str) -> (PathBuf, PathBuf) {
+        let dir = std::env::temp_dir().join(format!("ncps-sqlite-{what}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("db.sqlite");
+        (dir, path)
+    }
+
+    #[test]
+    fn a_database_with_tables_but_no_version_is_refused_untouched() {
+        let (dir, path) = temp_path("foreign");
+        let conn = Connection::open(&path).unwrap();
+        conn.execute_batch("CREATE TABLE schema_migrations (version TEXT); CREATE TABLE narinfos (id INTEGER);")
+            .unwrap();
+        drop(conn);
+        let err = SqliteIndex::open(&path).err().expect("refused");
+        assert!(matches!(err, IndexError::Foreign(_)), "{err}");
+        assert!(err.to_string().contains("schema_migrations"), "{err}");
+        let conn = Connection::open(&path).unwrap();
+        let version: u32 = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
+        assert_eq!(version, 0, "nothing was migrated");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_newer_schema_is_refused_with_a_clear_message() {
+        let (dir, path) = temp_path("newer");
+        drop(SqliteIndex::open(&path).unwrap());
+        Connection::open(&path).unwrap().pragma_update(None, "user_version", 99).unwrap();
+        let err = SqliteIndex::open(&path).err().unwrap();
+        assert!(err.to_string().contains("schema version 99"), "{err}");
+        std::fs::write(&path, b"this is not sqlite at all, not even close....").unwrap();
+        let _ = std::fs::remove_file(dir.join("db.sqlite-wal"));
+        let err = SqliteIndex::open(&path).err().unwrap();
+        assert!(err.to_string().contains("not a database"), "{err}");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_version_1_database_is_migrated_with_its_totals_and_lru_order() {
+        let (dir, path) = temp_path("migrate");
+        let conn = Connection::open(&path).unwrap();
+        conn.execute_batch(MIGRATIONS[0]).unwrap();
+        conn.pragma_update(None, "user_version", 1).unwrap();
+        let nar = format!("{}.nar", "1".repeat(52));
+        conn.execute_batch(&format!(
+            "INSERT INTO nars VALUES ('{nar}', 'sha256:{}', 7, '', 1, 1, 500);
+             INSERT INTO narinfos VALUES ('{}', '/nix/store/x', '{nar}', 3, 1, 100);",
+            "0".repeat(52),
+            "a".repeat(32)
+        ))
+        .unwrap();
+        drop(conn);
+        let index = SqliteIndex::open(&path).unwrap();
+        assert_eq!(index.totals().unwrap(), Totals { narinfos: 1, narinfo_bytes: 3, nars: 1, nar_bytes: 7 });
+        let conn = Connection::open(&path).unwrap();
+        let at: i64 = conn.query_row("SELECT accessed_at FROM narinfos", [], |r| r.get(0)).unwrap();
+        assert_eq!(at, 500, "a NAR's last use counts for its narinfo");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn the_sqlite_index_keeps_the_contract() {
+        crate::index::contract::every_rule(&SqliteIndex::open_in_memory().unwrap());
+        let (dir, path) = temp_path("contract");
+        crate::index::contract::every_rule(&SqliteIndex::open(&path).unwrap());
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn pooled_connections_read_while_another_thread_writes() {
+        let (dir, path) = temp_path("pool");
+        let index = std::sync::Arc::new(SqliteIndex::open(&path).unwrap());
+        let writer = {
+            let index = index.clone();
+            std::thread::spawn(move || {
+                index
+                    .write("holding the write lock", |_| {
+                        std::thread::sleep(Duration::from_millis(300));
+                        Ok(())
+                    })
+                    .unwrap()
+            })
+        };
+        std::thread::sleep(Duration::from_millis(50));
+        let started = std::time::Instant::now();
+        index.totals().unwrap();
+        assert!(started.elapsed() < Duration::from_millis(200), "a read waited for the writer");
+        writer.join().unwrap();
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}

@@ -1,0 +1,113 @@
+//! The contract every [`BlobStore`] is held to (see the module documentation of
+//! [`crate::storage`]). Each implementation runs [`every_rule`] in its own test.
+
+use super::*;
+use crate::nix::Hash;
+
+fn nar_name(c: char) -> NarName {
+    NarName::parse(&format!("{}.nar.xz", c.to_string().repeat(52))).expect("valid NAR name")
+}
+
+fn hash(c: char) -> StorePathHash {
+    StorePathHash::parse(&c.to_string().repeat(32)).expect("valid hash")
+}
+
+fn bytes_of(blob: Option<Blob>) -> Option<Vec<u8>> {
+    blob.map(|b| b.into_bytes().expect("readable"))
+}
+
+/// Runs every rule against `store`, which must be empty, staging in `staging`.
+pub fn every_rule(store: &dyn BlobStore, staging: &Staging) {
+    a_blob_is_absent_until_put_then_whole(store, staging);
+    a_dropped_staged_nar_leaves_nothing(store, staging);
+    removing_is_idempotent(store, staging);
+    listing_by_shard_finds_each_blob_once(store, staging);
+}
+
+fn a_blob_is_absent_until_put_then_whole(store: &dyn BlobStore, staging: &Staging) {
+    let (h, n) = (hash('a'), nar_name('1'));
+    assert!(store.narinfo(&h).unwrap().is_none());
+    assert!(store.nar(&n).unwrap().is_none());
+    assert_eq!(store.nar_len(&n).unwrap(), None);
+    assert!(!store.holds_anything().unwrap());
+    store.put_narinfo(&h, b"StorePath: x\n", staging).unwrap();
+    assert_eq!(bytes_of(store.narinfo(&h).unwrap()).as_deref(), Some(&b"StorePath: x\n"[..]));
+    store.put_narinfo(&h, b"replaced", staging).unwrap();
+    assert_eq!(bytes_of(store.narinfo(&h).unwrap()).as_deref(), Some(&b"replaced"[..]));
+    store.put_nar(&n, staging.temp_with(b"nar bytes").unwrap()).unwrap();
+    assert_eq!(store.nar_len(&n).unwrap(), Some(9));
+    assert_eq!(bytes_of(store.nar(&n).unwrap()).as_deref(), Some(&b"nar bytes"[..]));
+    assert!(store.holds_anything().unwrap());
+    store.remove_narinfo(&h).unwrap();
+    store.remove_nar(&n).unwrap();
+    assert!(store.narinfo(&h).unwrap().is_none());
+    assert!(store.nar(&n).unwrap().is_none());
+}
+
+fn a_dropped_staged_nar_leaves_nothing(store: &dyn BlobStore, staging: &Staging) {
+    let mut t = staging.temp_file().unwrap();
+    t.write_all(b"half").unwrap();
+    let path = t.path().to_path_buf();
+    drop(t);
+    assert!(!path.exists(), "a dropped temp file is removed");
+    assert!(store.nar(&nar_name('2')).unwrap().is_none());
+}
+
+fn removing_is_idempotent(store: &dyn BlobStore, _staging: &Staging) {
+    store.remove_narinfo(&hash('b')).unwrap();
+    store.remove_nar(&nar_name('3')).unwrap();
+}
+
+fn listing_by_shard_finds_each_blob_once(store: &dyn BlobStore, staging: &Staging) {
+    let n = nar_name('4');
+    let h = hash('c');
+    store.put_nar(&n, staging.temp_with(&Hash::of(b"x").0).unwrap()).unwrap();
+    store.put_narinfo(&h, b"x", staging).unwrap();
+    let mut nars = 0;
+    let mut narinfos = 0;
+    for shard in shards() {
+        let s = store.list_nars(&shard).unwrap();
+        assert!(s.strays.is_empty(), "{shard}: {:?}", s.strays);
+        for e in s.entries {
+            assert_eq!(e.name, n);
+            assert_eq!(&shard, &n.as_str()[..2]);
+            assert_eq!(e.len, 32);
+            nars += 1;
+        }
+        let s = store.list_narinfos(&shard).unwrap();
+        narinfos += s.entries.len();
+    }
+    assert_eq!((nars, narinfos), (1, 1));
+    assert!(store.strays_outside_shards().unwrap().is_empty());
+    store.remove_nar(&n).unwrap();
+    store.remove_narinfo(&h).unwrap();
+}
+
+#[test]
+fn the_local_store_keeps_the_contract() {
+    let dir = std::env::temp_dir().join(format!("ncps-storage-contract-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let store = LocalStore::open(&dir).unwrap();
+    let staging = Staging::open(&dir.join("tmp")).unwrap();
+    every_rule(&store, &staging);
+    // Local specifics: the Go ncps layout, strays found and removable.
+    let n = nar_name('5');
+    store.put_nar(&n, staging.temp_with(b"x").unwrap()).unwrap();
+    assert!(dir.join(format!("store/nar/5/55/{n}")).is_file());
+    std::fs::write(dir.join("store/nar/5/55/junk"), b"j").unwrap();
+    std::fs::write(dir.join("store/narinfo/stray"), b"j").unwrap();
+    let strays = store.list_nars("55").unwrap().strays;
+    assert_eq!(strays.len(), 1);
+    let outside = store.strays_outside_shards().unwrap();
+    assert_eq!(outside.len(), 1);
+    for s in strays.iter().chain(&outside) {
+        store.remove_stray(s).unwrap();
+    }
+    assert!(store.remove_stray(&Stray("/etc/passwd".into())).is_err(), "never outside the store");
+    // Clearing the staging directory removes only our partial files.
+    std::mem::forget(staging.temp_file().unwrap());
+    std::fs::write(dir.join("tmp/user-file"), b"x").unwrap();
+    assert_eq!(staging.clear().unwrap(), 1);
+    assert!(dir.join("tmp/user-file").exists());
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -1,0 +1,228 @@
+//! The local blob store: files under the data path, sharded like the Go ncps so that no
+//! directory grows huge: `store/nar/<c1>/<c1c2>/<name>` and
+//! `store/narinfo/<c1>/<c1c2>/<hash>.narinfo`.
+//!
+//! A file exists under its final name only when complete and verified (written in the staging
+//! directory, synced, renamed), so a hit needs no index lookup: the file's existence is the
+//! answer, and the file goes out with `sendfile`.
+
+use super::staging::remove_file;
+use super::{Blob, BlobStore, Listed, Shard, Staging, StorageError, Stray, TempFile};
+use crate::nix::{NarName, StorePathHash};
+use std::fs::{self, File};
+use std::io;
+use std::path::{Path, PathBuf};
+
+pub struct LocalStore {
+    root: PathBuf,
+    nar_dir: PathBuf,
+    narinfo_dir: PathBuf,
+}
+
+fn sharded(dir: &Path, name: &str) -> PathBuf {
+    let c1 = name.get(..1).unwrap_or("_");
+    let c2 = name.get(..2).unwrap_or("__");
+    dir.join(c1).join(c2).join(name)
+}
+
+fn shard_dir(dir: &Path, shard: &str) -> PathBuf {
+    dir.join(shard.get(..1).unwrap_or("_")).join(shard)
+}
+
+/// Opens a file for serving; `None` if it does not exist. A file standing where one of its
+/// directories belongs (a damaged store) also means "not there": the request becomes a miss,
+/// served from upstream, rather than an error for every client.
+fn open_existing(path: &Path) -> Result<Option<(File, u64)>, StorageError> {
+    let err = |e| StorageError::io("opening", path.to_path_buf(), e);
+    match File::open(path) {
+        Ok(f) => {
+            let len = f.metadata().map_err(err)?.len();
+            Ok(Some((f, len)))
+        }
+        Err(e) if matches!(e.kind(), io::ErrorKind::NotFound | io::ErrorKind::NotADirectory) => Ok(None),
+        Err(e) => Err(err(e)),
+    }
+}
+
+fn modified(m: &fs::Metadata) -> i64 {
+    use std::os::unix::fs::MetadataExt;
+    m.mtime()
+}
+
+/// Lists a directory; a directory that does not exist (or is a file) lists as empty.
+fn read_dir(dir: &Path) -> Result<Vec<fs::DirEntry>, StorageError> {
+    let err = |e| StorageError::io("listing", dir.to_path_buf(), e);
+    match fs::read_dir(dir) {
+        Ok(rd) => rd.collect::<Result<Vec<_>, _>>().map_err(err),
+        Err(e) if matches!(e.kind(), io::ErrorKind::NotFound | io::ErrorKind::NotADirectory) => Ok(Vec::new()),
+        Err(e) => Err(err(e)),
+    }
+}
+
+/// Every file below `dir`, as strays.
+fn all_files(dir: &Path, out: &mut Vec<Stray>) -> Result<(), StorageError> {
+    for entry in read_dir(dir)? {
+        let path = entry.path();
+        let kind = entry.file_type().map_err(|e| StorageError::io("listing", path.clone(), e))?;
+        if kind.is_dir() {
+            all_files(&path, out)?;
+        } else {
+            out.push(Stray(path));
+        }
+    }
+    Ok(())
+}
+
+impl LocalStore {
+    /// Opens (creating if needed) the store under `data_path`.
+    pub fn open(data_path: &Path) -> Result<LocalStore, StorageError> {
+        let root = data_path.join("store");
+        let store = LocalStore { nar_dir: root.join("nar"), narinfo_dir: root.join("narinfo"), root };
+        for dir in [&store.nar_dir, &store.narinfo_dir] {
+            fs::create_dir_all(dir).map_err(|e| StorageError::io("creating", dir.clone(), e))?;
+        }
+        Ok(store)
+    }
+
+    fn nar_path(&self, name: &NarName) -> PathBuf {
+        sharded(&self.nar_dir, name.as_str())
+    }
+
+    fn narinfo_path(&self, hash: &StorePathHash) -> PathBuf {
+        sharded(&self.narinfo_dir, &format!("{hash}.narinfo"))
+    }
+
+    fn list<N>(
+        &self,
+        dir: &Path,
+        shard: &str,
+        parse: impl Fn(&str) -> Option<N>,
+        path_of: impl Fn(&N) -> PathBuf,
+    ) -> Result<Shard<N>, StorageError> {
+        let mut entries = Vec::new();
+        let mut strays = Vec::new();
+        for entry in read_dir(&shard_dir(dir, shard))? {
+            let path = entry.path();
+            let meta = entry.metadata().map_err(|e| StorageError::io("listing", path.clone(), e))?;
+            if meta.is_dir() {
+                all_files(&path, &mut strays)?;
+                continue;
+            }
+            match entry.file_name().to_str().and_then(&parse) {
+                Some(n) if path_of(&n) == path => {
+                    entries.push(Listed { name: n, len: meta.len(), modified: modified(&meta) })
+                }
+                _ => strays.push(Stray(path)),
+            }
+        }
+        Ok(Shard { entries, strays })
+    }
+}
+
+impl BlobStore for LocalStore {
+    fn narinfo(&self, hash: &StorePathHash) -> Result<Option<Blob>, StorageError> {
+        Ok(open_existing(&self.narinfo_path(hash))?.map(|(file, len)| Blob::File { file, len }))
+    }
+
+    fn nar(&self, name: &NarName) -> Result<Option<Blob>, StorageError> {
+        Ok(open_existing(&self.nar_path(name))?.map(|(file, len)| Blob::File { file, len }))
+    }
+
+    fn nar_len(&self, name: &NarName) -> Result<Option<u64>, StorageError> {
+        let path = self.nar_path(name);
+        match fs::metadata(&path) {
+            Ok(m) if m.is_file() => Ok(Some(m.len())),
+            Ok(_) => Ok(None),
+            Err(e) if matches!(e.kind(), io::ErrorKind::NotFound | io::ErrorKind::NotADirectory) => Ok(None),
+            Err(e) => Err(StorageError::io("reading", path, e)),
+        }
+    }
+
+    fn put_narinfo(&self, hash: &StorePathHash, bytes: &[u8], staging: &Staging) -> Result<(), StorageError> {
+        staging.temp_with(bytes)?.commit(&self.narinfo_path(hash))
+    }
+
+    fn put_nar(&self, name: &NarName, staged: TempFile) -> Result<(), StorageError> {
+        staged.commit(&self.nar_path(name))
+    }
+
+    fn remove_narinfo(&self, hash: &StorePathHash) -> Result<(), StorageError> {
+        remove_file(&self.narinfo_path(hash))
+    }
+
+    fn remove_nar(&self, name: &NarName) -> Result<(), StorageError> {
+        remove_file(&self.nar_path(name))
+    }
+
+    fn list_narinfos(&self, shard: &str) -> Result<Shard<StorePathHash>, StorageError> {
+        self.list(
+            &self.narinfo_dir,
+            shard,
+            |n| n.strip_suffix(".narinfo").and_then(StorePathHash::parse),
+            |h| self.narinfo_path(h),
+        )
+    }
+
+    fn list_nars(&self, shard: &str) -> Result<Shard<NarName>, StorageError> {
+        self.list(&self.nar_dir, shard, NarName::parse, |n| self.nar_path(n))
+    }
+
+    fn strays_outside_shards(&self) -> Result<Vec<Stray>, StorageError> {
+        let mut out = Vec::new();
+        for dir in [&self.nar_dir, &self.narinfo_dir] {
+            for c1 in read_dir(dir)? {
+                let c1_path = c1.path();
+                let c1_name = c1.file_name().to_string_lossy().into_owned();
+                let is_dir = c1.file_type().map(|t| t.is_dir()).unwrap_or(false);
+                if !is_dir {
+                    out.push(Stray(c1_path));
+                    continue;
+                }
+                let shard_char = c1_name.len() == 1 && c1_name.bytes().all(|b| b.is_ascii_digit() || b.is_ascii_lowercase());
+                for c2 in read_dir(&c1_path)? {
+                    let c2_name = c2.file_name().to_string_lossy().into_owned();
+                    let is_shard = shard_char
+                        && c2_name.len() == 2
+                        && c2_name.starts_with(&c1_name)
+                        && c2_name.bytes().all(|b| b.is_ascii_digit() || b.is_ascii_lowercase());
+                    let is_dir = c2.file_type().map(|t| t.is_dir()).unwrap_or(false);
+                    match (is_dir, is_shard) {
+                        (true, true) => {}
+                        (true, false) => all_files(&c2.path(), &mut out)?,
+                        (false, _) => out.push(Stray(c2.path())),
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn remove_stray(&self, stray: &Stray) -> Result<(), StorageError> {
+        // Only ever below the store: a stray is something a listing of it returned.
+        if !stray.0.starts_with(&self.root) {
+            return Err(StorageError::io(
+                "removing",
+                stray.0.clone(),
+                io::Error::other("not inside the store"),
+            ));
+        }
+        remove_file(&stray.0)
+    }
+
+    fn holds_anything(&self) -> Result<bool, StorageError> {
+        fn any_file(dir: &Path) -> Result<bool, StorageError> {
+            for entry in read_dir(dir)? {
+                let is_dir = entry.file_type().map(|t| t.is_dir()).unwrap_or(false);
+                if !is_dir || any_file(&entry.path())? {
+                    return Ok(true);
+                }
+            }
+            Ok(false)
+        }
+        Ok(any_file(&self.nar_dir)? || any_file(&self.narinfo_dir)?)
+    }
+
+    fn describe(&self) -> String {
+        self.root.display().to_string()
+    }
+}

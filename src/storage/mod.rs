@@ -1,0 +1,174 @@
+//! The blob store seam: narinfos and NARs by name, wherever they are kept.
+//!
+//! The cache core never builds a path or opens a file of the store itself; it asks a
+//! [`BlobStore`]. Today's implementation is [`local::LocalStore`] (files under the data path,
+//! whose hits go out with `sendfile`); an object store is a second implementation of the same
+//! trait, held to the same contract (`contract` tests run against every implementation).
+//!
+//! # What every implementation promises
+//! - **Atomic appearance.** A blob is visible under its name only when it is complete: a reader
+//!   sees the whole old blob, the whole new one, or nothing, never a prefix. A NAR is handed to
+//!   [`BlobStore::put_nar`] only after it was verified, so a visible NAR is a verified NAR.
+//! - **Crash safety.** A crash (or a kill, or a power cut after `put_*` returned) never leaves a
+//!   partial blob under a final name. What it can leave: staged files (cleared at start), and
+//!   blobs the index does not know or index rows whose blob is gone (the start-up check
+//!   reconciles those; neither can make a client receive unverified bytes).
+//! - **Removal is idempotent.** Removing what is not there is not an error.
+//! - **Listing by shard.** Blobs are listed one shard (the first two characters of the name) at
+//!   a time, so a check of a million entries holds a thousand in memory, not a million.
+//!
+//! Bytes being downloaded are staged in a [`Staging`] directory on local disk in every
+//! deployment: readers that join a download follow that file as it grows.
+
+pub mod local;
+mod staging;
+
+#[cfg(test)]
+mod contract;
+
+pub use local::LocalStore;
+pub use staging::{Staging, TempFile, TEMP_SUFFIX};
+
+use crate::nix::{NarName, StorePathHash};
+use std::fmt;
+use std::fs::File;
+use std::io;
+use std::path::PathBuf;
+
+/// A stored blob, ready to be sent.
+#[non_exhaustive]
+pub enum Blob {
+    /// A local file (sent with `sendfile`), `len` bytes from its start.
+    File { file: File, len: u64 },
+    /// The bytes themselves.
+    Bytes(Vec<u8>),
+}
+
+impl Blob {
+    pub fn len(&self) -> u64 {
+        match self {
+            Blob::File { len, .. } => *len,
+            Blob::Bytes(b) => b.len() as u64,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The whole blob in memory (for narinfos, which are small).
+    pub fn into_bytes(self) -> Result<Vec<u8>, StorageError> {
+        match self {
+            Blob::Bytes(b) => Ok(b),
+            Blob::File { file, len } => {
+                let mut bytes = vec![0u8; len as usize];
+                std::os::unix::fs::FileExt::read_exact_at(&file, &mut bytes, 0)
+                    .map_err(|e| StorageError::io("reading", PathBuf::new(), e))?;
+                Ok(bytes)
+            }
+        }
+    }
+}
+
+/// One entry found by [`BlobStore::list_narinfos`] or [`BlobStore::list_nars`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Listed<N> {
+    pub name: N,
+    pub len: u64,
+    /// Seconds since the epoch at which the blob was last written.
+    pub modified: i64,
+}
+
+/// What one shard holds: its entries, and what does not belong (files whose names are not
+/// entries, or entries in the wrong place), by a description the store can remove again.
+#[derive(Debug)]
+pub struct Shard<N> {
+    pub entries: Vec<Listed<N>>,
+    pub strays: Vec<Stray>,
+}
+
+/// Something in the store that is not an entry, and where it is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stray(pub PathBuf);
+
+impl fmt::Display for Stray {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.display().fmt(f)
+    }
+}
+
+/// Every shard name: the first two characters of a store path hash or NAR name (nix32 or hex,
+/// so digits and lower-case letters).
+pub fn shards() -> impl Iterator<Item = String> {
+    const CHARS: &[u8] = b"0123456789abcdefghijklmnopqrstuvwxyz";
+    CHARS.iter().flat_map(|&a| CHARS.iter().map(move |&b| String::from_utf8_lossy(&[a, b]).into_owned()))
+}
+
+/// Narinfos and NARs by name. See the module documentation for the contract.
+pub trait BlobStore: Send + Sync {
+    /// The narinfo of `hash`, if stored.
+    fn narinfo(&self, hash: &StorePathHash) -> Result<Option<Blob>, StorageError>;
+    /// The NAR `name`, if stored.
+    fn nar(&self, name: &NarName) -> Result<Option<Blob>, StorageError>;
+    /// The length of the stored NAR `name`, if stored.
+    fn nar_len(&self, name: &NarName) -> Result<Option<u64>, StorageError>;
+    /// Stores a narinfo, replacing any previous one atomically.
+    fn put_narinfo(&self, hash: &StorePathHash, bytes: &[u8], staging: &Staging) -> Result<(), StorageError>;
+    /// Stores a verified NAR from its staged file.
+    fn put_nar(&self, name: &NarName, staged: TempFile) -> Result<(), StorageError>;
+    fn remove_narinfo(&self, hash: &StorePathHash) -> Result<(), StorageError>;
+    fn remove_nar(&self, name: &NarName) -> Result<(), StorageError>;
+    /// The narinfos of one shard (see [`shards`]).
+    fn list_narinfos(&self, shard: &str) -> Result<Shard<StorePathHash>, StorageError>;
+    /// The NARs of one shard.
+    fn list_nars(&self, shard: &str) -> Result<Shard<NarName>, StorageError>;
+    /// What lies outside every shard (files where only shard directories belong).
+    fn strays_outside_shards(&self) -> Result<Vec<Stray>, StorageError>;
+    fn remove_stray(&self, stray: &Stray) -> Result<(), StorageError>;
+    /// Whether anything at all is stored (cheap: stops at the first blob).
+    fn holds_anything(&self) -> Result<bool, StorageError>;
+    /// A description for logs and errors (`/var/lib/ncps/store`).
+    fn describe(&self) -> String;
+}
+
+/// Why a storage operation failed.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum StorageError {
+    /// A file system call failed: what was being done, to which path.
+    Io { action: &'static str, path: PathBuf, source: io::Error },
+}
+
+impl StorageError {
+    pub fn io(action: &'static str, path: PathBuf, source: io::Error) -> StorageError {
+        StorageError::Io { action, path, source }
+    }
+
+    /// Whether the store refused bytes for lack of room (a full disk or quota).
+    pub fn is_no_space(&self) -> bool {
+        match self {
+            StorageError::Io { source, .. } => {
+                matches!(source.kind(), io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded)
+            }
+        }
+    }
+}
+
+impl fmt::Display for StorageError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            StorageError::Io { action, path, source } if path.as_os_str().is_empty() => {
+                write!(f, "{action}: {source}")
+            }
+            StorageError::Io { action, path, source } => write!(f, "{action} {}: {source}", path.display()),
+        }
+    }
+}
+
+impl std::error::Error for StorageError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            StorageError::Io { source, .. } => Some(source),
+        }
+    }
+}

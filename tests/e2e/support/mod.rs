@@ -8,7 +8,7 @@
 //! | [`nix`] | running the real `nix` client (`nix copy --from`, `--to`, `nix store verify`) |
 //! | [`upstream`] | the local upstream that misbehaves on demand ([`Mode`]), and its HTTPS front |
 //! | [`ncps`] | the ncps process under test ([`Ncps`]), its command line and scrubbed environment |
-//! | [`http`] | a tiny HTTP client, and raw connections that show exactly how a body ended |
+//! | [`http`] | a tiny HTTP client, raw connections that show exactly how a body ended, free ports |
 //! | [`narinfo`] | narinfo parsing, fingerprints and store path hashes |
 //! | [`crypto`] | SHA-256, nix32, keys and signatures |
 //! | [`process`] | commands with a deadline, and waiting for a condition |

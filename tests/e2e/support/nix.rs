@@ -55,6 +55,16 @@ fn nix(args: &[&str], xdg_cache_home: &Path) -> Command {
     c
 }
 
+/// Runs a nix command; Err("WHAT failed (STATUS):\nSTDERR") unless it succeeds in time.
+fn run_nix(cmd: Command, timeout: Duration, what: impl Fn() -> String) -> Result<(), String> {
+    let out = run_with_timeout(cmd, timeout)?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!("{} failed ({}):\n{}", what(), out.status, out.stderr.trim()))
+    }
+}
+
 /// `nix copy --from URL --to <fresh store> PATHS` trusting only `trusted_key`,
 /// then `nix store verify -r` of the copied paths against the same key.
 pub fn nix_copy_from<S: AsRef<str>>(
@@ -86,27 +96,12 @@ pub fn nix_copy_from_timeout<S: AsRef<str>>(
         "connect-timeout",
         "5",
     ]);
-    let out = run_with_timeout(copy, timeout)?;
-    if !out.status.success() {
-        return Err(format!(
-            "nix copy --from {url} failed ({}):\n{}",
-            out.status,
-            out.stderr.trim()
-        ));
-    }
+    run_nix(copy, timeout, || format!("nix copy --from {url}"))?;
     let mut verify = nix(&["store", "verify", "--store", &store_s, "-r"], &xdg);
     verify
         .args(&paths)
         .args(["--option", "trusted-public-keys", trusted_key]);
-    let out = run_with_timeout(verify, timeout)?;
-    if !out.status.success() {
-        return Err(format!(
-            "nix store verify after copying from {url} failed ({}):\n{}",
-            out.status,
-            out.stderr.trim()
-        ));
-    }
-    Ok(())
+    run_nix(verify, timeout, || format!("nix store verify after copying from {url}"))
 }
 
 /// `nix copy --to URL PATHS` from the local store, with a fresh Nix cache dir.
@@ -114,14 +109,5 @@ pub fn nix_copy_to(url: &str, paths: &[String]) -> Result<(), String> {
     let tmp = TempDir::new("nix-upload");
     let mut c = nix(&["copy", "--to", url], tmp.path());
     c.args(paths).args(["--option", "connect-timeout", "5"]);
-    let out = run_with_timeout(c, Duration::from_secs(60))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "nix copy --to {url} failed ({}):\n{}",
-            out.status,
-            out.stderr.trim()
-        ))
-    }
+    run_nix(c, Duration::from_secs(60), || format!("nix copy --to {url}"))
 }

@@ -63,8 +63,7 @@ static:
 
 # The end-to-end tests against the static x86_64 binary.
 test-static: static
-	NCPS_E2E_BIN=$(CURDIR)/target/static/ncps-x86_64 $(CARGO) test --test e2e_proxy --test e2e_integrity \
-	  --test e2e_concurrency --test e2e_lifecycle
+	NCPS_E2E_BIN=$(CURDIR)/target/static/ncps-x86_64 $(CARGO) test --test e2e
 
 fuzz:
 	bash fuzz/run.sh

@@ -8,15 +8,12 @@
 //! Tests that need Nix skip (with a message) only when `nix` is not installed
 //! and `CI` is unset; under CI a missing `nix` fails them.
 //!
-//! Run: `cargo test --test e2e_lifecycle` (add `-- --nocapture` for timings).
+//! Run: `cargo test --test e2e lifecycle::` (add `-- --nocapture` for timings).
 
-mod common;
-
-use common::*;
+use crate::support::*;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::OnceLock;
 use std::thread;
 use std::time::Duration;
@@ -38,14 +35,7 @@ struct Lifecycle {
 }
 
 fn lifecycle_or_skip() -> Option<&'static Lifecycle> {
-    if !nix_installed() {
-        let test = thread::current().name().unwrap_or("?").to_string();
-        if matches!(std::env::var("CI"), Ok(v) if !v.is_empty()) {
-            panic!("{test}: `nix` is not installed but CI is set: end-to-end tests must run");
-        }
-        eprintln!(
-            "SKIPPED {test}: `nix` is not installed (apt-get install nix-bin); set CI=true to make this a failure"
-        );
+    if must_skip_without_nix() {
         return None;
     }
     static LC: OnceLock<Result<Lifecycle, String>> = OnceLock::new();
@@ -513,28 +503,6 @@ fn a_lowered_limit_is_applied_at_start_up() {
 // Uploads
 // ---------------------------------------------------------------------------
 
-/// `nix copy --to URL PATHS` from the local store, with a fresh Nix cache dir.
-fn nix_copy_to(url: &str, paths: &[String]) -> Result<(), String> {
-    let tmp = TempDir::new("nix-upload");
-    let mut c = Command::new("nix");
-    c.args(["copy", "--to", url])
-        .args(paths)
-        .args(["--option", "connect-timeout", "5"])
-        .env("NIX_CONFIG", NIX_CONFIG)
-        .env("XDG_CACHE_HOME", tmp.path())
-        .env_remove("NIX_REMOTE");
-    let out = run_with_timeout(c, Duration::from_secs(60))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "nix copy --to {url} failed ({}):\n{}",
-            out.status,
-            out.stderr.trim()
-        ))
-    }
-}
-
 fn uploads_are_signed_by_ncps_and_served_back(suffix: &str) {
     let Some(lc) = lifecycle_or_skip() else {
         return;
@@ -842,10 +810,7 @@ fn without_delete_allowed_delete_is_405_and_changes_nothing() {
 
 /// `ncps fsck [--repair] --cache-data-path DIR`: exit code and stdout+stderr.
 fn fsck(data: &Path, repair: bool) -> (Option<i32>, String) {
-    let mut c = Command::new(ncps_bin());
-    for v in NCPS_ENV_VARS {
-        c.env_remove(v);
-    }
+    let mut c = ncps_command();
     c.arg("fsck");
     if repair {
         c.arg("--repair");

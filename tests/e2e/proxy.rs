@@ -4,13 +4,11 @@
 //! Tests that need Nix skip (with a message) only when `nix` is not installed
 //! and `CI` is unset; under CI a missing `nix` fails them.
 //!
-//! Run: `cargo test --test e2e_proxy` (add `-- --nocapture` to see timings).
+//! Run: `cargo test --test e2e proxy::` (add `-- --nocapture` to see timings).
 //! `NCPS_E2E_BIN=/path/to/ncps` runs the suite against another build.
 //! Files of a failed test are kept under target/tmp/e2e-run-<pid>/.
 
-mod common;
-
-use common::*;
+use crate::support::*;
 use std::fs;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -122,6 +120,28 @@ fn harness_upstream_serves_files_and_misbehaves_on_demand() {
     up.restart();
     up.set_mode(Mode::Normal);
     assert_eq!(http_get(&url("/nix-cache-info")).unwrap().status, 200);
+}
+
+#[test]
+fn every_flag_environment_variable_is_cleared_for_the_ncps_under_test() {
+    // Every ncps of the suite (serve, fsck, bad configurations) comes from ncps_command():
+    // what it leaves out of the child's environment is what a developer's shell can leak.
+    let cmd = ncps_command();
+    let cleared: std::collections::BTreeSet<String> = cmd
+        .get_envs()
+        .filter(|(_, v)| v.is_none())
+        .map(|(k, _)| k.to_string_lossy().into_owned())
+        .collect();
+    let leaking: Vec<String> = ::ncps::config::FLAGS
+        .iter()
+        .flat_map(|f| f.envs.iter().map(move |e| format!("{e} (--{})", f.names[0])))
+        .filter(|e| !cleared.contains(e.split(' ').next().unwrap()))
+        .collect();
+    assert!(leaking.is_empty(), "reach the ncps under test from the caller's environment: {leaking:?}");
+    // Two that a hand-kept list once missed, and the one variable ncps reads beyond its flags.
+    for v in ["CACHE_NEGATIVE_TTL", "SERVER_IDLE_TIMEOUT", "SSL_CERT_FILE"] {
+        assert!(cleared.contains(v), "{v} is not cleared: {cleared:?}");
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -529,7 +549,7 @@ fn a_database_made_by_another_program_is_refused_and_left_alone() {
 
 #[test]
 fn healthz_is_200_while_the_store_takes_files_and_503_when_it_does_not() {
-    let (_dir, _up, ncps) = proxy_for_empty_upstream();
+    let (_dir, _up, ncps) = ncps_with_empty_upstream(&[]);
     let r = ncps.get("/healthz");
     assert_eq!(r.status, 200, "{}", r.text());
     // The temp directory gone: new files cannot be written, so the cache is not usable.
@@ -561,22 +581,9 @@ fn each_request_is_logged_with_status_bytes_duration_hit_or_miss_and_upstream() 
     assert!(lines.iter().all(|l| l.contains(" INFO ") && l.contains("127.0.0.1 GET ")), "{lines:?}");
 }
 
-/// An ncps in front of an empty (but healthy) upstream; needs no Nix.
-fn proxy_for_empty_upstream() -> (TempDir, Upstream, Ncps) {
-    let dir = TempDir::new("empty-upstream");
-    fs::write(
-        dir.join("nix-cache-info"),
-        "StoreDir: /nix/store\nWantMassQuery: 1\nPriority: 50\n",
-    )
-    .unwrap();
-    let up = Upstream::serve_dir(dir.path());
-    let ncps = Ncps::for_upstreams(&[up.url()], SOME_VALID_PUBLIC_KEY);
-    (dir, up, ncps)
-}
-
 #[test]
 fn unknown_paths_get_404() {
-    let (_dir, _up, ncps) = proxy_for_empty_upstream();
+    let (_dir, _up, ncps) = ncps_with_empty_upstream(&[]);
     let unknown_hash = "0123456789abcdfghijklmnpqrsvwxyz";
     let unknown_nar = "1111111111111111111111111111111111111111111111111111";
     for path in [
@@ -600,7 +607,7 @@ fn unknown_paths_get_404() {
 
 #[test]
 fn nix_cache_info_is_answered_by_ncps_itself() {
-    let (_dir, _up, ncps) = proxy_for_empty_upstream();
+    let (_dir, _up, ncps) = ncps_with_empty_upstream(&[]);
     let r = ncps.get("/nix-cache-info");
     assert_eq!(r.status, 200);
     assert_eq!(
@@ -611,7 +618,7 @@ fn nix_cache_info_is_answered_by_ncps_itself() {
 
 #[test]
 fn pubkey_is_cache_hostname_colon_base64_of_32_bytes() {
-    let (_dir, _up, ncps) = proxy_for_empty_upstream();
+    let (_dir, _up, ncps) = ncps_with_empty_upstream(&[]);
     let r = ncps.get("/pubkey");
     assert_eq!(r.status, 200);
     let body = r.text();

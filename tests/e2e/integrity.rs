@@ -6,11 +6,9 @@
 //! Tests that need Nix skip (with a message) only when `nix` is not installed
 //! and `CI` is unset; under CI a missing `nix` fails them.
 //!
-//! Run: `cargo test --test e2e_integrity` (add `-- --nocapture` for timings).
+//! Run: `cargo test --test e2e integrity::` (add `-- --nocapture` for timings).
 
-mod common;
-
-use common::*;
+use crate::support::*;
 use std::fs;
 use std::io::Write;
 use std::net::TcpStream;
@@ -42,20 +40,6 @@ fn assert_only_verified_nars_stored(ncps: &Ncps) {
             panic!("ncps stored unverified bytes: {e}");
         }
     }
-}
-
-/// The NAR URL path (`/nar/...`) ncps's narinfo for `store_path` points at.
-fn ncps_nar_path(ncps: &Ncps, store_path: &str) -> (String, u64) {
-    let r = ncps.get(&format!("/{}.narinfo", store_hash(store_path)));
-    assert_eq!(r.status, 200, "narinfo of {store_path} through ncps");
-    let ni = NarInfo::parse(&r.text());
-    let url = ni.get("URL").expect("URL in served narinfo").to_string();
-    let size = ni
-        .get("FileSize")
-        .expect("FileSize in served narinfo")
-        .parse()
-        .unwrap();
-    (format!("/{url}"), size)
 }
 
 fn nix_cache_info_is_quick(ncps: &Ncps, when: &str) {
@@ -952,15 +936,6 @@ fn garbage_database_file_is_refused_with_one_clear_line() {
 // ---------------------------------------------------------------------------
 // The HTTP front against hostile and idle clients
 // ---------------------------------------------------------------------------
-
-/// An ncps in front of an empty, healthy upstream (no Nix needed).
-fn ncps_with_empty_upstream(extra: &[&str]) -> (TempDir, Upstream, Ncps) {
-    let dir = TempDir::new("empty-upstream");
-    fs::write(dir.join("nix-cache-info"), "StoreDir: /nix/store\nWantMassQuery: 1\n").unwrap();
-    let up = Upstream::serve_dir(dir.path());
-    let ncps = Ncps::for_upstreams_with(&[up.url()], &[SOME_VALID_PUBLIC_KEY], extra);
-    (dir, up, ncps)
-}
 
 #[test]
 fn hostile_requests_get_4xx_never_the_database_and_ncps_stays_up() {

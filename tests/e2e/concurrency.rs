@@ -3,11 +3,9 @@
 //! the same verified bytes, NAR bytes are streamed as they arrive rather than
 //! after the download, and floods of misses are answered and remembered.
 //!
-//! Run: `cargo test --test e2e_concurrency` (add `-- --nocapture` for timings).
+//! Run: `cargo test --test e2e concurrency::` (add `-- --nocapture` for timings).
 
-mod common;
-
-use common::*;
+use crate::support::*;
 use std::fs;
 use std::sync::{Arc, Barrier, Mutex};
 use std::thread;
@@ -30,15 +28,6 @@ fn together<T: Send + 'static>(n: usize, f: impl Fn(usize) -> T + Send + Sync + 
         })
         .collect();
     handles.into_iter().map(|h| h.join().unwrap()).collect()
-}
-
-/// ncps's narinfo for `store_path`: the NAR path it points at and FileSize.
-fn ncps_nar_path(ncps: &Ncps, store_path: &str) -> (String, u64) {
-    let r = ncps.get(&format!("/{}.narinfo", store_hash(store_path)));
-    assert_eq!(r.status, 200, "narinfo of {store_path} through ncps");
-    let ni = NarInfo::parse(&r.text());
-    let url = ni.get("URL").expect("URL").to_string();
-    (format!("/{url}"), ni.get("FileSize").expect("FileSize").parse().unwrap())
 }
 
 #[test]

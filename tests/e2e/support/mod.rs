@@ -1,0 +1,37 @@
+//! What the end-to-end tests are built from, one concern a module; the tests say
+//! `use crate::support::*;` and get all of it:
+//!
+//! | module | what it holds |
+//! | --- | --- |
+//! | [`dirs`] | temporary directories ([`TempDir`]), the per-run directory, clean-up at exit |
+//! | [`fixture`] | the Nix fixture (real store paths published as signed caches), built once per run |
+//! | [`nix`] | running the real `nix` client (`nix copy --from`, `--to`, `nix store verify`) |
+//! | [`upstream`] | the local upstream that misbehaves on demand ([`Mode`]), and its HTTPS front |
+//! | [`ncps`] | the ncps process under test ([`Ncps`]), its command line and scrubbed environment |
+//! | [`http`] | a tiny HTTP client, raw connections that show exactly how a body ended, free ports |
+//! | [`narinfo`] | narinfo parsing, fingerprints and store path hashes |
+//! | [`crypto`] | SHA-256, nix32, keys and signatures |
+//! | [`process`] | commands with a deadline, and waiting for a condition |
+//!
+//! Everything here uses std (plus crates that are already dependencies of the
+//! package), and only loopback addresses.
+
+pub mod crypto;
+pub mod dirs;
+pub mod fixture;
+pub mod http;
+pub mod narinfo;
+pub mod ncps;
+pub mod nix;
+pub mod process;
+pub mod upstream;
+
+pub use crypto::*;
+pub use dirs::*;
+pub use fixture::*;
+pub use http::*;
+pub use narinfo::*;
+pub use ncps::*;
+pub use nix::*;
+pub use process::*;
+pub use upstream::*;

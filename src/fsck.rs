@@ -9,7 +9,7 @@
 //! It goes one shard at a time (what [`crate::cache::check`] compares), so memory stays flat
 //! at a million entries and the time is linear in the bytes stored; progress goes to stderr.
 
-use crate::cache::check::{self, Problem, Since};
+use crate::cache::check::{self, Problem};
 use crate::cache::verify::{copy_hashed, CopyError};
 use crate::cache::CacheError;
 use crate::index::{Index, IndexError, SqliteIndex};
@@ -125,7 +125,7 @@ pub fn check(
         let rows = index.narinfos_in_shard(shard)?;
         report.narinfos_checked += rows.len();
         let mut problems: Vec<Problem> = narinfos.strays.into_iter().map(Problem::Stray).collect();
-        problems.extend(check::narinfo_shard(&narinfos.entries, &rows, Since(None)));
+        problems.extend(check::narinfo_shard(&narinfos.entries, &rows));
         let on_disk: std::collections::HashSet<_> = narinfos.entries.iter().map(|e| e.name).collect();
         for row in rows.iter().filter(|r| on_disk.contains(&r.hash)) {
             let Some(blob) = blobs.narinfo(&row.hash)? else { continue };
@@ -144,7 +144,7 @@ pub fn check(
         let nars = blobs.list_nars(shard)?;
         let rows = index.nars_in_shard(shard)?;
         problems.extend(nars.strays.into_iter().map(Problem::Stray));
-        problems.extend(check::nar_shard(&nars.entries, &rows, Since(None)));
+        problems.extend(check::nar_shard(&nars.entries, &rows));
         let on_disk: std::collections::HashSet<_> = nars.entries.iter().map(|e| e.name.clone()).collect();
         for r in rows.iter().map(|r| &r.record).filter(|r| r.stored) {
             report.nars_checked += 1;

@@ -33,8 +33,10 @@ fn run() -> Result<(), Exit> {
         }
         Command::Serve(raw) => {
             let config = Config::from_raw(&raw)?;
+            // Before the logger's thread starts, so that every thread inherits the mask.
+            let signals = serve::block_stop_signals();
             ncps::logging::init(config.log_level);
-            serve::run(&config)
+            serve::run(&config, signals)
         }
     }
 }

@@ -138,10 +138,10 @@ pub fn prepare(config: &Config) -> Result<Prepared, Exit> {
 }
 
 /// Runs ncps until the process is stopped.
-pub fn run(config: &Config) -> Result<(), Exit> {
-    // Blocked here, before any thread exists, so every thread inherits the mask and the
-    // signals wait for the one thread that asks for them.
-    let signals = block_stop_signals();
+///
+/// `signals` comes from [`block_stop_signals`], called before any thread was started.
+pub fn run(config: &Config, signals: StopSignals) -> Result<(), Exit> {
+    let signals = signals.0;
     let p = prepare(config)?;
     let cache = p.cache.clone();
     std::thread::Builder::new()
@@ -194,7 +194,17 @@ fn run_schedule(schedule: &crate::cron::Schedule, zone: &crate::tz::Zone, cache:
     }
 }
 
-fn block_stop_signals() -> libc::sigset_t {
+/// SIGTERM and SIGINT, blocked in every thread, so that they wait for the one thread that asks
+/// for them (and ncps stops cleanly instead of dying of the default action).
+pub struct StopSignals(libc::sigset_t);
+
+/// Blocks the stop signals. Call before any thread exists (the logger's included): threads
+/// inherit the mask, and one thread with the signals unblocked would take them and die.
+pub fn block_stop_signals() -> StopSignals {
+    StopSignals(block_stop_signal_set())
+}
+
+fn block_stop_signal_set() -> libc::sigset_t {
     // SAFETY: sigset_t is plain data, initialised by sigemptyset before use; pthread_sigmask
     // only changes this thread's mask.
     unsafe {

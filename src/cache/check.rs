@@ -43,30 +43,18 @@ impl fmt::Display for Problem {
     }
 }
 
-/// Blobs written at or after this time (seconds), and rows created then, are left out: they
-/// belong to writes running while the check runs, which can be half-way between their index
-/// row and their blob.
-#[derive(Debug, Clone, Copy)]
-pub struct Since(pub Option<i64>);
-
-impl Since {
-    fn spares(&self, t: i64) -> bool {
-        self.0.is_some_and(|s| t >= s)
-    }
-}
-
 /// What disagrees in one shard of narinfos.
-pub fn narinfo_shard(blobs: &[Listed<StorePathHash>], rows: &[IndexedNarinfo], since: Since) -> Vec<Problem> {
+pub fn narinfo_shard(blobs: &[Listed<StorePathHash>], rows: &[IndexedNarinfo]) -> Vec<Problem> {
     let on_disk: HashSet<&StorePathHash> = blobs.iter().map(|b| &b.name).collect();
     let indexed: HashSet<&StorePathHash> = rows.iter().map(|r| &r.hash).collect();
     let mut out: Vec<Problem> = blobs
         .iter()
-        .filter(|b| !indexed.contains(&b.name) && !since.spares(b.modified))
+        .filter(|b| !indexed.contains(&b.name))
         .map(|b| Problem::OrphanNarinfo(b.name))
         .collect();
     out.extend(
         rows.iter()
-            .filter(|r| !on_disk.contains(&r.hash) && !since.spares(r.created_at))
+            .filter(|r| !on_disk.contains(&r.hash))
             .map(|r| Problem::MissingNarinfo(r.hash)),
     );
     out
@@ -74,18 +62,18 @@ pub fn narinfo_shard(blobs: &[Listed<StorePathHash>], rows: &[IndexedNarinfo], s
 
 /// What disagrees in one shard of NARs. A blob is vouched for only if the index says it was
 /// stored, with this size.
-pub fn nar_shard(blobs: &[Listed<NarName>], rows: &[IndexedNar], since: Since) -> Vec<Problem> {
+pub fn nar_shard(blobs: &[Listed<NarName>], rows: &[IndexedNar]) -> Vec<Problem> {
     let stored: HashMap<&NarName, u64> =
         rows.iter().filter(|r| r.record.stored).map(|r| (&r.record.name, r.record.file_size)).collect();
     let on_disk: HashSet<&NarName> = blobs.iter().map(|b| &b.name).collect();
     let mut out: Vec<Problem> = blobs
         .iter()
-        .filter(|b| stored.get(&b.name) != Some(&b.len) && !since.spares(b.modified))
+        .filter(|b| stored.get(&b.name) != Some(&b.len))
         .map(|b| Problem::OrphanNar(b.name.clone()))
         .collect();
     out.extend(
         rows.iter()
-            .filter(|r| r.record.stored && !on_disk.contains(&r.record.name) && !since.spares(r.created_at))
+            .filter(|r| r.record.stored && !on_disk.contains(&r.record.name))
             .map(|r| Problem::MissingNar(r.record.name.clone())),
     );
     out
@@ -162,17 +150,9 @@ mod tests {
         let blobs = [Listed { name: h('a'), len: 1, modified: 0 }, Listed { name: h('b'), len: 1, modified: 0 }];
         let rows = [row('b', 0), row('c', 0)];
         assert_eq!(
-            narinfo_shard(&blobs, &rows, Since(None)),
+            narinfo_shard(&blobs, &rows),
             vec![Problem::OrphanNarinfo(h('a')), Problem::MissingNarinfo(h('c'))]
         );
-    }
-
-    #[test]
-    fn writes_newer_than_the_check_are_left_alone() {
-        let blobs = [Listed { name: h('a'), len: 1, modified: 100 }];
-        let rows = [row('c', 100)];
-        assert!(narinfo_shard(&blobs, &rows, Since(Some(100))).is_empty());
-        assert_eq!(narinfo_shard(&blobs, &rows, Since(Some(101))).len(), 2);
     }
 
     #[test]
@@ -184,7 +164,7 @@ mod tests {
         ];
         let rows = [nar_row('1', true, 3), nar_row('2', false, 3), nar_row('3', true, 3), nar_row('4', true, 3)];
         assert_eq!(
-            nar_shard(&blobs, &rows, Since(None)),
+            nar_shard(&blobs, &rows),
             vec![Problem::OrphanNar(n('2')), Problem::OrphanNar(n('3')), Problem::MissingNar(n('4'))]
         );
     }

@@ -14,7 +14,7 @@
 //!
 //! `ncps fsck` does the full check (re-hashing every NAR) on demand.
 
-use super::check::{self, Problem, Since};
+use super::check::{self, Problem};
 use super::{Cache, CacheError};
 use crate::index::now;
 use crate::storage::shards;
@@ -56,12 +56,16 @@ impl Cache {
             }
         }
         self.space.refresh(&*self.index);
+        let temps = match temps {
+            0 => String::from("no temp file to clear"),
+            n => format!("removed {n} temp file(s)"),
+        };
         if clean {
-            log::info!("start-up check: the last stop was clean, store and index agree ({temps} temp file(s) removed)");
+            log::info!("start-up check: the last stop was clean, so store and index agree; {temps}");
         } else {
             log::warn!(
-                "start-up check: the last stop was not clean; removed {temps} temp file(s); \
-                 comparing the store with the index in the background"
+                "start-up check: the last stop was not clean; {temps}; comparing the store with the \
+                 index in the background"
             );
         }
         Ok(clean)
@@ -70,17 +74,18 @@ impl Cache {
     /// The store check after an unclean stop, one shard at a time.
     pub(super) fn run_background_check(&self) {
         let started = Instant::now();
-        // Writes from now on may be half-way between their row and their blob: spared.
-        let since = Since(Some(now() - 1));
         let mut fixed = Fixed::default();
         let result = (|| -> Result<(), CacheError> {
-            let strays = self.blobs.strays_outside_shards()?;
+            let strays = {
+                let _no_writes = self.writes.write().unwrap_or_else(|p| p.into_inner());
+                self.blobs.strays_outside_shards()?
+            };
             fixed.removed += strays.len();
             for s in &strays {
                 self.blobs.remove_stray(s)?;
             }
             for shard in shards() {
-                let f = self.check_shard(&shard, since)?;
+                let f = self.check_shard(&shard)?;
                 fixed.removed += f.removed;
                 fixed.dropped += f.dropped;
             }
@@ -103,17 +108,19 @@ impl Cache {
         self.enforce_limit();
     }
 
-    fn check_shard(&self, shard: &str, since: Since) -> Result<Fixed, CacheError> {
+    /// Compares and repairs one shard, with every write waiting meanwhile (a few milliseconds
+    /// for a thousand entries): a write is never seen half-way between its row and its blob.
+    fn check_shard(&self, shard: &str) -> Result<Fixed, CacheError> {
+        let _no_writes = self.writes.write().unwrap_or_else(|p| p.into_inner());
         let narinfos = self.blobs.list_narinfos(shard)?;
         let nars = self.blobs.list_nars(shard)?;
         let mut problems: Vec<Problem> = narinfos.strays.into_iter().chain(nars.strays).map(Problem::Stray).collect();
-        problems.extend(check::narinfo_shard(&narinfos.entries, &self.index.narinfos_in_shard(shard)?, since));
-        problems.extend(check::nar_shard(&nars.entries, &self.index.nars_in_shard(shard)?, since));
+        problems.extend(check::narinfo_shard(&narinfos.entries, &self.index.narinfos_in_shard(shard)?));
+        problems.extend(check::nar_shard(&nars.entries, &self.index.nars_in_shard(shard)?));
         let mut fixed = Fixed::default();
         if problems.is_empty() {
             return Ok(fixed);
         }
-        let _writing = self.writing();
         for p in &problems {
             match p {
                 Problem::MissingNarinfo(_) | Problem::MissingNar(_) => fixed.dropped += 1,

@@ -30,14 +30,19 @@ fn shard_dir(dir: &Path, shard: &str) -> PathBuf {
 }
 
 /// Opens a file for serving; `None` if it does not exist. A file standing where one of its
-/// directories belongs (a damaged store) also means "not there": the request becomes a miss,
-/// served from upstream, rather than an error for every client.
+/// directories belongs, or a directory where it belongs (a damaged store), also means "not
+/// there": the request becomes a miss, served from upstream, rather than an error for every
+/// client.
 fn open_existing(path: &Path) -> Result<Option<(File, u64)>, StorageError> {
     let err = |e| StorageError::io("opening", path.to_path_buf(), e);
     match File::open(path) {
         Ok(f) => {
-            let len = f.metadata().map_err(err)?.len();
-            Ok(Some((f, len)))
+            let meta = f.metadata().map_err(err)?;
+            // A directory where the file belongs opens too, but is not a blob.
+            if !meta.is_file() {
+                return Ok(None);
+            }
+            Ok(Some((f, meta.len())))
         }
         Err(e) if matches!(e.kind(), io::ErrorKind::NotFound | io::ErrorKind::NotADirectory) => Ok(None),
         Err(e) => Err(err(e)),
@@ -92,6 +97,29 @@ impl LocalStore {
         sharded(&self.narinfo_dir, &format!("{hash}.narinfo"))
     }
 
+    /// Creates `path`'s directory. A file standing where one of its directories belongs (a
+    /// damaged store) is removed, with a log line: it is not an entry (entries are only ever
+    /// at the shard level), and leaving it would make every write below it fail.
+    fn make_parent(&self, path: &Path) -> Result<(), StorageError> {
+        let Some(parent) = path.parent() else { return Ok(()) };
+        match fs::create_dir_all(parent) {
+            Ok(()) => return Ok(()),
+            Err(e) if !matches!(e.kind(), io::ErrorKind::NotADirectory | io::ErrorKind::AlreadyExists) => {
+                return Err(StorageError::io("creating", parent.to_path_buf(), e))
+            }
+            Err(_) => {}
+        }
+        let mut dir = self.root.clone();
+        for part in parent.strip_prefix(&self.root).map(|p| p.components().collect::<Vec<_>>()).unwrap_or_default() {
+            dir.push(part);
+            if fs::symlink_metadata(&dir).is_ok_and(|m| !m.is_dir()) {
+                log::warn!("{}: a file stands where a store directory belongs; removing it", dir.display());
+                remove_file(&dir)?;
+            }
+        }
+        fs::create_dir_all(parent).map_err(|e| StorageError::io("creating", parent.to_path_buf(), e))
+    }
+
     fn list<N>(
         &self,
         dir: &Path,
@@ -139,11 +167,16 @@ impl BlobStore for LocalStore {
     }
 
     fn put_narinfo(&self, hash: &StorePathHash, bytes: &[u8], staging: &Staging) -> Result<(), StorageError> {
-        staging.temp_with(bytes)?.commit(&self.narinfo_path(hash))
+        let path = self.narinfo_path(hash);
+        let staged = staging.temp_with(bytes)?;
+        self.make_parent(&path)?;
+        staged.commit(&path)
     }
 
     fn put_nar(&self, name: &NarName, staged: TempFile) -> Result<(), StorageError> {
-        staged.commit(&self.nar_path(name))
+        let path = self.nar_path(name);
+        self.make_parent(&path)?;
+        staged.commit(&path)
     }
 
     fn remove_narinfo(&self, hash: &StorePathHash) -> Result<(), StorageError> {

@@ -260,6 +260,15 @@ impl Ncps {
         }
     }
 
+    /// The log since `offset`, once a line containing `needle` is in it (panics after
+    /// `timeout`): for what ncps does in the background after start, such as the store check.
+    pub fn wait_for_log(&self, offset: usize, needle: &str, timeout: Duration) -> String {
+        let found = wait_until(timeout, || self.log_since(offset).contains(needle));
+        let log = self.log_since(offset);
+        assert!(found, "no {needle:?} in the log within {timeout:?}:\n{log}");
+        log
+    }
+
     fn subst(&self, s: &str) -> String {
         s.replace("{addr}", &self.addr.to_string())
             .replace("{data}", &self.data.path().to_string_lossy())

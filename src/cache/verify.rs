@@ -41,12 +41,15 @@ impl<E: std::error::Error + 'static> std::error::Error for CopyError<E> {
     }
 }
 
+/// Where [`copy_hashed`] puts each chunk: told the offset it starts at.
+pub type Sink<'a, E> = dyn FnMut(u64, &[u8]) -> Result<(), E> + 'a;
+
 /// Reads `reader` to its end, at most `limit` bytes, handing each chunk to `sink` (with the
 /// offset it starts at) and hashing it. Returns the SHA-256 and the length.
 pub fn copy_hashed<E>(
     reader: &mut dyn Read,
     limit: u64,
-    sink: &mut dyn FnMut(u64, &[u8]) -> Result<(), E>,
+    sink: &mut Sink<'_, E>,
 ) -> Result<(Hash, u64), CopyError<E>> {
     let mut hasher = Hasher::new();
     let mut buf = vec![0u8; CHUNK];

@@ -89,6 +89,7 @@ impl Cache {
 
     /// The evictor thread: a pass whenever a write crossed the limit (or at start).
     pub(super) fn run_evictor(&self) {
+        super::access::lower_priority(10);
         loop {
             {
                 let mut wanted = super::lock(&self.space.wanted);

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 /// Memory for recently served narinfos (a few thousand typical ones).
 const MEMO_BUDGET: usize = 4 << 20;
 /// Larger narinfos (thousands of references) are served from the store each time.
-const MEMO_ENTRY_MAX: u64 = 16 * 1024;
+const MEMO_ENTRY_MAX: u64 = crate::storage::local::NARINFO_READ_MAX as u64;
 /// Hashes remembered as missing at most: a flood of lookups for random hashes must not grow
 /// memory without limit.
 const NEGATIVE_MAX: usize = 100_000;

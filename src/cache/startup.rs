@@ -73,6 +73,7 @@ impl Cache {
 
     /// The store check after an unclean stop, one shard at a time.
     pub(super) fn run_background_check(&self) {
+        super::access::lower_priority(10);
         let started = Instant::now();
         let mut fixed = Fixed::default();
         let result = (|| -> Result<(), CacheError> {

@@ -480,18 +480,18 @@ impl super::Index for SqliteIndex {
         const CTX: &str = "recording access times";
         self.write(CTX, |tx| {
             let mut a = tx
-                .prepare_cached("UPDATE narinfos SET accessed_at = max(accessed_at, ?2) WHERE hash = ?1")
+                .prepare_cached("UPDATE narinfos SET accessed_at = ?2 WHERE hash = ?1 AND accessed_at < ?2")
                 .context(CTX)?;
             for (h, t) in narinfos {
                 a.execute(params![h.as_str(), t]).context(CTX)?;
             }
             let mut b = tx
-                .prepare_cached("UPDATE nars SET accessed_at = max(accessed_at, ?2) WHERE name = ?1")
+                .prepare_cached("UPDATE nars SET accessed_at = ?2 WHERE name = ?1 AND accessed_at < ?2")
                 .context(CTX)?;
             // A NAR's use is a use of every narinfo that points at it: that is what keeps the
             // LRU order a single index.
             let mut c = tx
-                .prepare_cached("UPDATE narinfos SET accessed_at = max(accessed_at, ?2) WHERE nar_name = ?1")
+                .prepare_cached("UPDATE narinfos SET accessed_at = ?2 WHERE nar_name = ?1 AND accessed_at < ?2")
                 .context(CTX)?;
             for (n, t) in nars {
                 b.execute(params![n.as_str(), t]).context(CTX)?;

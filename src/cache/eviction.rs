@@ -23,6 +23,13 @@ const BATCH: usize = 512;
 /// may take between reading a narinfo and asking for its NAR.
 const PENDING_GRACE_SECS: i64 = 600;
 
+/// Whether [`Cache::remove_blobs`] still has to remove the narinfo blobs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Narinfos {
+    ToRemove,
+    AlreadyGone,
+}
+
 /// What an eviction pass removed.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Evicted {
@@ -37,13 +44,26 @@ pub(super) struct Space {
     usage: AtomicU64,
     /// One pass at a time.
     evicting: Mutex<()>,
-    wanted: Mutex<bool>,
+    /// A pass is wanted; and whether a thorough one (see [`Pass`]).
+    wanted: Mutex<Option<Pass>>,
     wake: Condvar,
+}
+
+/// How much a pass looks at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pass {
+    /// After a write crossed the limit: least recently used entries only, a few hundred index
+    /// rows read per batch, whatever the store holds.
+    Quick,
+    /// At start and on `--cache-lru-schedule`: first the NARs no narinfo points at (an upload
+    /// whose narinfo never came, a NAR a replaced narinfo no longer uses), which takes a scan
+    /// of the NAR table; then as [`Pass::Quick`].
+    Thorough,
 }
 
 impl Space {
     pub(super) fn new(max: Option<u64>) -> Space {
-        Space { max, usage: AtomicU64::new(0), evicting: Mutex::new(()), wanted: Mutex::new(false), wake: Condvar::new() }
+        Space { max, usage: AtomicU64::new(0), evicting: Mutex::new(()), wanted: Mutex::new(None), wake: Condvar::new() }
     }
 
     pub(super) fn usage(&self) -> u64 {
@@ -72,9 +92,12 @@ impl Space {
         self.max.is_some_and(|max| self.usage() > max)
     }
 
-    /// Asks the evictor for a pass.
-    pub(super) fn wake(&self) {
-        *super::lock(&self.wanted) = true;
+    /// Asks the evictor for a pass (a thorough one wins over a quick one).
+    pub(super) fn wake(&self, pass: Pass) {
+        let mut wanted = super::lock(&self.wanted);
+        if *wanted != Some(Pass::Thorough) {
+            *wanted = Some(pass);
+        }
         self.wake.notify_one();
     }
 }
@@ -83,7 +106,7 @@ impl Cache {
     /// After a write: wakes the evictor if the store is over its limit.
     pub(super) fn enforce_limit(&self) {
         if self.space.over() {
-            self.space.wake();
+            self.space.wake(Pass::Quick);
         }
     }
 
@@ -91,14 +114,20 @@ impl Cache {
     pub(super) fn run_evictor(&self) {
         super::access::lower_priority(10);
         loop {
-            {
+            let pass = {
                 let mut wanted = super::lock(&self.space.wanted);
-                while !*wanted {
+                loop {
+                    if let Some(pass) = wanted.take() {
+                        break pass;
+                    }
                     wanted = self.space.wake.wait(wanted).unwrap_or_else(|p| p.into_inner());
                 }
-                *wanted = false;
-            }
-            if let Err(e) = self.evict_scheduled() {
+            };
+            let result = match self.settings.max_size {
+                Some(max) => self.evict_to(max, pass),
+                None => Ok(Evicted::default()),
+            };
+            if let Err(e) = result {
                 log::error!("evicting to stay under --cache-max-size: {e}");
                 // Do not spin on a failing index.
                 std::thread::sleep(Duration::from_secs(1));
@@ -106,37 +135,25 @@ impl Cache {
         }
     }
 
-    /// A full pass to the limit (`--cache-lru-schedule`, and the evictor's).
+    /// A thorough pass to the limit (`--cache-lru-schedule`).
     pub fn evict_scheduled(&self) -> Result<Evicted, CacheError> {
         match self.settings.max_size {
-            Some(max) => self.evict_to(max),
+            Some(max) => self.evict_to(max, Pass::Thorough),
             None => Ok(Evicted::default()),
         }
     }
 
-    /// Removes least recently used entries until the store holds at most `target` bytes.
-    pub fn evict_to(&self, target: u64) -> Result<Evicted, CacheError> {
+    /// Removes entries until the store holds at most `target` bytes.
+    pub fn evict_to(&self, target: u64, pass: Pass) -> Result<Evicted, CacheError> {
         let _one_at_a_time = super::lock(&self.space.evicting);
         let started = Instant::now();
         // Hits since the last flush must count, or an entry in use could look old.
         self.flush_access_times()?;
         self.space.refresh(&*self.index);
         let mut evicted = Evicted::default();
-        // NARs no narinfo points at (an upload whose narinfo never came) go first.
-        while self.space.usage() > target {
-            let unreferenced = self.index.unreferenced_nars(BATCH)?;
-            if unreferenced.is_empty() {
-                break;
-            }
-            for (name, _) in unreferenced {
-                if self.space.usage() <= target {
-                    break;
-                }
-                let _writing = self.writing();
-                if let Some(r) = self.index.remove_nar(&name)? {
-                    self.remove_blobs(&r, &mut evicted)?;
-                }
-            }
+        // NARs no narinfo points at go first (they serve no one).
+        if pass == Pass::Thorough {
+            self.evict_unreferenced(target, &mut evicted)?;
         }
         while self.space.usage() > target {
             let victims = self.index.least_recently_used(BATCH, now() - PENDING_GRACE_SECS)?;
@@ -148,6 +165,10 @@ impl Cache {
             if evicted == before {
                 break;
             }
+        }
+        // Only NARs without narinfos are left to go: look for them after all.
+        if pass == Pass::Quick && self.space.usage() > target {
+            self.evict_unreferenced(target, &mut evicted)?;
         }
         if evicted.narinfos + evicted.nars > 0 {
             self.metrics.evicted(evicted.narinfos, evicted.nars, evicted.bytes);
@@ -161,6 +182,25 @@ impl Cache {
             );
         }
         Ok(evicted)
+    }
+
+    fn evict_unreferenced(&self, target: u64, evicted: &mut Evicted) -> Result<(), CacheError> {
+        while self.space.usage() > target {
+            let unreferenced = self.index.unreferenced_nars(BATCH)?;
+            if unreferenced.is_empty() {
+                break;
+            }
+            for (name, _) in unreferenced {
+                if self.space.usage() <= target {
+                    break;
+                }
+                let _writing = self.writing();
+                if let Some(r) = self.index.remove_nar(&name)? {
+                    self.remove_blobs(&r, evicted, Narinfos::ToRemove)?;
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Evicts from `victims` (in LRU order) until the store is at `target`.
@@ -184,18 +224,20 @@ impl Cache {
         }
         let removed = self.index.remove_narinfos(&chosen)?;
         for r in &removed {
-            self.remove_blobs(r, tally)?;
+            self.remove_blobs(r, tally, Narinfos::AlreadyGone)?;
         }
         self.space.refresh(&*self.index);
         Ok(())
     }
 
     /// Deletes the blobs of what the index just dropped, and accounts for them.
-    fn remove_blobs(&self, r: &Removed, tally: &mut Evicted) -> Result<(), CacheError> {
+    fn remove_blobs(&self, r: &Removed, tally: &mut Evicted, narinfos: Narinfos) -> Result<(), CacheError> {
         let mut freed = 0;
         for (hash, size) in &r.narinfos {
-            self.narinfos.forget(hash);
-            self.blobs.remove_narinfo(hash)?;
+            if narinfos == Narinfos::ToRemove {
+                self.narinfos.forget(hash);
+                self.blobs.remove_narinfo(hash)?;
+            }
             freed += size;
             tally.narinfos += 1;
         }
@@ -219,7 +261,7 @@ impl Cache {
         self.forget_missing(hash);
         match self.index.remove_narinfos(&[*hash])?.pop() {
             Some(r) => {
-                self.remove_blobs(&r, &mut Evicted::default())?;
+                self.remove_blobs(&r, &mut Evicted::default(), Narinfos::ToRemove)?;
                 Ok(true)
             }
             None => Ok(false),
@@ -231,7 +273,7 @@ impl Cache {
         let _writing = self.writing();
         match self.index.remove_nar(name)? {
             Some(r) => {
-                self.remove_blobs(&r, &mut Evicted::default())?;
+                self.remove_blobs(&r, &mut Evicted::default(), Narinfos::ToRemove)?;
                 Ok(true)
             }
             None => {

@@ -38,7 +38,7 @@ mod uploads;
 pub mod verify;
 
 pub use error::{CacheError, UploadError};
-pub use eviction::Evicted;
+pub use eviction::{Evicted, Pass};
 
 use crate::http::Body;
 use crate::index::{Index, NarRecord};
@@ -187,7 +187,7 @@ impl Cache {
             spawn("store-check", Box::new(move || c.run_background_check()))?;
         }
         if self.settings.max_size.is_some() {
-            self.space.wake();
+            self.space.wake(eviction::Pass::Thorough);
         }
         Ok(())
     }

@@ -11,7 +11,7 @@ ADDR ?= :8501
 
 APT_PACKAGES := nix-bin curl xz-utils ca-certificates build-essential tzdata
 
-.PHONY: all build run test test-static deps bench static fuzz clean
+.PHONY: all build run test test-static deps bench bench-deps bench-scale static fuzz clean
 
 all: build
 
@@ -49,14 +49,25 @@ test: deps
 
 # The peers the benchmark compares against (nginx) and its load generator (wrk).
 BENCH_PACKAGES := nginx-light wrk procps iproute2
+# Store sizes for the scale section (bench/scale.sh; issue 12).
+BENCH_SCALE_N ?= 100000 1000000
 
-bench: build
+bench-deps:
 	@missing=""; for p in $(BENCH_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing:$$missing"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 	fi
-	NCPS=$(CURDIR)/target/release/ncps bash bench/run.sh
+
+# bench/run.sh (sections a-f), then the scale section (bench/scale.sh), which BENCH_ONLY
+# selects with the letter g. The stores it generates are kept in /var/tmp/ncps-bench-scale.
+bench: build bench-deps
+	@rc=0; NCPS=$(CURDIR)/target/release/ncps bash bench/run.sh || rc=1; \
+	case "$${BENCH_ONLY:-g}" in *g*) NCPS=$(CURDIR)/target/release/ncps BENCH_SCALE_N="$(BENCH_SCALE_N)" \
+	  bash bench/scale.sh || rc=1 ;; esac; exit $$rc
+
+bench-scale: build bench-deps
+	NCPS=$(CURDIR)/target/release/ncps BENCH_SCALE_N="$(BENCH_SCALE_N)" bash bench/scale.sh
 
 static:
 	bash build/static.sh

@@ -266,7 +266,8 @@ bench_n() {
     local half=$(( BYTES / 2 ))
     start_ncps "$data" $P_NCPS "$W/evict" --cache-max-size "${half}B"
     local t0=$T0 pid=$NCPS_PID
-    ( first_answer_ms $P_NCPS "$t0" "$EVICT_TIMEOUT" > "$W/evict.first" 2>/dev/null || true ) &
+    # In the background, so the pass may run before or after ncps starts answering.
+    "$TOOL" wait "127.0.0.1:$P_NCPS" /nix-cache-info "$t0" "$EVICT_TIMEOUT" > "$W/evict.first" 2>/dev/null &
     local waiter=$!; BG_PIDS+=($waiter)
     local line="" hwm=0 peak=0 rr deadline=$(( $(date +%s) + EVICT_TIMEOUT ))
     while :; do

@@ -261,7 +261,7 @@ impl Cache {
         self.forget_missing(hash);
         match self.index.remove_narinfos(&[*hash])?.pop() {
             Some(r) => {
-                self.remove_blobs(&r, &mut Evicted::default(), Narinfos::ToRemove)?;
+                self.remove_blobs(&r, &mut Evicted::default(), Narinfos::AlreadyGone)?;
                 Ok(true)
             }
             None => Ok(false),

@@ -166,7 +166,8 @@ impl Cache {
         self.settings.sign.then_some(&self.key)
     }
 
-    /// A share of the write lock; `None` once the cache is stopping (nothing may be written).
+    /// A share of the write lock. Once a clean stop has taken the lock whole, this waits for
+    /// ever: nothing may be written after the clean-stop marker.
     fn writing(&self) -> std::sync::RwLockReadGuard<'_, ()> {
         self.writes.read().unwrap_or_else(|p| p.into_inner())
     }

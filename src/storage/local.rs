@@ -103,11 +103,6 @@ fn read_small(dir: &std::os::fd::OwnedFd, relative: &str, full: &Path) -> Result
     Ok(Some(Blob::File { file, len }))
 }
 
-fn modified(m: &fs::Metadata) -> i64 {
-    use std::os::unix::fs::MetadataExt;
-    m.mtime()
-}
-
 /// Lists a directory; a directory that does not exist (or is a file) lists as empty.
 fn read_dir(dir: &Path) -> Result<Vec<fs::DirEntry>, StorageError> {
     let err = |e| StorageError::io("listing", dir.to_path_buf(), e);
@@ -193,7 +188,7 @@ impl LocalStore {
             }
             match entry.file_name().to_str().and_then(&parse) {
                 Some(n) if path_of(&n) == path => {
-                    entries.push(Listed { name: n, len: meta.len(), modified: modified(&meta) })
+                    entries.push(Listed { name: n, len: meta.len() })
                 }
                 _ => strays.push(Stray(path)),
             }

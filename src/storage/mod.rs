@@ -75,8 +75,6 @@ impl Blob {
 pub struct Listed<N> {
     pub name: N,
     pub len: u64,
-    /// Seconds since the epoch at which the blob was last written.
-    pub modified: i64,
 }
 
 /// What one shard holds: its entries, and what does not belong (files whose names are not

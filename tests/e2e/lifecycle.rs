@@ -476,6 +476,9 @@ fn a_lowered_limit_is_applied_at_start_up() {
         .collect(),
         Vec::new(),
     );
+    // The evictor runs beside the server, so the port answers before the
+    // pass is over: wait for its report, then look at the disk.
+    second.wait_for_log(0, "evicted ", Duration::from_secs(20));
     let bytes = store_bytes(&first);
     assert!(
         bytes <= 4 * MIB,

@@ -157,10 +157,16 @@ fn proxy_for(fx: &Fixture, c: Compression) -> (Upstream, Ncps) {
 
 fn fetch_top_through_proxy_trusting_only_its_key(c: Compression) {
     let Some(fx) = fixture_or_skip() else { return };
+    fetch_top_through_proxy_with(NixClient::Nix2_8, fx, c);
+}
+
+/// `client` fetches the top closure (cache `c`) through a fresh ncps, trusting only ncps's key.
+fn fetch_top_through_proxy_with(client: NixClient, fx: &Fixture, c: Compression) {
     let (up, ncps) = proxy_for(fx, c);
     let key = ncps.pubkey();
-    nix_copy_from(&ncps.url(), &[&fx.top], &key)
-        .unwrap_or_else(|e| panic!("fetching the top closure ({}) through ncps: {e}", c.name()));
+    client.copy_from(&ncps.url(), &[&fx.top], &key).unwrap_or_else(|e| {
+        panic!("{}: fetching the top closure ({}) through ncps: {e}", client.label(), c.name())
+    });
     assert!(
         up.hits_where(|p| p.starts_with("/nar/")) >= 3,
         "NARs came from the upstream"
@@ -180,6 +186,80 @@ fn fetch_through_proxy_trusting_only_its_key_zstd() {
 #[test]
 fn fetch_through_proxy_trusting_only_its_key_uncompressed() {
     fetch_top_through_proxy_trusting_only_its_key(Compression::None);
+}
+
+#[test]
+fn nix_2_26_substitutes_a_closure_through_ncps_for_each_compression() {
+    let Some(fx) = fixture_or_skip() else { return };
+    if NixClient::Nix2_26.must_skip() {
+        return;
+    }
+    for c in [Compression::Xz, Compression::Zstd, Compression::None] {
+        fetch_top_through_proxy_with(NixClient::Nix2_26, fx, c);
+    }
+}
+
+/// What Nix 2.26 sends (Nix 2.14-2.33 alike); Nix 2.8 sends no Accept-Encoding.
+pub const NIX_2_26_ACCEPT_ENCODING: &str = "zstd, br, gzip, deflate, bzip2, xz";
+
+#[test]
+fn harness_nix_2_26_asks_for_zstd_br_gzip_deflate_bzip2_xz_and_nix_2_8_for_no_encoding() {
+    let Some(fx) = fixture_or_skip() else { return };
+    for client in NixClient::BOTH {
+        if client.must_skip() {
+            continue;
+        }
+        let up = Upstream::for_cache(fx, Compression::Xz);
+        client
+            .copy_from(&up.url(), &[&fx.top], &fx.up1_public_key)
+            .unwrap_or_else(|e| panic!("{}: nix copy straight from the test upstream: {e}", client.label()));
+        let seen = up.request_header("accept-encoding");
+        eprintln!("{} ({}) sent Accept-Encoding: {seen:?}", client.label(), client.version().unwrap_or_default());
+        let want = match client {
+            NixClient::Nix2_8 => None,
+            NixClient::Nix2_26 => Some(NIX_2_26_ACCEPT_ENCODING.to_string()),
+        };
+        assert!(seen.iter().any(|(r, _)| r.starts_with("GET /nar/")), "{}: {seen:?}", client.label());
+        for (request, value) in &seen {
+            assert_eq!(value, &want, "{}: Accept-Encoding of {request}", client.label());
+        }
+    }
+}
+
+#[test]
+fn nars_asked_for_with_nix_2_26_accept_encoding_come_as_bytes_that_match_the_narinfo() {
+    let Some(fx) = fixture_or_skip() else { return };
+    for c in [Compression::Xz, Compression::Zstd, Compression::None] {
+        let (_up, ncps) = proxy_for(fx, c);
+        // Twice: the miss (streamed from the upstream) and the hit (from disk).
+        for round in ["miss", "hit"] {
+            for path in &fx.top_closure {
+                let ni = NarInfo::parse(&ncps.get(&format!("/{}.narinfo", store_hash(path))).text());
+                let url = format!("/{}", ni.get("URL").expect("URL"));
+                let request = format!(
+                    "GET {url} HTTP/1.1\r\nHost: ncps-e2e\r\nAccept-Encoding: {NIX_2_26_ACCEPT_ENCODING}\r\nConnection: close\r\n\r\n"
+                );
+                let r = raw_request(ncps.addr, request.as_bytes(), Duration::from_secs(30)).unwrap();
+                let what = format!("{} {round}, {url} ({path})", c.name());
+                assert!(r.looks_complete(), "{what}: status {}, {:?}", r.status, r.end);
+                assert_eq!(r.status, 200, "{what}");
+                // Nix before 2.31 rejects `identity`, and 2.14-2.33 mishandle `deflate`.
+                let body = match r.header("content-encoding") {
+                    None => r.body.clone(),
+                    Some(e) if e.eq_ignore_ascii_case("zstd") => {
+                        zstd::decode_all(&r.body[..]).unwrap_or_else(|e| panic!("{what}: bad zstd: {e}"))
+                    }
+                    Some(e) => panic!("{what}: Content-Encoding {e:?} (only none or zstd are acceptable)"),
+                };
+                assert_eq!(body.len().to_string(), ni.get("FileSize").unwrap(), "{what}: FileSize");
+                assert_eq!(
+                    format!("sha256:{}", nix32(&sha256(&body))),
+                    ni.get("FileHash").unwrap(),
+                    "{what}: FileHash"
+                );
+            }
+        }
+    }
 }
 
 #[test]
@@ -204,6 +284,24 @@ fn cached_closure_is_served_after_an_ncps_restart_while_the_upstream_is_down() {
     assert_eq!(ncps.pubkey(), key, "the signing key must survive a restart");
     nix_copy_from(&ncps.url(), &[&fx.top], &key)
         .expect("fetch after restarting ncps, upstream stopped: must be served from disk");
+}
+
+#[test]
+fn a_closure_cached_for_nix_2_26_is_served_to_both_clients_after_a_restart_while_the_upstream_is_down() {
+    let Some(fx) = fixture_or_skip() else { return };
+    if NixClient::Nix2_26.must_skip() {
+        return;
+    }
+    let (mut up, mut ncps) = proxy_for(fx, Compression::Zstd);
+    let key = ncps.pubkey();
+    NixClient::Nix2_26.copy_from(&ncps.url(), &[&fx.top], &key).expect("Nix 2.26: first fetch (fills the cache)");
+    up.stop();
+    ncps.restart();
+    for client in NixClient::BOTH {
+        client
+            .copy_from(&ncps.url(), &[&fx.top], &key)
+            .unwrap_or_else(|e| panic!("{}: after a restart, upstream stopped, from disk: {e}", client.label()));
+    }
 }
 
 // ---------------------------------------------------------------------------

@@ -133,6 +133,7 @@ extern "C" fn exit_cleanup() {
     }
     // Only succeeds when empty: directories of failed tests are kept.
     let _ = fs::remove_dir(tmp_base().join(format!("e2e-run-{}", std::process::id())));
+    super::nix::remove_chroot_run_dir();
 }
 
 fn register_exit_cleanup() {

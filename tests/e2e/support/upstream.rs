@@ -68,6 +68,8 @@ struct UpstreamState {
     /// Body bytes written to the socket, per path (all requests for it together).
     sent: Mutex<HashMap<String, u64>>,
     requests: Mutex<Vec<String>>,
+    /// The header lines of each request, in the order of `requests`.
+    headers: Mutex<Vec<Vec<(String, String)>>>,
     /// Bumped by stop(): connection threads of older generations give up.
     generation: AtomicU64,
     stopped: AtomicBool,
@@ -92,6 +94,7 @@ impl Upstream {
             hits: Mutex::new(HashMap::new()),
             sent: Mutex::new(HashMap::new()),
             requests: Mutex::new(Vec::new()),
+            headers: Mutex::new(Vec::new()),
             generation: AtomicU64::new(0),
             stopped: AtomicBool::new(false),
             conns: Mutex::new(HashMap::new()),
@@ -155,6 +158,21 @@ impl Upstream {
         self.state.requests.lock().unwrap().clone()
     }
 
+    /// For every request, in arrival order: "METHOD /path" and its header `name`
+    /// (case-insensitive), if it had one. What a client asked for, e.g. Accept-Encoding.
+    pub fn request_header(&self, name: &str) -> Vec<(String, Option<String>)> {
+        let requests = self.state.requests.lock().unwrap().clone();
+        let headers = self.state.headers.lock().unwrap();
+        requests
+            .into_iter()
+            .zip(headers.iter())
+            .map(|(r, h)| {
+                let v = h.iter().find(|(k, _)| k.eq_ignore_ascii_case(name));
+                (r, v.map(|(_, v)| v.clone()))
+            })
+            .collect()
+    }
+
     /// Body bytes written so far for this exact path, over all its requests.
     /// Updated after every write, so while a Slow body is being sent it counts up.
     pub fn bytes_sent(&self, path: &str) -> u64 {
@@ -165,6 +183,7 @@ impl Upstream {
         self.state.hits.lock().unwrap().clear();
         self.state.sent.lock().unwrap().clear();
         self.state.requests.lock().unwrap().clear();
+        self.state.headers.lock().unwrap().clear();
     }
 
     /// Closes the listening socket (connections are then refused) and drops
@@ -259,7 +278,18 @@ fn handle_upstream_conn(st: &UpstreamState, mut s: TcpStream, generation: u64) -
     let path = target.split('?').next().unwrap_or("/").to_string();
 
     *st.hits.lock().unwrap().entry(path.clone()).or_insert(0) += 1;
-    st.requests.lock().unwrap().push(format!("{method} {path}"));
+    let headers = head
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+        .collect();
+    // Both under one lock order (requests, then headers), so request_header() pairs them.
+    {
+        let mut requests = st.requests.lock().unwrap();
+        requests.push(format!("{method} {path}"));
+        st.headers.lock().unwrap().push(headers);
+    }
 
     let (mode, tgt) = *st.mode.lock().unwrap();
     let mode = if tgt.matches(&path) {

@@ -77,7 +77,19 @@ fn harness_resigned_cache_copy_is_signed_by_up2_only_and_nix_accepts_it_with_up2
 
 #[test]
 fn narinfo_signed_only_by_an_untrusted_key_is_not_found_and_nothing_is_stored() {
+    untrusted_narinfo_is_not_found_by(NixClient::Nix2_8);
+}
+
+#[test]
+fn nix_2_26_finds_no_narinfo_signed_only_by_an_untrusted_key_and_nothing_is_stored() {
+    untrusted_narinfo_is_not_found_by(NixClient::Nix2_26);
+}
+
+fn untrusted_narinfo_is_not_found_by(client: NixClient) {
     let Some(fx) = fixture_or_skip() else { return };
+    if client.must_skip() {
+        return;
+    }
     let copy = resigned_cache_copy(fx, Compression::Xz, &fx.dir.join("keys/up2.sec"));
     let decoy = Upstream::serve_dir(copy.path());
     let ncps = Ncps::for_upstreams(&[decoy.url()], &fx.up1_public_key);
@@ -87,7 +99,8 @@ fn narinfo_signed_only_by_an_untrusted_key_is_not_found_and_nothing_is_stored() 
         let r = ncps.get(&format!("/{}.narinfo", store_hash(path)));
         assert_eq!(r.status, 404, "narinfo of {path} signed by up2 only, ncps trusts up1");
     }
-    let err = nix_copy_from(&ncps.url(), &[&fx.top], &key)
+    let err = client
+        .copy_from(&ncps.url(), &[&fx.top], &key)
         .expect_err("nix copy through ncps must fail: no trusted signature upstream");
     eprintln!("nix copy of a path no upstream vouches for failed as expected:\n{err}");
     assert!(
@@ -161,15 +174,29 @@ fn without_upstream_keys_narinfos_are_passed_on_without_ncps_signature() {
 
 #[test]
 fn corrupted_nars_are_never_kept_and_a_later_fetch_from_a_healed_upstream_succeeds() {
+    corrupted_nars_fail_then_heal_for(NixClient::Nix2_8);
+}
+
+#[test]
+fn nix_2_26_is_refused_corrupted_nars_none_is_kept_and_a_later_fetch_from_a_healed_upstream_succeeds() {
+    corrupted_nars_fail_then_heal_for(NixClient::Nix2_26);
+}
+
+fn corrupted_nars_fail_then_heal_for(client: NixClient) {
     let Some(fx) = fixture_or_skip() else { return };
+    if client.must_skip() {
+        return;
+    }
     let up = Upstream::for_cache(fx, Compression::Xz);
     up.set_mode_for(Mode::CorruptByte, Target::Nar);
     let ncps = Ncps::for_upstreams(&[up.url()], &fx.up1_public_key);
     let key = ncps.pubkey();
 
-    let err = nix_copy_from(&ncps.url(), &[&fx.top], &key)
+    let err = client
+        .copy_from(&ncps.url(), &[&fx.top], &key)
         .expect_err("every NAR is corrupted upstream: nix copy through ncps must fail");
-    eprintln!("nix copy with a corrupting upstream failed as expected:\n{err}");
+    eprintln!("{}: nix copy with a corrupting upstream failed as expected:\n{err}", client.label());
+    assert!(!err.contains("signature"), "not a signature problem: {err}");
     // The NAR of `big` through a raw client: never a complete-looking body.
     let (nar, size) = ncps_nar_path(&ncps, &fx.big);
     let r = raw_request(ncps.addr, &get_request(&nar), Duration::from_secs(20)).unwrap();
@@ -189,7 +216,8 @@ fn corrupted_nars_are_never_kept_and_a_later_fetch_from_a_healed_upstream_succee
     assert!(nars.is_empty(), "corrupted NARs were stored: {nars:?}");
 
     up.set_mode(Mode::Normal);
-    nix_copy_from(&ncps.url(), &[&fx.top], &key)
+    client
+        .copy_from(&ncps.url(), &[&fx.top], &key)
         .expect("after the upstream heals, the same ncps must fetch and serve the closure");
     assert_eq!(ncps.wait_for_stored_nars(fx.top_closure.len()).len(), fx.top_closure.len());
     assert_only_verified_nars_stored(&ncps);

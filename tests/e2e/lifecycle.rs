@@ -506,14 +506,21 @@ fn a_lowered_limit_is_applied_at_start_up() {
 // Uploads
 // ---------------------------------------------------------------------------
 
-fn uploads_are_signed_by_ncps_and_served_back(suffix: &str) {
+/// `client` uploads two paths (`nix copy --to` ncps's root URL or /upload), and then fetches
+/// them back, trusting only ncps's key.
+fn uploads_are_signed_by_ncps_and_served_back(client: NixClient, suffix: &str) {
     let Some(lc) = lifecycle_or_skip() else {
         return;
     };
+    if client.must_skip() {
+        return;
+    }
     let (up, ncps) = proxy(lc, &["--cache-allow-put-verb"]);
     let key = ncps.pubkey();
     let to = format!("{}{suffix}", ncps.url());
-    nix_copy_to(&to, &lc.uploads).unwrap_or_else(|e| panic!("upload to {to}: {e}"));
+    client
+        .copy_to(&to, &lc.uploads)
+        .unwrap_or_else(|e| panic!("{}: upload to {to}: {e}", client.label()));
     let probed = up.hits_where(|p| p.ends_with(".narinfo"));
     if suffix == "/upload" {
         // ncps issue 907: Nix asks whether each path is there before uploading it; under
@@ -550,7 +557,8 @@ fn uploads_are_signed_by_ncps_and_served_back(suffix: &str) {
         );
     }
     // Another machine, trusting ncps's key only, gets them (closure included).
-    nix_copy_from(&ncps.url(), &lc.uploads[1..], &key)
+    client
+        .copy_from(&ncps.url(), &lc.uploads[1..], &key)
         .expect("nix copy --from ncps of uploaded paths, trusting only ncps's key");
     assert_eq!(
         up.hits_where(|p| p.starts_with("/nar/")),
@@ -562,12 +570,22 @@ fn uploads_are_signed_by_ncps_and_served_back(suffix: &str) {
 
 #[test]
 fn nix_copy_to_the_root_url_uploads_when_put_is_allowed() {
-    uploads_are_signed_by_ncps_and_served_back("");
+    uploads_are_signed_by_ncps_and_served_back(NixClient::Nix2_8, "");
 }
 
 #[test]
 fn nix_copy_to_the_upload_url_uploads_when_put_is_allowed() {
-    uploads_are_signed_by_ncps_and_served_back("/upload");
+    uploads_are_signed_by_ncps_and_served_back(NixClient::Nix2_8, "/upload");
+}
+
+#[test]
+fn nix_2_26_copy_to_the_root_url_uploads_when_put_is_allowed() {
+    uploads_are_signed_by_ncps_and_served_back(NixClient::Nix2_26, "");
+}
+
+#[test]
+fn nix_2_26_copy_to_the_upload_url_uploads_when_put_is_allowed() {
+    uploads_are_signed_by_ncps_and_served_back(NixClient::Nix2_26, "/upload");
 }
 
 fn put(ncps: &Ncps, path: &str, body: &[u8]) -> RawResponse {
@@ -580,6 +598,29 @@ fn put(ncps: &Ncps, path: &str, body: &[u8]) -> RawResponse {
     req.extend_from_slice(body);
     raw_request(ncps.addr, &req, Duration::from_secs(10))
         .unwrap_or_else(|e| panic!("PUT {path}: {e}"))
+}
+
+#[test]
+fn without_put_allowed_nix_2_26_uploads_fail_saying_405_and_nothing_is_stored() {
+    let Some(lc) = lifecycle_or_skip() else {
+        return;
+    };
+    if NixClient::Nix2_26.must_skip() {
+        return;
+    }
+    let (_up, ncps) = proxy(lc, &[]);
+    for to in [ncps.url(), format!("{}/upload", ncps.url())] {
+        let e = NixClient::Nix2_26
+            .copy_to(&to, &lc.uploads)
+            .expect_err("nix copy --to must fail when PUT is not allowed");
+        eprintln!("Nix 2.26, nix copy --to {to} without PUT allowed:\n{e}");
+        assert!(
+            e.contains("405") || e.contains("Method Not Allowed"),
+            "nix copy --to {to} must fail because PUT is refused (405), got: {e}"
+        );
+    }
+    assert!(ncps.stored_narinfo_files().is_empty(), "{:?}", ncps.stored_narinfo_files());
+    assert!(ncps.stored_nar_files().is_empty(), "{:?}", ncps.stored_nar_files());
 }
 
 #[test]

@@ -15,6 +15,9 @@
 //! `cargo test --test e2e lifecycle::`. `NCPS_E2E_BIN=/path/to/ncps` runs the suite
 //! against another build (`make test-static`). Tests that need Nix skip (with a message)
 //! only when `nix` is not installed and `CI` is unset; under CI a missing `nix` fails them.
+//! The main scenarios run with Debian 12's Nix 2.8 and with Debian 13's Nix 2.26 (tests named
+//! `nix_2_26_...`), which runs in a chroot that tests/nix-chroot.sh builds once; they fail if
+//! it cannot be built, unless `NCPS_TEST_SKIP_NIX226=1` (see `support::nix`).
 //! Files of a failed test are kept under target/tmp/e2e-run-<pid>/.
 
 mod support;

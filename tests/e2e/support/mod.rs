@@ -5,7 +5,7 @@
 //! | --- | --- |
 //! | [`dirs`] | temporary directories ([`TempDir`]), the per-run directory, clean-up at exit |
 //! | [`fixture`] | the Nix fixture (real store paths published as signed caches), built once per run |
-//! | [`nix`] | running the real `nix` client (`nix copy --from`, `--to`, `nix store verify`) |
+//! | [`nix`] | running the real `nix` client (`nix copy --from`, `--to`, `nix store verify`): Nix 2.8 on the host, Nix 2.26 in a chroot ([`NixClient`]) |
 //! | [`upstream`] | the local upstream that misbehaves on demand ([`Mode`]), and its HTTPS front |
 //! | [`ncps`] | the ncps process under test ([`Ncps`]), its command line and scrubbed environment |
 //! | [`http`] | a tiny HTTP client, raw connections that show exactly how a body ended, free ports |

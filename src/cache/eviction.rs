@@ -10,6 +10,7 @@
 
 use super::{Cache, CacheError};
 use crate::index::{now, Index, Removed};
+use crate::storage::StorageError;
 use crate::nix::{NarName, StorePathHash};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex};
@@ -155,17 +156,32 @@ impl Cache {
         if pass == Pass::Thorough {
             self.evict_unreferenced(target, &mut evicted)?;
         }
-        while self.space.usage() > target {
-            let victims = self.index.least_recently_used(BATCH, now() - PENDING_GRACE_SECS)?;
-            if victims.is_empty() {
-                break;
+        // The NAR blobs of one batch are removed on another thread while the next batch's
+        // narinfos and index rows go: unlinks mostly wait for the disk and the index mostly
+        // uses a core, so the two overlap (DESIGN.md, "A million entries").
+        std::thread::scope(|s| -> Result<(), CacheError> {
+            let mut unlinking: Option<std::thread::ScopedJoinHandle<'_, Result<(), StorageError>>> = None;
+            let finish = |h: Option<std::thread::ScopedJoinHandle<'_, Result<(), StorageError>>>| match h {
+                Some(h) => h.join().unwrap_or_else(|_| {
+                    Err(StorageError::io("removing NARs", Default::default(), std::io::Error::other("an unlink thread panicked")))
+                }),
+                None => Ok(()),
+            };
+            while self.space.usage() > target {
+                let victims = self.index.least_recently_used(BATCH, now() - PENDING_GRACE_SECS)?;
+                if victims.is_empty() {
+                    break;
+                }
+                let before = evicted;
+                let nars = self.evict_batch(&victims, target, &mut evicted)?;
+                finish(unlinking.take())?;
+                unlinking = Some(s.spawn(move || self.blobs.remove_nars(&nars)));
+                if evicted == before {
+                    break;
+                }
             }
-            let before = evicted;
-            self.evict_batch(&victims, target, &mut evicted)?;
-            if evicted == before {
-                break;
-            }
-        }
+            Ok(finish(unlinking)?)
+        })?;
         // Only NARs without narinfos are left to go: look for them after all.
         if pass == Pass::Quick && self.space.usage() > target {
             self.evict_unreferenced(target, &mut evicted)?;
@@ -196,15 +212,16 @@ impl Cache {
                 }
                 let _writing = self.writing();
                 if let Some(r) = self.index.remove_nar(&name)? {
-                    self.remove_blobs(&r, evicted, Narinfos::ToRemove)?;
+                    self.remove_blobs(&[r], evicted, Narinfos::ToRemove)?;
                 }
             }
         }
         Ok(())
     }
 
-    /// Evicts from `victims` (in LRU order) until the store is at `target`.
-    fn evict_batch(&self, victims: &[(StorePathHash, u64)], target: u64, tally: &mut Evicted) -> Result<(), CacheError> {
+    /// Evicts from `victims` (in LRU order) until the store is at `target`, and returns the
+    /// NARs whose blobs are left to remove (the index no longer has them).
+    fn evict_batch(&self, victims: &[(StorePathHash, u64)], target: u64, tally: &mut Evicted) -> Result<Vec<NarName>, CacheError> {
         let _writing = self.writing();
         // Only as many as the excess needs. Each victim's size is the most its removal frees
         // (a shared NAR stays), so this never takes more than needed; a shortfall is made up
@@ -217,39 +234,51 @@ impl Cache {
                 break;
             }
             freed_at_most += size;
-            // The blob goes first, so the narinfo is never served once its NAR may be gone.
             self.narinfos.forget(hash);
-            self.blobs.remove_narinfo(hash)?;
             chosen.push(*hash);
         }
+        // The blobs go first, so a narinfo is never served once its NAR may be gone.
+        self.blobs.remove_narinfos(&chosen)?;
         let removed = self.index.remove_narinfos(&chosen)?;
-        for r in &removed {
-            self.remove_blobs(r, tally, Narinfos::AlreadyGone)?;
-        }
+        let (_, nars) = self.account(&removed, tally, Narinfos::AlreadyGone);
         self.space.refresh(&*self.index);
-        Ok(())
+        Ok(nars)
     }
 
-    /// Deletes the blobs of what the index just dropped, and accounts for them.
-    fn remove_blobs(&self, r: &Removed, tally: &mut Evicted, narinfos: Narinfos) -> Result<(), CacheError> {
+    /// Counts what the index just dropped, and returns the blobs to remove: the narinfos (when
+    /// `narinfos` says they are still there) and the NARs.
+    fn account(&self, removed: &[Removed], tally: &mut Evicted, narinfos: Narinfos) -> (Vec<StorePathHash>, Vec<NarName>) {
         let mut freed = 0;
-        for (hash, size) in &r.narinfos {
-            if narinfos == Narinfos::ToRemove {
-                self.narinfos.forget(hash);
-                self.blobs.remove_narinfo(hash)?;
-            }
-            freed += size;
-            tally.narinfos += 1;
-        }
-        if let Some((name, stored)) = &r.nar {
-            self.blobs.remove_nar(name)?;
-            if let Some(size) = stored {
+        let mut narinfo_blobs = Vec::new();
+        let mut nar_blobs = Vec::new();
+        for r in removed {
+            for (hash, size) in &r.narinfos {
+                if narinfos == Narinfos::ToRemove {
+                    self.narinfos.forget(hash);
+                    narinfo_blobs.push(*hash);
+                }
                 freed += size;
-                tally.nars += 1;
+                tally.narinfos += 1;
+            }
+            if let Some((name, stored)) = &r.nar {
+                nar_blobs.push(name.clone());
+                if let Some(size) = stored {
+                    freed += size;
+                    tally.nars += 1;
+                }
             }
         }
         tally.bytes += freed;
         self.space.add(0, freed);
+        (narinfo_blobs, nar_blobs)
+    }
+
+    /// Deletes the blobs of what the index just dropped, narinfos before NARs as everywhere,
+    /// and accounts for them.
+    fn remove_blobs(&self, removed: &[Removed], tally: &mut Evicted, narinfos: Narinfos) -> Result<(), CacheError> {
+        let (narinfo_blobs, nar_blobs) = self.account(removed, tally, narinfos);
+        self.blobs.remove_narinfos(&narinfo_blobs)?;
+        self.blobs.remove_nars(&nar_blobs)?;
         Ok(())
     }
 
@@ -261,7 +290,7 @@ impl Cache {
         self.forget_missing(hash);
         match self.index.remove_narinfos(&[*hash])?.pop() {
             Some(r) => {
-                self.remove_blobs(&r, &mut Evicted::default(), Narinfos::AlreadyGone)?;
+                self.remove_blobs(&[r], &mut Evicted::default(), Narinfos::AlreadyGone)?;
                 Ok(true)
             }
             None => Ok(false),
@@ -273,7 +302,7 @@ impl Cache {
         let _writing = self.writing();
         match self.index.remove_nar(name)? {
             Some(r) => {
-                self.remove_blobs(&r, &mut Evicted::default(), Narinfos::ToRemove)?;
+                self.remove_blobs(&[r], &mut Evicted::default(), Narinfos::ToRemove)?;
                 Ok(true)
             }
             None => {

@@ -116,6 +116,16 @@ pub trait BlobStore: Send + Sync {
     fn put_nar(&self, name: &NarName, staged: TempFile) -> Result<(), StorageError>;
     fn remove_narinfo(&self, hash: &StorePathHash) -> Result<(), StorageError>;
     fn remove_nar(&self, name: &NarName) -> Result<(), StorageError>;
+    /// Removes many narinfos (an eviction batch). Every one is tried; the first failure is
+    /// returned. An implementation may remove them concurrently (local files: a few threads,
+    /// since each unlink may wait for the disk; an object store: one batch request).
+    fn remove_narinfos(&self, hashes: &[StorePathHash]) -> Result<(), StorageError> {
+        first_failure(hashes.iter().map(|h| self.remove_narinfo(h)))
+    }
+    /// Removes many NARs, as [`BlobStore::remove_narinfos`].
+    fn remove_nars(&self, names: &[NarName]) -> Result<(), StorageError> {
+        first_failure(names.iter().map(|n| self.remove_nar(n)))
+    }
     /// The narinfos of one shard (see [`shards`]).
     fn list_narinfos(&self, shard: &str) -> Result<Shard<StorePathHash>, StorageError>;
     /// The NARs of one shard.
@@ -127,6 +137,17 @@ pub trait BlobStore: Send + Sync {
     fn holds_anything(&self) -> Result<bool, StorageError>;
     /// A description for logs and errors (`/var/lib/ncps/store`).
     fn describe(&self) -> String;
+}
+
+/// Runs every removal, then returns the first failure.
+pub(crate) fn first_failure(results: impl Iterator<Item = Result<(), StorageError>>) -> Result<(), StorageError> {
+    let mut first = Ok(());
+    for r in results {
+        if first.is_ok() {
+            first = r;
+        }
+    }
+    first
 }
 
 /// Why a storage operation failed.

@@ -82,9 +82,50 @@ pub fn nix_copy_from_timeout<S: AsRef<str>>(
     timeout: Duration,
 ) -> Result<(), String> {
     let tmp = TempDir::new("nix-client");
-    let store = tmp.join("store");
     let xdg = tmp.join("xdg");
     fs::create_dir_all(&xdg).unwrap();
+    copy_from_into(url, paths, trusted_key, timeout, &tmp.join("store"), &xdg)
+}
+
+/// One Nix client used several times: the same `XDG_CACHE_HOME`, so what Nix remembers
+/// between runs (narinfos, and 404s as "absent" for `narinfo-cache-negative-ttl`) carries
+/// over, as on a real machine. Each copy goes to a fresh store.
+pub struct NixClient {
+    dir: TempDir,
+    copies: std::cell::Cell<u32>,
+}
+
+impl Default for NixClient {
+    fn default() -> Self {
+        NixClient::new()
+    }
+}
+
+impl NixClient {
+    pub fn new() -> NixClient {
+        let dir = TempDir::new("nix-client");
+        fs::create_dir_all(dir.join("xdg")).unwrap();
+        NixClient { dir, copies: std::cell::Cell::new(0) }
+    }
+
+    /// As [`nix_copy_from`], with this client's cache.
+    pub fn copy_from<S: AsRef<str>>(&self, url: &str, paths: &[S], trusted_key: &str) -> Result<(), String> {
+        let n = self.copies.get() + 1;
+        self.copies.set(n);
+        let store = self.dir.join(format!("store-{n}"));
+        copy_from_into(url, paths, trusted_key, Duration::from_secs(90), &store, &self.dir.join("xdg"))
+    }
+}
+
+fn copy_from_into<S: AsRef<str>>(
+    url: &str,
+    paths: &[S],
+    trusted_key: &str,
+    timeout: Duration,
+    store: &Path,
+    xdg: &Path,
+) -> Result<(), String> {
+    let xdg = xdg.to_path_buf();
     let store_s = store.to_string_lossy().into_owned();
     let mut copy = nix(&["copy", "--from", url, "--to", &store_s], &xdg);
     let paths: Vec<&str> = paths.iter().map(|p| p.as_ref()).collect();

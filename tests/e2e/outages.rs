@@ -183,3 +183,22 @@ fn a_nar_miss_is_404_when_every_upstream_says_404_and_502_when_the_upstream_is_d
     assert!(r.text().starts_with("Bad Gateway: no upstream could answer"), "{}", r.text());
     assert!(ncps.stored_nar_files().is_empty());
 }
+
+/// Why an outage must never be a 404: the Nix client remembers one (here for the rest of the
+/// test; `narinfo-cache-negative-ttl`, an hour, by default) and does not ask again, even once
+/// ncps has the path. The same client after a 502 does ask again (the test above).
+#[test]
+fn a_404_is_remembered_by_the_nix_client_so_only_a_real_absence_may_be_one() {
+    let Some(fx) = fixture_or_skip() else { return };
+    let (_dir, empty, _) = ncps_with_empty_upstream(&[]);
+    let mut ncps = Ncps::for_upstreams_with(&[empty.url()], &[&fx.up1_public_key], &["--cache-negative-ttl", "0s"]);
+    let good = Upstream::for_cache(fx, Compression::Xz);
+    let key = ncps.pubkey();
+    let client = NixClient::new();
+    client.copy_from(&ncps.url(), &[&fx.top], &key).expect_err("no upstream has it: 404");
+    ncps.restart_with_upstreams(&[good.url()]);
+    assert_eq!(ncps.get(&format!("/{}.narinfo", store_hash(&fx.top))).status, 200, "ncps has it now");
+    let err = client.copy_from(&ncps.url(), &[&fx.top], &key).expect_err("the client remembers the 404");
+    assert!(err.contains("no substituter"), "{err}");
+    NixClient::new().copy_from(&ncps.url(), &[&fx.top], &key).expect("a fresh client gets it");
+}

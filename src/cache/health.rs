@@ -294,12 +294,13 @@ impl Board {
         let Some(s) = states.get_mut(i) else { return };
         let before = s.consecutive_failures();
         let change = f(s);
-        let (down, failures, retry) = (s.is_down(), s.consecutive_failures(), s.next_probe());
-        drop(states);
+        let failures = s.consecutive_failures();
         if failures != before || change != Change::None {
-            let retry_in = retry.map(|t| t.saturating_duration_since(Instant::now()));
-            self.metrics.upstream_health(i, down, failures, retry_in);
+            // Under the lock, so that two reports cannot reach the metrics in the wrong order.
+            let retry_in = s.next_probe().map(|t| t.saturating_duration_since(Instant::now()));
+            self.metrics.upstream_health(i, s.is_down(), failures, retry_in);
         }
+        drop(states);
         let shown = self.shown(i);
         match change {
             Change::None => {}

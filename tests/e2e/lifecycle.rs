@@ -846,7 +846,7 @@ fn a_deleted_or_evicted_entry_s_nar_url_still_works_fetched_by_name_and_verified
     assert_eq!(stored.len(), 1, "kept again: {stored:?}");
     nar_file_matches_its_name(&stored[0]).unwrap();
     assert_eq!(nar_row(&ncps, nar_name(&small)), Some((true, String::new())), "indexed on its own, as stored");
-    assert!(ncps.log().contains("fetching it by name"), "a log line says so");
+    ncps.wait_for_log(0, "fetching it by name", Duration::from_secs(5));
     // And a hit from then on.
     get_nar_by_name(&ncps, fx, &small, "again");
     assert_eq!(up.hits(&small), 2);

@@ -16,7 +16,7 @@
 
 use std::collections::VecDeque;
 use std::fmt::{Display, Write as _};
-use std::sync::atomic::{AtomicU64, AtomicU8, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering::Relaxed};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -187,6 +187,11 @@ struct Upstream {
     /// `f64` bits of the average narinfo latency in ms, or [`NO_LATENCY`].
     latency_ms: AtomicU64,
     last_error: Mutex<Option<String>>,
+    /// Marked down by `cache::health` (skipped until a probe answers).
+    down: AtomicBool,
+    consecutive_failures: AtomicU64,
+    /// When the next probe is due, as a [`Metrics::now_mark`]; 0 for none.
+    probe_at: AtomicU64,
 }
 
 /// Every counter ncps keeps. Shared by all workers (`Arc<Metrics>`); all methods take `&self`.
@@ -250,8 +255,13 @@ pub struct UpstreamStats {
     pub last_error_secs_ago: Option<u64>,
     /// Average narinfo request time, recent requests weighing most.
     pub latency_ms: Option<f64>,
-    /// The last request succeeded, or there was none yet.
+    /// The last request succeeded (or there was none yet), and it is not marked down.
     pub healthy: bool,
+    /// Marked down: skipped until a probe of `/nix-cache-info` answers.
+    pub down: bool,
+    pub consecutive_failures: u64,
+    /// While down: seconds until the next probe.
+    pub next_probe_secs: Option<u64>,
 }
 
 /// The counters at one moment, as plain data.
@@ -320,6 +330,9 @@ impl Metrics {
                     last_result: AtomicU8::new(NEVER),
                     latency_ms: AtomicU64::new(NO_LATENCY),
                     last_error: Mutex::new(None),
+                    down: AtomicBool::new(false),
+                    consecutive_failures: AtomicU64::new(0),
+                    probe_at: AtomicU64::new(0),
                 }
             })
             .collect();
@@ -377,6 +390,17 @@ impl Metrics {
     pub fn upstream_error_detail(&self, upstream: usize, why: &str) {
         if let Some(u) = self.upstreams.get(upstream) {
             *lock(&u.last_error) = Some(clean(why, MAX_ERROR_LEN));
+        }
+    }
+
+    /// Upstream `upstream`'s health changed (see `cache::health`): whether it is marked down,
+    /// its failures in a row, and when it is probed next.
+    pub fn upstream_health(&self, upstream: usize, down: bool, consecutive_failures: u32, probe_in: Option<Duration>) {
+        if let Some(u) = self.upstreams.get(upstream) {
+            u.down.store(down, Relaxed);
+            u.consecutive_failures.store(u64::from(consecutive_failures), Relaxed);
+            let at = probe_in.map_or(0, |d| self.now_mark().saturating_add(u64::try_from(d.as_millis()).unwrap_or(u64::MAX / 2)));
+            u.probe_at.store(at, Relaxed);
         }
     }
 
@@ -451,6 +475,8 @@ impl Metrics {
                 let requests = u.fetch.iter().flat_map(|h| &h.buckets).map(|b| b.load(Relaxed)).sum();
                 let latency = u.latency_ms.load(Relaxed);
                 let last_failed = self.secs_since_mark(u.last_failed_at.load(Relaxed));
+                let down = u.down.load(Relaxed);
+                let probe_at = u.probe_at.load(Relaxed);
                 UpstreamStats {
                     url: u.shown.clone(),
                     label: u.label.clone(),
@@ -461,7 +487,11 @@ impl Metrics {
                     last_error: last_failed.and_then(|_| lock(&u.last_error).clone()),
                     last_error_secs_ago: last_failed,
                     latency_ms: (latency != NO_LATENCY).then(|| f64::from_bits(latency)),
-                    healthy: u.last_result.load(Relaxed) != LAST_FAILED,
+                    healthy: u.last_result.load(Relaxed) != LAST_FAILED && !down,
+                    down,
+                    consecutive_failures: u.consecutive_failures.load(Relaxed),
+                    next_probe_secs: (down && probe_at != 0)
+                        .then(|| probe_at.saturating_sub(self.now_mark()).div_ceil(1000)),
                 }
             })
             .collect();
@@ -617,6 +647,16 @@ impl Metrics {
             healthy += u64::from(ok);
             out.sample(name, &[("upstream_hostname", &u.label)], u64::from(ok));
         }
+        let name = "ncps_upstream_up";
+        out.family(name, "gauge", "0 while the upstream is marked down (skipped until a probe of /nix-cache-info answers), else 1.");
+        for u in &self.upstreams {
+            out.sample(name, &[("upstream_hostname", &u.label)], u64::from(!u.down.load(Relaxed)));
+        }
+        let name = "ncps_upstream_consecutive_failures";
+        out.family(name, "gauge", "Failed requests (unreachable, timed out, 5xx) to the upstream since its last success.");
+        for u in &self.upstreams {
+            out.sample(name, &[("upstream_hostname", &u.label)], u.consecutive_failures.load(Relaxed));
+        }
         // Go ncps calls these ncps_upstream_count_total and ncps_upstream_count_healthy; promtool
         // rejects both suffixes on a gauge.
         out.family("ncps_upstreams_configured", "gauge", "Total number of configured upstream caches.");
@@ -652,7 +692,7 @@ fn clean(s: &str, max: usize) -> String {
 }
 
 /// `scheme://user:pass@host:port/path?query` → `scheme://host:port/path`.
-fn without_secrets(url: &str) -> String {
+pub(crate) fn without_secrets(url: &str) -> String {
     let (scheme, rest) = url.split_once("://").unwrap_or(("", url));
     let rest = rest.split(['?', '#']).next().unwrap_or("");
     let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
@@ -977,6 +1017,25 @@ mod tests {
         assert_eq!(bad.last_error.as_deref(), Some("connection refused <script>"));
         assert_eq!(s.upstreams[2].label, "cache.nixos.org#2");
         assert!(s.upstreams[2].healthy && s.upstreams[2].latency_ms.is_none());
+    }
+
+    #[test]
+    fn an_upstream_marked_down_is_exported_as_down_with_its_failures_and_next_probe() {
+        let m = busy();
+        m.upstream_health(2, true, 4, Some(Duration::from_millis(3500)));
+        let s = m.snapshot();
+        let down = &s.upstreams[2];
+        assert!(down.down && !down.healthy, "a down upstream is not healthy, whatever its last request did");
+        assert_eq!((down.consecutive_failures, down.next_probe_secs), (4, Some(4)));
+        let text = m.render_prometheus(&StoreStats::default());
+        let series = parse(&text);
+        assert_eq!(series.get(r#"ncps_upstream_up{upstream_hostname="cache.nixos.org#2"}"#), Some(&0.0));
+        assert_eq!(series.get(r#"ncps_upstream_up{upstream_hostname="cache.nixos.org"}"#), Some(&1.0));
+        assert_eq!(series.get(r#"ncps_upstream_consecutive_failures{upstream_hostname="cache.nixos.org#2"}"#), Some(&4.0));
+        // Back up: no probe pending, the count is what the board says.
+        m.upstream_health(2, false, 0, None);
+        let s = m.snapshot();
+        assert!(!s.upstreams[2].down && s.upstreams[2].next_probe_secs.is_none() && s.upstreams[2].healthy);
     }
 
     #[test]

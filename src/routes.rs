@@ -245,6 +245,13 @@ impl Routes {
                     .with_header("Retry-After", "2")
                     .with_note("busy"),
             ),
+            // Not a 404: Nix would remember that as "absent" for an hour; a 5xx it retries and
+            // then moves on to its next substituter, remembering nothing.
+            Ok(Answer::Unavailable { status, reason }) => (
+                Outcome::Error,
+                Response::text(status, format!("{}: {reason}\n", crate::http::reason(status)))
+                    .with_note("upstreams unavailable"),
+            ),
             Err(e) => {
                 log::error!("{} {}: {e}", req.method_text, req.target);
                 (Outcome::Error, Response::text(500, "Internal Server Error\n").with_note("error"))

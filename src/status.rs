@@ -226,12 +226,19 @@ fn card(h: &mut String, title: &str, big: &str, sub: &str, fill: Option<f64>) {
 }
 
 fn upstream_row(h: &mut String, u: &UpstreamStats) {
-    let (dot, word) = match (u.healthy, u.requests) {
-        (false, _) => ("bad", "failing"),
-        (true, 0) => ("idle", "no requests yet"),
-        (true, _) => ("ok", "healthy"),
+    let (dot, word) = match (u.down, u.healthy, u.requests) {
+        (true, _, _) => ("bad", "down"),
+        (_, false, _) => ("bad", "failing"),
+        (_, true, 0) => ("idle", "no requests yet"),
+        (_, true, _) => ("ok", "healthy"),
     };
     let mut health = format!("<span class=\"dot {dot}\"></span>{word}");
+    if u.down {
+        let next = u.next_probe_secs.map_or_else(String::new, |s| format!("; next try in {s} s"));
+        let _ = write!(health, "<div class=\"err\">skipped: {} failures in a row{next}</div>", u.consecutive_failures);
+    } else if u.consecutive_failures > 0 {
+        let _ = write!(health, "<div class=\"note\">{} failures in a row</div>", u.consecutive_failures);
+    }
     if let (Some(e), Some(t)) = (&u.last_error, u.last_error_secs_ago) {
         // An old error on a healthy upstream is history, not a warning.
         let class = if u.healthy { "note" } else { "err" };
@@ -342,10 +349,13 @@ pub fn render_json(s: &StatusInput) -> String {
         }
         let _ = write!(
             j,
-            "{{\"url\":{},\"healthy\":{},\"requests\":{},\"errors\":{},\"bytesFetched\":{},\"latencyMs\":{},\
+            "{{\"url\":{},\"healthy\":{},\"state\":\"{}\",\"consecutiveFailures\":{},\"nextProbeInSeconds\":{},\"requests\":{},\"errors\":{},\"bytesFetched\":{},\"latencyMs\":{},\
              \"lastOkSecondsAgo\":{},\"lastError\":{},\"lastErrorSecondsAgo\":{}}}",
             json_str(&u.url),
             u.healthy,
+            if u.down { "down" } else { "up" },
+            u.consecutive_failures,
+            json_opt(u.next_probe_secs),
             u.requests,
             u.errors,
             u.bytes_fetched,
@@ -541,6 +551,22 @@ mod tests {
         assert!(json.contains(r#"\"quoted\" \\ back"#));
         assert!(json.contains(r#""substituter":"http://cache.lan:8501""#));
         assert!(!json.contains('<') && !json.contains('\u{2028}'));
+        check_json(&json);
+    }
+
+    #[test]
+    fn an_upstream_marked_down_is_shown_down_with_its_failures_in_html_and_json() {
+        let m = Metrics::new(&["https://cache.nixos.org".into(), "http://mirror.lan".into()]);
+        m.upstream_health(1, true, 3, Some(Duration::from_secs(2)));
+        let snap = m.snapshot();
+        let store = StoreStats::default();
+        let html = render_html(&input(&snap, &store, None));
+        assert!(html.contains("1 of 2 upstreams failing"), "{html}");
+        assert!(html.contains("down</td>") || html.contains(">down<"), "{html}");
+        assert!(html.contains("skipped: 3 failures in a row; next try in 2 s"), "{html}");
+        let json = render_json(&input(&snap, &store, None));
+        assert!(json.contains(r#""url":"http://mirror.lan","healthy":false,"state":"down","consecutiveFailures":3,"nextProbeInSeconds":2"#), "{json}");
+        assert!(json.contains(r#""state":"up","consecutiveFailures":0,"nextProbeInSeconds":null"#), "{json}");
         check_json(&json);
     }
 

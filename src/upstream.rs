@@ -52,6 +52,43 @@ impl std::error::Error for UpstreamError {
     }
 }
 
+impl UpstreamError {
+    /// Whether this says the upstream is unwell (unreachable, timing out, answering 5xx or
+    /// 429), rather than that it answered something ncps does not accept. Only these count
+    /// towards marking an upstream down (`cache::health`).
+    pub fn is_outage(&self) -> bool {
+        match self {
+            UpstreamError::Status(s) => *s >= 500 || *s == 429,
+            UpstreamError::Transport(_) | UpstreamError::Read(_) => true,
+            UpstreamError::TooLarge | UpstreamError::UnsupportedEncoding(_) | UpstreamError::Decoder(_) => false,
+        }
+    }
+
+    /// Whether it was a timeout: connecting, waiting for the head, or for the body.
+    pub fn is_timeout(&self) -> bool {
+        match self {
+            UpstreamError::Transport(e) => ureq_timed_out(e),
+            UpstreamError::Read(e) => io_timed_out(e),
+            _ => false,
+        }
+    }
+}
+
+fn ureq_timed_out(e: &ureq::Error) -> bool {
+    match e {
+        ureq::Error::Timeout(_) => true,
+        ureq::Error::Io(e) => io_timed_out(e),
+        _ => false,
+    }
+}
+
+/// Whether an I/O error from an upstream body is a timeout.
+pub fn io_timed_out(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind::{TimedOut, WouldBlock};
+    // ureq hands its own timeouts to readers as an io::Error wrapping its error.
+    matches!(e.kind(), TimedOut | WouldBlock) || e.get_ref().and_then(|x| x.downcast_ref::<ureq::Error>()).is_some_and(ureq_timed_out)
+}
+
 impl From<ureq::Error> for UpstreamError {
     fn from(e: ureq::Error) -> Self {
         UpstreamError::Transport(Box::new(e))
@@ -138,6 +175,22 @@ impl Upstreams {
             return Err(UpstreamError::TooLarge);
         }
         Ok(Some(body))
+    }
+
+    /// Asks for `<upstream>/nix-cache-info`: whether the upstream answers at all (the probe of
+    /// an upstream marked down). Any answer but a 5xx or 429 counts: a server without that
+    /// file is still up.
+    pub fn cache_info(&self, upstream: &UpstreamConfig) -> Result<(), UpstreamError> {
+        let url = format!("{}/nix-cache-info", upstream.url);
+        let resp = self.agent.get(&url).call()?;
+        let e = UpstreamError::Status(resp.status().as_u16());
+        if e.is_outage() {
+            return Err(e);
+        }
+        // Read (a few bytes at most), so the connection can be used again.
+        let mut sink = Vec::new();
+        resp.into_body().into_reader().take(64 * 1024).read_to_end(&mut sink).map_err(UpstreamError::Read)?;
+        Ok(())
     }
 
     /// Starts receiving a NAR from an absolute URL. `Ok(None)` when it is not there.
@@ -228,4 +281,34 @@ fn root_certs() -> Vec<ureq::tls::Certificate<'static>> {
         }
     }
     certs
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io;
+
+    #[test]
+    fn only_unreachable_timing_out_or_5xx_upstreams_count_as_an_outage() {
+        assert!(UpstreamError::Status(500).is_outage());
+        assert!(UpstreamError::Status(503).is_outage());
+        assert!(UpstreamError::Status(429).is_outage(), "rate limited: back off");
+        assert!(!UpstreamError::Status(401).is_outage(), "it answered: a configuration problem, not an outage");
+        assert!(!UpstreamError::TooLarge.is_outage());
+        assert!(!UpstreamError::UnsupportedEncoding("br".into()).is_outage());
+        assert!(UpstreamError::Read(io::Error::from(io::ErrorKind::ConnectionReset)).is_outage());
+        assert!(UpstreamError::from(ureq::Error::ConnectionFailed).is_outage());
+    }
+
+    #[test]
+    fn timeouts_are_told_apart_however_ureq_wraps_them() {
+        assert!(UpstreamError::from(ureq::Error::Timeout(ureq::Timeout::Connect)).is_timeout());
+        assert!(UpstreamError::from(ureq::Error::Io(io::Error::from(io::ErrorKind::TimedOut))).is_timeout());
+        // A body read past --upstream-body-idle-timeout: ureq's error inside an io::Error.
+        let wrapped = io::Error::other(ureq::Error::Timeout(ureq::Timeout::PerRead));
+        assert!(UpstreamError::Read(wrapped).is_timeout());
+        assert!(!UpstreamError::Read(io::Error::from(io::ErrorKind::ConnectionReset)).is_timeout());
+        assert!(!UpstreamError::from(ureq::Error::Io(io::Error::from(io::ErrorKind::ConnectionRefused))).is_timeout());
+        assert!(!UpstreamError::Status(504).is_timeout(), "an upstream's own 504 is its answer, not our timeout");
+    }
 }

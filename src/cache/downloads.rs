@@ -2,8 +2,18 @@
 //! staged file while every client, arriving before or during the download, follows it as it
 //! grows. Bytes are hashed as they stream ([`super::verify`]); the NAR gets its final name only
 //! once its size and hash match the narinfo.
+//!
+//! The request that starts a download waits until an upstream starts sending (or none will),
+//! so that a miss nobody could deliver is answered honestly: `404` when every upstream said
+//! "not here", `502`/`504` when one could not answer ([`super::health`]).
+//!
+//! A NAR no narinfo here points at (its entry was evicted or deleted, but Nix keeps narinfos
+//! for 30 days and then asks for the NAR URL directly) is fetched by the same name from the
+//! configured upstreams and checked against the hash its name is made of (cache.nixos.org
+//! names NARs `nar/<nix32 FileHash>.nar<ext>`): kept and completed only if the bytes match.
 
-use super::flight::{Download, Outcome, RelayError};
+use super::flight::{Download, DownloadBody, Outcome, RelayError};
+use super::health::{Attempt, Missed, Tally, Verdict};
 use super::narinfos::body_of;
 use super::verify::{copy_hashed, CopyError};
 use super::{lock, sources, trust, Answer, Cache, CacheError};
@@ -12,10 +22,10 @@ use crate::index::NarRecord;
 use crate::metrics::Kind;
 use crate::nix::{Hash, NarName};
 use crate::storage::TempFile;
-use crate::upstream::UpstreamError;
+use crate::upstream::{NarBody, UpstreamError};
 use std::collections::HashMap;
 use std::fmt;
-use std::sync::{Arc, Mutex};
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// How long a URL that failed stays at the back of the line.
@@ -83,6 +93,29 @@ impl std::error::Error for FetchError {
     }
 }
 
+impl FetchError {
+    /// `Some(timed_out)` when this says the upstream is unwell rather than that it answered
+    /// badly (see [`UpstreamError::is_outage`]).
+    fn outage(&self) -> Option<bool> {
+        match self {
+            FetchError::Upstream(e) => e.is_outage().then(|| e.is_timeout()),
+            FetchError::Read(CopyError::Read { source, .. }) => Some(crate::upstream::io_timed_out(source)),
+            FetchError::Short { .. } => Some(false),
+            _ => None,
+        }
+    }
+
+    /// What this failure says about whether the upstream has the NAR (it matters only when no
+    /// byte reached a client).
+    fn attempt(&self) -> Attempt {
+        match self {
+            FetchError::NotFound => Attempt::Absent,
+            FetchError::WrongLength { .. } | FetchError::HashMismatch { .. } => Attempt::Refused,
+            e => Attempt::Failed { timed_out: e.outage().unwrap_or(false) },
+        }
+    }
+}
+
 fn outcome(e: FetchError) -> Outcome {
     Err(Arc::new(e))
 }
@@ -90,10 +123,52 @@ fn outcome(e: FetchError) -> Outcome {
 /// Whether a download had to be relayed from memory because the disk refused its bytes.
 struct Spilled(bool);
 
+/// What the download thread tells the request that started it: which upstream started
+/// sending, or why none will.
+type Opened = Result<Arc<str>, Missed>;
+
+/// The sending half of [`Opened`], used once.
+struct Opening(Option<mpsc::SyncSender<Opened>>);
+
+impl Opening {
+    fn started(&mut self, url: &str) {
+        if let Some(tx) = self.0.take() {
+            // The request may have gone; nobody else needs to know.
+            let _ = tx.send(Ok(Arc::from(trust::origin(url))));
+        }
+    }
+
+    fn pending(&self) -> bool {
+        self.0.is_some()
+    }
+
+    fn failed(&mut self, missed: Missed) {
+        if let Some(tx) = self.0.take() {
+            let _ = tx.send(Err(missed));
+        }
+    }
+}
+
 struct Job {
     record: NarRecord,
     temp: TempFile,
     download: Arc<Download>,
+    opening: Opening,
+    /// An upstream's answer already received (a NAR fetched by name: its length came from it).
+    first: Option<(String, NarBody)>,
+    /// No narinfo points at it: recorded on its own once verified.
+    by_name: bool,
+}
+
+/// How [`Cache::start_download`] went.
+enum Started {
+    /// It finished just before: the file is here.
+    Hit(Body),
+    /// Already downloading: this reader follows it.
+    Joined(DownloadBody),
+    /// A new download: its first reader, and where the thread says how opening went.
+    New(DownloadBody, mpsc::Receiver<Opened>),
+    Busy,
 }
 
 impl Cache {
@@ -108,24 +183,160 @@ impl Cache {
             None => lock(&self.unindexed).get(name).cloned(),
         };
         let Some(record) = record else {
-            log::debug!("nar {name}: no narinfo points at it");
-            return Ok(Answer::NotFound);
+            return self.nar_by_name(name, head_only);
         };
         if head_only {
             return Ok(Answer::Length(record.file_size));
         }
+        let recorded = || Arc::from(trust::origin(&record.upstream_url));
+        match self.start_download(record.clone(), None, false)? {
+            Started::Hit(body) => Ok(Answer::Hit(body)),
+            Started::Joined(reader) => Ok(Answer::Miss(Body::Growing(Box::new(reader)), recorded())),
+            Started::Busy => Ok(Answer::Busy),
+            // Wait for an upstream to start sending: the head of the answer waits for its
+            // first bytes anyway, and a miss that no upstream delivers is then answered with
+            // what they said, not a 502 for everything.
+            Started::New(reader, opened) => match opened.recv() {
+                Ok(Ok(from)) => Ok(Answer::Miss(Body::Growing(Box::new(reader)), from)),
+                Ok(Err(missed)) => Ok(missed.answer()),
+                // The thread ended without a word (a panic): the reader is told why.
+                Err(mpsc::RecvError) => Ok(Answer::Miss(Body::Growing(Box::new(reader)), recorded())),
+            },
+        }
+    }
+
+    /// A NAR no narinfo here points at: fetched by the same name from the configured
+    /// upstreams, checked against the hash in its name. A name that is not a content hash
+    /// is a 404 without asking anyone; so is a HEAD (it fetches nothing).
+    fn nar_by_name(self: &Arc<Self>, name: &NarName, head_only: bool) -> Result<Answer, CacheError> {
+        let Some(file_hash) = trust::name_hash(name) else {
+            log::debug!("nar {name}: no narinfo points at it, and its name is not a content hash");
+            return Ok(Answer::NotFound);
+        };
+        if head_only {
+            log::debug!("nar {name}: no narinfo points at it (a HEAD fetches nothing)");
+            return Ok(Answer::NotFound);
+        }
+        if let Some(d) = lock(&self.downloads.running).get(name) {
+            return Ok(Answer::Miss(Body::Growing(Box::new(d.reader())), Arc::from("")));
+        }
+        let mut tally = Tally::default();
+        for url in self.nar_candidates("", name) {
+            let Some(i) = self.metrics.upstream_for_url(&url) else { continue };
+            let shown = self.health.shown(i);
+            if let Some(skipped) = self.health.skip(i) {
+                tally.add(shown, skipped, self.health.why_skipped(i));
+                continue;
+            }
+            let started = Instant::now();
+            let body = match self.upstreams.nar(&url) {
+                Ok(Some(body)) => body,
+                Ok(None) => {
+                    self.health.succeeded(i);
+                    self.metrics.upstream_request(i, Kind::Nar, started.elapsed(), true);
+                    tally.add(shown, Attempt::Absent, "not found");
+                    continue;
+                }
+                Err(e) => {
+                    log::warn!("nar {name}: {url}: {e}");
+                    self.metrics.upstream_request(i, Kind::Nar, started.elapsed(), false);
+                    self.metrics.upstream_error_detail(i, &e.to_string());
+                    let attempt = self.upstream_failed(i, &e);
+                    tally.add(shown, attempt, &e);
+                    continue;
+                }
+            };
+            self.health.succeeded(i);
+            let Some(len) = body.content_length.filter(|_| !body.decoded) else {
+                return self.fetch_whole_by_name(name, file_hash, &url, body, i, started);
+            };
+            log::info!("nar {name}: no narinfo points at it; fetching it by name from {url} ({len} bytes)");
+            // No recorded URL: fetched again by name if it goes, and dropped by a store check
+            // that finds it missing (no narinfo needs it).
+            let record = NarRecord { name: name.clone(), file_hash, file_size: len, upstream_url: String::new(), stored: false };
+            let from = Arc::from(trust::origin(&url));
+            return Ok(match self.start_download(record, Some((url, body)), true)? {
+                Started::Hit(body) => Answer::Hit(body),
+                Started::Joined(reader) | Started::New(reader, _) => Answer::Miss(Body::Growing(Box::new(reader)), from),
+                Started::Busy => Answer::Busy,
+            });
+        }
+        let missed = tally.missed();
+        match missed.verdict {
+            Verdict::Absent => log::debug!("nar {name}: no narinfo points at it, and {}", missed.reason),
+            Verdict::Unavailable { .. } => log::info!("nar {name}: no narinfo points at it, and {}", missed.reason),
+        }
+        Ok(missed.answer())
+    }
+
+    /// A NAR by name whose length the upstream did not announce (a chunked or
+    /// `Content-Encoding: zstd` answer): downloaded whole and checked before anything is sent,
+    /// since the response must announce its length. Rare (cache.nixos.org announces lengths),
+    /// so not single-flight.
+    fn fetch_whole_by_name(
+        &self,
+        name: &NarName,
+        file_hash: Hash,
+        url: &str,
+        mut body: NarBody,
+        i: usize,
+        started: Instant,
+    ) -> Result<Answer, CacheError> {
+        let limit = self.settings.max_size.unwrap_or(u64::MAX);
+        let mut temp = self.staging.temp_file()?;
+        let copied = copy_hashed(&mut body.reader, limit, &mut |_, chunk| {
+            self.metrics.upstream_bytes(i, chunk.len() as u64);
+            temp.write_all(chunk)
+        });
+        let failed = |why: String| {
+            log::warn!("nar {name}: {url}: {why}; nothing kept");
+            self.metrics.upstream_request(i, Kind::Nar, started.elapsed(), false);
+            self.metrics.upstream_error_detail(i, &why);
+            lock(&self.downloads.failed_urls).insert(url.to_string(), Instant::now());
+            Answer::Unavailable { status: 502, reason: format!("{}: {why}", self.health.shown(i)) }
+        };
+        let (got, len) = match copied {
+            Ok(done) => done,
+            Err(CopyError::Sink { source, .. }) => return Err(source.into()),
+            Err(CopyError::Read { after, source }) => {
+                self.health.failed(i, crate::upstream::io_timed_out(&source));
+                return Ok(failed(format!("after {after} bytes: {source}")));
+            }
+            Err(CopyError::TooLong { limit }) => return Ok(failed(format!("longer than --cache-max-size ({limit} bytes)"))),
+        };
+        if got != file_hash {
+            return Ok(failed(format!("its bytes do not hash to its name (got {got})")));
+        }
+        self.metrics.upstream_request(i, Kind::Nar, started.elapsed(), true);
+        let file = temp.reopen()?;
+        let record = NarRecord { name: name.clone(), file_hash, file_size: len, upstream_url: String::new(), stored: false };
+        match self.keep_nar_by_name(temp, &record) {
+            Ok(()) => log::info!("nar {name}: {len} bytes from {url}, fetched by name, verified and stored"),
+            Err(e) => log::error!("nar {name}: fetched by name and verified but not kept: {e}"),
+        }
+        Ok(Answer::Miss(Body::File { file, len }, Arc::from(trust::origin(url))))
+    }
+
+    /// Starts (or joins) the download of `record`'s NAR; `first` is an upstream answer already
+    /// received for it.
+    fn start_download(
+        self: &Arc<Self>,
+        record: NarRecord,
+        first: Option<(String, NarBody)>,
+        by_name: bool,
+    ) -> Result<Started, CacheError> {
+        let name = &record.name;
         let mut running = lock(&self.downloads.running);
         if let Some(d) = running.get(name) {
-            let from = Arc::from(trust::origin(&record.upstream_url));
-            return Ok(Answer::Miss(Body::Growing(Box::new(d.reader())), from));
+            return Ok(Started::Joined(d.reader()));
         }
         // A download may have finished between the first look and taking the lock.
         if let Some(blob) = self.blobs.nar(name)? {
-            return Ok(Answer::Hit(body_of(blob)));
+            return Ok(Started::Hit(body_of(blob)));
         }
         if running.len() >= self.settings.max_downloads {
             log::warn!("nar {name}: {} downloads already running; answered 503", running.len());
-            return Ok(Answer::Busy);
+            return Ok(Started::Busy);
         }
         let temp = self.staging.temp_file()?;
         let download = Arc::new(Download::new(temp.reopen()?, record.file_size, self.settings.stall_limit));
@@ -134,9 +345,10 @@ impl Cache {
         drop(running);
         // The first reader registers before the download starts, so a full disk from the
         // first byte still has someone to relay to.
-        let first = download.reader();
-        let from = Arc::from(trust::origin(&record.upstream_url));
-        let job = Job { record, temp, download };
+        let first_reader = download.reader();
+        let (tx, opened) = mpsc::sync_channel(1);
+        let name = name.clone();
+        let job = Job { record, temp, download, opening: Opening(Some(tx)), first, by_name };
         let cache = Arc::clone(self);
         std::thread::Builder::new()
             .name("download".into())
@@ -153,18 +365,18 @@ impl Cache {
                 }
             })
             .map_err(|e| {
-                lock(&self.downloads.running).remove(name);
+                lock(&self.downloads.running).remove(&name);
                 self.metrics.download_finished();
                 CacheError::Thread(e)
             })?;
-        Ok(Answer::Miss(Body::Growing(Box::new(first)), from))
+        Ok(Started::New(first_reader, opened))
     }
 
     fn run_download(&self, job: Job) {
-        let Job { record, mut temp, download } = job;
+        let Job { record, mut temp, download, mut opening, first, by_name } = job;
         let name = record.name.clone();
         let started = Instant::now();
-        match self.fetch_nar(&record, &mut temp, &download) {
+        match self.fetch_nar(&record, &mut temp, &download, &mut opening, first) {
             Ok((url, Spilled(true))) => {
                 download.finish(Ok(()));
                 log::warn!(
@@ -184,7 +396,12 @@ impl Cache {
                         record.file_size
                     );
                 } else {
-                    match self.keep_nar(temp, &name, record.file_size) {
+                    let kept = if by_name {
+                        self.keep_nar_by_name(temp, &record)
+                    } else {
+                        self.keep_nar(temp, &name, record.file_size)
+                    };
+                    match kept {
                         Ok(()) => log::info!(
                             "nar {name}: {} bytes from {url} verified and stored in {secs:.1}s",
                             record.file_size
@@ -193,12 +410,19 @@ impl Cache {
                     }
                 }
             }
-            Err(e) => {
+            Err((e, tally)) => {
                 log::warn!("nar {name}: download failed, nothing kept: {e}");
                 // Out of the map first: a client retrying at once must start a new download,
                 // not join this dead one and get its error again.
                 self.forget_download(&name, &download);
                 download.finish(outcome(e));
+                if opening.pending() {
+                    let missed = tally.missed();
+                    if missed.verdict != Verdict::Absent {
+                        log::info!("nar {name}: {}", missed.reason);
+                    }
+                    opening.failed(missed);
+                }
             }
         }
         self.forget_download(&name, &download);
@@ -228,31 +452,72 @@ impl Cache {
         Ok(())
     }
 
-    /// Where to try, per [`sources::nar_candidates`].
-    fn nar_candidates(&self, record: &NarRecord) -> Vec<String> {
+    /// Records a NAR fetched by name (no narinfo points at it) and gives it its final name.
+    /// Not kept if the index meanwhile knows that name as other bytes.
+    fn keep_nar_by_name(&self, temp: TempFile, record: &NarRecord) -> Result<(), CacheError> {
+        {
+            let _writing = self.writing();
+            match self.index.nar(&record.name)? {
+                Some(r) if r.file_hash != record.file_hash || r.file_size != record.file_size => {
+                    return Err(CacheError::NameTaken(record.name.clone()));
+                }
+                Some(_) => {}
+                None => self.index.put_nar(record)?,
+            }
+        }
+        self.keep_nar(temp, &record.name, record.file_size)
+    }
+
+    /// Where to try, per [`sources::nar_candidates`]: only configured upstreams, the recorded
+    /// URL first if it is on one of them.
+    fn nar_candidates(&self, recorded: &str, name: &NarName) -> Vec<String> {
         let mut failed = lock(&self.downloads.failed_urls);
         failed.retain(|_, t| t.elapsed() < FAILED_URL_MEMORY);
         let bases: Vec<&str> = self.upstreams.list().iter().map(|u| u.url.as_str()).collect();
-        sources::nar_candidates(&record.upstream_url, &record.name, &bases, &|u| failed.contains_key(u))
+        sources::nar_candidates(recorded, name, &bases, &|u| failed.contains_key(u))
     }
 
     /// Downloads into `temp`, hashing as it goes. Returns the URL that delivered, and whether
-    /// the disk refused bytes on the way.
+    /// the disk refused bytes on the way; or the last error and what each upstream said.
+    /// Upstreams marked down are skipped; `first` is an answer already received.
     fn fetch_nar(
         &self,
         record: &NarRecord,
         temp: &mut TempFile,
         download: &Download,
-    ) -> Result<(String, Spilled), FetchError> {
+        opening: &mut Opening,
+        mut first: Option<(String, NarBody)>,
+    ) -> Result<(String, Spilled), (FetchError, Tally)> {
         let mut last_error = FetchError::Nowhere;
-        for url in self.nar_candidates(record) {
+        let mut tally = Tally::default();
+        let mut candidates = self.nar_candidates(&record.upstream_url, &record.name);
+        if let Some((url, _)) = &first {
+            candidates.retain(|u| u != url);
+            candidates.insert(0, url.clone());
+        }
+        for url in candidates {
             let upstream = self.metrics.upstream_for_url(&url);
+            let shown = upstream.map_or("?", |i| self.health.shown(i));
+            let opened = first.take().filter(|(u, _)| *u == url).map(|(_, body)| body);
+            if let (Some(i), None) = (upstream, &opened) {
+                if let Some(skipped) = self.health.skip(i) {
+                    tally.add(shown, skipped, self.health.why_skipped(i));
+                    continue;
+                }
+            }
             let started = Instant::now();
-            let result = self.fetch_nar_from(&url, record, temp, download, upstream);
+            let result = self.fetch_nar_from(&url, opened, record, temp, download, opening, upstream);
             if let Some(i) = upstream {
                 self.metrics.upstream_request(i, Kind::Nar, started.elapsed(), result.is_ok());
-                if let Err((e, _)) = &result {
-                    self.metrics.upstream_error_detail(i, &e.to_string());
+                match &result {
+                    Err((e, _)) => {
+                        self.metrics.upstream_error_detail(i, &e.to_string());
+                        match e.outage() {
+                            Some(timed_out) => self.health.failed(i, timed_out),
+                            None => self.health.succeeded(i),
+                        }
+                    }
+                    Ok(_) => self.health.succeeded(i),
                 }
             }
             match result {
@@ -260,6 +525,7 @@ impl Cache {
                 Err((e, written)) => {
                     log::warn!("nar {}: {url}: {e}", record.name);
                     lock(&self.downloads.failed_urls).insert(url, Instant::now());
+                    tally.add(shown, e.attempt(), &e);
                     last_error = e;
                     // Readers may already have bytes from this attempt; starting over from
                     // another upstream would splice two sources into one response.
@@ -269,18 +535,21 @@ impl Cache {
                 }
             }
         }
-        Err(last_error)
+        Err((last_error, tally))
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn fetch_nar_from(
         &self,
         url: &str,
+        opened: Option<NarBody>,
         record: &NarRecord,
         temp: &mut TempFile,
         download: &Download,
+        opening: &mut Opening,
         upstream: Option<usize>,
     ) -> Result<Spilled, (FetchError, u64)> {
-        let body = match self.upstreams.nar(url) {
+        let body = match opened.map_or_else(|| self.upstreams.nar(url), |b| Ok(Some(b))) {
             Ok(Some(b)) => b,
             Ok(None) => return Err((FetchError::NotFound, 0)),
             Err(e) => return Err((FetchError::Upstream(e), 0)),
@@ -290,6 +559,7 @@ impl Cache {
                 return Err((FetchError::WrongLength { announced: len, expected: record.file_size }, 0));
             }
         }
+        opening.started(url);
         let mut reader = body.reader;
         let mut spilled = false;
         let mut written = 0u64;

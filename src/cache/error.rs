@@ -18,6 +18,9 @@ pub enum CacheError {
     /// A verified NAR's entry was deleted or evicted while it downloaded: keeping the blob
     /// would orphan it.
     EntryRemoved(NarName),
+    /// A NAR fetched by name was verified, but the index meanwhile knows that name as other
+    /// bytes (a narinfo recorded it with another hash): the name is not ours to fill.
+    NameTaken(NarName),
 }
 
 impl fmt::Display for CacheError {
@@ -27,6 +30,7 @@ impl fmt::Display for CacheError {
             CacheError::Storage(e) => write!(f, "store: {e}"),
             CacheError::Thread(e) => write!(f, "starting a thread: {e}"),
             CacheError::EntryRemoved(n) => write!(f, "{n}: its entry was removed during the download"),
+            CacheError::NameTaken(n) => write!(f, "{n}: the index records other bytes under this name"),
         }
     }
 }
@@ -37,7 +41,7 @@ impl std::error::Error for CacheError {
             CacheError::Index(e) => Some(e),
             CacheError::Storage(e) => Some(e),
             CacheError::Thread(e) => Some(e),
-            CacheError::EntryRemoved(_) => None,
+            CacheError::EntryRemoved(_) | CacheError::NameTaken(_) => None,
         }
     }
 }

@@ -6,6 +6,7 @@
 //! |---|---|
 //! | `trust.rs` | the trust rules, pure: what is accepted from upstreams and uploads, what is signed |
 //! | `sources.rs` | where to fetch a NAR, pure: upstream order, failover, what failed recently |
+//! | `health.rs` | upstreams marked down and probed back (a pure state machine), and whether a miss is a 404 or a 5xx |
 //! | `narinfos.rs` | narinfo hits (with the memo), misses, the negative cache |
 //! | `downloads.rs` | NAR hits and single-flight NAR downloads, verified as they stream |
 //! | `flight.rs` | the single-flight primitives: one computation or download per key |
@@ -30,6 +31,7 @@ mod downloads;
 mod error;
 mod eviction;
 pub mod flight;
+pub mod health;
 mod narinfos;
 pub mod sources;
 mod startup;
@@ -66,6 +68,9 @@ pub enum Answer {
     NotFound,
     /// Too many downloads at once: try again shortly.
     Busy,
+    /// No upstream answered cleanly, so whether it exists is unknown: `status` is 502, or 504
+    /// when every failure was a timeout ([`health::verdict`]); `reason` says what each said.
+    Unavailable { status: u16, reason: String },
 }
 
 /// What the cache core is told by the configuration (built in `serve::prepare`).
@@ -109,6 +114,7 @@ pub struct Cache {
     /// NARs of narinfos that were served but could not be indexed (a full disk).
     unindexed: Mutex<HashMap<NarName, NarRecord>>,
     metrics: Arc<Metrics>,
+    health: health::Board,
     /// Held (shared) by every write to the store or index; taken whole at a clean stop, so
     /// that nothing is written after the clean-stop marker.
     writes: RwLock<()>,
@@ -117,6 +123,7 @@ pub struct Cache {
 impl Cache {
     pub fn new(settings: CacheSettings, parts: Parts, upstreams: Upstreams, key: SecretKey) -> Cache {
         let urls: Vec<String> = upstreams.list().iter().map(|u| u.url.clone()).collect();
+        let metrics = Arc::new(Metrics::new(&urls));
         Cache {
             blobs: parts.blobs,
             index: parts.index,
@@ -129,7 +136,8 @@ impl Cache {
             downloads: downloads::State::new(),
             access: access::Touched::default(),
             unindexed: Mutex::new(HashMap::new()),
-            metrics: Arc::new(Metrics::new(&urls)),
+            health: health::Board::new(&urls, metrics.clone()),
+            metrics,
             writes: RwLock::new(()),
         }
     }
@@ -186,6 +194,10 @@ impl Cache {
         if !clean {
             let c = Arc::clone(self);
             spawn("store-check", Box::new(move || c.run_background_check()))?;
+        }
+        for i in 0..self.upstreams.list().len() {
+            let c = Arc::clone(self);
+            spawn("upstream-probe", Box::new(move || c.run_prober(i)))?;
         }
         if self.settings.max_size.is_some() {
             self.space.wake(eviction::Pass::Thorough);

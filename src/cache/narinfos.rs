@@ -2,6 +2,7 @@
 //! single-flight upstream lookup whose answer passes the trust rules before it is stored.
 
 use super::flight::SingleFlight;
+use super::health::{Attempt, Missed, Tally};
 use super::{lock, trust, Answer, Cache, CacheError};
 use crate::http::Body;
 use crate::index::NarRecord;
@@ -22,8 +23,8 @@ const MEMO_ENTRY_MAX: u64 = crate::storage::local::NARINFO_READ_MAX as u64;
 const NEGATIVE_MAX: usize = 100_000;
 
 /// What a narinfo miss produced, shared by everyone who asked at the same time: the narinfo
-/// ncps serves and the upstream it came from, `None` when no upstream has it.
-type Found = Option<(Arc<str>, Arc<Vec<u8>>)>;
+/// ncps serves and the upstream it came from, or why no upstream delivered it.
+type Found = Result<(Arc<str>, Arc<Vec<u8>>), Missed>;
 
 pub(super) struct State {
     flights: SingleFlight<StorePathHash, Found>,
@@ -75,8 +76,8 @@ impl Cache {
         }
         let (found, _) = self.narinfos.flights.run(*hash, || self.fetch_narinfo(hash));
         Ok(match found {
-            Some((from, bytes)) => Answer::Miss(Body::Bytes(bytes.to_vec()), from),
-            None => Answer::NotFound,
+            Ok((from, bytes)) => Answer::Miss(Body::Bytes(bytes.to_vec()), from),
+            Err(missed) => missed.answer(),
         })
     }
 
@@ -119,18 +120,31 @@ impl Cache {
     }
 
     fn fetch_narinfo(&self, hash: &StorePathHash) -> Found {
-        let mut any_error = false;
+        let mut tally = Tally::default();
         for (i, upstream) in self.upstreams.list().iter().enumerate() {
+            let shown = self.health.shown(i);
+            if let Some(skipped) = self.health.skip(i) {
+                tally.add(shown, skipped, self.health.why_skipped(i));
+                continue;
+            }
             let started = Instant::now();
             let result = self.upstreams.narinfo(upstream, hash);
             self.metrics.upstream_request(i, Kind::Narinfo, started.elapsed(), result.is_ok());
             let bytes = match result {
-                Ok(Some(b)) => b,
-                Ok(None) => continue,
+                Ok(Some(b)) => {
+                    self.health.succeeded(i);
+                    b
+                }
+                Ok(None) => {
+                    self.health.succeeded(i);
+                    tally.add(shown, Attempt::Absent, "not found");
+                    continue;
+                }
                 Err(e) => {
                     log::warn!("upstream {}: narinfo {hash}: {e}; trying the next", upstream.url);
                     self.metrics.upstream_error_detail(i, &e.to_string());
-                    any_error = true;
+                    let attempt = self.upstream_failed(i, &e);
+                    tally.add(shown, attempt, &e);
                     continue;
                 }
             };
@@ -144,20 +158,24 @@ impl Cache {
                         upstream.url,
                         started.elapsed().as_secs_f64() * 1000.0
                     );
-                    return Some((Arc::from(upstream.url.as_str()), Arc::new(served)));
+                    return Ok((Arc::from(upstream.url.as_str()), Arc::new(served)));
                 }
                 Err(why) => {
                     log::warn!("upstream {}: narinfo {hash} refused: {why}; trying the next", upstream.url);
-                    any_error = true;
+                    tally.add(shown, Attempt::Refused, format_args!("refused: {why}"));
                 }
             }
         }
+        let missed = tally.missed();
         // Only a clean "no" from every upstream is remembered: an upstream that failed may
-        // have it a moment later.
-        if !any_error {
+        // have it a moment later, and an outage must not look like absence once it ends.
+        if missed.remember {
             self.remember_missing(hash);
         }
-        None
+        if !matches!(missed.verdict, super::health::Verdict::Absent) {
+            log::info!("narinfo {hash}: {}", missed.reason);
+        }
+        Err(missed)
     }
 
     /// Stores a verified upstream narinfo; returns the bytes to serve. A full disk must not

@@ -124,8 +124,15 @@ pub fn claimed_by_upload(hash: &StorePathHash, bytes: &[u8]) -> Result<Claimed, 
 /// Whether an uploaded NAR's bytes (with SHA-256 `got`) are what its name says, as NARs
 /// written by `nix copy` are named (`<nix32 of sha256 of the file>.nar<ext>`).
 pub fn upload_matches_name(name: &NarName, got: &Hash) -> bool {
-    let hash_part = name.as_str().split(".nar").next().unwrap_or("");
-    Hash::parse_digest(hash_part).as_ref() == Some(got)
+    name_hash(name).as_ref() == Some(got)
+}
+
+/// The SHA-256 a NAR's name promises its file has, if the name is a content hash (as
+/// cache.nixos.org and `nix copy` name NARs: `<nix32 FileHash>.nar<ext>`; 64 hex digits are
+/// read the same way). `None` for a name that only looks like one (52 nix32 characters
+/// hold 260 bits, and a SHA-256 has 256): such a name vouches for nothing.
+pub fn name_hash(name: &NarName) -> Option<Hash> {
+    Hash::parse_digest(name.as_str().split(".nar").next().unwrap_or(""))
 }
 
 /// The scheme and authority of `url` (`http://host:port`): which upstream it is on.
@@ -183,6 +190,19 @@ mod tests {
 
     fn hash() -> StorePathHash {
         StorePathHash::parse(PATH_HASH).unwrap()
+    }
+
+    #[test]
+    fn a_nar_name_vouches_for_the_hash_it_is_made_of_and_only_a_real_hash_counts() {
+        let h = Hash::of(b"some file");
+        let nix32 = NarName::parse(&format!("{}.nar.xz", h.to_nix32())).unwrap();
+        assert_eq!(name_hash(&nix32), Some(h));
+        let hex: String = h.0.iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(name_hash(&NarName::parse(&format!("{hex}.nar")).unwrap()), Some(h));
+        // 52 nix32 characters carry 260 bits: names with the top bits set are no SHA-256.
+        let not_a_hash = NarName::parse(&format!("{}.nar", "z".repeat(52))).unwrap();
+        assert_eq!(name_hash(&not_a_hash), None);
+        assert!(!upload_matches_name(&not_a_hash, &h));
     }
 
     #[test]

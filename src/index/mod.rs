@@ -43,7 +43,8 @@ pub struct NarRecord {
     pub name: NarName,
     pub file_hash: Hash,
     pub file_size: u64,
-    /// Where to fetch it from (the upstream whose narinfo pointed at it); empty for uploads.
+    /// Where to fetch it from (the upstream whose narinfo pointed at it); empty for uploads
+    /// and for NARs fetched by name (no narinfo pointed at them).
     pub upstream_url: String,
     /// Whether the blob is complete under its final name.
     pub stored: bool,

@@ -125,20 +125,6 @@ fn nar_bytes_reach_the_client_before_the_upstream_has_sent_them_all() {
     assert_eq!(nix32(&h.finish()), name.split('.').next().unwrap(), "the streamed bytes verify");
 }
 
-/// A random but well-formed store path hash (32 nix32 characters).
-fn random_hash(seed: u64) -> String {
-    const ALPHABET: &[u8] = b"0123456789abcdfghijklmnpqrsvwxyz";
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0xD1B5_4A32_D192_ED03;
-    (0..32)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            ALPHABET[(x % 32) as usize] as char
-        })
-        .collect()
-}
-
 #[test]
 fn a_flood_of_distinct_narinfo_misses_is_answered_and_remembered() {
     let dir = TempDir::new("empty-upstream");

@@ -361,6 +361,8 @@ fn nix_fails_cleanly_then_succeeds_once_healed(ncps: &Ncps, up: &Upstream, what:
     nix_cache_info_is_quick(ncps, &format!("after nix copy failed against a {what}"));
 
     up.set_mode(Mode::Normal);
+    // Failing transfers may have marked it down: healed, it is back once a probe answers.
+    ncps.wait_for_upstreams_up(Duration::from_secs(70));
     nix_copy_from(&ncps.url(), &[&fx.top], &key)
         .unwrap_or_else(|e| panic!("{what}, healed: nix copy through the same ncps must succeed: {e}"));
     assert_eq!(ncps.wait_for_stored_nars(fx.top_closure.len()).len(), fx.top_closure.len(), "{what}, healed");
@@ -382,7 +384,7 @@ fn upstream_clean_close_mid_nar_never_reaches_the_client_as_a_complete_response(
 // ---------------------------------------------------------------------------
 
 #[test]
-fn upstream_answering_500_gives_clean_404s_and_ncps_stays_responsive() {
+fn upstream_answering_500_gives_clean_502s_and_ncps_stays_responsive() {
     let Some(fx) = fixture_or_skip() else { return };
     let up = Upstream::for_cache(fx, Compression::Xz);
     up.set_mode(Mode::Status500);
@@ -390,7 +392,7 @@ fn upstream_answering_500_gives_clean_404s_and_ncps_stays_responsive() {
     for path in &fx.top_closure {
         let t = Instant::now();
         let r = ncps.get(&format!("/{}.narinfo", store_hash(path)));
-        assert_eq!(r.status, 404, "narinfo of {path} while the upstream answers 500");
+        assert_eq!(r.status, 502, "narinfo of {path} while the upstream answers 500: not a 404 Nix would remember");
         assert!(t.elapsed() < Duration::from_secs(5), "took {:?}", t.elapsed());
     }
     nix_cache_info_is_quick(&ncps, "with an upstream answering 500");
@@ -399,8 +401,9 @@ fn upstream_answering_500_gives_clean_404s_and_ncps_stays_responsive() {
     assert!(!err.contains("signature"), "{err}");
     nix_cache_info_is_quick(&ncps, "after the failed copy");
     assert_nothing_stored(&ncps, "upstream answering 500");
-    // A failure is not remembered as "missing": once healed, it is found.
+    // A failure is not remembered as "missing": once healed (and probed back), it is found.
     up.set_mode(Mode::Normal);
+    ncps.wait_for_upstreams_up(Duration::from_secs(70));
     assert_eq!(ncps.get(&format!("/{}.narinfo", store_hash(&fx.top))).status, 200);
 }
 
@@ -411,7 +414,7 @@ fn hanging_upstream_gives_clean_failures_within_the_timeouts_and_ncps_stays_resp
     up.set_mode(Mode::Hang);
     let ncps = Ncps::for_upstreams_with(&[up.url()], &[&fx.up1_public_key], &[SHORT_TIMEOUTS, &["--prometheus-enabled"]].concat());
 
-    // Narinfo: a 404 once the response-header timeout passes.
+    // Narinfo: a 504 (not a 404) once the response-header timeout passes.
     let addr = ncps.addr;
     let narinfo = format!("/{}.narinfo", store_hash(&fx.top));
     let pending = {
@@ -426,7 +429,7 @@ fn hanging_upstream_gives_clean_failures_within_the_timeouts_and_ncps_stays_resp
     nix_cache_info_is_quick(&ncps, "while a narinfo request waits on a hanging upstream");
     let (r, took) = pending.join().unwrap();
     let r = r.expect("narinfo request");
-    assert_eq!(r.status, 404, "narinfo from a hanging upstream");
+    assert_eq!(r.status, 504, "narinfo from a hanging upstream");
     assert!(took < Duration::from_secs(8), "narinfo took {took:?} with 1s timeouts");
     nix_cache_info_is_quick(&ncps, "after a hanging upstream timed out");
 
@@ -442,19 +445,20 @@ fn hanging_upstream_gives_clean_failures_within_the_timeouts_and_ncps_stays_resp
         r.body.len(),
         r.end
     );
-    assert_eq!(r.status, 502, "no byte came: a clear Bad Gateway, not a 200 cut off at byte 0");
-    assert!(r.text().contains("Bad Gateway"), "the 502 says why: {}", r.text());
-    // The request is logged just after its answer is sent.
-    let logged = |log: &str| log.lines().find(|l| l.contains(&format!("GET {nar} 502 "))).map(String::from);
-    assert!(wait_until(Duration::from_secs(2), || logged(&ncps.log()).is_some()), "no request log line for the 502");
+    assert_eq!(r.status, 504, "no byte came: a clear Gateway Timeout, not a 200 cut off at byte 0");
+    assert!(r.text().starts_with("Gateway Timeout: no upstream could answer"), "the 504 says why: {}", r.text());
+    // The request is logged just after its answer is sent, and the reason just before.
+    let logged = |log: &str| log.lines().find(|l| l.contains(&format!("GET {nar} 504 "))).map(String::from);
+    assert!(wait_until(Duration::from_secs(2), || logged(&ncps.log()).is_some()), "no request log line for the 504");
     let line = logged(&ncps.log()).unwrap();
     eprintln!("request log: {line}");
-    assert!(line.ends_with(r.text().trim().trim_start_matches("Bad Gateway: ")), "the request log line says why: {line}");
+    let reason = r.text().trim().trim_start_matches("Gateway Timeout: ").to_string();
+    assert!(ncps.log().lines().any(|l| l.ends_with(&reason)), "a log line says why: {reason}\n{}", ncps.log());
     let metrics = ncps.get("/metrics").text();
     assert!(
-        metrics.contains(r#"ncps_cache_requests_total{kind="nar",result="error",code="502"} 1"#)
+        metrics.contains(r#"ncps_cache_requests_total{kind="nar",result="error",code="504"} 1"#)
             && !metrics.contains(r#"ncps_cache_requests_total{kind="nar",result="miss",code="200"}"#),
-        "the 502 is counted as what was sent, not as the 200 it was meant to be:\n{metrics}"
+        "the 504 is counted as what was sent, not as the 200 it was meant to be:\n{metrics}"
     );
     assert_ne!(r.end, BodyEnd::TimedOut, "ncps must end the response, not leave it hanging");
     assert!(took < Duration::from_secs(10), "NAR failure took {took:?} with 1s/2s timeouts");

@@ -734,8 +734,10 @@ fn bad_uploads_are_refused_with_400_and_not_kept() {
         "PUT of its narinfo"
     );
     assert_eq!(ncps.get(&narinfo_url).status, 200);
+    // (The GET of the refused NAR above asked the upstream for it by name; it said 404.)
+    up.reset_hits();
     nix_copy_from(&ncps.url(), &[&fx.lib], &ncps.pubkey()).expect("the uploaded path is served");
-    assert_eq!(up.hits_where(|p| p.starts_with("/nar/")), 0);
+    assert_eq!(up.hits_where(|p| p.starts_with("/nar/")), 0, "the upload is served, not the upstream asked");
     assert_store_consistent(&ncps, u64::MAX, "after the good upload");
 }
 
@@ -764,12 +766,13 @@ fn delete_removes_a_narinfo_its_unshared_nar_and_a_nar_with_every_narinfo_using_
         "the twins share one NAR"
     );
     assert_eq!(ncps.wait_for_stored_nars(2).len(), 2);
-    // Without an upstream, a GET of a deleted narinfo cannot be refilled.
+    // Without an upstream, a GET of a deleted narinfo cannot be refilled: ncps answers 502
+    // (it cannot know whether the path exists), not 404.
     up.stop();
 
     let lib_ni = format!("/{}.narinfo", store_hash(&fx.lib));
     assert_eq!(delete(&ncps, &lib_ni), 204, "DELETE {lib_ni}");
-    assert_eq!(ncps.get(&lib_ni).status, 404, "GET {lib_ni} after DELETE");
+    assert_eq!(ncps.get(&lib_ni).status, 502, "GET {lib_ni} after DELETE, the upstream stopped");
     assert!(
         narinfo_file(&ncps, &fx.lib).is_none(),
         "narinfo file removed"
@@ -780,8 +783,8 @@ fn delete_removes_a_narinfo_its_unshared_nar_and_a_nar_with_every_narinfo_using_
     );
     assert_eq!(
         ncps.get(&lib_nar).status,
-        404,
-        "GET {lib_nar} after its narinfo was deleted"
+        502,
+        "GET {lib_nar} after its narinfo was deleted: fetched by name, but the upstream is stopped"
     );
     assert_eq!(delete(&ncps, &lib_ni), 404, "DELETE of what is not there");
 
@@ -789,26 +792,27 @@ fn delete_removes_a_narinfo_its_unshared_nar_and_a_nar_with_every_narinfo_using_
     let a_ni = format!("/{}.narinfo", store_hash(&lc.twins[0]));
     let b_ni = format!("/{}.narinfo", store_hash(&lc.twins[1]));
     assert_eq!(delete(&ncps, &a_ni), 204, "DELETE {a_ni}");
-    assert_eq!(ncps.get(&a_ni).status, 404);
+    assert_eq!(ncps.get(&a_ni).status, 502);
     assert_eq!(ncps.get(&b_ni).status, 200, "the other twin is untouched");
     assert_eq!(ncps.get(&twin_nar).status, 200, "the shared NAR stays");
     assert!(nar_file(&ncps, nar_name(&twin_nar)).is_some());
 
     // Re-add twin A (upstream back for a moment), then DELETE the NAR itself.
     up.restart();
+    ncps.wait_for_upstreams_up(Duration::from_secs(30));
     fetch(&ncps, &lc.twins[0]);
     up.stop();
     assert_eq!(ncps.stored_narinfo_files().len(), 2);
     assert_eq!(delete(&ncps, &twin_nar), 204, "DELETE {twin_nar}");
-    assert_eq!(ncps.get(&twin_nar).status, 404);
+    assert_eq!(ncps.get(&twin_nar).status, 502, "not here, and the upstream stopped");
     assert_eq!(
         ncps.get(&a_ni).status,
-        404,
+        502,
         "every narinfo using the NAR is gone"
     );
     assert_eq!(
         ncps.get(&b_ni).status,
-        404,
+        502,
         "every narinfo using the NAR is gone"
     );
     let left = files_under(&ncps.data_dir().join("store"));
@@ -846,6 +850,134 @@ fn without_delete_allowed_delete_is_405_and_changes_nothing() {
     assert_eq!(ncps.get(&ni).body, before_ni, "narinfo unchanged");
     assert_eq!(fetch(&ncps, &fx.lib), nar, "NAR still served");
     assert_eq!(files_under(&ncps.data_dir().join("store")), before_files);
+}
+
+// ---------------------------------------------------------------------------
+// NARs by name: a NAR URL ncps handed out keeps working after its entry went
+// ---------------------------------------------------------------------------
+
+/// `(stored, upstream_url)` of the index's row for NAR `name`, if any.
+fn nar_row(ncps: &Ncps, name: &str) -> Option<(bool, String)> {
+    let db = open_db(ncps);
+    db.query_row("SELECT stored, upstream_url FROM nars WHERE name = ?1", [name], |r| Ok((r.get(0)?, r.get(1)?))).ok()
+}
+
+/// GETs `url` (a `/nar/...` path, the upstream's name too) and checks it gets every byte of
+/// the upstream's file, hashing to its name.
+fn get_nar_by_name(ncps: &Ncps, fx: &Fixture, url: &str, what: &str) {
+    let size = fs::metadata(fx.cache_dir(Compression::None).join(&url[1..])).unwrap().len();
+    let got = raw_get_hashed(ncps.addr, url, Duration::from_secs(30)).unwrap_or_else(|e| panic!("GET {url}: {e}"));
+    assert_eq!((got.status, got.len, got.end.clone()), (200, size, BodyEnd::Eof), "{what}: GET {url}");
+    assert_eq!(nix32(&got.sha256), nar_name(url).split('.').next().unwrap(), "{what}: the bytes hash to the name");
+}
+
+#[test]
+fn a_deleted_or_evicted_entry_s_nar_url_still_works_fetched_by_name_and_verified() {
+    let Some(lc) = lifecycle_or_skip() else {
+        return;
+    };
+    let fx = &lc.fx;
+    let (up, ncps) = proxy(lc, &["--cache-allow-delete-verb", "--cache-max-size", TEN_PATHS]);
+    // A 1 MiB NAR whose entry is deleted.
+    let small = fetch_kept(&ncps, &fx.many[0], TEN_PATHS_BYTES);
+    let ni = format!("/{}.narinfo", store_hash(&fx.many[0]));
+    assert_eq!(delete(&ncps, &ni), 204);
+    assert!(nar_file(&ncps, nar_name(&small)).is_none(), "the NAR went with its narinfo");
+    get_nar_by_name(&ncps, fx, &small, "after DELETE");
+    assert_eq!(up.hits(&small), 2, "fetched again, by the same name");
+    let stored = ncps.wait_for_stored_nars(1);
+    assert_eq!(stored.len(), 1, "kept again: {stored:?}");
+    nar_file_matches_its_name(&stored[0]).unwrap();
+    assert_eq!(nar_row(&ncps, nar_name(&small)), Some((true, String::new())), "indexed on its own, as stored");
+    ncps.wait_for_log(0, "fetching it by name", Duration::from_secs(5));
+    // And a hit from then on.
+    get_nar_by_name(&ncps, fx, &small, "again");
+    assert_eq!(up.hits(&small), 2);
+
+    // Evicted: eleven more paths push the first ones out (NARs no narinfo points at first).
+    let first = fetch_kept(&ncps, &fx.many[1], TEN_PATHS_BYTES);
+    for p in &fx.many[2..13] {
+        fetch_kept(&ncps, p, TEN_PATHS_BYTES);
+    }
+    assert!(narinfo_file(&ncps, &fx.many[1]).is_none(), "{} evicted", fx.many[1]);
+    assert!(nar_file(&ncps, nar_name(&first)).is_none());
+    // A client that kept the narinfo (Nix does, for 30 days) asks for the NAR URL directly.
+    get_nar_by_name(&ncps, fx, &first, "after eviction");
+    assert_eq!(up.hits(&first), 2);
+    assert!(wait_until(Duration::from_secs(10), || nar_file(&ncps, nar_name(&first)).is_some()));
+    assert!(wait_until(Duration::from_secs(10), || store_bytes(&ncps) <= TEN_PATHS_BYTES), "still within the limit");
+}
+
+#[test]
+fn a_big_nar_fetched_by_name_streams_and_a_zstd_encoded_one_is_checked_whole() {
+    let Some(lc) = lifecycle_or_skip() else {
+        return;
+    };
+    let fx = &lc.fx;
+    let (up, ncps) = proxy(lc, &["--cache-allow-delete-verb"]);
+    let big = fetch_kept(&ncps, &fx.big, u64::MAX);
+    assert_eq!(delete(&ncps, &format!("/{}.narinfo", store_hash(&fx.big))), 204);
+    get_nar_by_name(&ncps, fx, &big, "64 MiB by name");
+    assert_eq!(ncps.wait_for_stored_nars(1).len(), 1);
+
+    // An upstream that compresses its answers (harmonia does) announces no usable length:
+    // the NAR is fetched whole and checked before the client gets a byte.
+    let small = fetch_kept(&ncps, &fx.many[0], u64::MAX);
+    assert_eq!(delete(&ncps, &format!("/{}.narinfo", store_hash(&fx.many[0]))), 204);
+    up.set_mode_for(Mode::ZstdEncoded, Target::Nar);
+    get_nar_by_name(&ncps, fx, &small, "zstd-encoded by name");
+    ncps.wait_for_log(0, "fetched by name, verified and stored", Duration::from_secs(5));
+    assert_eq!(ncps.wait_for_stored_nars(2).len(), 2);
+    for f in ncps.stored_nar_files() {
+        nar_file_matches_its_name(&f).unwrap();
+    }
+}
+
+#[test]
+fn a_forged_nar_name_is_refused_and_nothing_is_kept() {
+    let Some(lc) = lifecycle_or_skip() else {
+        return;
+    };
+    let fx = &lc.fx;
+    // An upstream holding real NAR bytes under names that are not their hashes: one small
+    // (held back whole until verified: a 502) and one large (streamed: cut off before its
+    // last byte).
+    let dir = TempDir::new("forging-upstream");
+    fs::write(dir.join("nix-cache-info"), "StoreDir: /nix/store\n").unwrap();
+    fs::create_dir_all(dir.join("nar")).unwrap();
+    let real = |p: &str| fs::read(fx.cache_dir(Compression::None).join(&upstream_nar_path(fx, Compression::None, p)[1..])).unwrap();
+    let small_name = format!("{}.nar", nix32(&sha256(b"not these bytes")));
+    let big_name = format!("{}.nar", nix32(&sha256(b"nor these")));
+    fs::write(dir.join("nar").join(&small_name), real(&fx.lib)).unwrap();
+    fs::write(dir.join("nar").join(&big_name), real(&fx.big)).unwrap();
+    let up = Upstream::serve_dir(dir.path());
+    let ncps = Ncps::for_upstreams(&[up.url()], &fx.up1_public_key);
+
+    let r = raw_request(ncps.addr, &get_request(&format!("/nar/{small_name}")), Duration::from_secs(20)).unwrap();
+    assert_eq!(r.status, 502, "a small NAR whose bytes do not hash to its name: {}", r.text());
+    assert!(r.text().contains("hash mismatch"), "{}", r.text());
+    let r = raw_request(ncps.addr, &get_request(&format!("/nar/{big_name}")), Duration::from_secs(30)).unwrap();
+    assert!(
+        r.status == 502 || (r.status == 200 && !r.looks_complete()),
+        "a large forged NAR is never completed: {} with {} bytes, {:?}",
+        r.status,
+        r.body.len(),
+        r.end
+    );
+    assert!(wait_until(Duration::from_secs(5), || ncps.partial_files().is_empty()), "{:?}", ncps.partial_files());
+    assert!(ncps.stored_nar_files().is_empty(), "{:?}", ncps.stored_nar_files());
+    assert_eq!(nar_row(&ncps, &small_name), None, "not indexed");
+    assert_eq!(nar_row(&ncps, &big_name), None, "not indexed");
+
+    // A name the upstream does not have is a 404; so is one that is not a content hash (52
+    // nix32 characters hold 260 bits; these set bits a SHA-256 does not have), without
+    // asking anyone.
+    let absent = format!("/nar/{}.nar", nix32(&sha256(b"nobody has this")));
+    assert_eq!(ncps.get(&absent).status, 404, "GET {absent}");
+    assert_eq!(up.hits(&absent), 1);
+    let not_a_hash = format!("/nar/{}.nar", "z".repeat(52));
+    assert_eq!(ncps.get(&not_a_hash).status, 404, "GET {not_a_hash}");
+    assert_eq!(up.hits(&not_a_hash), 0, "a name that is not a hash is not asked for");
 }
 
 // ---------------------------------------------------------------------------

@@ -9,6 +9,7 @@
 //! | [`integrity`] | what ncps refuses to pass on or keep: bad signatures, corrupt or truncated NARs, crashes, hostile clients |
 //! | [`lifecycle`] | the size limit and eviction, uploads, DELETE, `ncps fsck` |
 //! | [`concurrency`] | many clients at once: one upstream download per miss, streaming, floods |
+//! | [`outages`] | upstreams that fail: honest 5xx, marked down and probed back, removed ones never asked |
 //! | [`support`] | the helpers they are built from (fixture, upstream, ncps handle, HTTP, hashes) |
 //!
 //! Run: `cargo test --test e2e` (add `-- --nocapture` for timings); one module:
@@ -25,4 +26,5 @@ mod support;
 mod concurrency;
 mod integrity;
 mod lifecycle;
+mod outages;
 mod proxy;

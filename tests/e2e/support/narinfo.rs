@@ -54,3 +54,17 @@ pub fn store_hash(store_path: &str) -> &str {
     let base = store_path.rsplit('/').next().unwrap();
     &base[..32]
 }
+
+/// A random but well-formed store path hash (32 nix32 characters).
+pub fn random_hash(seed: u64) -> String {
+    const ALPHABET: &[u8] = b"0123456789abcdfghijklmnpqrsvwxyz";
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0xD1B5_4A32_D192_ED03;
+    (0..32)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            ALPHABET[(x % 32) as usize] as char
+        })
+        .collect()
+}

@@ -260,6 +260,38 @@ impl Ncps {
         }
     }
 
+    /// Stops, replaces every `--upstream-cache` with `upstreams` (in that order), and starts
+    /// again with the same data dir, other args and port: an operator editing the list.
+    pub fn restart_with_upstreams(&mut self, upstreams: &[String]) {
+        let mut args = Vec::new();
+        let mut old = std::mem::take(&mut self.args).into_iter();
+        while let Some(a) = old.next() {
+            if a == "--upstream-cache" {
+                old.next();
+            } else {
+                args.push(a);
+            }
+        }
+        for u in upstreams {
+            args.push("--upstream-cache".to_string());
+            args.push(u.clone());
+        }
+        self.args = args;
+        self.restart();
+    }
+
+    /// Whether the status JSON says some upstream is marked down.
+    pub fn some_upstream_down(&self) -> bool {
+        self.get("/").text().contains(r#""state":"down""#)
+    }
+
+    /// Waits until no upstream is marked down (a probe brought it back); panics after
+    /// `timeout`. For tests that heal an upstream and then expect it to be used.
+    pub fn wait_for_upstreams_up(&self, timeout: Duration) {
+        let up = wait_until(timeout, || !self.some_upstream_down());
+        assert!(up, "an upstream is still marked down after {timeout:?}:\n{}", self.get("/").text());
+    }
+
     /// The log since `offset`, once a line containing `needle` is in it (panics after
     /// `timeout`): for what ncps does in the background after start, such as the store check.
     pub fn wait_for_log(&self, offset: usize, needle: &str, timeout: Duration) -> String {

@@ -392,3 +392,41 @@ impl Drop for ChrootDir {
         }
     }
 }
+
+/// One Nix 2.8 client used several times: the same `XDG_CACHE_HOME`, so what Nix remembers
+/// between runs (narinfos, and 404s as "absent" for `narinfo-cache-negative-ttl`) carries
+/// over, as on a real machine. Each copy goes to a fresh store.
+pub struct RememberingClient {
+    dir: TempDir,
+    copies: std::cell::Cell<u32>,
+}
+
+impl Default for RememberingClient {
+    fn default() -> Self {
+        RememberingClient::new()
+    }
+}
+
+impl RememberingClient {
+    pub fn new() -> RememberingClient {
+        let dir = TempDir::new("nix-client");
+        fs::create_dir_all(dir.join("xdg")).unwrap();
+        RememberingClient { dir, copies: std::cell::Cell::new(0) }
+    }
+
+    /// As [`nix_copy_from`], with this client's cache.
+    pub fn copy_from<S: AsRef<str>>(&self, url: &str, paths: &[S], trusted_key: &str) -> Result<(), String> {
+        let n = self.copies.get() + 1;
+        self.copies.set(n);
+        let store = self.dir.join(format!("store-{n}")).to_string_lossy().into_owned();
+        let xdg = self.dir.join("xdg");
+        let timeout = Duration::from_secs(90);
+        let paths: Vec<&str> = paths.iter().map(|p| p.as_ref()).collect();
+        let mut copy = nix(&["copy", "--from", url, "--to", &store], &xdg);
+        copy.args(&paths).args(["--option", "trusted-public-keys", trusted_key, "--option", "connect-timeout", "5"]);
+        run_nix(copy, timeout, || format!("nix copy --from {url}"))?;
+        let mut verify = nix(&["store", "verify", "--store", &store, "-r"], &xdg);
+        verify.args(&paths).args(["--option", "trusted-public-keys", trusted_key]);
+        run_nix(verify, timeout, || format!("nix store verify after copying from {url}"))
+    }
+}

@@ -52,13 +52,14 @@ GEN_VERSION=ncps-bench-scale-v1   # must match NONCE in bench/scale-gen/src/main
 
 P_GEN=$PORT_BASE                 # ncps taking the uploads
 P_NCPS=$((PORT_BASE + 1))        # ncps being measured
+P_NGINX=$((PORT_BASE + 2))       # the peer for narinfo hits
 P_NONE=$((PORT_BASE + 9))        # the upstream: nothing listens (every request here is a hit)
 
 for t in curl wrk awk find cargo; do
   command -v $t >/dev/null || { echo "bench-scale: missing $t (make bench-scale installs wrk)" >&2; exit 1; }
 done
 [ -x "$NCPS" ] || { echo "bench-scale: no ncps binary at $NCPS (cargo build --release, or set NCPS=)" >&2; exit 1; }
-for p in $P_GEN $P_NCPS $P_NONE; do
+for p in $P_GEN $P_NCPS $P_NGINX $P_NONE; do
   if ss -Hltn "sport = :$p" 2>/dev/null | grep -q .; then echo "bench-scale: port $p busy (set BENCH_SCALE_PORT_BASE)" >&2; exit 1; fi
 done
 
@@ -187,8 +188,8 @@ EOF
 }
 
 # ---------- measurements ----------
-wrk_rps() { # list -> "rps non2xx"
-  local o; o=$(wrk -c32 -t2 -d"$WRK_DURATION" -s "$HERE/wrk-list.lua" "http://127.0.0.1:$P_NCPS" -- "$1" 2>&1)
+wrk_rps() { # list [port] -> "rps non2xx"
+  local o; o=$(wrk -c32 -t2 -d"$WRK_DURATION" -s "$HERE/wrk-list.lua" "http://127.0.0.1:${2:-$P_NCPS}" -- "$1" 2>&1)
   local rps; rps=$(awk '/^Requests\/sec:/{print $2}' <<<"$o")
   local bad; bad=$(awk '/Non-2xx or 3xx responses:/{print $5}' <<<"$o")
   echo "${rps:-0} ${bad:-0}"
@@ -249,6 +250,47 @@ bench_n() {
     local q; q=$(ratio "$sm" "$hm")
     report "N=$n: narinfo hits, wrk -c32 -t2 -d$WRK_DURATION, median of $ROUNDS interleaved rounds: spread over $n entries $sm req/s (rounds: ${ss[*]}) | one hot narinfo $hm req/s (rounds: ${hs[*]}) | ratio spread/hot $q"
     row "narinfo hits spread/hot (${sm%.*} / ${hm%.*} req/s)" "$n" "$q" ">= 0.8" "$(pass "$q" ge 0.8)"
+    # The peer: nginx (one worker, as ncps has one poll loop; no open_file_cache) serving the
+    # same narinfo files, by the same URLs (a rewrite to the sharded path), in the same rounds.
+    # A hot hit in ncps comes from its memo, a spread one from the file, as every nginx hit does.
+    if command -v nginx >/dev/null; then
+      local nd="$W/nginx"; mkdir -p "$nd"
+      cat > "$nd/nginx.conf" <<EOF
+worker_processes 1;
+daemon off;
+pid $nd/nginx.pid;
+error_log $nd/error.log;
+events { worker_connections 1024; }
+http {
+  access_log off;
+  sendfile on; tcp_nopush on;
+  server {
+    listen 127.0.0.1:$P_NGINX;
+    root $data/store/narinfo;
+    location / { rewrite "^/((.)(.)[0-9a-z]{30}\.narinfo)\$" /\$2/\$2\$3/\$1 break; }
+  }
+}
+EOF
+      nginx -p "$nd" -c "$nd/nginx.conf" > "$nd/stdout" 2>&1 &
+      local ngx=$!; BG_PIDS+=($ngx)
+      local up=0; for _ in $(seq 50); do curl -sf -o /dev/null "http://127.0.0.1:$P_NGINX/$(head -c 32 "$D/paths").narinfo" && { up=1; break; }; sleep 0.1; done
+      if [ $up = 1 ]; then
+        local ns=() nh=() c d
+        for r in $(seq "$ROUNDS"); do
+          a=$(wrk_rps "$D/paths"); ss+=("${a%% *}")
+          c=$(wrk_rps "$D/paths" "$P_NGINX"); ns+=("${c%% *}")
+          d=$(wrk_rps "$W/hot" "$P_NGINX"); nh+=("${d%% *}")
+          [ "${c#* }" = 0 ] && [ "${d#* }" = 0 ] || report "N=$n: WARNING nginx round $r non-2xx: spread ${c#* }, hot ${d#* }"
+        done
+        local nsm nhm; nsm=$(printf '%s\n' "${ns[@]}" | median); nhm=$(printf '%s\n' "${nh[@]}" | median)
+        sm=$(printf '%s\n' "${ss[@]}" | median)
+        report "N=$n: peer nginx on the same files, interleaved with ncps again: spread $nsm req/s (rounds: ${ns[*]}) | hot $nhm req/s | nginx spread/hot $(ratio "$nsm" "$nhm") | ncps spread (all rounds, median $sm) / nginx spread: $(ratio "$sm" "$nsm")"
+        row "narinfo hits spread: ncps / nginx, same files" "$n" "$(ratio "$sm" "$nsm")" ">= 1.0" "$(pass "$(ratio "$sm" "$nsm")" ge 1.0)"
+      else
+        report "N=$n: WARNING nginx peer did not answer; see $nd/error.log"
+      fi
+      kill "$ngx" 2>/dev/null || true; wait "$ngx" 2>/dev/null || true
+    fi
   fi
   stop_ncps
 

@@ -256,6 +256,7 @@ bench_n() {
     if command -v nginx >/dev/null; then
       local nd="$W/nginx"; mkdir -p "$nd"
       cat > "$nd/nginx.conf" <<EOF
+user $(id -un);
 worker_processes 1;
 daemon off;
 pid $nd/nginx.pid;

@@ -194,6 +194,7 @@ pub fn run(paths: &crate::config::StoragePaths, repair_it: bool) -> Result<i32, 
         return Err(FsckError::NoDatabase(paths.database_path.clone()));
     }
     let index = SqliteIndex::open(&paths.database_path)?;
+    index.check_integrity()?;
     let started = Instant::now();
     let mut last = Instant::now();
     let mut progress = |done: usize, all: usize, r: &Report| {

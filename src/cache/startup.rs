@@ -77,6 +77,7 @@ impl Cache {
         let started = Instant::now();
         let mut fixed = Fixed::default();
         let result = (|| -> Result<(), CacheError> {
+            self.index.check_integrity()?;
             let strays = {
                 let _no_writes = self.writes.write().unwrap_or_else(|p| p.into_inner());
                 self.blobs.strays_outside_shards()?

@@ -105,6 +105,12 @@ impl Totals {
 
 /// The index of what the store holds. See the module documentation for the contract.
 pub trait Index: Send + Sync {
+    /// Checks the backend's own structures (SQLite: `PRAGMA quick_check`). It reads
+    /// everything, so only `ncps fsck` and the check after an unclean stop call it, never the
+    /// start-up path.
+    fn check_integrity(&self) -> Result<(), IndexError> {
+        Ok(())
+    }
     /// Records a narinfo (`size` bytes stored) and the NAR it points at. A NAR already known
     /// with the same digest keeps its `stored` flag; one known with another digest is marked
     /// not stored.

@@ -219,10 +219,9 @@ impl SqliteIndex {
                 return Err(IndexError::Foreign(tables));
             }
         }
-        let check: String = conn.query_row("PRAGMA quick_check", [], |r| r.get(0)).context(CTX)?;
-        if check != "ok" {
-            return Err(IndexError::Corrupt(check));
-        }
+        // No `quick_check` here: it reads the whole file (1.1 s of a 2.1 s start at a million
+        // entries, 540 MB). SQLite's journal makes a crash safe by itself; damage from outside
+        // (a bad disk) is what `check_integrity` finds, run by fsck and after an unclean stop.
         conn.pragma_update(None, "journal_mode", "WAL").context(CTX)?;
         configure(&conn)?;
         for (i, sql) in MIGRATIONS.iter().enumerate().skip(found as usize) {
@@ -375,6 +374,16 @@ impl super::Index for SqliteIndex {
             .context("reading the totals")?;
         let n = |v: i64| v.max(0) as u64;
         Ok(Totals { narinfos: n(a), narinfo_bytes: n(b), nars: n(c), nar_bytes: n(d) })
+    }
+
+    fn check_integrity(&self) -> Result<(), IndexError> {
+        const CTX: &str = "checking the database";
+        let conn = self.conn()?;
+        let check: String = conn.query_row("PRAGMA quick_check", [], |r| r.get(0)).context(CTX)?;
+        if check != "ok" {
+            return Err(IndexError::Corrupt(check));
+        }
+        Ok(())
     }
 
     fn least_recently_used(&self, limit: usize, pending_before: i64) -> Result<Vec<(StorePathHash, u64)>, IndexError> {
@@ -592,6 +601,25 @@ mod tests {
         let version: u32 = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
         assert_eq!(version, 0, "nothing was migrated");
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_damaged_database_opens_at_once_and_its_integrity_check_says_so() {
+        let (dir, path) = temp_path("damaged");
+        let conn = Connection::open(&path).unwrap();
+        conn.execute_batch(MIGRATIONS[0]).unwrap();
+        conn.pragma_update(None, "user_version", 1).unwrap();
+        conn.execute_batch("CREATE TABLE filler (x TEXT); WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 2000) INSERT INTO filler SELECT hex(randomblob(64)) FROM n;").unwrap();
+        drop(conn);
+        // Scribble over a page in the middle, as a bad disk would.
+        let mut bytes = std::fs::read(&path).unwrap();
+        let page = 4096 * (bytes.len() / 4096 / 2);
+        bytes[page..page + 4096].fill(0xa5);
+        std::fs::write(&path, &bytes).unwrap();
+        let index = SqliteIndex::open(&path).expect("opening reads no more than the schema");
+        let err = index.check_integrity().err().expect("the damage is found");
+        assert!(matches!(err, IndexError::Corrupt(_)), "{err}");
+        std::fs::remove_dir_all(dir).unwrap();
     }
 
     #[test]

@@ -12,7 +12,7 @@ ADDR ?= :8501
 # debootstrap: the end-to-end tests also run a current Nix (Debian 13's) in a chroot.
 APT_PACKAGES := nix-bin curl xz-utils ca-certificates build-essential tzdata debootstrap
 
-.PHONY: all build run test test-static deps bench bench-deps bench-scale bench-outage static fuzz clean
+.PHONY: all build run test test-static deps bench bench-deps bench-scale bench-outage bench-zstd static fuzz clean
 
 all: build
 
@@ -60,7 +60,7 @@ test: deps
 	bash tests/status_page.sh "" target/status-page.png
 
 # The peers the benchmark compares against (nginx) and its load generator (wrk).
-BENCH_PACKAGES := nginx-light wrk procps iproute2
+BENCH_PACKAGES := nginx-light wrk procps iproute2 zstd time
 # Store sizes for the scale section (bench/scale.sh; issue 12).
 BENCH_SCALE_N ?= 100000 1000000
 
@@ -85,6 +85,11 @@ bench-scale: build bench-deps
 # Misses while the only upstream is down (bench/outage.sh; issue 13); section h of make bench.
 bench-outage: build
 	NCPS=$(CURDIR)/target/release/ncps bash bench/outage.sh
+
+# Whether zstd-encoding Compression: none NARs pays on a Gigabit LAN (bench/zstd-lan.sh;
+# issue 13 point 7). Root: a network namespace shaped with tc. Needs no ncps build.
+bench-zstd: bench-deps
+	bash bench/zstd-lan.sh
 
 static:
 	bash build/static.sh

@@ -27,6 +27,34 @@ pub enum UpstreamError {
     UnsupportedEncoding(String),
     /// The zstd decoder could not start.
     Decoder(std::io::Error),
+    /// A request for the rest of a NAR got something other than exactly that rest.
+    NotPartial(NotPartial),
+}
+
+/// Why an answer to `Range: bytes=<from>-` is not the rest of the file ([`check_partial`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum NotPartial {
+    /// A 200: the server ignores ranges. Its body starts at byte 0; ncps does not read and
+    /// throw away the bytes it already has, it asks the next upstream instead.
+    WholeFile,
+    /// A 416, or a 206 without a usable `Content-Range`.
+    Unsatisfiable,
+    /// A 206 for other bytes (its `Content-Range` or length), or for another file size.
+    OtherRange(String),
+    /// A 206 with a `Content-Encoding`: a range of an encoded stream is not a range of the file.
+    Encoded(String),
+}
+
+impl fmt::Display for NotPartial {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            NotPartial::WholeFile => f.write_str("it ignores ranges (200 to a Range request)"),
+            NotPartial::Unsatisfiable => f.write_str("it cannot serve that range"),
+            NotPartial::OtherRange(r) => write!(f, "it sent another range ({r})"),
+            NotPartial::Encoded(e) => write!(f, "the range came with Content-Encoding {e:?}"),
+        }
+    }
 }
 
 impl fmt::Display for UpstreamError {
@@ -38,6 +66,7 @@ impl fmt::Display for UpstreamError {
             UpstreamError::TooLarge => write!(f, "response too large"),
             UpstreamError::UnsupportedEncoding(e) => write!(f, "unsupported Content-Encoding {e:?}"),
             UpstreamError::Decoder(e) => write!(f, "zstd decoder: {e}"),
+            UpstreamError::NotPartial(e) => write!(f, "no resume: {e}"),
         }
     }
 }
@@ -60,7 +89,10 @@ impl UpstreamError {
         match self {
             UpstreamError::Status(s) => *s >= 500 || *s == 429,
             UpstreamError::Transport(_) | UpstreamError::Read(_) => true,
-            UpstreamError::TooLarge | UpstreamError::UnsupportedEncoding(_) | UpstreamError::Decoder(_) => false,
+            UpstreamError::TooLarge
+            | UpstreamError::UnsupportedEncoding(_)
+            | UpstreamError::Decoder(_)
+            | UpstreamError::NotPartial(_) => false,
         }
     }
 
@@ -211,6 +243,71 @@ impl Upstreams {
         let (reader, decoded) = decode(resp.into_body().into_reader(), &encoding)?;
         Ok(Some(NarBody { reader, content_length, decoded }))
     }
+
+    /// Asks for bytes `from..total` of the NAR at `url` (`Range: bytes=<from>-`), to finish a
+    /// body that broke off: the answer must be exactly that rest ([`check_partial`]), sent
+    /// without a `Content-Encoding` (none is asked for). `Ok(None)` when it is not there.
+    pub fn nar_rest(&self, url: &str, from: u64, total: u64) -> Result<Option<Box<dyn Read + Send>>, UpstreamError> {
+        let resp = self
+            .agent
+            .get(url)
+            .header("Range", format!("bytes={from}-"))
+            .header("Accept-Encoding", "identity")
+            .call()?;
+        let status = resp.status().as_u16();
+        if matches!(status, 403 | 404 | 410) {
+            return Ok(None);
+        }
+        if status != 200 && status != 206 && status != 416 {
+            return Err(UpstreamError::Status(status));
+        }
+        let header = |name: &str| resp.headers().get(name).and_then(|v| v.to_str().ok()).map(str::trim);
+        let length = header("content-length").and_then(|v| v.parse().ok());
+        check_partial(status, header("content-range"), length, &content_encoding(&resp), from, total)
+            .map_err(UpstreamError::NotPartial)?;
+        Ok(Some(Box::new(resp.into_body().into_reader())))
+    }
+}
+
+/// Whether an answer (`status`, its `Content-Range`, `Content-Length` and `Content-Encoding`)
+/// to `Range: bytes=<from>-` for a file of `total` bytes is exactly bytes `from..total`
+/// (RFC 9110 14.4): a 206 for `bytes <from>-<total-1>/<total>` (or `/*`), in no encoding.
+pub fn check_partial(
+    status: u16,
+    content_range: Option<&str>,
+    content_length: Option<u64>,
+    encoding: &str,
+    from: u64,
+    total: u64,
+) -> Result<(), NotPartial> {
+    match status {
+        206 => {}
+        200 => return Err(NotPartial::WholeFile),
+        _ => return Err(NotPartial::Unsatisfiable),
+    }
+    if !matches!(encoding, "" | "identity") {
+        return Err(NotPartial::Encoded(encoding.to_string()));
+    }
+    let Some(range) = content_range else { return Err(NotPartial::Unsatisfiable) };
+    let parsed = range.strip_prefix("bytes ").and_then(|r| {
+        let (span, complete) = r.trim().split_once('/')?;
+        let (first, last) = span.split_once('-')?;
+        let complete = match complete {
+            "*" => None,
+            c => Some(c.parse::<u64>().ok()?),
+        };
+        Some((first.parse::<u64>().ok()?, last.parse::<u64>().ok()?, complete))
+    });
+    let Some((first, last, complete)) = parsed else { return Err(NotPartial::Unsatisfiable) };
+    let right = first == from
+        && last.checked_add(1) == Some(total)
+        && complete.is_none_or(|c| c == total)
+        && content_length.is_none_or(|n| n == total - from);
+    if right {
+        Ok(())
+    } else {
+        Err(NotPartial::OtherRange(format!("{range}, {} bytes", content_length.map_or("?".into(), |n| n.to_string()))))
+    }
 }
 
 fn content_encoding(resp: &ureq::http::Response<ureq::Body>) -> String {
@@ -298,6 +395,28 @@ mod tests {
         assert!(!UpstreamError::UnsupportedEncoding("br".into()).is_outage());
         assert!(UpstreamError::Read(io::Error::from(io::ErrorKind::ConnectionReset)).is_outage());
         assert!(UpstreamError::from(ureq::Error::ConnectionFailed).is_outage());
+    }
+
+    #[test]
+    fn only_a_206_for_exactly_the_rest_in_no_encoding_continues_a_nar() {
+        let ok = |cr: &str, len: Option<u64>| check_partial(206, Some(cr), len, "", 100, 1000);
+        assert_eq!(ok("bytes 100-999/1000", Some(900)), Ok(()));
+        assert_eq!(ok("bytes 100-999/*", None), Ok(()), "an unknown complete length is allowed");
+        assert_eq!(check_partial(206, Some("bytes 100-999/1000"), None, "identity", 100, 1000), Ok(()));
+        assert!(matches!(ok("bytes 0-999/1000", Some(1000)), Err(NotPartial::OtherRange(_))), "another start");
+        assert!(matches!(ok("bytes 100-499/1000", Some(400)), Err(NotPartial::OtherRange(_))), "not to the end");
+        assert!(matches!(ok("bytes 100-999/2000", Some(900)), Err(NotPartial::OtherRange(_))), "another file");
+        assert!(matches!(ok("bytes 100-999/1000", Some(901)), Err(NotPartial::OtherRange(_))), "a length that disagrees");
+        assert_eq!(ok("items 100-999/1000", None), Err(NotPartial::Unsatisfiable));
+        assert_eq!(ok("bytes 100-/1000", None), Err(NotPartial::Unsatisfiable));
+        assert_eq!(check_partial(206, None, Some(900), "", 100, 1000), Err(NotPartial::Unsatisfiable));
+        assert_eq!(check_partial(200, None, Some(1000), "", 100, 1000), Err(NotPartial::WholeFile));
+        assert_eq!(check_partial(416, Some("bytes */1000"), None, "", 100, 1000), Err(NotPartial::Unsatisfiable));
+        assert_eq!(
+            check_partial(206, Some("bytes 100-999/1000"), None, "zstd", 100, 1000),
+            Err(NotPartial::Encoded("zstd".into()))
+        );
+        assert!(!UpstreamError::NotPartial(NotPartial::WholeFile).is_outage(), "it answered: not an outage");
     }
 
     #[test]

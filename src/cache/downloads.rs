@@ -15,6 +15,7 @@
 use super::flight::{Download, DownloadBody, Outcome, RelayError};
 use super::health::{Attempt, Missed, Tally, Verdict};
 use super::narinfos::body_of;
+use super::resume::{resume_order, Resuming};
 use super::verify::{copy_hashed, CopyError};
 use super::{lock, sources, trust, Answer, Cache, CacheError};
 use crate::http::Body;
@@ -34,7 +35,7 @@ const FAILED_URL_MEMORY: Duration = Duration::from_secs(300);
 pub(super) struct State {
     running: Mutex<HashMap<NarName, Arc<Download>>>,
     /// Upstream NAR URLs that failed recently, tried last next time.
-    failed_urls: Mutex<HashMap<String, Instant>>,
+    pub(super) failed_urls: Mutex<HashMap<String, Instant>>,
 }
 
 impl State {
@@ -495,10 +496,10 @@ impl Cache {
             candidates.retain(|u| u != url);
             candidates.insert(0, url.clone());
         }
-        for url in candidates {
-            let upstream = self.metrics.upstream_for_url(&url);
+        for (k, url) in candidates.iter().enumerate() {
+            let upstream = self.metrics.upstream_for_url(url);
             let shown = upstream.map_or("?", |i| self.health.shown(i));
-            let opened = first.take().filter(|(u, _)| *u == url).map(|(_, body)| body);
+            let opened = first.take().filter(|(u, _)| u == url).map(|(_, body)| body);
             if let (Some(i), None) = (upstream, &opened) {
                 if let Some(skipped) = self.health.skip(i) {
                     tally.add(shown, skipped, self.health.why_skipped(i));
@@ -506,9 +507,11 @@ impl Cache {
                 }
             }
             let started = Instant::now();
-            let result = self.fetch_nar_from(&url, opened, record, temp, download, opening, upstream);
-            if let Some(i) = upstream {
-                self.metrics.upstream_request(i, Kind::Nar, started.elapsed(), result.is_ok());
+            let attempt = Attempted { url, upstream, started, resume: resume_order(&candidates, k) };
+            let (result, by) = self.fetch_nar_from(attempt, opened, record, temp, download, opening);
+            // What is reported is about the upstream that sent last (a resume may have moved on).
+            if let Some(i) = by.upstream {
+                self.metrics.upstream_request(i, Kind::Nar, by.started.elapsed(), result.is_ok());
                 match &result {
                     Err((e, _)) => {
                         self.metrics.upstream_error_detail(i, &e.to_string());
@@ -521,14 +524,20 @@ impl Cache {
                 }
             }
             match result {
-                Ok(spilled) => return Ok((url, spilled)),
+                Ok(spilled) => return Ok((by.sources, spilled)),
                 Err((e, written)) => {
-                    log::warn!("nar {}: {url}: {e}", record.name);
-                    lock(&self.downloads.failed_urls).insert(url, Instant::now());
+                    log::warn!("nar {}: {}: {e}", record.name, by.sources);
+                    // A spliced file that does not verify: which source was wrong is unknown.
+                    let mut failed = lock(&self.downloads.failed_urls);
+                    for u in by.used {
+                        failed.insert(u, Instant::now());
+                    }
+                    drop(failed);
                     tally.add(shown, e.attempt(), &e);
                     last_error = e;
-                    // Readers may already have bytes from this attempt; starting over from
-                    // another upstream would splice two sources into one response.
+                    // Readers may already have bytes from this attempt, and nobody could send
+                    // the rest (see resume.rs): starting over elsewhere would splice a second
+                    // copy onto the first part of the response.
                     if written > 0 {
                         break;
                     }
@@ -538,35 +547,43 @@ impl Cache {
         Err((last_error, tally))
     }
 
-    #[allow(clippy::too_many_arguments)]
+    /// One attempt, starting at `attempt.url` (and resumed from others if its body breaks
+    /// off); returns also who sent the bytes.
     fn fetch_nar_from(
         &self,
-        url: &str,
+        attempt: Attempted<'_>,
         opened: Option<NarBody>,
         record: &NarRecord,
         temp: &mut TempFile,
         download: &Download,
         opening: &mut Opening,
-        upstream: Option<usize>,
-    ) -> Result<Spilled, (FetchError, u64)> {
+    ) -> (Result<Spilled, (FetchError, u64)>, SentBy) {
+        let Attempted { url, upstream, started, resume } = attempt;
+        let sent_by = |s: &Resuming<'_>| SentBy {
+            sources: s.sources(),
+            upstream: s.upstream,
+            started: s.started,
+            used: s.used.clone(),
+        };
+        let alone = || SentBy { sources: url.to_string(), upstream, started, used: vec![url.to_string()] };
         let body = match opened.map_or_else(|| self.upstreams.nar(url), |b| Ok(Some(b))) {
             Ok(Some(b)) => b,
-            Ok(None) => return Err((FetchError::NotFound, 0)),
-            Err(e) => return Err((FetchError::Upstream(e), 0)),
+            Ok(None) => return (Err((FetchError::NotFound, 0)), alone()),
+            Err(e) => return (Err((FetchError::Upstream(e), 0)), alone()),
         };
         if let Some(len) = body.content_length.filter(|_| !body.decoded) {
             if len != record.file_size {
-                return Err((FetchError::WrongLength { announced: len, expected: record.file_size }, 0));
+                let e = FetchError::WrongLength { announced: len, expected: record.file_size };
+                return (Err((e, 0)), alone());
             }
         }
         opening.started(url);
-        let mut reader = body.reader;
+        let resumable = !body.decoded;
+        let mut reader =
+            Resuming::new(self, &record.name, download, body.reader, record.file_size, resumable, url, upstream, resume);
         let mut spilled = false;
         let mut written = 0u64;
         let copied = copy_hashed(&mut reader, record.file_size, &mut |at, chunk| {
-            if let Some(i) = upstream {
-                self.metrics.upstream_bytes(i, chunk.len() as u64);
-            }
             if !spilled {
                 if let Err(e) = temp.write_all(chunk) {
                     log::error!(
@@ -584,13 +601,34 @@ impl Cache {
                 Ok(())
             }
         });
-        let (got, len) = copied.map_err(|e| (FetchError::Read(e), written))?;
-        if len != record.file_size {
-            return Err((FetchError::Short { got: len, expected: record.file_size }, written));
-        }
-        if got != record.file_hash {
-            return Err((FetchError::HashMismatch { got, expected: record.file_hash }, written));
-        }
-        Ok(Spilled(spilled))
+        let by = sent_by(&reader);
+        let checked = match copied {
+            Err(e) => Err((FetchError::Read(e), written)),
+            Ok((_, len)) if len != record.file_size => {
+                Err((FetchError::Short { got: len, expected: record.file_size }, written))
+            }
+            Ok((got, _)) if got != record.file_hash => {
+                Err((FetchError::HashMismatch { got, expected: record.file_hash }, written))
+            }
+            Ok(_) => Ok(Spilled(spilled)),
+        };
+        (checked, by)
     }
+}
+
+/// Where one attempt at a NAR starts, and where its rest can come from.
+struct Attempted<'a> {
+    url: &'a str,
+    upstream: Option<usize>,
+    started: Instant,
+    resume: std::collections::VecDeque<String>,
+}
+
+/// Who sent the bytes of an attempt: every URL in order, and the last one's upstream.
+struct SentBy {
+    /// For the log: "A" or "A, resumed from B".
+    sources: String,
+    upstream: Option<usize>,
+    started: Instant,
+    used: Vec<String>,
 }

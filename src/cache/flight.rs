@@ -203,6 +203,12 @@ impl Download {
         self.changed.notify_all();
     }
 
+    /// Writer: still at work though no byte came (it is asking another upstream for the
+    /// rest), so readers do not give up on a stall.
+    pub fn alive(&self) {
+        lock(&self.state).last_progress = Instant::now();
+    }
+
     /// Writer: the file refused these bytes (and all later ones); relay them from memory.
     /// Blocks while the buffer is full; fails if no reader is left to relay to, or if the
     /// slowest one stops reading.

@@ -10,6 +10,7 @@
 //! | `narinfos.rs` | narinfo hits (with the memo), misses, the negative cache |
 //! | `downloads.rs` | NAR hits and single-flight NAR downloads, verified as they stream |
 //! | `flight.rs` | the single-flight primitives: one computation or download per key |
+//! | `resume.rs` | a NAR body that breaks off is finished with a Range request, same file |
 //! | `verify.rs` | the one read-hash-write loop (downloads, uploads, fsck) |
 //! | `uploads.rs` | `PUT` of NARs and narinfos |
 //! | `eviction.rs` | size accounting, the background evictor, deletes |
@@ -33,6 +34,7 @@ mod eviction;
 pub mod flight;
 pub mod health;
 mod narinfos;
+mod resume;
 pub mod sources;
 mod startup;
 pub mod trust;

@@ -10,6 +10,7 @@
 //! | [`lifecycle`] | the size limit and eviction, uploads, DELETE, `ncps fsck` |
 //! | [`concurrency`] | many clients at once: one upstream download per miss, streaming, floods |
 //! | [`outages`] | upstreams that fail: honest 5xx, marked down and probed back, removed ones never asked |
+//! | [`resume`] | NAR bodies that break off upstream, finished with Range requests while clients stream |
 //! | [`support`] | the helpers they are built from (fixture, upstream, ncps handle, HTTP, hashes) |
 //!
 //! Run: `cargo test --test e2e` (add `-- --nocapture` for timings); one module:
@@ -28,3 +29,4 @@ mod integrity;
 mod lifecycle;
 mod outages;
 mod proxy;
+mod resume;

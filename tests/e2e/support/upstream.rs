@@ -1,8 +1,9 @@
 //! The test upstream: a static file server on 127.0.0.1 ([`Upstream`]) that serves a
 //! fixture cache and misbehaves on demand ([`Mode`], for the requests [`Target`] selects):
 //! errors, hangs, resets and clean closes mid-body, corrupted or throttled bodies,
-//! zstd content encoding. It counts what it was asked for and what it sent, and can be
-//! stopped and restarted on its port. [`TlsFront`] puts HTTPS in front of it.
+//! zstd content encoding. It answers `Range: bytes=a-b` / `a-` with a 206 (misbehaving on
+//! the part it sends), unless told to ignore ranges. It counts what it was asked for and
+//! what it sent, and can be stopped and restarted on its port. [`TlsFront`] puts HTTPS in front of it.
 
 use super::dirs::TempDir;
 use super::fixture::{Compression, Fixture};
@@ -39,6 +40,11 @@ pub enum Mode {
     StallMidBody,
     /// Send bodies compressed with zstd and `Content-Encoding: zstd`, as harmonia does.
     ZstdEncoded,
+    /// ZstdEncoded, and reset half-way through the encoded body.
+    ZstdEncodedResetMidBody,
+    /// Like ResetMidBody for the first request of each path; later ones are served normally
+    /// (a link that drops once).
+    ResetOnce,
 }
 
 /// Which requests the misbehaviour applies to; the others are served normally.
@@ -75,6 +81,10 @@ struct UpstreamState {
     stopped: AtomicBool,
     conns: Mutex<HashMap<u64, TcpStream>>,
     next_conn: AtomicU64,
+    /// Paths already reset once (Mode::ResetOnce).
+    reset_once: Mutex<std::collections::HashSet<String>>,
+    /// Whether Range requests get a 206 (else the whole file, 200, as if ranges were unknown).
+    ranges: AtomicBool,
 }
 
 pub struct Upstream {
@@ -99,6 +109,8 @@ impl Upstream {
             stopped: AtomicBool::new(false),
             conns: Mutex::new(HashMap::new()),
             next_conn: AtomicU64::new(0),
+            reset_once: Mutex::new(std::collections::HashSet::new()),
+            ranges: AtomicBool::new(true),
         });
         let mut u = Upstream {
             state,
@@ -130,6 +142,21 @@ impl Upstream {
     /// Misbehave only on the requests `t` selects.
     pub fn set_mode_for(&self, m: Mode, t: Target) {
         *self.state.mode.lock().unwrap() = (m, t);
+    }
+
+    /// Whether Range requests are answered with 206 (the default) or ignored (200, whole file).
+    pub fn set_ranges(&self, on: bool) {
+        self.state.ranges.store(on, Ordering::SeqCst);
+    }
+
+    /// The `Range` header of every request for this exact path, in arrival order (None for a
+    /// request without one).
+    pub fn ranges_asked(&self, path: &str) -> Vec<Option<String>> {
+        self.request_header("Range")
+            .into_iter()
+            .filter(|(r, _)| r.split_once(' ').is_some_and(|(_, p)| p == path))
+            .map(|(_, v)| v)
+            .collect()
     }
 
     /// Requests received for this exact path (query string excluded).
@@ -278,12 +305,13 @@ fn handle_upstream_conn(st: &UpstreamState, mut s: TcpStream, generation: u64) -
     let path = target.split('?').next().unwrap_or("/").to_string();
 
     *st.hits.lock().unwrap().entry(path.clone()).or_insert(0) += 1;
-    let headers = head
+    let headers: Vec<(String, String)> = head
         .lines()
         .skip(1)
         .filter_map(|l| l.split_once(':'))
         .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
         .collect();
+    let range = headers.iter().find(|(k, _)| k.eq_ignore_ascii_case("range")).map(|(_, v)| v.clone());
     // Both under one lock order (requests, then headers), so request_header() pairs them.
     {
         let mut requests = st.requests.lock().unwrap();
@@ -296,6 +324,11 @@ fn handle_upstream_conn(st: &UpstreamState, mut s: TcpStream, generation: u64) -
         mode
     } else {
         Mode::Normal
+    };
+    let mode = match mode {
+        Mode::ResetOnce if st.reset_once.lock().unwrap().insert(path.clone()) => Mode::ResetMidBody,
+        Mode::ResetOnce => Mode::Normal,
+        m => m,
     };
 
     match mode {
@@ -348,17 +381,41 @@ fn handle_upstream_conn(st: &UpstreamState, mut s: TcpStream, generation: u64) -
         "application/octet-stream"
     };
     let is_nar = path.starts_with("/nar/") && path.contains(".nar");
+    // Extra header lines.
+    let mut extra = String::new();
+    let zstd = matches!(mode, Mode::ZstdEncoded | Mode::ZstdEncodedResetMidBody);
+    if zstd {
+        body = zstd::encode_all(&body[..], 3)?;
+        extra = "Content-Encoding: zstd\r\n".into();
+    }
+    // `bytes=a-b` or `bytes=a-` (one range; what ncps asks to resume a NAR).
+    let total = body.len() as u64;
+    let span = range
+        .filter(|_| st.ranges.load(Ordering::SeqCst) && method == "GET" && !zstd)
+        .and_then(|r| {
+            let (a, b) = r.trim().strip_prefix("bytes=")?.split_once('-')?;
+            let a: u64 = a.parse().ok()?;
+            let b: u64 = if b.is_empty() { total.saturating_sub(1) } else { b.parse().ok()? };
+            Some((a, b.min(total.saturating_sub(1))))
+        });
+    let mut status = "200 OK".to_string();
+    if let Some((a, b)) = span {
+        if a >= total || a > b {
+            let h = format!("HTTP/1.1 416 Range Not Satisfiable\r\nContent-Range: bytes */{total}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+            s.write_all(h.as_bytes())?;
+            return s.flush();
+        }
+        body = body[a as usize..=b as usize].to_vec();
+        status = "206 Partial Content".into();
+        extra = format!("Content-Range: bytes {a}-{b}/{total}\r\n");
+    }
+    // What is sent is corrupted in its middle (for a range: the middle of the part sent).
     if mode == Mode::CorruptByte && is_nar && !body.is_empty() {
         let i = body.len() / 2;
         body[i] ^= 0x5a;
     }
-    let mut encoding = "";
-    if mode == Mode::ZstdEncoded {
-        body = zstd::encode_all(&body[..], 3)?;
-        encoding = "Content-Encoding: zstd\r\n";
-    }
     let header = format!(
-        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nContent-Type: {ctype}\r\n{encoding}Connection: close\r\n\r\n",
+        "HTTP/1.1 {status}\r\nContent-Length: {}\r\nContent-Type: {ctype}\r\n{extra}Connection: close\r\n\r\n",
         body.len()
     );
     s.write_all(header.as_bytes())?;
@@ -369,12 +426,12 @@ fn handle_upstream_conn(st: &UpstreamState, mut s: TcpStream, generation: u64) -
         *st.sent.lock().unwrap().entry(path.clone()).or_insert(0) += n as u64;
     };
     match mode {
-        Mode::ResetMidBody | Mode::CloseMidBody => {
+        Mode::ResetMidBody | Mode::CloseMidBody | Mode::ZstdEncodedResetMidBody => {
             s.write_all(&body[..body.len() / 2])?;
             s.flush()?;
             count(body.len() / 2);
             thread::sleep(Duration::from_millis(50));
-            if mode == Mode::ResetMidBody {
+            if mode != Mode::CloseMidBody {
                 set_linger_zero(&s);
             } else {
                 let _ = s.shutdown(Shutdown::Write);

@@ -194,9 +194,22 @@ impl Routes {
             // Under /upload, a client is checking what it needs to send: only what is here counts.
             Route::Narinfo(hash) if upload => self.answer(self.cache.narinfo_local(&hash), Kind::Narinfo, req),
             Route::Narinfo(hash) => self.answer(self.cache.narinfo(&hash), Kind::Narinfo, req),
-            Route::Nar(name) => self.answer(self.cache.nar(&name, req.method == Method::Head), Kind::Nar, req),
+            Route::Nar(name) => {
+                let resp = self.answer(self.cache.nar(&name, req.method == Method::Head), Kind::Nar, req);
+                self.nar_ranges(resp, &name)
+            }
             Route::NotFound | Route::Bad(_) => Response::not_found(),
         }
+    }
+
+    /// A NAR answer (a hit, a download in progress, or a HEAD before one) may be asked for in
+    /// parts, with its FileHash as strong ETag (`"<nix32>"`): see [`crate::http::range`].
+    fn nar_ranges(&self, resp: Response, name: &NarName) -> Response {
+        if resp.status != 200 {
+            return resp;
+        }
+        let tag = self.cache.nar_file_hash(name, resp.body.len()).map(|h| format!("\"{}\"", h.to_nix32()));
+        resp.with_ranges(tag)
     }
 
     /// `GET /`: a page for people (Accept: text/html), JSON for everything else.
@@ -252,8 +265,9 @@ impl Routes {
         };
         let metrics = self.cache.metrics();
         let mut resp = resp;
-        if matches!(resp.body, Body::Growing(_)) {
-            // Counted once sent: a download that fails before its first byte is a 502.
+        if matches!(resp.body, Body::Growing(_)) || kind == Kind::Nar {
+            // Counted once sent: a download that fails before its first byte is a 502, and a
+            // NAR may go out as a 206 part or a 416.
             let metrics = metrics.clone();
             resp.on_sent = Some(Box::new(move |sent| {
                 let outcome = if sent.replaced_because.is_some() { Outcome::Error } else { outcome };

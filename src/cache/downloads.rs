@@ -160,6 +160,22 @@ impl Cache {
         Ok(Answer::Miss(Body::Growing(Box::new(first)), from))
     }
 
+    /// The FileHash of the NAR served under `name`, if the index (or the list of NARs served
+    /// but not indexed) records one of length `len`: what the NAR's ETag is made of. The tag
+    /// then names the bytes themselves, so it is the same for a download in progress and the
+    /// stored file, and changes only if other bytes come to be stored under the same name.
+    pub fn nar_file_hash(&self, name: &NarName, len: u64) -> Option<Hash> {
+        let record = match self.index.nar(name) {
+            Ok(Some(r)) => r,
+            Ok(None) => lock(&self.unindexed).get(name).cloned()?,
+            Err(e) => {
+                log::warn!("nar {name}: no ETag, the index failed: {e}");
+                return None;
+            }
+        };
+        (record.file_size == len).then_some(record.file_hash)
+    }
+
     fn run_download(&self, job: Job) {
         let Job { record, mut temp, download } = job;
         let name = record.name.clone();

@@ -1,6 +1,7 @@
 //! Writing responses to a socket: heads, byte bodies, and file bodies by `sendfile(2)`.
 
-use super::{reason, Body, Chunk, Interrupted, Response};
+use super::range::{self, Part};
+use super::{reason, Body, Chunk, Interrupted, Method, Request, Response};
 use std::fs::File;
 use std::io::{self, Write};
 use std::net::TcpStream;
@@ -39,13 +40,43 @@ pub fn send_file(sock: &TcpStream, file: &File, offset: u64, len: u64) -> io::Re
     Ok(())
 }
 
-fn head(resp: &Response, keep_alive: bool) -> io::Result<Vec<u8>> {
+/// What [`write_response`] is asked to send of a response: which part of its body, with
+/// what status, and whether only the head.
+struct Plan {
+    status: u16,
+    /// Offset of the first body byte to send, and how many (the Content-Length).
+    start: u64,
+    len: u64,
+    /// The `Content-Range` of a `206`.
+    content_range: Option<String>,
+    head_only: bool,
+    keep_alive: bool,
+}
+
+impl Plan {
+    fn whole(resp: &Response, head_only: bool, keep_alive: bool) -> Plan {
+        Plan { status: resp.status, start: 0, len: resp.body.len(), content_range: None, head_only, keep_alive }
+    }
+}
+
+/// Whether `resp`'s body goes out with a Content-Encoding (then it is never sent in parts).
+fn encoded(resp: &Response) -> bool {
+    resp.header("content-encoding").is_some()
+}
+
+fn head(resp: &Response, plan: &Plan) -> io::Result<Vec<u8>> {
     let mut out = Vec::with_capacity(256);
-    write!(out, "HTTP/1.1 {} {}\r\nServer: ncps\r\nContent-Length: {}\r\n", resp.status, reason(resp.status), resp.body.len())?;
+    write!(out, "HTTP/1.1 {} {}\r\nServer: ncps\r\nContent-Length: {}\r\n", plan.status, reason(plan.status), plan.len)?;
     for (k, v) in &resp.headers {
         write!(out, "{k}: {v}\r\n")?;
     }
-    if !keep_alive {
+    if resp.ranges && !encoded(resp) {
+        out.extend_from_slice(b"Accept-Ranges: bytes\r\n");
+    }
+    if let Some(r) = &plan.content_range {
+        write!(out, "Content-Range: {r}\r\n")?;
+    }
+    if !plan.keep_alive {
         out.extend_from_slice(b"Connection: close\r\n");
     }
     out.extend_from_slice(b"\r\n");
@@ -55,17 +86,23 @@ fn head(resp: &Response, keep_alive: bool) -> io::Result<Vec<u8>> {
 /// The whole of a small response (head and body) as bytes, for sending without waiting.
 /// Errors for bodies that are not small.
 pub fn render_small(resp: Response, head_only: bool, keep_alive: bool) -> io::Result<Vec<u8>> {
-    let mut out = head(&resp, keep_alive)?;
-    if head_only {
+    let plan = Plan::whole(&resp, head_only, keep_alive);
+    render(resp, &plan)
+}
+
+fn render(resp: Response, plan: &Plan) -> io::Result<Vec<u8>> {
+    let mut out = head(&resp, plan)?;
+    if plan.head_only {
         return Ok(out);
     }
+    let (start, len) = (plan.start as usize, plan.len as usize);
     match resp.body {
         Body::Empty => {}
-        Body::Bytes(b) => out.extend_from_slice(&b),
-        Body::File { file, len } if len <= INLINE_FILE_BYTES => {
-            let start = out.len();
-            out.resize(start + len as usize, 0);
-            read_exact_at(&file, &mut out[start..], 0)?;
+        Body::Bytes(b) => out.extend_from_slice(&b[start..start + len]),
+        Body::File { file, .. } if plan.len <= INLINE_FILE_BYTES => {
+            let at = out.len();
+            out.resize(at + len, 0);
+            read_exact_at(&file, &mut out[at..], plan.start)?;
         }
         _ => return Err(io::Error::other("not a small response")),
     }
@@ -81,28 +118,59 @@ pub struct Sent {
     pub replaced_because: Option<String>,
 }
 
-/// Writes `resp` (its head, and its body unless `head_only`).
+/// Which part of `resp`'s body `req` gets ([`range::choose`]); the whole unless the handler
+/// made it rangeable.
+pub fn part_for(req: &Request, resp: &Response) -> Part {
+    if !resp.ranges {
+        return Part::Whole;
+    }
+    let asked = range::Asked { get: req.method == Method::Get, range: req.header("range"), if_range: req.header("if-range") };
+    range::choose(&asked, resp.header("etag"), resp.body.len(), encoded(resp))
+}
+
+/// Writes `part` of `resp` (its head, and its body unless `head_only`).
 ///
 /// A growing body's head waits for its first bytes: a download that fails before any arrive
 /// (upstream refused, hung, answered an error, or a small NAR held back whole failed its hash)
 /// is answered `502 Bad Gateway` with the reason, which a client reports as such and retries,
-/// rather than a `200` cut off at byte 0.
-pub fn write_response(sock: &mut TcpStream, resp: Response, head_only: bool, keep_alive: bool) -> io::Result<Sent> {
-    let len = resp.body.len();
+/// rather than a `200` cut off at byte 0. A range of a growing body waits the same way for its
+/// own first byte, however far into the download that lies.
+///
+/// Large bodies go out corked (`TCP_CORK` from the head to the end of each `sendfile`, as
+/// nginx's `tcp_nopush`): the head shares the first segment with the body, and only full
+/// segments leave while the socket buffer drains. Without it (the socket has `TCP_NODELAY`
+/// for the small answers) 64 MiB hits ran at 0.61x nginx in pinned runs; DESIGN.md has the
+/// numbers.
+pub fn write_response(sock: &mut TcpStream, resp: Response, part: Part, head_only: bool, keep_alive: bool) -> io::Result<Sent> {
+    let full = resp.body.len();
+    if part == Part::Unsatisfiable {
+        let mut refused = Response::text(416, "Range Not Satisfiable\n");
+        refused.ranges = true;
+        if let Some(tag) = resp.header("etag") {
+            refused.headers.push(("ETag", tag.to_string()));
+        }
+        let plan = Plan { content_range: range::content_range(part, full), ..Plan::whole(&refused, head_only, keep_alive) };
+        let bytes = if head_only { 0 } else { plan.len };
+        sock.write_all(&render(refused, &plan)?)?;
+        return Ok(Sent { status: 416, bytes, replaced_because: None });
+    }
+    let (start, len) = part.span(full);
+    let status = if matches!(part, Part::Range { .. }) { 206 } else { resp.status };
+    let plan = Plan { status, start, len, content_range: range::content_range(part, full), head_only, keep_alive };
     let small = match &resp.body {
         Body::Empty | Body::Bytes(_) => true,
-        Body::File { len, .. } => *len <= INLINE_FILE_BYTES,
+        Body::File { .. } => len <= INLINE_FILE_BYTES,
         _ => false,
     };
-    let status = resp.status;
     if small || head_only {
-        sock.write_all(&render_small(resp, head_only, keep_alive)?)?;
+        sock.write_all(&render(resp, &plan)?)?;
         return Ok(Sent { status, bytes: if head_only { 0 } else { len }, replaced_because: None });
     }
     match resp.body {
-        Body::File { ref file, len } => {
-            sock.write_all(&head(&resp, keep_alive)?)?;
-            send_file(sock, file, 0, len)?;
+        Body::File { ref file, .. } => {
+            let _cork = Cork::on(sock);
+            sock.write_all(&head(&resp, &plan)?)?;
+            send_file(sock, file, start, len)?;
         }
         Body::Declared(_) | Body::Empty | Body::Bytes(_) => {
             // A length-only body answering a GET is a handler bug: the head would promise
@@ -110,7 +178,8 @@ pub fn write_response(sock: &mut TcpStream, resp: Response, head_only: bool, kee
             return Err(io::Error::other("a length-only body cannot answer a GET"));
         }
         Body::Growing(ref g) => {
-            let first = if len == 0 { None } else { Some(g.wait(0, &|| peer_gone(sock))) };
+            let end = start + len;
+            let first = if len == 0 { None } else { Some(g.wait(start, &|| peer_gone(sock))) };
             if let Some(Err(why)) = first {
                 if matches!(why, Interrupted::ClientGone) {
                     return Err(io::Error::other(why));
@@ -121,24 +190,32 @@ pub fn write_response(sock: &mut TcpStream, resp: Response, head_only: bool, kee
                 sock.write_all(&render_small(failed, false, keep_alive)?)?;
                 return Ok(Sent { status: 502, bytes, replaced_because: Some(why) });
             }
-            sock.write_all(&head(&resp, keep_alive)?)?;
+            let mut cork = Some(Cork::on(sock));
+            sock.write_all(&head(&resp, &plan)?)?;
             let mut next = first;
-            let mut sent = 0;
-            while sent < len {
+            let mut sent = start;
+            while sent < end {
                 let chunk = match next.take() {
                     Some(c) => c,
-                    None => g.wait(sent, &|| peer_gone(sock)),
+                    None => {
+                        // Whatever is corked goes out before waiting for more.
+                        drop(cork.take());
+                        g.wait(sent, &|| peer_gone(sock))
+                    }
                 };
+                if cork.is_none() {
+                    cork = Some(Cork::on(sock));
+                }
                 match chunk {
                     Ok(Chunk::File { upto }) => {
-                        let upto = upto.min(len);
+                        let upto = upto.min(end);
                         if upto > sent {
                             send_file(sock, g.file(), sent, upto - sent)?;
                             sent = upto;
                         }
                     }
                     Ok(Chunk::Bytes(b)) => {
-                        let b = &b[..b.len().min((len - sent) as usize)];
+                        let b = &b[..b.len().min((end - sent) as usize)];
                         sock.write_all(b)?;
                         sent += b.len() as u64;
                     }
@@ -151,6 +228,40 @@ pub fn write_response(sock: &mut TcpStream, resp: Response, head_only: bool, kee
         }
     }
     Ok(Sent { status, bytes: len, replaced_because: None })
+}
+
+/// `TCP_CORK` on a socket while this lives: partial segments are held back until it is
+/// dropped (which sends them). Best effort: a socket that refuses it is merely slower.
+/// (It holds the descriptor, not a borrow, so the socket can be written meanwhile; it never
+/// outlives the `write_response` call that owns the socket.)
+struct Cork(std::os::fd::RawFd);
+
+impl Cork {
+    fn on(sock: &TcpStream) -> Cork {
+        set_cork(sock.as_raw_fd(), true);
+        Cork(sock.as_raw_fd())
+    }
+}
+
+impl Drop for Cork {
+    fn drop(&mut self) {
+        set_cork(self.0, false);
+    }
+}
+
+fn set_cork(fd: std::os::fd::RawFd, on: bool) {
+    let v: libc::c_int = on.into();
+    // SAFETY: `fd` is the socket of the response being written, open for the whole call (a
+    // Cork is dropped before write_response returns), and `v` is a correctly sized int.
+    unsafe {
+        libc::setsockopt(
+            fd,
+            libc::IPPROTO_TCP,
+            libc::TCP_CORK,
+            &v as *const libc::c_int as *const libc::c_void,
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        );
+    }
 }
 
 fn read_exact_at(file: &File, buf: &mut [u8], offset: u64) -> io::Result<()> {
@@ -220,7 +331,7 @@ mod tests {
         let mut client = TcpStream::connect(l.local_addr().unwrap()).unwrap();
         let (mut server, _) = l.accept().unwrap();
         let resp = Response::new(200, "application/x-nix-nar", Body::Growing(Box::new(body)));
-        let sent = write_response(&mut server, resp, false, true).map_err(|e| e.to_string());
+        let sent = write_response(&mut server, resp, Part::Whole, false, true).map_err(|e| e.to_string());
         drop(server);
         let mut got = Vec::new();
         let clean = client.read_to_end(&mut got).is_ok();

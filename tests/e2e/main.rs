@@ -9,6 +9,7 @@
 //! | [`integrity`] | what ncps refuses to pass on or keep: bad signatures, corrupt or truncated NARs, crashes, hostile clients |
 //! | [`lifecycle`] | the size limit and eviction, uploads, DELETE, `ncps fsck` |
 //! | [`concurrency`] | many clients at once: one upstream download per miss, streaming, floods |
+//! | [`ranges`] | byte ranges on NARs: resuming a cut transfer, ETags, edge cases, HEAD |
 //! | [`support`] | the helpers they are built from (fixture, upstream, ncps handle, HTTP, hashes) |
 //!
 //! Run: `cargo test --test e2e` (add `-- --nocapture` for timings); one module:
@@ -23,3 +24,4 @@ mod concurrency;
 mod integrity;
 mod lifecycle;
 mod proxy;
+mod ranges;

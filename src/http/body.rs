@@ -338,6 +338,59 @@ mod tests {
         (sent, got, clean)
     }
 
+    fn get_with(headers: &str) -> Request {
+        let head = format!("GET /nar/x.nar HTTP/1.1\r\nHost: x\r\n{headers}\r\n");
+        match crate::http::request::parse_head(head.as_bytes(), "127.0.0.1:1".parse().unwrap()) {
+            crate::http::request::Parsed::Complete(r, _) => r,
+            _ => panic!("test request did not parse"),
+        }
+    }
+
+    /// What a client reads for `resp` asked for by `req`.
+    fn exchange(req: &Request, resp: Response) -> String {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut client = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (mut server, _) = l.accept().unwrap();
+        let part = part_for(req, &resp);
+        write_response(&mut server, resp, part, false, false).unwrap();
+        drop(server);
+        let mut got = String::new();
+        client.read_to_string(&mut got).unwrap();
+        got
+    }
+
+    fn nar(body: &[u8]) -> Response {
+        Response::new(200, "application/x-nix-nar", Body::Bytes(body.to_vec())).with_ranges(Some("\"t\"".into()))
+    }
+
+    #[test]
+    fn a_range_of_a_rangeable_body_is_a_206_with_its_content_range() {
+        let got = exchange(&get_with("Range: bytes=2-4\r\n"), nar(b"0123456789"));
+        assert!(got.starts_with("HTTP/1.1 206 Partial Content\r\n"), "{got}");
+        for h in ["Content-Length: 3\r\n", "Content-Range: bytes 2-4/10\r\n", "Accept-Ranges: bytes\r\n", "ETag: \"t\"\r\n"] {
+            assert!(got.contains(h), "{h:?} in {got}");
+        }
+        assert!(got.ends_with("\r\n\r\n234"), "{got}");
+        let got = exchange(&get_with("Range: bytes=10-\r\n"), nar(b"0123456789"));
+        assert!(got.starts_with("HTTP/1.1 416 Range Not Satisfiable\r\n") && got.contains("Content-Range: bytes */10\r\n"), "{got}");
+    }
+
+    #[test]
+    fn a_body_with_a_content_encoding_is_never_announced_or_sent_as_ranges() {
+        let encoded = nar(b"0123456789").with_header("Content-Encoding", "zstd");
+        let got = exchange(&get_with("Range: bytes=2-4\r\n"), encoded);
+        assert!(got.starts_with("HTTP/1.1 200 OK\r\n"), "{got}");
+        assert!(!got.contains("Accept-Ranges") && !got.contains("Content-Range"), "{got}");
+        assert!(got.ends_with("\r\n\r\n0123456789"), "{got}");
+    }
+
+    #[test]
+    fn bodies_not_made_rangeable_ignore_range() {
+        let plain = Response::new(200, "text/x-nix-narinfo", Body::Bytes(b"0123456789".to_vec()));
+        let got = exchange(&get_with("Range: bytes=2-4\r\n"), plain);
+        assert!(got.starts_with("HTTP/1.1 200 OK\r\n") && !got.contains("Accept-Ranges"), "{got}");
+    }
+
     #[test]
     fn a_download_failing_before_its_first_byte_is_a_502_that_says_why() {
         let (sent, got, clean) = send(FailsAfter { file: File::open("/dev/null").unwrap(), len: 10, ok: 0 });

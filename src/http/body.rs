@@ -11,6 +11,14 @@ use std::os::fd::AsRawFd;
 /// files (narinfos) one syscall beats a write plus a sendfile.
 const INLINE_FILE_BYTES: u64 = 16 * 1024;
 
+/// The most one `sendfile` call is asked to send. In pinned runs (server on one core, curl on
+/// the other, loaded machine) 64 MiB hits went from about nginx's rate with one call for the
+/// whole file to 1.3-1.8x it with 512 KiB-8 MiB per call (nginx's own `sendfile_max_chunk`
+/// is 2 MiB); one call for everything lets the kernel mark every segment but the last "more
+/// to come", which holds them back like `TCP_CORK` (which, set around head and body, measured
+/// no better than without). DESIGN.md, "Hits", has the numbers.
+const SENDFILE_CHUNK: u64 = 2 << 20;
+
 /// Sends `len` bytes of `file` from `offset` to `sock`, inside the kernel.
 ///
 /// The socket's write timeout bounds every call, so a client that stops reading ends this with
@@ -19,7 +27,7 @@ pub fn send_file(sock: &TcpStream, file: &File, offset: u64, len: u64) -> io::Re
     let mut off = offset as libc::off_t;
     let end = offset + len;
     while (off as u64) < end {
-        let chunk = (end - off as u64).min(1 << 30) as usize;
+        let chunk = (end - off as u64).min(SENDFILE_CHUNK) as usize;
         // SAFETY: both descriptors are open for the duration of the call (borrowed), and `off`
         // is a valid, exclusively borrowed off_t.
         let n = unsafe { libc::sendfile(sock.as_raw_fd(), file.as_raw_fd(), &mut off, chunk) };
@@ -136,11 +144,8 @@ pub fn part_for(req: &Request, resp: &Response) -> Part {
 /// rather than a `200` cut off at byte 0. A range of a growing body waits the same way for its
 /// own first byte, however far into the download that lies.
 ///
-/// Large bodies go out corked (`TCP_CORK` from the head to the end of each `sendfile`, as
-/// nginx's `tcp_nopush`): the head shares the first segment with the body, and only full
-/// segments leave while the socket buffer drains. Without it (the socket has `TCP_NODELAY`
-/// for the small answers) 64 MiB hits ran at 0.61x nginx in pinned runs; DESIGN.md has the
-/// numbers.
+/// The head of a large body is sent with `MSG_MORE`, so it shares its first segment with
+/// the body; the body goes out in [`SENDFILE_CHUNK`]s.
 pub fn write_response(sock: &mut TcpStream, resp: Response, part: Part, head_only: bool, keep_alive: bool) -> io::Result<Sent> {
     let full = resp.body.len();
     if part == Part::Unsatisfiable {
@@ -168,8 +173,7 @@ pub fn write_response(sock: &mut TcpStream, resp: Response, part: Part, head_onl
     }
     match resp.body {
         Body::File { ref file, .. } => {
-            let _cork = Cork::on(sock);
-            sock.write_all(&head(&resp, &plan)?)?;
+            send_more(sock, &head(&resp, &plan)?)?;
             send_file(sock, file, start, len)?;
         }
         Body::Declared(_) | Body::Empty | Body::Bytes(_) => {
@@ -190,22 +194,14 @@ pub fn write_response(sock: &mut TcpStream, resp: Response, part: Part, head_onl
                 sock.write_all(&render_small(failed, false, keep_alive)?)?;
                 return Ok(Sent { status: 502, bytes, replaced_because: Some(why) });
             }
-            let mut cork = Some(Cork::on(sock));
-            sock.write_all(&head(&resp, &plan)?)?;
+            send_more(sock, &head(&resp, &plan)?)?;
             let mut next = first;
             let mut sent = start;
             while sent < end {
                 let chunk = match next.take() {
                     Some(c) => c,
-                    None => {
-                        // Whatever is corked goes out before waiting for more.
-                        drop(cork.take());
-                        g.wait(sent, &|| peer_gone(sock))
-                    }
+                    None => g.wait(sent, &|| peer_gone(sock)),
                 };
-                if cork.is_none() {
-                    cork = Some(Cork::on(sock));
-                }
                 match chunk {
                     Ok(Chunk::File { upto }) => {
                         let upto = upto.min(end);
@@ -230,38 +226,27 @@ pub fn write_response(sock: &mut TcpStream, resp: Response, part: Part, head_onl
     Ok(Sent { status, bytes: len, replaced_because: None })
 }
 
-/// `TCP_CORK` on a socket while this lives: partial segments are held back until it is
-/// dropped (which sends them). Best effort: a socket that refuses it is merely slower.
-/// (It holds the descriptor, not a borrow, so the socket can be written meanwhile; it never
-/// outlives the `write_response` call that owns the socket.)
-struct Cork(std::os::fd::RawFd);
-
-impl Cork {
-    fn on(sock: &TcpStream) -> Cork {
-        set_cork(sock.as_raw_fd(), true);
-        Cork(sock.as_raw_fd())
+/// Writes all of `bytes` with `MSG_MORE`: they wait (at most ~200 ms, in practice until the
+/// `sendfile` that follows at once) to share a segment with what comes next.
+fn send_more(sock: &TcpStream, mut bytes: &[u8]) -> io::Result<()> {
+    while !bytes.is_empty() {
+        // SAFETY: a valid socket descriptor and a live buffer of the given length.
+        let n = unsafe {
+            libc::send(sock.as_raw_fd(), bytes.as_ptr() as *const libc::c_void, bytes.len(), libc::MSG_MORE | libc::MSG_NOSIGNAL)
+        };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            match e.kind() {
+                io::ErrorKind::Interrupted => continue,
+                io::ErrorKind::WouldBlock => {
+                    return Err(io::Error::new(io::ErrorKind::TimedOut, "client stopped reading"))
+                }
+                _ => return Err(e),
+            }
+        }
+        bytes = &bytes[n as usize..];
     }
-}
-
-impl Drop for Cork {
-    fn drop(&mut self) {
-        set_cork(self.0, false);
-    }
-}
-
-fn set_cork(fd: std::os::fd::RawFd, on: bool) {
-    let v: libc::c_int = on.into();
-    // SAFETY: `fd` is the socket of the response being written, open for the whole call (a
-    // Cork is dropped before write_response returns), and `v` is a correctly sized int.
-    unsafe {
-        libc::setsockopt(
-            fd,
-            libc::IPPROTO_TCP,
-            libc::TCP_CORK,
-            &v as *const libc::c_int as *const libc::c_void,
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        );
-    }
+    Ok(())
 }
 
 fn read_exact_at(file: &File, buf: &mut [u8], offset: u64) -> io::Result<()> {

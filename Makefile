@@ -59,7 +59,7 @@ bench-deps:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 	fi
 
-# bench/run.sh (sections a-f), then the scale section (bench/scale.sh), which BENCH_ONLY
+# bench/run.sh (sections a-f, h, m), then the scale section (bench/scale.sh), which BENCH_ONLY
 # selects with the letter g. The stores it generates are kept in /var/tmp/ncps-bench-scale.
 bench: build bench-deps
 	@rc=0; NCPS=$(CURDIR)/target/release/ncps bash bench/run.sh || rc=1; \

@@ -71,18 +71,19 @@ bench-deps:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 	fi
 
-# bench/run.sh (sections a-f), then the scale section (bench/scale.sh), which BENCH_ONLY
-# selects with the letter g, and the outage section (bench/outage.sh), letter h. The stores it generates are kept in /var/tmp/ncps-bench-scale.
+# bench/run.sh (sections a-f, h, m), then the scale section (bench/scale.sh), which BENCH_ONLY
+# selects with the letter g, and the outage section (bench/outage.sh), letter o. The stores it
+# generates are kept in /var/tmp/ncps-bench-scale.
 bench: build bench-deps
 	@rc=0; NCPS=$(CURDIR)/target/release/ncps bash bench/run.sh || rc=1; \
 	case "$${BENCH_ONLY:-g}" in *g*) NCPS=$(CURDIR)/target/release/ncps BENCH_SCALE_N="$(BENCH_SCALE_N)" \
 	  bash bench/scale.sh || rc=1 ;; esac; \
-	case "$${BENCH_ONLY:-h}" in *h*) NCPS=$(CURDIR)/target/release/ncps bash bench/outage.sh || rc=1 ;; esac; exit $$rc
+	case "$${BENCH_ONLY:-o}" in *o*) NCPS=$(CURDIR)/target/release/ncps bash bench/outage.sh || rc=1 ;; esac; exit $$rc
 
 bench-scale: build bench-deps
 	NCPS=$(CURDIR)/target/release/ncps BENCH_SCALE_N="$(BENCH_SCALE_N)" bash bench/scale.sh
 
-# Misses while the only upstream is down (bench/outage.sh; issue 13); section h of make bench.
+# Misses while the only upstream is down (bench/outage.sh; issue 13); section o of make bench.
 bench-outage: build
 	NCPS=$(CURDIR)/target/release/ncps bash bench/outage.sh
 

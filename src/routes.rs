@@ -8,7 +8,7 @@ use crate::cache::{Answer, Cache};
 use crate::metrics::{Kind, Outcome};
 use crate::status;
 use crate::http::{Body, Handler, Method, Request, Response};
-use crate::nix::{NarName, StorePathHash};
+use crate::nix::{Hash, NarName, StorePathHash};
 use std::io::Read;
 use std::sync::Arc;
 
@@ -110,6 +110,15 @@ pub fn route(path: &str) -> Route {
     Route::NotFound
 }
 
+/// A NAR answer (a hit, a download in progress, or a HEAD before one) may be asked for in
+/// parts, with its FileHash as strong ETag (`"<nix32>"`): see [`crate::http::range`].
+fn nar_ranges(resp: Response, file_hash: Option<Hash>) -> Response {
+    if resp.status != 200 {
+        return resp;
+    }
+    resp.with_ranges(file_hash.map(|h| format!("\"{}\"", h.to_nix32())))
+}
+
 fn method_not_allowed(allow: &str) -> Response {
     Response::text(405, "Method Not Allowed\n").with_header("Allow", allow.to_string())
 }
@@ -194,7 +203,13 @@ impl Routes {
             // Under /upload, a client is checking what it needs to send: only what is here counts.
             Route::Narinfo(hash) if upload => self.answer(self.cache.narinfo_local(&hash), Kind::Narinfo, req),
             Route::Narinfo(hash) => self.answer(self.cache.narinfo(&hash), Kind::Narinfo, req),
-            Route::Nar(name) => self.answer(self.cache.nar(&name, req.method == Method::Head), Kind::Nar, req),
+            Route::Nar(name) => {
+                let (answer, file_hash) = match self.cache.nar(&name, req.method == Method::Head) {
+                    Ok((answer, file_hash)) => (Ok(answer), file_hash),
+                    Err(e) => (Err(e), None),
+                };
+                nar_ranges(self.answer(answer, Kind::Nar, req), file_hash)
+            }
             Route::NotFound | Route::Bad(_) => Response::not_found(),
         }
     }
@@ -259,8 +274,9 @@ impl Routes {
         };
         let metrics = self.cache.metrics();
         let mut resp = resp;
-        if matches!(resp.body, Body::Growing(_)) {
-            // Counted once sent: a download that fails before its first byte is a 502.
+        if matches!(resp.body, Body::Growing(_)) || kind == Kind::Nar {
+            // Counted once sent: a download that fails before its first byte is a 502, and a
+            // NAR may go out as a 206 part or a 416.
             let metrics = metrics.clone();
             resp.on_sent = Some(Box::new(move |sent| {
                 let outcome = if sent.replaced_because.is_some() { Outcome::Error } else { outcome };

@@ -173,11 +173,14 @@ enum Started {
 }
 
 impl Cache {
-    /// `GET /nar/<name>` (or HEAD, with `head_only`).
-    pub fn nar(self: &Arc<Self>, name: &NarName, head_only: bool) -> Result<Answer, CacheError> {
+    /// `GET /nar/<name>` (or HEAD, with `head_only`), and the FileHash of the bytes it
+    /// answers with, if known: the NAR's ETag (see [`crate::http::range`]). It names the bytes
+    /// themselves, so it is the same for a download in progress and for the stored file.
+    pub fn nar(self: &Arc<Self>, name: &NarName, head_only: bool) -> Result<(Answer, Option<Hash>), CacheError> {
         if let Some(blob) = self.blobs.nar(name)? {
             self.touch_nar(name);
-            return Ok(Answer::Hit(body_of(blob)));
+            let tag = self.stored_file_hash(name, &blob);
+            return Ok((Answer::Hit(body_of(blob)), tag));
         }
         let record = match self.index.nar(name)? {
             Some(r) => Some(r),
@@ -186,34 +189,40 @@ impl Cache {
         let Some(record) = record else {
             return self.nar_by_name(name, head_only);
         };
+        let tag = Some(record.file_hash);
         if head_only {
-            return Ok(Answer::Length(record.file_size));
+            return Ok((Answer::Length(record.file_size), tag));
         }
         let recorded = || Arc::from(trust::origin(&record.upstream_url));
-        match self.start_download(record.clone(), None, false)? {
-            Started::Hit(body) => Ok(Answer::Hit(body)),
-            Started::Joined(reader) => Ok(Answer::Miss(Body::Growing(Box::new(reader)), recorded())),
-            Started::Busy => Ok(Answer::Busy),
+        let answer = match self.start_download(record.clone(), None, false)? {
+            Started::Hit(body) => Answer::Hit(body),
+            Started::Joined(reader) => Answer::Miss(Body::Growing(Box::new(reader)), recorded()),
+            Started::Busy => Answer::Busy,
             // Wait for an upstream to start sending: the head of the answer waits for its
             // first bytes anyway, and a miss that no upstream delivers is then answered with
             // what they said, not a 502 for everything.
             Started::New(reader, opened) => match opened.recv() {
-                Ok(Ok(from)) => Ok(Answer::Miss(Body::Growing(Box::new(reader)), from)),
-                Ok(Err(missed)) => Ok(missed.answer()),
+                Ok(Ok(from)) => Answer::Miss(Body::Growing(Box::new(reader)), from),
+                Ok(Err(missed)) => missed.answer(),
                 // The thread ended without a word (a panic): the reader is told why.
-                Err(mpsc::RecvError) => Ok(Answer::Miss(Body::Growing(Box::new(reader)), recorded())),
+                Err(mpsc::RecvError) => Answer::Miss(Body::Growing(Box::new(reader)), recorded()),
             },
-        }
+        };
+        Ok(tagged(answer, tag))
     }
 
     /// A NAR no narinfo here points at: fetched by the same name from the configured
     /// upstreams, checked against the hash in its name. A name that is not a content hash
     /// is a 404 without asking anyone; so is a HEAD (it fetches nothing).
-    fn nar_by_name(self: &Arc<Self>, name: &NarName, head_only: bool) -> Result<Answer, CacheError> {
+    fn nar_by_name(self: &Arc<Self>, name: &NarName, head_only: bool) -> Result<(Answer, Option<Hash>), CacheError> {
         let Some(file_hash) = trust::name_hash(name) else {
             log::debug!("nar {name}: no narinfo points at it, and its name is not a content hash");
-            return Ok(Answer::NotFound);
+            return Ok((Answer::NotFound, None));
         };
+        Ok(tagged(self.nar_by_name_hash(name, file_hash, head_only)?, Some(file_hash)))
+    }
+
+    fn nar_by_name_hash(self: &Arc<Self>, name: &NarName, file_hash: Hash, head_only: bool) -> Result<Answer, CacheError> {
         if head_only {
             log::debug!("nar {name}: no narinfo points at it (a HEAD fetches nothing)");
             return Ok(Answer::NotFound);
@@ -373,6 +382,25 @@ impl Cache {
         Ok(Started::New(first_reader, opened))
     }
 
+    /// The FileHash of a stored NAR: kept with the blob (no index lookup, which would cost a
+    /// small-NAR hit ~45% of its rate), else, for blobs stored without it, what the index (or
+    /// the list of NARs served but not indexed) records for a NAR of this length.
+    fn stored_file_hash(&self, name: &NarName, blob: &crate::storage::Blob) -> Option<Hash> {
+        self.blobs.nar_file_hash(blob).or_else(|| self.indexed_file_hash(name, blob.len()))
+    }
+
+    fn indexed_file_hash(&self, name: &NarName, len: u64) -> Option<Hash> {
+        let record = match self.index.nar(name) {
+            Ok(Some(r)) => r,
+            Ok(None) => lock(&self.unindexed).get(name).cloned()?,
+            Err(e) => {
+                log::warn!("nar {name}: no ETag, the index failed: {e}");
+                return None;
+            }
+        };
+        (record.file_size == len).then_some(record.file_hash)
+    }
+
     fn run_download(&self, job: Job) {
         let Job { record, mut temp, download, mut opening, first, by_name } = job;
         let name = record.name.clone();
@@ -400,7 +428,7 @@ impl Cache {
                     let kept = if by_name {
                         self.keep_nar_by_name(temp, &record)
                     } else {
-                        self.keep_nar(temp, &name, record.file_size)
+                        self.keep_nar(temp, &name, record.file_size, &record.file_hash)
                     };
                     match kept {
                         Ok(()) => log::info!(
@@ -440,9 +468,9 @@ impl Cache {
     }
 
     /// Gives a verified NAR its final name and accounts for it.
-    fn keep_nar(&self, temp: TempFile, name: &NarName, size: u64) -> Result<(), CacheError> {
+    fn keep_nar(&self, temp: TempFile, name: &NarName, size: u64, file_hash: &Hash) -> Result<(), CacheError> {
         let _writing = self.writing();
-        self.blobs.put_nar(name, temp)?;
+        self.blobs.put_nar(name, temp, file_hash)?;
         if !self.index.set_nar_stored(name, true)? {
             // Deleted or evicted while downloading: keeping the blob would orphan it.
             self.blobs.remove_nar(name)?;
@@ -466,7 +494,7 @@ impl Cache {
                 None => self.index.put_nar(record)?,
             }
         }
-        self.keep_nar(temp, &record.name, record.file_size)
+        self.keep_nar(temp, &record.name, record.file_size, &record.file_hash)
     }
 
     /// Where to try, per [`sources::nar_candidates`]: only configured upstreams, the recorded
@@ -631,4 +659,12 @@ struct SentBy {
     upstream: Option<usize>,
     started: Instant,
     used: Vec<String>,
+}
+
+/// The ETag goes only with an answer that carries the NAR's bytes (or their length).
+fn tagged(answer: Answer, tag: Option<Hash>) -> (Answer, Option<Hash>) {
+    match answer {
+        Answer::Hit(_) | Answer::Miss(..) | Answer::Length(_) => (answer, tag),
+        other => (other, None),
+    }
 }

@@ -138,6 +138,17 @@ const HOLD_WHOLE_UP_TO: u64 = 1 << 20;
 /// for its slowest reader.
 const SPILL_MAX: usize = 8 << 20;
 
+/// Readers are woken for new bytes once this many have come since the last wake-up, or once
+/// [`WAKE_AFTER`] has passed. From a fast upstream bytes come in chunks of 128 KiB every
+/// ~100 µs; waking every reader for each of them cost more CPU than the sending did (a
+/// futex wake, a context switch, a sendfile and two setsockopt calls per 128 KiB).
+const WAKE_EVERY_BYTES: u64 = 1 << 20;
+const WAKE_AFTER: Duration = Duration::from_millis(5);
+
+/// How long a reader sleeps at most between looks: bounds how late it sees bytes whose
+/// wake-up was saved (a burst that ended within [`WAKE_AFTER`] of the last wake-up).
+const READER_NAP: Duration = Duration::from_millis(100);
+
 /// A NAR being downloaded into a temp file, shared by its readers.
 ///
 /// Normally every byte goes to the file and readers send from it. If the file stops taking
@@ -166,6 +177,9 @@ struct State {
     readers: HashMap<u64, u64>,
     next_reader: u64,
     last_progress: Instant,
+    /// `written` at the last wake-up of the readers, and when that was.
+    announced: u64,
+    announced_at: Instant,
     /// `Some(Ok)` once the whole file is verified; `Some(Err)` when the download failed.
     outcome: Option<Outcome>,
 }
@@ -186,6 +200,8 @@ impl Download {
                 readers: HashMap::new(),
                 next_reader: 0,
                 last_progress: Instant::now(),
+                announced: 0,
+                announced_at: Instant::now(),
                 outcome: None,
             }),
             changed: Condvar::new(),
@@ -196,9 +212,17 @@ impl Download {
     /// Writer: this many bytes are now in the file.
     pub fn progress(&self, written: u64) {
         let mut s = lock(&self.state);
+        let now = Instant::now();
         s.written = written;
         s.on_disk = written;
-        s.last_progress = Instant::now();
+        s.last_progress = now;
+        // The first bytes always wake the readers: their time to first byte is not traded.
+        let first = s.announced == 0;
+        if !first && written - s.announced < WAKE_EVERY_BYTES && now.duration_since(s.announced_at) < WAKE_AFTER {
+            return;
+        }
+        s.announced = written;
+        s.announced_at = now;
         drop(s);
         self.changed.notify_all();
     }
@@ -299,7 +323,7 @@ impl Download {
             }
             s = self
                 .changed
-                .wait_timeout(s, Duration::from_millis(500))
+                .wait_timeout(s, READER_NAP)
                 .unwrap_or_else(|p| p.into_inner())
                 .0;
         }
@@ -401,6 +425,25 @@ mod tests {
     }
 
 
+
+    #[test]
+    fn bytes_whose_wake_up_was_saved_reach_a_waiting_reader_within_a_nap() {
+        let d = download(HOLD_WHOLE_UP_TO + WAKE_EVERY_BYTES * 2);
+        let r = d.reader();
+        d.progress(100);
+        assert_eq!(upto(d.wait(r.id, 0, &|| false)), Ok(100), "the first bytes wake at once");
+        std::thread::scope(|s| {
+            let t = Instant::now();
+            let waiter = s.spawn(|| upto(d.wait(r.id, 100, &|| false)));
+            std::thread::sleep(Duration::from_millis(20));
+            d.progress(200); // within WAKE_AFTER of nothing, and far below WAKE_EVERY_BYTES
+            let got = waiter.join().unwrap();
+            assert_eq!(got, Ok(200));
+            assert!(t.elapsed() < READER_NAP * 3, "seen after {:?}", t.elapsed());
+        });
+        d.progress(200 + WAKE_EVERY_BYTES);
+        assert_eq!(upto(d.wait(r.id, 200, &|| false)), Ok(200 + WAKE_EVERY_BYTES));
+    }
 
     #[test]
     fn a_failed_download_fails_its_readers() {

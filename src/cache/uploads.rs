@@ -31,7 +31,7 @@ impl Cache {
         let _writing = self.writing();
         self.index.put_nar(&record)?;
         let previous = self.blobs.nar_len(name)?;
-        self.blobs.put_nar(name, temp)?;
+        self.blobs.put_nar(name, temp, &got)?;
         self.index.set_nar_stored(name, true)?;
         self.space.add(written, previous.unwrap_or(0));
         self.enforce_limit();

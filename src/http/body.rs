@@ -1,6 +1,7 @@
 //! Writing responses to a socket: heads, byte bodies, and file bodies by `sendfile(2)`.
 
-use super::{reason, Body, Chunk, Interrupted, Response};
+use super::range::{self, Part};
+use super::{reason, Body, Chunk, Interrupted, Method, Request, Response};
 use std::fs::File;
 use std::io::{self, Write};
 use std::net::TcpStream;
@@ -10,6 +11,14 @@ use std::os::fd::AsRawFd;
 /// files (narinfos) one syscall beats a write plus a sendfile.
 const INLINE_FILE_BYTES: u64 = 16 * 1024;
 
+/// The most one `sendfile` call is asked to send. In pinned runs (server on one core, curl on
+/// the other, loaded machine) 64 MiB hits went from about nginx's rate with one call for the
+/// whole file to 1.3-1.8x it with 512 KiB-8 MiB per call (nginx's own `sendfile_max_chunk`
+/// is 2 MiB); one call for everything lets the kernel mark every segment but the last "more
+/// to come", which holds them back like `TCP_CORK` (which, set around head and body, measured
+/// no better than without). DESIGN.md, "Hits", has the numbers.
+const SENDFILE_CHUNK: u64 = 2 << 20;
+
 /// Sends `len` bytes of `file` from `offset` to `sock`, inside the kernel.
 ///
 /// The socket's write timeout bounds every call, so a client that stops reading ends this with
@@ -18,7 +27,7 @@ pub fn send_file(sock: &TcpStream, file: &File, offset: u64, len: u64) -> io::Re
     let mut off = offset as libc::off_t;
     let end = offset + len;
     while (off as u64) < end {
-        let chunk = (end - off as u64).min(1 << 30) as usize;
+        let chunk = (end - off as u64).min(SENDFILE_CHUNK) as usize;
         // SAFETY: both descriptors are open for the duration of the call (borrowed), and `off`
         // is a valid, exclusively borrowed off_t.
         let n = unsafe { libc::sendfile(sock.as_raw_fd(), file.as_raw_fd(), &mut off, chunk) };
@@ -39,13 +48,43 @@ pub fn send_file(sock: &TcpStream, file: &File, offset: u64, len: u64) -> io::Re
     Ok(())
 }
 
-fn head(resp: &Response, keep_alive: bool) -> io::Result<Vec<u8>> {
+/// What [`write_response`] is asked to send of a response: which part of its body, with
+/// what status, and whether only the head.
+struct Plan {
+    status: u16,
+    /// Offset of the first body byte to send, and how many (the Content-Length).
+    start: u64,
+    len: u64,
+    /// The `Content-Range` of a `206`.
+    content_range: Option<String>,
+    head_only: bool,
+    keep_alive: bool,
+}
+
+impl Plan {
+    fn whole(resp: &Response, head_only: bool, keep_alive: bool) -> Plan {
+        Plan { status: resp.status, start: 0, len: resp.body.len(), content_range: None, head_only, keep_alive }
+    }
+}
+
+/// Whether `resp`'s body goes out with a Content-Encoding (then it is never sent in parts).
+fn encoded(resp: &Response) -> bool {
+    resp.header("content-encoding").is_some()
+}
+
+fn head(resp: &Response, plan: &Plan) -> io::Result<Vec<u8>> {
     let mut out = Vec::with_capacity(256);
-    write!(out, "HTTP/1.1 {} {}\r\nServer: ncps\r\nContent-Length: {}\r\n", resp.status, reason(resp.status), resp.body.len())?;
+    write!(out, "HTTP/1.1 {} {}\r\nServer: ncps\r\nContent-Length: {}\r\n", plan.status, reason(plan.status), plan.len)?;
     for (k, v) in &resp.headers {
         write!(out, "{k}: {v}\r\n")?;
     }
-    if !keep_alive {
+    if resp.ranges && !encoded(resp) {
+        out.extend_from_slice(b"Accept-Ranges: bytes\r\n");
+    }
+    if let Some(r) = &plan.content_range {
+        write!(out, "Content-Range: {r}\r\n")?;
+    }
+    if !plan.keep_alive {
         out.extend_from_slice(b"Connection: close\r\n");
     }
     out.extend_from_slice(b"\r\n");
@@ -55,17 +94,23 @@ fn head(resp: &Response, keep_alive: bool) -> io::Result<Vec<u8>> {
 /// The whole of a small response (head and body) as bytes, for sending without waiting.
 /// Errors for bodies that are not small.
 pub fn render_small(resp: Response, head_only: bool, keep_alive: bool) -> io::Result<Vec<u8>> {
-    let mut out = head(&resp, keep_alive)?;
-    if head_only {
+    let plan = Plan::whole(&resp, head_only, keep_alive);
+    render(resp, &plan)
+}
+
+fn render(resp: Response, plan: &Plan) -> io::Result<Vec<u8>> {
+    let mut out = head(&resp, plan)?;
+    if plan.head_only {
         return Ok(out);
     }
+    let (start, len) = (plan.start as usize, plan.len as usize);
     match resp.body {
         Body::Empty => {}
-        Body::Bytes(b) => out.extend_from_slice(&b),
-        Body::File { file, len } if len <= INLINE_FILE_BYTES => {
-            let start = out.len();
-            out.resize(start + len as usize, 0);
-            read_exact_at(&file, &mut out[start..], 0)?;
+        Body::Bytes(b) => out.extend_from_slice(&b[start..start + len]),
+        Body::File { file, .. } if plan.len <= INLINE_FILE_BYTES => {
+            let at = out.len();
+            out.resize(at + len, 0);
+            read_exact_at(&file, &mut out[at..], plan.start)?;
         }
         _ => return Err(io::Error::other("not a small response")),
     }
@@ -81,28 +126,55 @@ pub struct Sent {
     pub replaced_because: Option<String>,
 }
 
-/// Writes `resp` (its head, and its body unless `head_only`).
+/// Which part of `resp`'s body `req` gets ([`range::choose`]); the whole unless the handler
+/// made it rangeable.
+pub fn part_for(req: &Request, resp: &Response) -> Part {
+    if !resp.ranges {
+        return Part::Whole;
+    }
+    let asked = range::Asked { get: req.method == Method::Get, range: req.header("range"), if_range: req.header("if-range") };
+    range::choose(&asked, resp.header("etag"), resp.body.len(), encoded(resp))
+}
+
+/// Writes `part` of `resp` (its head, and its body unless `head_only`).
 ///
 /// A growing body's head waits for its first bytes: a download that fails before any arrive
 /// (upstream refused, hung, answered an error, or a small NAR held back whole failed its hash)
 /// is answered `502 Bad Gateway` with the reason, which a client reports as such and retries,
-/// rather than a `200` cut off at byte 0.
-pub fn write_response(sock: &mut TcpStream, resp: Response, head_only: bool, keep_alive: bool) -> io::Result<Sent> {
-    let len = resp.body.len();
+/// rather than a `200` cut off at byte 0. A range of a growing body waits the same way for its
+/// own first byte, however far into the download that lies.
+///
+/// The head of a large body is sent with `MSG_MORE`, so it shares its first segment with
+/// the body; the body goes out in [`SENDFILE_CHUNK`]s.
+pub fn write_response(sock: &mut TcpStream, resp: Response, part: Part, head_only: bool, keep_alive: bool) -> io::Result<Sent> {
+    let full = resp.body.len();
+    if part == Part::Unsatisfiable {
+        let mut refused = Response::text(416, "Range Not Satisfiable\n");
+        refused.ranges = true;
+        if let Some(tag) = resp.header("etag") {
+            refused.headers.push(("ETag", tag.to_string()));
+        }
+        let plan = Plan { content_range: range::content_range(part, full), ..Plan::whole(&refused, head_only, keep_alive) };
+        let bytes = if head_only { 0 } else { plan.len };
+        sock.write_all(&render(refused, &plan)?)?;
+        return Ok(Sent { status: 416, bytes, replaced_because: None });
+    }
+    let (start, len) = part.span(full);
+    let status = if matches!(part, Part::Range { .. }) { 206 } else { resp.status };
+    let plan = Plan { status, start, len, content_range: range::content_range(part, full), head_only, keep_alive };
     let small = match &resp.body {
         Body::Empty | Body::Bytes(_) => true,
-        Body::File { len, .. } => *len <= INLINE_FILE_BYTES,
+        Body::File { .. } => len <= INLINE_FILE_BYTES,
         _ => false,
     };
-    let status = resp.status;
     if small || head_only {
-        sock.write_all(&render_small(resp, head_only, keep_alive)?)?;
+        sock.write_all(&render(resp, &plan)?)?;
         return Ok(Sent { status, bytes: if head_only { 0 } else { len }, replaced_because: None });
     }
     match resp.body {
-        Body::File { ref file, len } => {
-            sock.write_all(&head(&resp, keep_alive)?)?;
-            send_file(sock, file, 0, len)?;
+        Body::File { ref file, .. } => {
+            send_more(sock, &head(&resp, &plan)?)?;
+            send_file(sock, file, start, len)?;
         }
         Body::Declared(_) | Body::Empty | Body::Bytes(_) => {
             // A length-only body answering a GET is a handler bug: the head would promise
@@ -110,7 +182,8 @@ pub fn write_response(sock: &mut TcpStream, resp: Response, head_only: bool, kee
             return Err(io::Error::other("a length-only body cannot answer a GET"));
         }
         Body::Growing(ref g) => {
-            let first = if len == 0 { None } else { Some(g.wait(0, &|| peer_gone(sock))) };
+            let end = start + len;
+            let first = if len == 0 { None } else { Some(g.wait(start, &|| peer_gone(sock))) };
             if let Some(Err(why)) = first {
                 if matches!(why, Interrupted::ClientGone) {
                     return Err(io::Error::other(why));
@@ -121,24 +194,24 @@ pub fn write_response(sock: &mut TcpStream, resp: Response, head_only: bool, kee
                 sock.write_all(&render_small(failed, false, keep_alive)?)?;
                 return Ok(Sent { status: 502, bytes, replaced_because: Some(why) });
             }
-            sock.write_all(&head(&resp, keep_alive)?)?;
+            send_more(sock, &head(&resp, &plan)?)?;
             let mut next = first;
-            let mut sent = 0;
-            while sent < len {
+            let mut sent = start;
+            while sent < end {
                 let chunk = match next.take() {
                     Some(c) => c,
                     None => g.wait(sent, &|| peer_gone(sock)),
                 };
                 match chunk {
                     Ok(Chunk::File { upto }) => {
-                        let upto = upto.min(len);
+                        let upto = upto.min(end);
                         if upto > sent {
                             send_file(sock, g.file(), sent, upto - sent)?;
                             sent = upto;
                         }
                     }
                     Ok(Chunk::Bytes(b)) => {
-                        let b = &b[..b.len().min((len - sent) as usize)];
+                        let b = &b[..b.len().min((end - sent) as usize)];
                         sock.write_all(b)?;
                         sent += b.len() as u64;
                     }
@@ -151,6 +224,29 @@ pub fn write_response(sock: &mut TcpStream, resp: Response, head_only: bool, kee
         }
     }
     Ok(Sent { status, bytes: len, replaced_because: None })
+}
+
+/// Writes all of `bytes` with `MSG_MORE`: they wait (at most ~200 ms, in practice until the
+/// `sendfile` that follows at once) to share a segment with what comes next.
+fn send_more(sock: &TcpStream, mut bytes: &[u8]) -> io::Result<()> {
+    while !bytes.is_empty() {
+        // SAFETY: a valid socket descriptor and a live buffer of the given length.
+        let n = unsafe {
+            libc::send(sock.as_raw_fd(), bytes.as_ptr() as *const libc::c_void, bytes.len(), libc::MSG_MORE | libc::MSG_NOSIGNAL)
+        };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            match e.kind() {
+                io::ErrorKind::Interrupted => continue,
+                io::ErrorKind::WouldBlock => {
+                    return Err(io::Error::new(io::ErrorKind::TimedOut, "client stopped reading"))
+                }
+                _ => return Err(e),
+            }
+        }
+        bytes = &bytes[n as usize..];
+    }
+    Ok(())
 }
 
 fn read_exact_at(file: &File, buf: &mut [u8], offset: u64) -> io::Result<()> {
@@ -220,11 +316,64 @@ mod tests {
         let mut client = TcpStream::connect(l.local_addr().unwrap()).unwrap();
         let (mut server, _) = l.accept().unwrap();
         let resp = Response::new(200, "application/x-nix-nar", Body::Growing(Box::new(body)));
-        let sent = write_response(&mut server, resp, false, true).map_err(|e| e.to_string());
+        let sent = write_response(&mut server, resp, Part::Whole, false, true).map_err(|e| e.to_string());
         drop(server);
         let mut got = Vec::new();
         let clean = client.read_to_end(&mut got).is_ok();
         (sent, got, clean)
+    }
+
+    fn get_with(headers: &str) -> Request {
+        let head = format!("GET /nar/x.nar HTTP/1.1\r\nHost: x\r\n{headers}\r\n");
+        match crate::http::request::parse_head(head.as_bytes(), "127.0.0.1:1".parse().unwrap()) {
+            crate::http::request::Parsed::Complete(r, _) => r,
+            _ => panic!("test request did not parse"),
+        }
+    }
+
+    /// What a client reads for `resp` asked for by `req`.
+    fn exchange(req: &Request, resp: Response) -> String {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut client = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (mut server, _) = l.accept().unwrap();
+        let part = part_for(req, &resp);
+        write_response(&mut server, resp, part, false, false).unwrap();
+        drop(server);
+        let mut got = String::new();
+        client.read_to_string(&mut got).unwrap();
+        got
+    }
+
+    fn nar(body: &[u8]) -> Response {
+        Response::new(200, "application/x-nix-nar", Body::Bytes(body.to_vec())).with_ranges(Some("\"t\"".into()))
+    }
+
+    #[test]
+    fn a_range_of_a_rangeable_body_is_a_206_with_its_content_range() {
+        let got = exchange(&get_with("Range: bytes=2-4\r\n"), nar(b"0123456789"));
+        assert!(got.starts_with("HTTP/1.1 206 Partial Content\r\n"), "{got}");
+        for h in ["Content-Length: 3\r\n", "Content-Range: bytes 2-4/10\r\n", "Accept-Ranges: bytes\r\n", "ETag: \"t\"\r\n"] {
+            assert!(got.contains(h), "{h:?} in {got}");
+        }
+        assert!(got.ends_with("\r\n\r\n234"), "{got}");
+        let got = exchange(&get_with("Range: bytes=10-\r\n"), nar(b"0123456789"));
+        assert!(got.starts_with("HTTP/1.1 416 Range Not Satisfiable\r\n") && got.contains("Content-Range: bytes */10\r\n"), "{got}");
+    }
+
+    #[test]
+    fn a_body_with_a_content_encoding_is_never_announced_or_sent_as_ranges() {
+        let encoded = nar(b"0123456789").with_header("Content-Encoding", "zstd");
+        let got = exchange(&get_with("Range: bytes=2-4\r\n"), encoded);
+        assert!(got.starts_with("HTTP/1.1 200 OK\r\n"), "{got}");
+        assert!(!got.contains("Accept-Ranges") && !got.contains("Content-Range"), "{got}");
+        assert!(got.ends_with("\r\n\r\n0123456789"), "{got}");
+    }
+
+    #[test]
+    fn bodies_not_made_rangeable_ignore_range() {
+        let plain = Response::new(200, "text/x-nix-narinfo", Body::Bytes(b"0123456789".to_vec()));
+        let got = exchange(&get_with("Range: bytes=2-4\r\n"), plain);
+        assert!(got.starts_with("HTTP/1.1 200 OK\r\n") && !got.contains("Accept-Ranges"), "{got}");
     }
 
     #[test]

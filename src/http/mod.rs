@@ -8,6 +8,7 @@
 //! sockets.
 
 mod body;
+pub mod range;
 mod request;
 mod server;
 
@@ -110,6 +111,10 @@ pub struct Response {
     /// Called once the response is sent (or given up), with what was sent: a growing body's
     /// answer is only known then (it may become a 502), so what counts it waits for this.
     pub on_sent: Option<OnSent>,
+    /// Whether a `GET` may get a part of the body ([`range`]): then the head says
+    /// `Accept-Ranges: bytes` (unless the body has a Content-Encoding, which is never sent in
+    /// parts), and an `ETag` header, if the handler adds one, is what `If-Range` must match.
+    pub ranges: bool,
 }
 
 /// See [`Response::on_sent`].
@@ -124,6 +129,7 @@ impl Response {
             note: "",
             upstream: None,
             on_sent: None,
+            ranges: false,
         }
     }
 
@@ -139,6 +145,20 @@ impl Response {
     pub fn with_header(mut self, name: &'static str, value: impl Into<String>) -> Response {
         self.headers.push((name, value.into()));
         self
+    }
+
+    /// Lets a `GET` ask for a part of the body; `etag` is its strong tag (quoted), if known.
+    pub fn with_ranges(mut self, etag: Option<String>) -> Response {
+        self.ranges = true;
+        if let Some(tag) = etag {
+            self.headers.push(("ETag", tag));
+        }
+        self
+    }
+
+    /// The first header the handler set with this name (case-insensitive).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
     }
 
     pub fn with_note(mut self, note: &'static str) -> Response {
@@ -166,6 +186,7 @@ pub fn reason(status: u16) -> &'static str {
         200 => "OK",
         201 => "Created",
         204 => "No Content",
+        206 => "Partial Content",
         400 => "Bad Request",
         403 => "Forbidden",
         404 => "Not Found",
@@ -174,6 +195,7 @@ pub fn reason(status: u16) -> &'static str {
         411 => "Length Required",
         413 => "Payload Too Large",
         414 => "URI Too Long",
+        416 => "Range Not Satisfiable",
         431 => "Request Header Fields Too Large",
         500 => "Internal Server Error",
         501 => "Not Implemented",

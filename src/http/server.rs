@@ -6,7 +6,8 @@
 //! between requests, or still sending their headers (slowly, or never: slowloris), wait in the
 //! poll loop, which costs a few hundred bytes each, until their deadline closes them.
 
-use super::body::{render_small, write_response, Sent};
+use super::body::{part_for, render_small, write_response, Sent};
+use super::range::Part;
 use super::request::{parse_head, Parsed, Request, MAX_HEAD_BYTES};
 use super::{Method, Response};
 use std::collections::VecDeque;
@@ -464,11 +465,16 @@ fn answer(stream: &mut TcpStream, req: &Request, rest: Vec<u8>, handler: &dyn Ha
     // A body the handler did not read would be taken for the next request: close instead.
     let keep_alive = req.keep_alive && body_left == 0;
     let mut resp = resp;
-    let status = resp.status;
+    let part = part_for(req, &resp);
+    let status = match part {
+        Part::Whole => resp.status,
+        Part::Range { .. } => 206,
+        Part::Unsatisfiable => 416,
+    };
     let note = resp.log_note();
     let on_sent = resp.on_sent.take();
-    let planned = if req.method == Method::Head { 0 } else { resp.body.len() };
-    let result = write_response(stream, resp, req.method == Method::Head, keep_alive);
+    let planned = if req.method == Method::Head { 0 } else { part.span(resp.body.len()).1 };
+    let result = write_response(stream, resp, part, req.method == Method::Head, keep_alive);
     if let Some(on_sent) = on_sent {
         // An aborted transfer counts as what it was meant to be; the log line says it broke.
         let aborted = Sent { status, bytes: planned, replaced_because: None };

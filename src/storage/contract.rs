@@ -34,9 +34,11 @@ fn a_blob_is_absent_until_put_then_whole(store: &dyn BlobStore, staging: &Stagin
     assert_eq!(bytes_of(store.narinfo(&h).unwrap()).as_deref(), Some(&b"StorePath: x\n"[..]));
     store.put_narinfo(&h, b"replaced", staging).unwrap();
     assert_eq!(bytes_of(store.narinfo(&h).unwrap()).as_deref(), Some(&b"replaced"[..]));
-    store.put_nar(&n, staging.temp_with(b"nar bytes").unwrap()).unwrap();
+    store.put_nar(&n, staging.temp_with(b"nar bytes").unwrap(), &Hash::of(b"nar bytes")).unwrap();
     assert_eq!(store.nar_len(&n).unwrap(), Some(9));
-    assert_eq!(bytes_of(store.nar(&n).unwrap()).as_deref(), Some(&b"nar bytes"[..]));
+    let blob = store.nar(&n).unwrap().unwrap();
+    assert!(store.nar_file_hash(&blob).is_none_or(|h| h == Hash::of(b"nar bytes")), "the FileHash given, or none");
+    assert_eq!(bytes_of(Some(blob)).as_deref(), Some(&b"nar bytes"[..]));
     assert!(store.holds_anything().unwrap());
     store.remove_narinfo(&h).unwrap();
     store.remove_nar(&n).unwrap();
@@ -61,7 +63,7 @@ fn removing_is_idempotent(store: &dyn BlobStore, _staging: &Staging) {
 fn listing_by_shard_finds_each_blob_once(store: &dyn BlobStore, staging: &Staging) {
     let n = nar_name('4');
     let h = hash('c');
-    store.put_nar(&n, staging.temp_with(&Hash::of(b"x").0).unwrap()).unwrap();
+    store.put_nar(&n, staging.temp_with(&Hash::of(b"x").0).unwrap(), &Hash::of(&Hash::of(b"x").0)).unwrap();
     store.put_narinfo(&h, b"x", staging).unwrap();
     let mut nars = 0;
     let mut narinfos = 0;
@@ -83,6 +85,13 @@ fn listing_by_shard_finds_each_blob_once(store: &dyn BlobStore, staging: &Stagin
     store.remove_narinfo(&h).unwrap();
 }
 
+fn xattrs_work(dir: &std::path::Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let probe = std::ffi::CString::new(dir.as_os_str().as_bytes()).unwrap();
+    // SAFETY: NUL-terminated path and name, a one-byte value.
+    unsafe { libc::setxattr(probe.as_ptr(), c"user.ncps.probe".as_ptr(), b"x".as_ptr() as *const libc::c_void, 1, 0) == 0 }
+}
+
 #[test]
 fn the_local_store_keeps_the_contract() {
     let dir = std::env::temp_dir().join(format!("ncps-storage-contract-{}", std::process::id()));
@@ -92,8 +101,16 @@ fn the_local_store_keeps_the_contract() {
     every_rule(&store, &staging);
     // Local specifics: the Go ncps layout, strays found and removable.
     let n = nar_name('5');
-    store.put_nar(&n, staging.temp_with(b"x").unwrap()).unwrap();
+    store.put_nar(&n, staging.temp_with(b"x").unwrap(), &Hash::of(b"x")).unwrap();
     assert!(dir.join(format!("store/nar/5/55/{n}")).is_file());
+    // This file system keeps user extended attributes (ext4, tmpfs since Linux 6.6): then the
+    // FileHash comes back from the file itself.
+    let blob = store.nar(&n).unwrap().unwrap();
+    if xattrs_work(&dir) {
+        assert_eq!(store.nar_file_hash(&blob), Some(Hash::of(b"x")));
+    } else {
+        eprintln!("{}: no user extended attributes here; FileHash kept only in the index", dir.display());
+    }
     std::fs::write(dir.join("store/nar/5/55/junk"), b"j").unwrap();
     std::fs::write(dir.join("store/narinfo/stray"), b"j").unwrap();
     let strays = store.list_nars("55").unwrap().strays;

@@ -14,6 +14,12 @@
 //!   blobs the index does not know or index rows whose blob is gone (the start-up check
 //!   reconciles those; neither can make a client receive unverified bytes).
 //! - **Removal is idempotent.** Removing what is not there is not an error.
+//! - **The FileHash travels with the NAR.** [`BlobStore::put_nar`] is given the hash the NAR
+//!   was verified against, and [`BlobStore::nar_file_hash`] gives it back for a blob that
+//!   [`BlobStore::nar`] returned, without an index lookup (it is the NAR's HTTP ETag, sent
+//!   with every hit). `None` is allowed where the store could not keep it (local: a file system
+//!   without extended attributes, or a NAR stored by an older ncps); the caller then asks the
+//!   index.
 //! - **Listing by shard.** Blobs are listed one shard (the first two characters of the name) at
 //!   a time, so a check of a million entries holds a thousand in memory, not a million.
 //!
@@ -29,7 +35,7 @@ mod contract;
 pub use local::LocalStore;
 pub use staging::{Staging, TempFile, TEMP_SUFFIX};
 
-use crate::nix::{NarName, StorePathHash};
+use crate::nix::{Hash, NarName, StorePathHash};
 use std::fmt;
 use std::fs::File;
 use std::io;
@@ -112,8 +118,10 @@ pub trait BlobStore: Send + Sync {
     fn nar_len(&self, name: &NarName) -> Result<Option<u64>, StorageError>;
     /// Stores a narinfo, replacing any previous one atomically.
     fn put_narinfo(&self, hash: &StorePathHash, bytes: &[u8], staging: &Staging) -> Result<(), StorageError>;
-    /// Stores a verified NAR from its staged file.
-    fn put_nar(&self, name: &NarName, staged: TempFile) -> Result<(), StorageError>;
+    /// Stores a verified NAR from its staged file, with the FileHash it was verified against.
+    fn put_nar(&self, name: &NarName, staged: TempFile, file_hash: &Hash) -> Result<(), StorageError>;
+    /// The FileHash stored with the NAR `blob` (which [`BlobStore::nar`] returned), if kept.
+    fn nar_file_hash(&self, blob: &Blob) -> Option<Hash>;
     fn remove_narinfo(&self, hash: &StorePathHash) -> Result<(), StorageError>;
     fn remove_nar(&self, name: &NarName) -> Result<(), StorageError>;
     /// Removes many narinfos (an eviction batch). Every one is tried; the first failure is

@@ -11,6 +11,7 @@
 //! | [`concurrency`] | many clients at once: one upstream download per miss, streaming, floods |
 //! | [`outages`] | upstreams that fail: honest 5xx, marked down and probed back, removed ones never asked |
 //! | [`resume`] | NAR bodies that break off upstream, finished with Range requests while clients stream |
+//! | [`ranges`] | byte ranges on NARs: resuming a cut transfer, ETags, edge cases, HEAD |
 //! | [`support`] | the helpers they are built from (fixture, upstream, ncps handle, HTTP, hashes) |
 //!
 //! Run: `cargo test --test e2e` (add `-- --nocapture` for timings); one module:
@@ -30,3 +31,4 @@ mod lifecycle;
 mod outages;
 mod proxy;
 mod resume;
+mod ranges;

@@ -8,7 +8,11 @@
 //!   `NarHash`/`NarSize` (a `FileHash` that disagrees is refused); otherwise `FileHash`/
 //!   `FileSize`, and the client checks `NarHash` after decompressing.
 //! - The `URL` is not signed, so only relative URLs or absolute ones on the upstream's own
-//!   origin are followed: a narinfo cannot make ncps fetch from anywhere else.
+//!   origin are followed: a narinfo cannot make ncps fetch from anywhere else. Nor does the
+//!   `URL` name the stored NAR: its name is made from the digest that decides its bytes
+//!   (`<nix32 FileHash>.nar<ext>`, the NarHash for `Compression: none`), so two narinfos
+//!   share a stored NAR only if they promise the same bytes, and a narinfo whose `URL` names
+//!   another path's NAR file gets a name of its own (and a download that fails its check).
 //! - The narinfo ncps serves points at `nar/<name>` on ncps itself.
 
 use crate::index::NarRecord;
@@ -142,9 +146,10 @@ pub fn origin(url: &str) -> &str {
     &url[..end]
 }
 
-/// Where ncps keeps a NAR (its name) and where to fetch it (an absolute URL), from a
-/// narinfo's `URL`. Relative URLs are resolved against the upstream; absolute ones must stay
-/// on the upstream's own origin.
+/// Where ncps keeps a NAR (its name) and where to fetch it (an absolute URL). The name comes
+/// from the digest the NAR is checked against, never from the unsigned `URL`; the `URL` only
+/// says where to fetch: relative URLs are resolved against the upstream, absolute ones must
+/// stay on the upstream's own origin.
 pub fn nar_location(base: &str, url: &str, file_hash: &Hash, compression: &str) -> Result<(NarName, String), Refusal> {
     let absolute = if url.starts_with("http://") || url.starts_with("https://") {
         if origin(url) != origin(base) {
@@ -156,10 +161,7 @@ pub fn nar_location(base: &str, url: &str, file_hash: &Hash, compression: &str) 
     } else {
         format!("{base}/{url}")
     };
-    let last = url.rsplit('/').next().unwrap_or("");
-    let last = last.split('?').next().unwrap_or("");
-    let name = NarName::parse(last)
-        .or_else(|| NarName::for_file(file_hash, compression))
+    let name = NarName::for_file(file_hash, compression)
         .ok_or_else(|| Refusal::Unnameable { compression: compression.to_string() })?;
     Ok((name, absolute))
 }
@@ -269,6 +271,24 @@ mod tests {
         // An opaque upstream name is replaced by one made from the file hash.
         let (name, _) = nar_location("http://up:1", "blobs/0c5e2f", &h, "zstd").unwrap();
         assert_eq!(name.as_str(), format!("{}.nar.zst", h.to_nix32()));
+    }
+
+    #[test]
+    fn the_stored_name_comes_from_the_checked_digest_never_from_the_unsigned_url() {
+        let mine = Hash::of(b"other path's nar");
+        let small = Hash::of(b"small's nar");
+        let small_file = format!("{}.nar.xz", small.to_nix32());
+        // The URL names SMALL's NAR file: that is where it is fetched from (and the download
+        // then fails its check), but the name it is kept under is its own digest's.
+        let (name, url) = nar_location("http://up:1", &format!("nar/{small_file}"), &mine, "xz").unwrap();
+        assert_eq!(name.as_str(), format!("{}.nar.xz", mine.to_nix32()));
+        assert_eq!(url, format!("http://up:1/nar/{small_file}"));
+        assert_eq!(name_hash(&name), Some(mine));
+        // For Compression: none the signed NarHash names it.
+        let k = key();
+        let text = narinfo(&format!("nar/{}.nar", small.to_nix32()), "none", "");
+        let a = accept_upstream(&hash(), &signed(&text, &k), &[k.public()], "http://up:1").unwrap();
+        assert_eq!(a.nar.name.as_str(), format!("{}.nar", Hash::of(b"nar").to_nix32()));
     }
 
     #[test]

@@ -29,7 +29,9 @@ impl Cache {
         let record =
             NarRecord { name: name.clone(), file_hash: got, file_size: written, upstream_url: String::new(), stored: false };
         let _writing = self.writing();
-        self.index.put_nar(&record)?;
+        if !self.index.put_nar(&record)? {
+            return Err(UploadError::Internal(super::CacheError::NameTaken(name.clone())));
+        }
         let previous = self.blobs.nar_len(name)?;
         self.blobs.put_nar(name, temp)?;
         self.index.set_nar_stored(name, true)?;

@@ -3,6 +3,11 @@
 //! An upstream is never trusted to be up, fast or honest. Connecting, waiting for headers and
 //! waiting for each piece of a body all have limits (a stalled upstream must not hold a worker
 //! or a download forever), and the caller checks every byte that comes back.
+//!
+//! Redirects are followed by hand, only on the upstream's own origin (scheme, host and port)
+//! and at most [`MAX_REDIRECTS`] times: an upstream must not make ncps send requests to any
+//! other host or port on the LAN, nor receive its credentials. A redirect elsewhere is an
+//! error that names where it pointed ([`UpstreamError::RedirectElsewhere`]).
 
 use crate::config::UpstreamConfig;
 use crate::nix::narinfo::MAX_NARINFO_BYTES;
@@ -27,7 +32,14 @@ pub enum UpstreamError {
     UnsupportedEncoding(String),
     /// The zstd decoder could not start.
     Decoder(std::io::Error),
+    /// A redirect to another origin (not followed): where it pointed.
+    RedirectElsewhere(String),
+    /// More than [`MAX_REDIRECTS`] redirects, or one without a usable `Location`.
+    BadRedirect(&'static str),
 }
+
+/// Same-origin redirects followed at most, per request.
+pub const MAX_REDIRECTS: usize = 3;
 
 impl fmt::Display for UpstreamError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -38,6 +50,10 @@ impl fmt::Display for UpstreamError {
             UpstreamError::TooLarge => write!(f, "response too large"),
             UpstreamError::UnsupportedEncoding(e) => write!(f, "unsupported Content-Encoding {e:?}"),
             UpstreamError::Decoder(e) => write!(f, "zstd decoder: {e}"),
+            UpstreamError::RedirectElsewhere(to) => {
+                write!(f, "redirected to another origin ({to}); not followed")
+            }
+            UpstreamError::BadRedirect(why) => write!(f, "redirect not followed: {why}"),
         }
     }
 }
@@ -60,7 +76,11 @@ impl UpstreamError {
         match self {
             UpstreamError::Status(s) => *s >= 500 || *s == 429,
             UpstreamError::Transport(_) | UpstreamError::Read(_) => true,
-            UpstreamError::TooLarge | UpstreamError::UnsupportedEncoding(_) | UpstreamError::Decoder(_) => false,
+            UpstreamError::TooLarge
+            | UpstreamError::UnsupportedEncoding(_)
+            | UpstreamError::Decoder(_)
+            | UpstreamError::RedirectElsewhere(_)
+            | UpstreamError::BadRedirect(_) => false,
         }
     }
 
@@ -130,6 +150,8 @@ impl Upstreams {
             .build();
         let agent = ureq::Agent::config_builder()
             .http_status_as_error(false)
+            // Followed by hand (`get`), on the same origin only.
+            .max_redirects(0)
             .timeout_connect(Some(dial))
             .timeout_resolve(Some(dial))
             .timeout_recv_response(Some(header))
@@ -155,7 +177,7 @@ impl Upstreams {
         hash: &StorePathHash,
     ) -> Result<Option<Vec<u8>>, UpstreamError> {
         let url = format!("{}/{hash}.narinfo", upstream.url);
-        let resp = self.agent.get(&url).call()?;
+        let resp = self.get(&url, &[])?;
         match resp.status().as_u16() {
             200 => {}
             403 | 404 | 410 => return Ok(None),
@@ -182,7 +204,7 @@ impl Upstreams {
     /// file is still up.
     pub fn cache_info(&self, upstream: &UpstreamConfig) -> Result<(), UpstreamError> {
         let url = format!("{}/nix-cache-info", upstream.url);
-        let resp = self.agent.get(&url).call()?;
+        let resp = self.get(&url, &[])?;
         let e = UpstreamError::Status(resp.status().as_u16());
         if e.is_outage() {
             return Err(e);
@@ -197,7 +219,7 @@ impl Upstreams {
     pub fn nar(&self, url: &str) -> Result<Option<NarBody>, UpstreamError> {
         // Harmonia and others can compress the transfer; asking for zstd costs nothing here
         // (it is undone below, before hashing) and saves upstream bandwidth.
-        let resp = self.agent.get(url).header("Accept-Encoding", "zstd").call()?;
+        let resp = self.get(url, &[("Accept-Encoding", "zstd")])?;
         match resp.status().as_u16() {
             200 => {}
             403 | 404 | 410 => return Ok(None),
@@ -210,6 +232,66 @@ impl Upstreams {
         let encoding = content_encoding(&resp);
         let (reader, decoded) = decode(resp.into_body().into_reader(), &encoding)?;
         Ok(Some(NarBody { reader, content_length, decoded }))
+    }
+}
+
+impl Upstreams {
+    /// GET `url` with `headers`, following redirects on `url`'s own origin only (at most
+    /// [`MAX_REDIRECTS`]); a followed redirect is logged with the URL that answered.
+    fn get(&self, url: &str, headers: &[(&str, &str)]) -> Result<ureq::http::Response<ureq::Body>, UpstreamError> {
+        let mut current = url.to_string();
+        for _ in 0..=MAX_REDIRECTS {
+            let mut req = self.agent.get(&current);
+            for (k, v) in headers {
+                req = req.header(*k, *v);
+            }
+            let resp = req.call()?;
+            if !matches!(resp.status().as_u16(), 301 | 302 | 303 | 307 | 308) {
+                if current != url {
+                    log::info!("upstream {url}: answered by {current} (redirected)");
+                }
+                return Ok(resp);
+            }
+            let location = resp.headers().get("location").and_then(|v| v.to_str().ok()).unwrap_or("");
+            current = follow_redirect(&current, location)?;
+        }
+        Err(UpstreamError::BadRedirect("more than 3 redirects"))
+    }
+}
+
+/// Where a redirect from `from` to `location` leads, if ncps may follow it: only to the same
+/// origin. Absolute, absolute-path and relative `Location`s are understood.
+pub fn follow_redirect(from: &str, location: &str) -> Result<String, UpstreamError> {
+    use crate::cache::trust::origin;
+    let location = location.trim();
+    if location.is_empty() {
+        return Err(UpstreamError::BadRedirect("no Location"));
+    }
+    let next = if location.contains("://") {
+        location.to_string()
+    } else if location.starts_with("//") {
+        let scheme = from.split("://").next().unwrap_or("http");
+        format!("{scheme}:{location}")
+    } else if location.starts_with('/') {
+        format!("{}{location}", origin(from))
+    } else {
+        let path = from.split('?').next().unwrap_or(from);
+        let dir = &path[..path.rfind('/').map_or(path.len(), |i| i + 1)];
+        format!("{dir}{location}")
+    };
+    if !origin(&next).eq_ignore_ascii_case(origin(from)) {
+        return Err(UpstreamError::RedirectElsewhere(without_userinfo(&next)));
+    }
+    Ok(next)
+}
+
+/// `url` without any `user:password@` (which must not reach a log).
+fn without_userinfo(url: &str) -> String {
+    let after = url.find("://").map_or(0, |i| i + 3);
+    let authority_end = url[after..].find('/').map_or(url.len(), |i| after + i);
+    match url[after..authority_end].rfind('@') {
+        Some(at) => format!("{}{}", &url[..after], &url[after + at + 1..]),
+        None => url.to_string(),
     }
 }
 
@@ -298,6 +380,22 @@ mod tests {
         assert!(!UpstreamError::UnsupportedEncoding("br".into()).is_outage());
         assert!(UpstreamError::Read(io::Error::from(io::ErrorKind::ConnectionReset)).is_outage());
         assert!(UpstreamError::from(ureq::Error::ConnectionFailed).is_outage());
+    }
+
+    #[test]
+    fn redirects_are_followed_on_the_upstreams_own_origin_only() {
+        let from = "http://up:1/cache/abc.narinfo";
+        assert_eq!(follow_redirect(from, "/mirror/abc.narinfo").unwrap(), "http://up:1/mirror/abc.narinfo");
+        assert_eq!(follow_redirect(from, "other.narinfo").unwrap(), "http://up:1/cache/other.narinfo");
+        assert_eq!(follow_redirect(from, "http://UP:1/x").unwrap(), "http://UP:1/x");
+        for elsewhere in ["http://up:2/x", "https://up:1/x", "http://evil/x", "//evil:1/x", "http://up:1@evil:1/x"] {
+            let e = follow_redirect(from, elsewhere).unwrap_err();
+            assert!(matches!(e, UpstreamError::RedirectElsewhere(_)), "{elsewhere}: {e}");
+            assert!(!e.is_outage(), "an answer ncps does not accept is no outage");
+        }
+        let e = follow_redirect(from, "http://user:secret@evil:1/x").unwrap_err();
+        assert!(!e.to_string().contains("secret"), "{e}");
+        assert!(matches!(follow_redirect(from, ""), Err(UpstreamError::BadRedirect(_))));
     }
 
     #[test]

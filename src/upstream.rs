@@ -118,6 +118,8 @@ impl From<ureq::Error> for UpstreamError {
 /// What the upstream client is told by the configuration (built in `serve::prepare`).
 #[derive(Debug, Clone)]
 pub struct UpstreamSettings {
+    /// What to send each upstream's origin as `Authorization`.
+    pub auth: crate::auth::UpstreamAuth,
     /// The upstreams, in the order they are tried.
     pub list: Vec<UpstreamConfig>,
     pub dial_timeout: Duration,
@@ -139,11 +141,12 @@ pub struct NarBody {
 pub struct Upstreams {
     list: Vec<UpstreamConfig>,
     agent: ureq::Agent,
+    auth: crate::auth::UpstreamAuth,
 }
 
 impl Upstreams {
     pub fn new(settings: UpstreamSettings) -> Upstreams {
-        let UpstreamSettings { list, dial_timeout: dial, header_timeout: header, body_idle_timeout: body_idle } =
+        let UpstreamSettings { auth, list, dial_timeout: dial, header_timeout: header, body_idle_timeout: body_idle } =
             settings;
         let tls = ureq::tls::TlsConfig::builder()
             .root_certs(ureq::tls::RootCerts::Specific(std::sync::Arc::new(root_certs())))
@@ -162,7 +165,12 @@ impl Upstreams {
             .tls_config(tls)
             .build()
             .new_agent();
-        Upstreams { list, agent }
+        Upstreams { list, agent, auth }
+    }
+
+    /// The origins ncps has credentials for (never the credentials).
+    pub fn credential_origins(&self) -> Vec<String> {
+        self.auth.origins().map(str::to_string).collect()
     }
 
     pub fn list(&self) -> &[UpstreamConfig] {
@@ -237,13 +245,17 @@ impl Upstreams {
 
 impl Upstreams {
     /// GET `url` with `headers`, following redirects on `url`'s own origin only (at most
-    /// [`MAX_REDIRECTS`]); a followed redirect is logged with the URL that answered.
+    /// [`MAX_REDIRECTS`]); a followed redirect is logged with the URL that answered. The
+    /// credentials of each URL's origin go with it, and only those.
     fn get(&self, url: &str, headers: &[(&str, &str)]) -> Result<ureq::http::Response<ureq::Body>, UpstreamError> {
         let mut current = url.to_string();
         for _ in 0..=MAX_REDIRECTS {
             let mut req = self.agent.get(&current);
             for (k, v) in headers {
                 req = req.header(*k, *v);
+            }
+            if let Some(auth) = self.auth.for_url(&current) {
+                req = req.header("Authorization", auth.expose());
             }
             let resp = req.call()?;
             if !matches!(resp.status().as_u16(), 301 | 302 | 303 | 307 | 308) {

@@ -87,6 +87,20 @@ impl Cache {
         Ok(self.narinfo_hit(hash)?.map_or(Answer::NotFound, Answer::Hit))
     }
 
+    /// Whether an upstream serves `hash` (for an upload of it): the negative cache, else a
+    /// lookup as for a miss (whose narinfo, if verified, is then held).
+    pub(super) fn upstream_says(&self, hash: &StorePathHash) -> trust::UpstreamSays {
+        if self.is_known_missing(hash) {
+            return trust::UpstreamSays::Absent;
+        }
+        let (found, _) = self.narinfos.flights.run(*hash, || self.fetch_narinfo(hash));
+        match found {
+            Ok((from, _)) => trust::UpstreamSays::Serves(from.to_string()),
+            Err(m) if m.verdict == super::health::Verdict::Absent => trust::UpstreamSays::Absent,
+            Err(m) => trust::UpstreamSays::Unknown(m.reason.to_string()),
+        }
+    }
+
     fn is_known_missing(&self, hash: &StorePathHash) -> bool {
         let mut negative = lock(&self.narinfos.negative);
         match negative.get(hash) {

@@ -195,7 +195,7 @@ impl Routes {
                 401,
                 format!(
                     "Unauthorized: {why}. To {what} this cache, Nix needs the token in a netrc file:\n\
-                     \n  machine {host}\n  password <token>\n\n\
+                     \n  machine {host}\n  login nix\n  password <token>\n\n\
                      and `netrc-file = /etc/nix/netrc` (that file's path) in nix.conf; other clients \
                      send `Authorization: Bearer <token>`.\n"
                 ),

@@ -50,6 +50,8 @@ pub struct Prepared {
 }
 
 pub fn prepare(config: &Config) -> Result<Prepared, Exit> {
+    // Files named by flags are read before anything is created or changed.
+    let upstream_auth = upstream_credentials(config)?;
     let lru_zone = crate::tz::Zone::load(&config.lru_timezone)
         .map_err(|e| ConfigError::new("cache-lru-schedule-timezone", e.to_string()))?;
     std::fs::create_dir_all(&config.data_path).map_err(|e| {
@@ -85,7 +87,6 @@ pub fn prepare(config: &Config) -> Result<Prepared, Exit> {
     })?;
     let key = load_key(config)?;
 
-    let upstream_auth = upstream_credentials(config)?;
     let listener = bind(&config.server_addr)?;
     let max_connections = raise_fd_limit(config.workers);
     let upstreams = Upstreams::new(UpstreamSettings {

@@ -5,8 +5,9 @@
 #
 # For each N:
 #   gen. the store is filled once through the real upload path: a running `ncps serve
-#        --cache-allow-put-verb` takes PUT /nar/<nix32 sha256>.nar then PUT /<hash>.narinfo
-#        (Compression none, the narinfo signed by ncps) from bench/scale-gen (std-only Rust,
+#        --cache-allow-put-verb` (with a write token, and --cache-upload-may-shadow-upstream so
+#        that no upstream is asked per path) takes PUT /nar/<nix32 sha256>.nar then PUT /<hash>.narinfo
+#        (Compression none; stores made before uploads needed a trusted key also carry ncps's Sig) from bench/scale-gen (std-only Rust,
 #        many keep-alive connections). By default ncps writes onto a tmpfs (fsync is free
 #        there, ~3x faster) and the result is copied to disk with cp -a: the bytes, files and
 #        index are exactly what ncps wrote. Kept in $BENCH_SCALE_DIR/N (marker file `ok` written
@@ -152,7 +153,9 @@ ensure_store() { # N -> sets D, BYTES, FILES, GEN_INFO
     else
       log "N=$n: generating in $data"
     fi
-    start_ncps "$data" $P_GEN "$D/gen" --cache-allow-put-verb --log-level warn
+    export NCPS_WRITE_TOKEN=bench-write-token
+    start_ncps "$data" $P_GEN "$D/gen" --cache-allow-put-verb --cache-write-token "$NCPS_WRITE_TOKEN" \
+      --cache-upload-may-shadow-upstream --log-level warn
     first_answer_ms $P_GEN "$T0" 60 > /dev/null || { log "generator ncps did not start:"; tail "$D/gen.stderr" >&2; exit 1; }
     local t; t=$(now_ns)
     "$TOOL" gen "127.0.0.1:$P_GEN" "$n" "$CONNS" "$D/paths"

@@ -7,6 +7,7 @@
 //! belong to start-up, which reports them in the same one-line form ([`ConfigError`]).
 
 use crate::duration::parse_duration;
+use crate::auth::Secret;
 use crate::nix::PublicKey;
 use std::collections::HashMap;
 use std::ffi::OsString;
@@ -77,6 +78,23 @@ pub const FLAGS: &[Flag] = &[
         "Accept uploads (nix copy --to http://HOST:PORT or .../upload)"),
     flag!(["cache-allow-delete-verb"], ["CACHE_ALLOW_DELETE_VERB"], Bool, Some("false"),
         "Accept DELETE of narinfos and NARs"),
+    flag!(["cache-write-token"], ["CACHE_WRITE_TOKEN"], Value, None,
+        "Token a client must present for PUT and DELETE, as Authorization: Bearer or as the \
+         password of a netrc entry (prefer the variable: arguments are visible to every user)"),
+    flag!(["cache-trusted-upload-key"], ["CACHE_TRUSTED_UPLOAD_KEYS"], List, None,
+        "Key, name:base64, whose signature on an uploaded narinfo lets this cache add its own; \
+         repeatable"),
+    flag!(["cache-require-trusted-signature"], ["CACHE_REQUIRE_TRUSTED_SIGNATURE"], Bool, Some("false"),
+        "Refuse uploaded narinfos not signed by a --cache-trusted-upload-key"),
+    flag!(["cache-upload-may-shadow-upstream"], ["CACHE_UPLOAD_MAY_SHADOW_UPSTREAM"], Bool, Some("false"),
+        "Let an upload replace a narinfo held from an upstream, or stand for a path an upstream serves"),
+    flag!(["cache-get-token"], ["CACHE_GET_TOKEN"], Value, None,
+        "Token every GET and HEAD must present (except /healthz and /metrics), as \
+         Authorization: Bearer or as the password of a netrc entry"),
+    flag!(["netrc-file"], ["NETRC_FILE"], Value, None,
+        "netrc file with credentials for upstreams (Basic, per host) [default: ~/.netrc if it exists]"),
+    flag!(["upstream-bearer-token-file"], ["UPSTREAM_BEARER_TOKEN_FILES"], List, None,
+        "URL=FILE: send the token in FILE as Authorization: Bearer to the upstream URL; repeatable"),
     flag!(["prometheus-enabled"], ["PROMETHEUS_ENABLED"], Bool, Some("false"),
         "Serve metrics in the Prometheus text format at /metrics"),
     flag!(["server-addr"], ["SERVER_ADDR"], Value, Some(":8501"),
@@ -162,6 +180,22 @@ pub struct Config {
     pub allow_put: bool,
     pub allow_delete: bool,
     pub prometheus: bool,
+    pub access: AccessConfig,
+}
+
+/// Who may read and write, and what uploads may be (checked against each other here; the
+/// files named are read by `serve::prepare`).
+#[derive(Debug, Clone, Default)]
+pub struct AccessConfig {
+    pub write_token: Option<Secret>,
+    pub get_token: Option<Secret>,
+    pub trusted_upload_keys: Vec<PublicKey>,
+    pub require_trusted_signature: bool,
+    pub upload_may_shadow: bool,
+    /// `--netrc-file`, if given (else `~/.netrc` is read if it exists).
+    pub netrc_file: Option<PathBuf>,
+    /// `--upstream-bearer-token-file`: (upstream URL, token file).
+    pub bearer_token_files: Vec<(String, PathBuf)>,
 }
 
 /// The values given for each flag (by canonical name), from the command line or else the
@@ -377,7 +411,11 @@ impl Config {
             ConfigError::new("log-level", format!("{level:?}: expected error, warn, info, debug or trace"))
         })?;
 
+        let allow_put = raw.bool("cache-allow-put-verb")?;
+        let allow_delete = raw.bool("cache-allow-delete-verb")?;
+        let access = access_from_raw(raw, &upstreams, allow_put, allow_delete)?;
         Ok(Config {
+            access,
             hostname,
             data_path,
             database_path,
@@ -405,11 +443,92 @@ impl Config {
             max_size,
             lru_schedule,
             lru_timezone,
-            allow_put: raw.bool("cache-allow-put-verb")?,
-            allow_delete: raw.bool("cache-allow-delete-verb")?,
+            allow_put,
+            allow_delete,
             prometheus: raw.bool("prometheus-enabled")?,
         })
     }
+}
+
+/// The access flags, and the combinations that make no sense or leave a hole.
+fn access_from_raw(
+    raw: &RawValues,
+    upstreams: &[UpstreamConfig],
+    allow_put: bool,
+    allow_delete: bool,
+) -> Result<AccessConfig, ConfigError> {
+    let secret = |flag: &'static str| -> Result<Option<Secret>, ConfigError> {
+        raw.one(flag).map(|v| Secret::new(v).map_err(|m| ConfigError::new(flag, m))).transpose()
+    };
+    let write_token = secret("cache-write-token")?;
+    let get_token = secret("cache-get-token")?;
+    let mut trusted_upload_keys = Vec::new();
+    for k in raw.all("cache-trusted-upload-key") {
+        let key = PublicKey::parse(k)
+            .map_err(|e| ConfigError::new("cache-trusted-upload-key", format!("{k:?}: {e}")))?;
+        trusted_upload_keys.push(key);
+    }
+    let require_trusted_signature = raw.bool("cache-require-trusted-signature")?;
+    let upload_may_shadow = raw.bool("cache-upload-may-shadow-upstream")?;
+    let writes = allow_put || allow_delete;
+    if write_token.is_some() && !writes {
+        return Err(ConfigError::new("cache-write-token", "has no use without --cache-allow-put-verb or --cache-allow-delete-verb"));
+    }
+    if let (Some(w), Some(g)) = (&write_token, &get_token) {
+        if w == g {
+            return Err(ConfigError::new("cache-write-token", "must differ from --cache-get-token (readers could write)"));
+        }
+    }
+    for (flag, given) in [
+        ("cache-trusted-upload-key", !trusted_upload_keys.is_empty()),
+        ("cache-require-trusted-signature", require_trusted_signature),
+        ("cache-upload-may-shadow-upstream", upload_may_shadow),
+    ] {
+        if given && !allow_put {
+            return Err(ConfigError::new(flag, "has no use without --cache-allow-put-verb"));
+        }
+    }
+    if require_trusted_signature && trusted_upload_keys.is_empty() {
+        return Err(ConfigError::new(
+            "cache-trusted-upload-key",
+            "--cache-require-trusted-signature needs at least one key, or every upload is refused",
+        ));
+    }
+    if allow_put && write_token.is_none() && !require_trusted_signature {
+        return Err(ConfigError::new(
+            "cache-allow-put-verb",
+            "anyone who can reach the port could upload: give --cache-write-token (CACHE_WRITE_TOKEN), \
+             or --cache-require-trusted-signature with --cache-trusted-upload-key",
+        ));
+    }
+    if allow_delete && write_token.is_none() {
+        return Err(ConfigError::new(
+            "cache-allow-delete-verb",
+            "anyone who can reach the port could delete: give --cache-write-token (CACHE_WRITE_TOKEN)",
+        ));
+    }
+    let netrc_file = raw.one("netrc-file").map(PathBuf::from);
+    let mut bearer_token_files = Vec::new();
+    for v in raw.all("upstream-bearer-token-file") {
+        let flag = "upstream-bearer-token-file";
+        let (url, file) = v.rsplit_once('=').filter(|(u, f)| !u.is_empty() && !f.is_empty()).ok_or_else(|| {
+            ConfigError::new(flag, format!("{v:?}: expected URL=FILE"))
+        })?;
+        let url = parse_upstream_url(url).map_err(|m| ConfigError::new(flag, m))?.url;
+        if !upstreams.iter().any(|u| u.url == url) {
+            return Err(ConfigError::new(flag, format!("{url} is not one of the --upstream-cache URLs")));
+        }
+        bearer_token_files.push((url, PathBuf::from(file)));
+    }
+    Ok(AccessConfig {
+        write_token,
+        get_token,
+        trusted_upload_keys,
+        require_trusted_signature,
+        upload_may_shadow,
+        netrc_file,
+        bearer_token_files,
+    })
 }
 
 fn nonzero(d: Duration, flag: &str) -> Result<Duration, ConfigError> {
@@ -617,6 +736,36 @@ mod tests {
         assert_eq!(flag(&[MINIMAL, &["--no-such-flag"]].concat()), "no-such-flag");
         let e = parse(&[MINIMAL, &["--upstream-public-key=nope"]].concat(), &[]).unwrap_err();
         assert_eq!(e.to_string(), "--upstream-public-key: \"nope\": expected `name:base64`");
+    }
+
+    #[test]
+    fn uploads_and_deletes_need_a_writer_token_or_trusted_signatures_and_pointless_flags_are_refused() {
+        let flag = |extra: &[&str]| parse(&[MINIMAL, extra].concat(), &[]).map(|_| ()).map_err(|e| e.flag);
+        assert_eq!(flag(&["--cache-allow-put-verb"]), Err("cache-allow-put-verb".into()));
+        assert_eq!(flag(&["--cache-allow-delete-verb"]), Err("cache-allow-delete-verb".into()));
+        assert_eq!(flag(&["--cache-allow-put-verb", "--cache-write-token=w-token"]), Ok(()));
+        let signed = ["--cache-allow-put-verb", "--cache-require-trusted-signature", "--cache-trusted-upload-key", KEY];
+        assert_eq!(flag(&signed), Ok(()), "trusted signatures alone may allow anonymous uploads");
+        assert_eq!(
+            flag(&["--cache-allow-put-verb", "--cache-require-trusted-signature"]),
+            Err("cache-trusted-upload-key".into())
+        );
+        assert_eq!(flag(&["--cache-allow-put-verb", "--cache-write-token=w", "--cache-get-token=w"]), Err("cache-write-token".into()));
+        assert_eq!(flag(&["--cache-write-token=w"]), Err("cache-write-token".into()));
+        assert_eq!(flag(&["--cache-trusted-upload-key", KEY]), Err("cache-trusted-upload-key".into()));
+        assert_eq!(flag(&["--cache-upload-may-shadow-upstream"]), Err("cache-upload-may-shadow-upstream".into()));
+        assert_eq!(flag(&["--cache-get-token=has space"]), Err("cache-get-token".into()));
+        assert_eq!(flag(&["--upstream-bearer-token-file=https://elsewhere=/t"]), Err("upstream-bearer-token-file".into()));
+        assert_eq!(flag(&["--upstream-bearer-token-file=/t"]), Err("upstream-bearer-token-file".into()));
+        let c = parse(&[MINIMAL, &["--upstream-bearer-token-file=https://cache.nixos.org/=/run/t"]].concat(), &[]).unwrap();
+        assert_eq!(c.access.bearer_token_files, [("https://cache.nixos.org".to_string(), PathBuf::from("/run/t"))]);
+        let c = parse(MINIMAL, &[("CACHE_GET_TOKEN", "r-token"), ("NETRC_FILE", "/n")]).unwrap();
+        assert!(c.access.get_token.is_some() && c.access.netrc_file == Some(PathBuf::from("/n")));
+        assert!(!format!("{c:?}").contains("r-token"), "the configuration never prints a token");
+        let c = parse(&["serve"], &[("CACHE_HOSTNAME", "h"), ("CACHE_DATA_PATH", "/d"), ("CACHE_UPSTREAM_URLS", "http://a"),
+            ("CACHE_ALLOW_PUT_VERB", "true"), ("CACHE_REQUIRE_TRUSTED_SIGNATURE", "1"),
+            ("CACHE_TRUSTED_UPLOAD_KEYS", &format!("{KEY}, {KEY}"))]).unwrap();
+        assert_eq!(c.access.trusted_upload_keys.len(), 2, "comma-separated like the other lists");
     }
 
     #[test]

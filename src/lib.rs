@@ -5,6 +5,7 @@
 //! [`storage`] (the blobs) and [`index`] (what they are) or from [`upstream`], fetching each
 //! miss once, and [`nix`] holds the formats everything above speaks.
 
+pub mod auth;
 pub mod cache;
 pub mod config;
 pub mod cron;

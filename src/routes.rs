@@ -4,6 +4,7 @@
 //! characters, dot segments, wrong hash lengths or alphabets, unknown extensions) is refused
 //! with a 4xx before it reaches code that builds file names.
 
+use crate::auth::{authorizes, Secret};
 use crate::cache::{Answer, Cache};
 use crate::metrics::{Kind, Outcome};
 use crate::status;
@@ -21,6 +22,10 @@ pub struct RouteSettings {
     pub allow_put: bool,
     pub allow_delete: bool,
     pub prometheus: bool,
+    /// `--cache-get-token`: what every read but `/healthz` and `/metrics` must present.
+    pub get_token: Option<Secret>,
+    /// `--cache-write-token`: what PUT and DELETE must present (reads may present it too).
+    pub write_token: Option<Secret>,
 }
 
 pub struct Routes {
@@ -30,13 +35,15 @@ pub struct Routes {
     allow_put: bool,
     allow_delete: bool,
     prometheus: bool,
+    get_token: Option<Secret>,
+    write_token: Option<Secret>,
 }
 
 impl Routes {
     pub fn new(cache: Arc<Cache>, settings: RouteSettings) -> Routes {
         let pubkey = cache.public_key().to_string();
-        let RouteSettings { hostname, allow_put, allow_delete, prometheus } = settings;
-        Routes { cache, hostname, pubkey, allow_put, allow_delete, prometheus }
+        let RouteSettings { hostname, allow_put, allow_delete, prometheus, get_token, write_token } = settings;
+        Routes { cache, hostname, pubkey, allow_put, allow_delete, prometheus, get_token, write_token }
     }
 }
 
@@ -127,6 +134,9 @@ impl Handler for Routes {
     fn handle(&self, req: &Request, body: &mut dyn Read) -> Response {
         let (path, upload) = strip_upload(req.path());
         let r = route(path);
+        if let Some(refused) = self.refuse_unauthorized(&r, req) {
+            return refused;
+        }
         match (&r, req.method) {
             (Route::Bad(why), _) => {
                 log::info!("{} {} {}: refused: {why}", req.peer.ip(), req.method_text, req.target);
@@ -155,7 +165,11 @@ impl Routes {
             return None;
         }
         let (path, upload) = strip_upload(req.path());
-        match route(path) {
+        let r = route(path);
+        if let Some(refused) = self.refuse_unauthorized(&r, req) {
+            return Some(refused);
+        }
+        match r {
             r @ (Route::NixCacheInfo | Route::PubKey) => Some(self.read(r, req, upload)),
             Route::Narinfo(hash) => match self.cache.narinfo_hit(&hash) {
                 Ok(Some(body)) => Some(self.answer(Ok(Answer::Hit(body)), Kind::Narinfo, req)),
@@ -163,6 +177,42 @@ impl Routes {
             },
             _ => None,
         }
+    }
+
+    /// A 401 when the request lacks the token it needs: PUT and DELETE the write token (when
+    /// one is set), every read but `/healthz` and `/metrics` the read token or the write one.
+    fn refuse_unauthorized(&self, r: &Route, req: &Request) -> Option<Response> {
+        let header = req.header("authorization");
+        let needed: Vec<&Secret> = match req.method {
+            Method::Put | Method::Delete => self.write_token.iter().collect(),
+            _ if matches!(r, Route::Healthz | Route::Metrics) => Vec::new(),
+            _ => match &self.get_token {
+                Some(g) => std::iter::once(g).chain(&self.write_token).collect(),
+                None => Vec::new(),
+            },
+        };
+        if needed.is_empty() || authorizes(header, &needed) {
+            return None;
+        }
+        let why = if header.is_some() { "the token presented is not accepted" } else { "no token presented" };
+        log::info!("{} {} {}: refused: {why}", req.peer.ip(), req.method_text, req.target);
+        let host = req.header("host").unwrap_or(&self.hostname);
+        let host = host.rsplit_once(':').filter(|(h, p)| !h.ends_with(']') && p.bytes().all(|b| b.is_ascii_digit())).map_or(host, |(h, _)| h);
+        let what = if matches!(req.method, Method::Put | Method::Delete) { "write to" } else { "read from" };
+        Some(
+            Response::text(
+                401,
+                format!(
+                    "Unauthorized: {why}. To {what} this cache, Nix needs the token in a netrc file:\n\
+                     \n  machine {host}\n  login nix\n  password <token>\n\n\
+                     and `netrc-file = /etc/nix/netrc` (that file's path) in nix.conf; other clients \
+                     send `Authorization: Bearer <token>`.\n"
+                ),
+            )
+            .with_header("WWW-Authenticate", "Basic realm=\"ncps\"")
+            .with_header("WWW-Authenticate", "Bearer realm=\"ncps\"")
+            .with_note("unauthorized"),
+        )
     }
 
     fn allowed(&self, upload: bool) -> String {
@@ -303,17 +353,18 @@ impl Routes {
         };
         match result {
             Ok(()) => Response::new(204, "text/plain", Body::Empty).with_note("stored"),
-            Err(e) if !e.is_client_error() => {
+            Err(e) if e.status() == 500 => {
                 log::error!("{} {}: {e}", req.method_text, req.target);
                 Response::text(500, "Internal Server Error\n").with_note("error")
             }
-            Err(e @ crate::cache::UploadError::TooLarge(_)) => {
-                log::info!("{} {}: refused: {e}", req.method_text, req.target);
-                Response::text(413, format!("{e}\n"))
-            }
             Err(e) => {
-                log::info!("{} {}: refused: {e}", req.method_text, req.target);
-                Response::text(400, format!("{e}\n"))
+                log::info!("{} {} {}: refused: {e}", req.peer.ip(), req.method_text, req.target);
+                let resp = Response::text(e.status(), format!("{e}\n"));
+                if e.status() == 503 {
+                    resp.with_header("Retry-After", "5")
+                } else {
+                    resp
+                }
             }
         }
     }

@@ -50,6 +50,8 @@ pub struct Prepared {
 }
 
 pub fn prepare(config: &Config) -> Result<Prepared, Exit> {
+    // Files named by flags are read before anything is created or changed.
+    let upstream_auth = upstream_credentials(config)?;
     let lru_zone = crate::tz::Zone::load(&config.lru_timezone)
         .map_err(|e| ConfigError::new("cache-lru-schedule-timezone", e.to_string()))?;
     std::fs::create_dir_all(&config.data_path).map_err(|e| {
@@ -88,6 +90,7 @@ pub fn prepare(config: &Config) -> Result<Prepared, Exit> {
     let listener = bind(&config.server_addr)?;
     let max_connections = raise_fd_limit(config.workers);
     let upstreams = Upstreams::new(UpstreamSettings {
+        auth: upstream_auth,
         list: config.upstreams.clone(),
         dial_timeout: config.dial_timeout,
         header_timeout: config.response_header_timeout,
@@ -101,6 +104,11 @@ pub fn prepare(config: &Config) -> Result<Prepared, Exit> {
         max_downloads: config.workers.max(4),
         max_size: config.max_size,
         clean_marker: config.data_path.join("clean-shutdown"),
+        uploads: crate::cache::trust::UploadPolicy {
+            trusted_keys: config.access.trusted_upload_keys.clone(),
+            require_trusted_signature: config.access.require_trusted_signature,
+            may_shadow: config.access.upload_may_shadow,
+        },
     };
     let parts = Parts { blobs: Arc::new(blobs), index: Arc::new(index), staging };
     let cache = Arc::new(Cache::new(settings, parts, upstreams, key));
@@ -122,6 +130,12 @@ pub fn prepare(config: &Config) -> Result<Prepared, Exit> {
     }
     if !config.sign_narinfo {
         log::info!("--cache-sign-narinfo=false: narinfos are served with upstream signatures only");
+    }
+    for line in access_summary(config) {
+        log::info!("{line}");
+    }
+    for o in cache.upstream_credential_origins() {
+        log::info!("credentials for upstream {o} (from the netrc file or a token file)");
     }
     Ok(Prepared {
         listener,
@@ -171,9 +185,72 @@ pub fn run(config: &Config, signals: StopSignals) -> Result<(), Exit> {
             allow_put: config.allow_put,
             allow_delete: config.allow_delete,
             prometheus: config.prometheus,
+            get_token: config.access.get_token.clone(),
+            write_token: config.access.write_token.clone(),
         },
     ));
     http::serve(p.listener, p.server, routes).map_err(|e| runtime(format!("server stopped: {e}")))
+}
+
+/// What the start-up log says about who may read and write.
+fn access_summary(config: &Config) -> Vec<String> {
+    let a = &config.access;
+    let mut lines = vec![match a.get_token {
+        Some(_) => "reads need --cache-get-token (or the write token); /healthz and /metrics are open".to_string(),
+        None => "reads are open to anyone who can reach the port".to_string(),
+    }];
+    if config.allow_put {
+        let who = if a.write_token.is_some() { "with --cache-write-token" } else { "by anyone" };
+        let what = if a.require_trusted_signature {
+            format!("only narinfos signed by one of {} --cache-trusted-upload-key(s)", a.trusted_upload_keys.len())
+        } else if a.trusted_upload_keys.is_empty() {
+            "served with the uploader's signatures only (no --cache-trusted-upload-key: this cache signs none)".to_string()
+        } else {
+            "signed by this cache only if signed by a --cache-trusted-upload-key".to_string()
+        };
+        let shadow = if a.upload_may_shadow {
+            "; they may replace what upstreams serve (--cache-upload-may-shadow-upstream)"
+        } else {
+            "; never for a path held from or served by an upstream"
+        };
+        lines.push(format!("uploads (PUT) allowed {who}: {what}{shadow}"));
+    } else {
+        lines.push("uploads (PUT) are off".to_string());
+    }
+    lines.push(if config.allow_delete { "DELETE allowed with --cache-write-token" } else { "DELETE is off" }.to_string());
+    lines
+}
+
+/// The credentials for upstreams: `--upstream-bearer-token-file`s, then the netrc file
+/// (`--netrc-file`, else `~/.netrc` if it exists, as Go ncps and curl do).
+fn upstream_credentials(config: &Config) -> Result<crate::auth::UpstreamAuth, Exit> {
+    use crate::auth::{parse_netrc, Secret, UpstreamAuth};
+    let mut bearer = Vec::new();
+    for (url, file) in &config.access.bearer_token_files {
+        let flag = "upstream-bearer-token-file";
+        let text = std::fs::read_to_string(file)
+            .map_err(|e| ConfigError::new(flag, format!("reading {}: {e}", file.display())))?;
+        let token = Secret::new(&text).map_err(|m| ConfigError::new(flag, format!("{}: the token {m}", file.display())))?;
+        bearer.push((url.clone(), token));
+    }
+    let (path, explicit) = match &config.access.netrc_file {
+        Some(p) => (Some(p.clone()), true),
+        None => (std::env::var_os("HOME").map(|h| Path::new(&h).join(".netrc")), false),
+    };
+    let mut netrc = Vec::new();
+    if let Some(path) = path {
+        match std::fs::read_to_string(&path) {
+            Ok(text) => {
+                netrc = parse_netrc(&text).map_err(|e| ConfigError::new("netrc-file", format!("{}: {e}", path.display())))?;
+            }
+            Err(e) if explicit || e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(ConfigError::new("netrc-file", format!("reading {}: {e}", path.display())).into());
+            }
+            Err(_) => {}
+        }
+    }
+    let urls: Vec<String> = config.upstreams.iter().map(|u| u.url.clone()).collect();
+    Ok(UpstreamAuth::new(&urls, &bearer, &netrc))
 }
 
 fn run_schedule(schedule: &crate::cron::Schedule, zone: &crate::tz::Zone, cache: &Cache) {

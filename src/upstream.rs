@@ -3,6 +3,11 @@
 //! An upstream is never trusted to be up, fast or honest. Connecting, waiting for headers and
 //! waiting for each piece of a body all have limits (a stalled upstream must not hold a worker
 //! or a download forever), and the caller checks every byte that comes back.
+//!
+//! Redirects are followed by hand, only on the upstream's own origin (scheme, host and port)
+//! and at most [`MAX_REDIRECTS`] times: an upstream must not make ncps send requests to any
+//! other host or port on the LAN, nor receive its credentials. A redirect elsewhere is an
+//! error that names where it pointed ([`UpstreamError::RedirectElsewhere`]).
 
 use crate::config::UpstreamConfig;
 use crate::nix::narinfo::MAX_NARINFO_BYTES;
@@ -29,6 +34,10 @@ pub enum UpstreamError {
     Decoder(std::io::Error),
     /// A request for the rest of a NAR got something other than exactly that rest.
     NotPartial(NotPartial),
+    /// A redirect to another origin (not followed): where it pointed.
+    RedirectElsewhere(String),
+    /// More than [`MAX_REDIRECTS`] redirects, or one without a usable `Location`.
+    BadRedirect(&'static str),
 }
 
 /// Why an answer to `Range: bytes=<from>-` is not the rest of the file ([`check_partial`]).
@@ -57,6 +66,9 @@ impl fmt::Display for NotPartial {
     }
 }
 
+/// Same-origin redirects followed at most, per request.
+pub const MAX_REDIRECTS: usize = 3;
+
 impl fmt::Display for UpstreamError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -67,6 +79,10 @@ impl fmt::Display for UpstreamError {
             UpstreamError::UnsupportedEncoding(e) => write!(f, "unsupported Content-Encoding {e:?}"),
             UpstreamError::Decoder(e) => write!(f, "zstd decoder: {e}"),
             UpstreamError::NotPartial(e) => write!(f, "no resume: {e}"),
+            UpstreamError::RedirectElsewhere(to) => {
+                write!(f, "redirected to another origin ({to}); not followed")
+            }
+            UpstreamError::BadRedirect(why) => write!(f, "redirect not followed: {why}"),
         }
     }
 }
@@ -92,7 +108,9 @@ impl UpstreamError {
             UpstreamError::TooLarge
             | UpstreamError::UnsupportedEncoding(_)
             | UpstreamError::Decoder(_)
-            | UpstreamError::NotPartial(_) => false,
+            | UpstreamError::NotPartial(_)
+            | UpstreamError::RedirectElsewhere(_)
+            | UpstreamError::BadRedirect(_) => false,
         }
     }
 
@@ -130,6 +148,8 @@ impl From<ureq::Error> for UpstreamError {
 /// What the upstream client is told by the configuration (built in `serve::prepare`).
 #[derive(Debug, Clone)]
 pub struct UpstreamSettings {
+    /// What to send each upstream's origin as `Authorization`.
+    pub auth: crate::auth::UpstreamAuth,
     /// The upstreams, in the order they are tried.
     pub list: Vec<UpstreamConfig>,
     pub dial_timeout: Duration,
@@ -151,17 +171,20 @@ pub struct NarBody {
 pub struct Upstreams {
     list: Vec<UpstreamConfig>,
     agent: ureq::Agent,
+    auth: crate::auth::UpstreamAuth,
 }
 
 impl Upstreams {
     pub fn new(settings: UpstreamSettings) -> Upstreams {
-        let UpstreamSettings { list, dial_timeout: dial, header_timeout: header, body_idle_timeout: body_idle } =
+        let UpstreamSettings { auth, list, dial_timeout: dial, header_timeout: header, body_idle_timeout: body_idle } =
             settings;
         let tls = ureq::tls::TlsConfig::builder()
             .root_certs(ureq::tls::RootCerts::Specific(std::sync::Arc::new(root_certs())))
             .build();
         let agent = ureq::Agent::config_builder()
             .http_status_as_error(false)
+            // Followed by hand (`get`), on the same origin only.
+            .max_redirects(0)
             .timeout_connect(Some(dial))
             .timeout_resolve(Some(dial))
             .timeout_recv_response(Some(header))
@@ -172,7 +195,12 @@ impl Upstreams {
             .tls_config(tls)
             .build()
             .new_agent();
-        Upstreams { list, agent }
+        Upstreams { list, agent, auth }
+    }
+
+    /// The origins ncps has credentials for (never the credentials).
+    pub fn credential_origins(&self) -> Vec<String> {
+        self.auth.origins().map(str::to_string).collect()
     }
 
     pub fn list(&self) -> &[UpstreamConfig] {
@@ -187,7 +215,7 @@ impl Upstreams {
         hash: &StorePathHash,
     ) -> Result<Option<Vec<u8>>, UpstreamError> {
         let url = format!("{}/{hash}.narinfo", upstream.url);
-        let resp = self.agent.get(&url).call()?;
+        let resp = self.get(&url, &[])?;
         match resp.status().as_u16() {
             200 => {}
             403 | 404 | 410 => return Ok(None),
@@ -214,7 +242,7 @@ impl Upstreams {
     /// file is still up.
     pub fn cache_info(&self, upstream: &UpstreamConfig) -> Result<(), UpstreamError> {
         let url = format!("{}/nix-cache-info", upstream.url);
-        let resp = self.agent.get(&url).call()?;
+        let resp = self.get(&url, &[])?;
         let e = UpstreamError::Status(resp.status().as_u16());
         if e.is_outage() {
             return Err(e);
@@ -229,7 +257,7 @@ impl Upstreams {
     pub fn nar(&self, url: &str) -> Result<Option<NarBody>, UpstreamError> {
         // Harmonia and others can compress the transfer; asking for zstd costs nothing here
         // (it is undone below, before hashing) and saves upstream bandwidth.
-        let resp = self.agent.get(url).header("Accept-Encoding", "zstd").call()?;
+        let resp = self.get(url, &[("Accept-Encoding", "zstd")])?;
         match resp.status().as_u16() {
             200 => {}
             403 | 404 | 410 => return Ok(None),
@@ -248,12 +276,9 @@ impl Upstreams {
     /// body that broke off: the answer must be exactly that rest ([`check_partial`]), sent
     /// without a `Content-Encoding` (none is asked for). `Ok(None)` when it is not there.
     pub fn nar_rest(&self, url: &str, from: u64, total: u64) -> Result<Option<Box<dyn Read + Send>>, UpstreamError> {
-        let resp = self
-            .agent
-            .get(url)
-            .header("Range", format!("bytes={from}-"))
-            .header("Accept-Encoding", "identity")
-            .call()?;
+        // Through `get`, as every request: the origin's credentials, same-origin redirects only.
+        let range = format!("bytes={from}-");
+        let resp = self.get(url, &[("Range", range.as_str()), ("Accept-Encoding", "identity")])?;
         let status = resp.status().as_u16();
         if matches!(status, 403 | 404 | 410) {
             return Ok(None);
@@ -307,6 +332,70 @@ pub fn check_partial(
         Ok(())
     } else {
         Err(NotPartial::OtherRange(format!("{range}, {} bytes", content_length.map_or("?".into(), |n| n.to_string()))))
+    }
+}
+
+impl Upstreams {
+    /// GET `url` with `headers`, following redirects on `url`'s own origin only (at most
+    /// [`MAX_REDIRECTS`]); a followed redirect is logged with the URL that answered. The
+    /// credentials of each URL's origin go with it, and only those.
+    fn get(&self, url: &str, headers: &[(&str, &str)]) -> Result<ureq::http::Response<ureq::Body>, UpstreamError> {
+        let mut current = url.to_string();
+        for _ in 0..=MAX_REDIRECTS {
+            let mut req = self.agent.get(&current);
+            for (k, v) in headers {
+                req = req.header(*k, *v);
+            }
+            if let Some(auth) = self.auth.for_url(&current) {
+                req = req.header("Authorization", auth.expose());
+            }
+            let resp = req.call()?;
+            if !matches!(resp.status().as_u16(), 301 | 302 | 303 | 307 | 308) {
+                if current != url {
+                    log::info!("upstream {url}: answered by {current} (redirected)");
+                }
+                return Ok(resp);
+            }
+            let location = resp.headers().get("location").and_then(|v| v.to_str().ok()).unwrap_or("");
+            current = follow_redirect(&current, location)?;
+        }
+        Err(UpstreamError::BadRedirect("more than 3 redirects"))
+    }
+}
+
+/// Where a redirect from `from` to `location` leads, if ncps may follow it: only to the same
+/// origin. Absolute, absolute-path and relative `Location`s are understood.
+pub fn follow_redirect(from: &str, location: &str) -> Result<String, UpstreamError> {
+    use crate::cache::trust::origin;
+    let location = location.trim();
+    if location.is_empty() {
+        return Err(UpstreamError::BadRedirect("no Location"));
+    }
+    let next = if location.contains("://") {
+        location.to_string()
+    } else if location.starts_with("//") {
+        let scheme = from.split("://").next().unwrap_or("http");
+        format!("{scheme}:{location}")
+    } else if location.starts_with('/') {
+        format!("{}{location}", origin(from))
+    } else {
+        let path = from.split('?').next().unwrap_or(from);
+        let dir = &path[..path.rfind('/').map_or(path.len(), |i| i + 1)];
+        format!("{dir}{location}")
+    };
+    if !origin(&next).eq_ignore_ascii_case(origin(from)) {
+        return Err(UpstreamError::RedirectElsewhere(without_userinfo(&next)));
+    }
+    Ok(next)
+}
+
+/// `url` without any `user:password@` (which must not reach a log).
+fn without_userinfo(url: &str) -> String {
+    let after = url.find("://").map_or(0, |i| i + 3);
+    let authority_end = url[after..].find('/').map_or(url.len(), |i| after + i);
+    match url[after..authority_end].rfind('@') {
+        Some(at) => format!("{}{}", &url[..after], &url[after + at + 1..]),
+        None => url.to_string(),
     }
 }
 
@@ -417,6 +506,22 @@ mod tests {
             Err(NotPartial::Encoded("zstd".into()))
         );
         assert!(!UpstreamError::NotPartial(NotPartial::WholeFile).is_outage(), "it answered: not an outage");
+    }
+
+    #[test]
+    fn redirects_are_followed_on_the_upstreams_own_origin_only() {
+        let from = "http://up:1/cache/abc.narinfo";
+        assert_eq!(follow_redirect(from, "/mirror/abc.narinfo").unwrap(), "http://up:1/mirror/abc.narinfo");
+        assert_eq!(follow_redirect(from, "other.narinfo").unwrap(), "http://up:1/cache/other.narinfo");
+        assert_eq!(follow_redirect(from, "http://UP:1/x").unwrap(), "http://UP:1/x");
+        for elsewhere in ["http://up:2/x", "https://up:1/x", "http://evil/x", "//evil:1/x", "http://up:1@evil:1/x"] {
+            let e = follow_redirect(from, elsewhere).unwrap_err();
+            assert!(matches!(e, UpstreamError::RedirectElsewhere(_)), "{elsewhere}: {e}");
+            assert!(!e.is_outage(), "an answer ncps does not accept is no outage");
+        }
+        let e = follow_redirect(from, "http://user:secret@evil:1/x").unwrap_err();
+        assert!(!e.to_string().contains("secret"), "{e}");
+        assert!(matches!(follow_redirect(from, ""), Err(UpstreamError::BadRedirect(_))));
     }
 
     #[test]

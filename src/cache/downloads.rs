@@ -491,7 +491,11 @@ impl Cache {
                     return Err(CacheError::NameTaken(record.name.clone()));
                 }
                 Some(_) => {}
-                None => self.index.put_nar(record)?,
+                None => {
+                    if !self.index.put_nar(record)? {
+                        return Err(CacheError::NameTaken(record.name.clone()));
+                    }
+                }
             }
         }
         self.keep_nar(temp, &record.name, record.file_size, &record.file_hash)

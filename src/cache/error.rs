@@ -80,13 +80,33 @@ pub enum UploadError {
     NarDiffers { name: NarName, stored: (u64, Hash), claimed: (u64, Hash) },
     /// Larger than the whole cache may be (413).
     TooLarge(u64),
+    /// `--cache-require-trusted-signature`, and no trusted upload key signed it (403).
+    Untrusted,
+    /// ncps already holds a narinfo for the path (409).
+    Held,
+    /// An upstream serves the path (409).
+    UpstreamServes(String),
+    /// Whether an upstream serves the path is unknown: some could not answer (503).
+    UpstreamUnknown(String),
     Internal(CacheError),
 }
 
 impl UploadError {
-    /// Whether the client is to blame (4xx) rather than ncps (5xx).
+    /// Whether the client is to blame (4xx) rather than ncps or an upstream (5xx).
     pub fn is_client_error(&self) -> bool {
-        !matches!(self, UploadError::Internal(_))
+        self.status() < 500
+    }
+
+    /// The HTTP status to answer with.
+    pub fn status(&self) -> u16 {
+        match self {
+            UploadError::TooLarge(_) => 413,
+            UploadError::Untrusted => 403,
+            UploadError::Held | UploadError::UpstreamServes(_) => 409,
+            UploadError::UpstreamUnknown(_) => 503,
+            UploadError::Internal(_) => 500,
+            _ => 400,
+        }
     }
 }
 
@@ -108,6 +128,18 @@ impl fmt::Display for UploadError {
                 stored.0, stored.1, claimed.0, claimed.1
             ),
             UploadError::TooLarge(n) => write!(f, "{n} bytes is more than --cache-max-size allows"),
+            UploadError::Untrusted => f.write_str("the narinfo has no signature by a --cache-trusted-upload-key"),
+            UploadError::Held => f.write_str(
+                "this cache already holds a narinfo for the path; uploads never replace one \
+                 (unless --cache-upload-may-shadow-upstream)",
+            ),
+            UploadError::UpstreamServes(u) => write!(
+                f,
+                "upstream {u} serves this path; an upload may not stand for it (unless --cache-upload-may-shadow-upstream)"
+            ),
+            UploadError::UpstreamUnknown(why) => {
+                write!(f, "cannot tell whether an upstream serves this path ({why}); try again later")
+            }
             UploadError::Internal(e) => write!(f, "{e}"),
         }
     }

@@ -93,6 +93,8 @@ pub struct CacheSettings {
     pub max_size: Option<u64>,
     /// The file whose presence at start says the last stop was clean.
     pub clean_marker: PathBuf,
+    /// What uploads may be.
+    pub uploads: trust::UploadPolicy,
 }
 
 /// Where the cache keeps things: the two seams and the local staging directory.
@@ -169,6 +171,11 @@ impl Cache {
 
     pub fn public_key(&self) -> PublicKey {
         self.key.public()
+    }
+
+    /// The upstream origins ncps sends credentials to (for the start-up log).
+    pub fn upstream_credential_origins(&self) -> Vec<String> {
+        self.upstreams.credential_origins()
     }
 
     /// The key ncps signs with, if it signs at all.

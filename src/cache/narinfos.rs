@@ -5,7 +5,7 @@ use super::flight::SingleFlight;
 use super::health::{Attempt, Missed, Tally};
 use super::{lock, trust, Answer, Cache, CacheError};
 use crate::http::Body;
-use crate::index::NarRecord;
+use crate::index::{NarRecord, Recorded};
 use crate::memo::Memo;
 use crate::metrics::Kind;
 use crate::nix::{NarInfo, StorePathHash};
@@ -87,6 +87,20 @@ impl Cache {
         Ok(self.narinfo_hit(hash)?.map_or(Answer::NotFound, Answer::Hit))
     }
 
+    /// Whether an upstream serves `hash` (for an upload of it): the negative cache, else a
+    /// lookup as for a miss (whose narinfo, if verified, is then held).
+    pub(super) fn upstream_says(&self, hash: &StorePathHash) -> trust::UpstreamSays {
+        if self.is_known_missing(hash) {
+            return trust::UpstreamSays::Absent;
+        }
+        let (found, _) = self.narinfos.flights.run(*hash, || self.fetch_narinfo(hash));
+        match found {
+            Ok((from, _)) => trust::UpstreamSays::Serves(from.to_string()),
+            Err(m) if m.verdict == super::health::Verdict::Absent => trust::UpstreamSays::Absent,
+            Err(m) => trust::UpstreamSays::Unknown(m.reason.to_string()),
+        }
+    }
+
     fn is_known_missing(&self, hash: &StorePathHash) -> bool {
         let mut negative = lock(&self.narinfos.negative);
         match negative.get(hash) {
@@ -152,7 +166,10 @@ impl Cache {
             match trust::accept_upstream(hash, &bytes, &self.settings.trusted_keys, &upstream.url) {
                 Ok(accepted) => {
                     let (info, record) = accepted.served(self.signer());
-                    let served = self.keep_accepted_narinfo(hash, &info, record);
+                    let Some(served) = self.keep_accepted_narinfo(hash, &info, record) else {
+                        tally.add(shown, Attempt::Refused, "refused: its NAR name stands for other bytes here");
+                        continue;
+                    };
                     log::info!(
                         "narinfo {hash}: from {} in {:.1}ms",
                         upstream.url,
@@ -181,9 +198,14 @@ impl Cache {
     /// Stores a verified upstream narinfo; returns the bytes to serve. A full disk must not
     /// turn a verified answer into an error: then it is served, nothing is kept, and where its
     /// NAR is is remembered so that can be served too.
-    fn keep_accepted_narinfo(&self, hash: &StorePathHash, info: &NarInfo, record: NarRecord) -> Vec<u8> {
+    /// `None` when its NAR's name stands for other bytes in the index: then it is not served.
+    fn keep_accepted_narinfo(&self, hash: &StorePathHash, info: &NarInfo, record: NarRecord) -> Option<Vec<u8>> {
         match self.store_narinfo(hash, info, &record) {
-            Ok(served) => served,
+            Ok(served) => Some(served),
+            Err(e @ CacheError::NameTaken(_)) => {
+                log::warn!("narinfo {hash}: refused: {e}");
+                None
+            }
             Err(e) => {
                 log::error!("narinfo {hash}: verified but not kept: {e}");
                 let mut unindexed = lock(&self.unindexed);
@@ -191,7 +213,7 @@ impl Cache {
                     unindexed.clear();
                 }
                 unindexed.insert(record.name.clone(), record);
-                info.to_string().into_bytes()
+                Some(info.to_string().into_bytes())
             }
         }
     }
@@ -207,18 +229,17 @@ impl Cache {
         let _writing = self.writing();
         // Index first, blob second: a crash between the two leaves an index entry without a
         // blob, which the store check drops, never a served narinfo whose NAR nobody can find.
-        let recorded = self.index.put_narinfo(hash, &info.store_path, record, served.len() as u64)?;
-        if recorded.nar_invalidated {
-            // The NAR's name now stands for other bytes: the old blob must not be served for it.
-            self.blobs.remove_nar(&record.name)?;
-            self.space.refresh(&*self.index);
-        }
+        let replaced_size = match self.index.put_narinfo(hash, &info.store_path, record, served.len() as u64)? {
+            Recorded::Done { replaced_size } => replaced_size,
+            // Another narinfo's NAR has this name with other bytes: it stays theirs.
+            Recorded::NameTaken => return Err(CacheError::NameTaken(record.name.clone())),
+        };
         if let Err(e) = self.blobs.put_narinfo(hash, &served, &self.staging) {
             // The index may take a row when the disk has no room for the blob (a full disk
             // with space left in the database's pages): a row this call added goes again, so
             // the next request is a clean miss. Only the row: its NAR (an upload's, say) may
             // be stored and wanted. A row that was there before keeps its blob, if any.
-            if recorded.replaced_size == 0 {
+            if replaced_size == 0 {
                 if let Err(e2) = self.index.delete_narinfo_row(hash) {
                     log::warn!("narinfo {hash}: its index row stays until the next store check: {e2}");
                 }
@@ -226,7 +247,7 @@ impl Cache {
             return Err(e.into());
         }
         lock(&self.narinfos.memo).insert(*hash, Arc::from(&served[..]));
-        self.space.add(served.len() as u64, recorded.replaced_size);
+        self.space.add(served.len() as u64, replaced_size);
         self.enforce_limit();
         Ok(served)
     }

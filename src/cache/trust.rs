@@ -8,8 +8,18 @@
 //!   `NarHash`/`NarSize` (a `FileHash` that disagrees is refused); otherwise `FileHash`/
 //!   `FileSize`, and the client checks `NarHash` after decompressing.
 //! - The `URL` is not signed, so only relative URLs or absolute ones on the upstream's own
-//!   origin are followed: a narinfo cannot make ncps fetch from anywhere else.
+//!   origin are followed: a narinfo cannot make ncps fetch from anywhere else. Nor does the
+//!   `URL` name the stored NAR: its name is made from the digest that decides its bytes
+//!   (`<nix32 FileHash>.nar<ext>`, the NarHash for `Compression: none`), so two narinfos
+//!   share a stored NAR only if they promise the same bytes, and a narinfo whose `URL` names
+//!   another path's NAR file gets a name of its own (and a download that fails its check).
 //! - The narinfo ncps serves points at `nar/<name>` on ncps itself.
+//! - An upload is signed by ncps only if a `--cache-trusted-upload-key` already signed it
+//!   (with `--cache-require-trusted-signature`, only such uploads are taken at all): who may
+//!   upload (the write token) and what ncps vouches for (a trusted key's signature) are
+//!   separate, so a leaked token cannot make ncps sign anything. An upload never replaces a
+//!   narinfo ncps holds, nor stands for a path an upstream serves (ncps asks them first), unless
+//!   the operator allows it (`--cache-upload-may-shadow-upstream`).
 
 use crate::index::NarRecord;
 use crate::nix::narinfo::NarInfoError;
@@ -121,6 +131,61 @@ pub fn claimed_by_upload(hash: &StorePathHash, bytes: &[u8]) -> Result<Claimed, 
     Ok(Claimed { info, nar, file_hash, file_size })
 }
 
+/// What uploads may be (`--cache-trusted-upload-key`, `--cache-require-trusted-signature`,
+/// `--cache-upload-may-shadow-upstream`).
+#[derive(Debug, Clone, Default)]
+pub struct UploadPolicy {
+    pub trusted_keys: Vec<PublicKey>,
+    pub require_trusted_signature: bool,
+    pub may_shadow: bool,
+}
+
+/// An uploaded narinfo that may be stored: what it claims, and whether ncps may sign it.
+#[derive(Debug)]
+pub struct AcceptedUpload {
+    pub claimed: Claimed,
+    /// A trusted upload key signed it: only then does ncps add its own signature.
+    pub sign: bool,
+}
+
+/// Checks an uploaded narinfo's own content and signatures against the policy.
+pub fn accept_upload(hash: &StorePathHash, bytes: &[u8], policy: &UploadPolicy) -> Result<AcceptedUpload, super::UploadError> {
+    let claimed = claimed_by_upload(hash, bytes)?;
+    let sign = claimed.info.verify(&policy.trusted_keys);
+    if policy.require_trusted_signature && !sign {
+        return Err(super::UploadError::Untrusted);
+    }
+    Ok(AcceptedUpload { claimed, sign })
+}
+
+/// What the upstreams say about a path an upload is for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UpstreamSays {
+    /// None has it (or none has it signed by a trusted key).
+    Absent,
+    /// This upstream serves it (its narinfo is now held by ncps).
+    Serves(String),
+    /// Some could not answer: whether one serves it is unknown (why).
+    Unknown(String),
+}
+
+/// Whether an upload for a path may be stored, given whether ncps already holds a narinfo for
+/// it and (asked only when that matters, `None` otherwise) what the upstreams say.
+pub fn may_store_upload(held: bool, upstream: Option<&UpstreamSays>, policy: &UploadPolicy) -> Result<(), super::UploadError> {
+    use super::UploadError;
+    if policy.may_shadow {
+        return Ok(());
+    }
+    if held {
+        return Err(UploadError::Held);
+    }
+    match upstream {
+        None | Some(UpstreamSays::Absent) => Ok(()),
+        Some(UpstreamSays::Serves(u)) => Err(UploadError::UpstreamServes(u.clone())),
+        Some(UpstreamSays::Unknown(why)) => Err(UploadError::UpstreamUnknown(why.clone())),
+    }
+}
+
 /// Whether an uploaded NAR's bytes (with SHA-256 `got`) are what its name says, as NARs
 /// written by `nix copy` are named (`<nix32 of sha256 of the file>.nar<ext>`).
 pub fn upload_matches_name(name: &NarName, got: &Hash) -> bool {
@@ -142,9 +207,10 @@ pub fn origin(url: &str) -> &str {
     &url[..end]
 }
 
-/// Where ncps keeps a NAR (its name) and where to fetch it (an absolute URL), from a
-/// narinfo's `URL`. Relative URLs are resolved against the upstream; absolute ones must stay
-/// on the upstream's own origin.
+/// Where ncps keeps a NAR (its name) and where to fetch it (an absolute URL). The name comes
+/// from the digest the NAR is checked against, never from the unsigned `URL`; the `URL` only
+/// says where to fetch: relative URLs are resolved against the upstream, absolute ones must
+/// stay on the upstream's own origin.
 pub fn nar_location(base: &str, url: &str, file_hash: &Hash, compression: &str) -> Result<(NarName, String), Refusal> {
     let absolute = if url.starts_with("http://") || url.starts_with("https://") {
         if origin(url) != origin(base) {
@@ -156,10 +222,7 @@ pub fn nar_location(base: &str, url: &str, file_hash: &Hash, compression: &str) 
     } else {
         format!("{base}/{url}")
     };
-    let last = url.rsplit('/').next().unwrap_or("");
-    let last = last.split('?').next().unwrap_or("");
-    let name = NarName::parse(last)
-        .or_else(|| NarName::for_file(file_hash, compression))
+    let name = NarName::for_file(file_hash, compression)
         .ok_or_else(|| Refusal::Unnameable { compression: compression.to_string() })?;
     Ok((name, absolute))
 }
@@ -269,6 +332,67 @@ mod tests {
         // An opaque upstream name is replaced by one made from the file hash.
         let (name, _) = nar_location("http://up:1", "blobs/0c5e2f", &h, "zstd").unwrap();
         assert_eq!(name.as_str(), format!("{}.nar.zst", h.to_nix32()));
+    }
+
+    #[test]
+    fn the_stored_name_comes_from_the_checked_digest_never_from_the_unsigned_url() {
+        let mine = Hash::of(b"other path's nar");
+        let small = Hash::of(b"small's nar");
+        let small_file = format!("{}.nar.xz", small.to_nix32());
+        // The URL names SMALL's NAR file: that is where it is fetched from (and the download
+        // then fails its check), but the name it is kept under is its own digest's.
+        let (name, url) = nar_location("http://up:1", &format!("nar/{small_file}"), &mine, "xz").unwrap();
+        assert_eq!(name.as_str(), format!("{}.nar.xz", mine.to_nix32()));
+        assert_eq!(url, format!("http://up:1/nar/{small_file}"));
+        assert_eq!(name_hash(&name), Some(mine));
+        // For Compression: none the signed NarHash names it.
+        let k = key();
+        let text = narinfo(&format!("nar/{}.nar", small.to_nix32()), "none", "");
+        let a = accept_upstream(&hash(), &signed(&text, &k), &[k.public()], "http://up:1").unwrap();
+        assert_eq!(a.nar.name.as_str(), format!("{}.nar", Hash::of(b"nar").to_nix32()));
+    }
+
+    fn upload(key: Option<&SecretKey>) -> Vec<u8> {
+        let h = Hash::of(b"nar");
+        let text = narinfo(&format!("nar/{}.nar", h.to_nix32()), "none", "");
+        match key {
+            Some(k) => signed(&text, k),
+            None => text.into_bytes(),
+        }
+    }
+
+    #[test]
+    fn ncps_signs_an_upload_only_if_a_trusted_upload_key_signed_it() {
+        use crate::cache::UploadError;
+        let uploader = key();
+        let lax = UploadPolicy { trusted_keys: vec![uploader.public()], ..Default::default() };
+        assert!(accept_upload(&hash(), &upload(Some(&uploader)), &lax).unwrap().sign);
+        assert!(!accept_upload(&hash(), &upload(Some(&key())), &lax).unwrap().sign, "another key: stored, not vouched for");
+        assert!(!accept_upload(&hash(), &upload(None), &lax).unwrap().sign, "unsigned: stored, not vouched for");
+        let none = UploadPolicy::default();
+        assert!(!accept_upload(&hash(), &upload(Some(&uploader)), &none).unwrap().sign, "no trusted keys: never signed");
+        let strict = UploadPolicy { require_trusted_signature: true, ..lax };
+        assert!(accept_upload(&hash(), &upload(Some(&uploader)), &strict).unwrap().sign);
+        for refused in [upload(Some(&key())), upload(None)] {
+            assert!(matches!(accept_upload(&hash(), &refused, &strict), Err(UploadError::Untrusted)));
+        }
+    }
+
+    #[test]
+    fn an_upload_never_replaces_what_ncps_holds_nor_shadows_what_an_upstream_serves() {
+        use crate::cache::UploadError;
+        let p = UploadPolicy::default();
+        assert!(may_store_upload(false, None, &p).is_ok());
+        assert!(may_store_upload(false, Some(&UpstreamSays::Absent), &p).is_ok());
+        assert!(matches!(may_store_upload(true, None, &p), Err(UploadError::Held)));
+        let serves = UpstreamSays::Serves("http://up:1".into());
+        assert!(matches!(may_store_upload(false, Some(&serves), &p), Err(UploadError::UpstreamServes(_))));
+        let unknown = UpstreamSays::Unknown("timeout".into());
+        assert!(matches!(may_store_upload(false, Some(&unknown), &p), Err(UploadError::UpstreamUnknown(_))), "fails closed");
+        let shadow = UploadPolicy { may_shadow: true, ..p };
+        for says in [None, Some(&serves), Some(&unknown)] {
+            assert!(may_store_upload(true, says, &shadow).is_ok(), "the operator allowed it");
+        }
     }
 
     #[test]

@@ -1,6 +1,8 @@
 //! `PUT` uploads (`nix copy --to http://ncps/...`): a NAR is kept only if its bytes hash to its
-//! name; a narinfo only if it describes the path it is put at and its NAR is here with exactly
-//! the FileHash and FileSize it claims. Then ncps signs it.
+//! name; a narinfo only if it describes the path it is put at, its NAR is here with exactly
+//! the FileHash and FileSize it claims, ncps holds no narinfo for the path and no upstream
+//! serves it (the rules are `trust::accept_upload` and `trust::may_store_upload`). ncps signs
+//! it only if a trusted upload key did.
 
 use super::verify::{copy_hashed, CopyError};
 use super::{trust, Cache, UploadError};
@@ -26,10 +28,16 @@ impl Cache {
         if !trust::upload_matches_name(name, &got) {
             return Err(UploadError::NameMismatch { got });
         }
+        if self.index.nar(name)?.is_some_and(|r| r.stored && r.file_hash == got && r.file_size == written) {
+            // The same bytes are here already (a name is a content hash): nothing to replace.
+            return Ok(());
+        }
         let record =
             NarRecord { name: name.clone(), file_hash: got, file_size: written, upstream_url: String::new(), stored: false };
         let _writing = self.writing();
-        self.index.put_nar(&record)?;
+        if !self.index.put_nar(&record)? {
+            return Err(UploadError::Internal(super::CacheError::NameTaken(name.clone())));
+        }
         let previous = self.blobs.nar_len(name)?;
         self.blobs.put_nar(name, temp, &got)?;
         self.index.set_nar_stored(name, true)?;
@@ -44,7 +52,12 @@ impl Cache {
         body.take(MAX_NARINFO_BYTES as u64 + 1)
             .read_to_end(&mut bytes)
             .map_err(|source| UploadError::Read { after: bytes.len() as u64, source })?;
-        let mut claimed = trust::claimed_by_upload(hash, &bytes)?;
+        let policy = &self.settings.uploads;
+        let trust::AcceptedUpload { mut claimed, sign } = trust::accept_upload(hash, &bytes, policy)?;
+        let held = self.index.narinfo_nar(hash)?.is_some();
+        // Asking the upstreams only matters when nothing is held and shadowing is not allowed.
+        let upstream = (!held && !policy.may_shadow).then(|| self.upstream_says(hash));
+        trust::may_store_upload(held, upstream.as_ref(), policy)?;
         let record = match self.index.nar(&claimed.nar)? {
             Some(r) if r.stored && r.file_hash == claimed.file_hash && r.file_size == claimed.file_size => r,
             Some(r) if r.stored => {
@@ -56,8 +69,13 @@ impl Cache {
             }
             _ => return Err(UploadError::NarMissing(claimed.nar)),
         };
-        if let Some(key) = self.signer() {
-            claimed.info.sign(key);
+        match self.signer() {
+            Some(key) if sign => claimed.info.sign(key),
+            // Not vouched for: no signature in this cache's name goes out with it.
+            _ => {
+                let ours = format!("{}:", self.key.name());
+                claimed.info.sigs.retain(|s| !s.starts_with(&ours));
+            }
         }
         self.store_narinfo(hash, &claimed.info, &record)?;
         self.forget_missing(hash);

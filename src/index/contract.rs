@@ -20,6 +20,7 @@ fn record(c: char, stored: bool) -> NarRecord {
 /// Runs every rule; each leaves the index empty again.
 pub fn every_rule(index: &dyn Index) {
     a_narinfo_records_its_nar_and_rerecording_keeps_the_stored_flag(index);
+    a_narinfo_never_changes_what_a_nar_name_another_narinfo_uses_stands_for(index);
     a_nar_shared_by_two_narinfos_goes_with_the_last_one(index);
     totals_follow_every_write(index);
     the_lru_order_counts_a_nars_use_for_its_narinfos(index);
@@ -35,22 +36,33 @@ fn empty(index: &dyn Index) {
 fn a_narinfo_records_its_nar_and_rerecording_keeps_the_stored_flag(index: &dyn Index) {
     let h = hash('a');
     let nar = record('1', false);
-    assert_eq!(index.put_narinfo(&h, "/nix/store/x-y", &nar, 100).unwrap().replaced_size, 0);
+    assert_eq!(index.put_narinfo(&h, "/nix/store/x-y", &nar, 100).unwrap(), Recorded::Done { replaced_size: 0 });
     assert_eq!(index.nar(&nar.name).unwrap(), Some(nar.clone()));
     assert_eq!(index.narinfo_nar(&h).unwrap(), Some(nar.name.clone()));
     assert!(index.set_nar_stored(&nar.name, true).unwrap());
     assert_eq!(index.totals().unwrap().bytes(), 103);
     let again = index.put_narinfo(&h, "/nix/store/x-y", &nar, 90).unwrap();
-    assert_eq!(again, Recorded { replaced_size: 100, nar_invalidated: false });
+    assert_eq!(again, Recorded::Done { replaced_size: 100 });
     assert!(index.nar(&nar.name).unwrap().unwrap().stored);
-    let mut other = nar.clone();
-    other.file_hash = Hash::of(b"other");
-    let changed = index.put_narinfo(&h, "/nix/store/x-y", &other, 90).unwrap();
-    assert!(changed.nar_invalidated, "the stored blob now stands for other bytes");
-    assert!(!index.nar(&nar.name).unwrap().unwrap().stored, "new bytes must be fetched again");
     let removed = index.remove_narinfos(&[h, hash('z')]).unwrap();
     assert_eq!(removed.len(), 1, "unknown hashes are skipped");
-    assert_eq!(removed[0].nar, Some((nar.name.clone(), None)));
+    assert_eq!(removed[0].nar, Some((nar.name.clone(), Some(3))));
+    empty(index);
+}
+
+fn a_narinfo_never_changes_what_a_nar_name_another_narinfo_uses_stands_for(index: &dyn Index) {
+    let (small, other) = (hash('a'), hash('b'));
+    let nar = record('1', false);
+    index.put_narinfo(&small, "/nix/store/a-small", &nar, 10).unwrap();
+    assert!(index.set_nar_stored(&nar.name, true).unwrap());
+    for (hash, size) in [(Hash::of(b"other"), nar.file_size), (nar.file_hash, nar.file_size + 1)] {
+        let claim = NarRecord { file_hash: hash, file_size: size, upstream_url: "http://evil/x".into(), ..nar.clone() };
+        assert_eq!(index.put_narinfo(&other, "/nix/store/b-other", &claim, 10).unwrap(), Recorded::NameTaken);
+        assert!(!index.put_nar(&claim).unwrap(), "an upload cannot change it either");
+        assert_eq!(index.nar(&nar.name).unwrap(), Some(NarRecord { stored: true, ..nar.clone() }), "untouched");
+        assert_eq!(index.narinfo_nar(&other).unwrap(), None, "nothing recorded for the other narinfo");
+    }
+    index.remove_narinfos(&[small]).unwrap();
     empty(index);
 }
 

@@ -67,14 +67,14 @@ pub struct IndexedNarinfo {
     pub created_at: i64,
 }
 
-/// What recording a narinfo changed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct Recorded {
-    /// The size of the narinfo this one replaced (0 if new).
-    pub replaced_size: u64,
-    /// Whether the NAR's name now stands for other bytes than the stored blob of that name,
-    /// which must then go (it is fetched again).
-    pub nar_invalidated: bool,
+/// What recording a narinfo did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Recorded {
+    /// Recorded; `replaced_size` is the size of the narinfo this one replaced (0 if new).
+    Done { replaced_size: u64 },
+    /// Nothing was recorded: the index knows the NAR's name with another digest (another
+    /// narinfo uses it). A narinfo never changes what a NAR name stands for.
+    NameTaken,
 }
 
 /// What a removal took out of the index: narinfos with their sizes, and the NAR (its name
@@ -112,12 +112,13 @@ pub trait Index: Send + Sync {
         Ok(())
     }
     /// Records a narinfo (`size` bytes stored) and the NAR it points at. A NAR already known
-    /// with the same digest keeps its `stored` flag; one known with another digest is marked
-    /// not stored.
+    /// with the same digest keeps its row (and `stored` flag); one known with another digest
+    /// is left exactly as it is and nothing is recorded ([`Recorded::NameTaken`]).
     fn put_narinfo(&self, hash: &StorePathHash, store_path: &str, nar: &NarRecord, size: u64)
         -> Result<Recorded, IndexError>;
-    /// Records a NAR on its own (an upload, before its narinfo), not yet stored.
-    fn put_nar(&self, nar: &NarRecord) -> Result<(), IndexError>;
+    /// Records a NAR on its own (an upload, before its narinfo), not yet stored. `false`, and
+    /// nothing changed, when the name is known with another digest.
+    fn put_nar(&self, nar: &NarRecord) -> Result<bool, IndexError>;
     fn nar(&self, name: &NarName) -> Result<Option<NarRecord>, IndexError>;
     /// The NAR a narinfo points at.
     fn narinfo_nar(&self, hash: &StorePathHash) -> Result<Option<NarName>, IndexError>;

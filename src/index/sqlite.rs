@@ -294,17 +294,14 @@ impl super::Index for SqliteIndex {
                 })
                 .optional()
                 .context(CTX)?;
-            let nar_invalidated = was.is_some_and(|(h, s, stored)| {
-                stored && (h != nar.file_hash.to_string() || s as u64 != nar.file_size)
-            });
+            if was.as_ref().is_some_and(|(h, s, _)| *h != nar.file_hash.to_string() || *s as u64 != nar.file_size) {
+                // The name stands for other bytes that another narinfo may use: untouched.
+                return Ok(Recorded::NameTaken);
+            }
             tx.execute(
                 "INSERT INTO nars(name, file_hash, file_size, upstream_url, stored, created_at, accessed_at)
                  VALUES (?1, ?2, ?3, ?4, 0, ?5, ?5)
-                 ON CONFLICT(name) DO UPDATE SET
-                   stored = CASE WHEN file_hash = excluded.file_hash AND file_size = excluded.file_size
-                                 THEN stored ELSE 0 END,
-                   file_hash = excluded.file_hash, file_size = excluded.file_size,
-                   upstream_url = excluded.upstream_url",
+                 ON CONFLICT(name) DO UPDATE SET upstream_url = excluded.upstream_url WHERE stored = 0",
                 params![nar.name.as_str(), nar.file_hash.to_string(), nar.file_size as i64, nar.upstream_url, t],
             )
             .context(CTX)?;
@@ -316,22 +313,25 @@ impl super::Index for SqliteIndex {
                 params![hash.as_str(), store_path, nar.name.as_str(), size as i64, t],
             )
             .context(CTX)?;
-            Ok(Recorded { replaced_size: old.unwrap_or(0) as u64, nar_invalidated })
+            Ok(Recorded::Done { replaced_size: old.unwrap_or(0) as u64 })
         })
     }
 
-    fn put_nar(&self, nar: &NarRecord) -> Result<(), IndexError> {
+    fn put_nar(&self, nar: &NarRecord) -> Result<bool, IndexError> {
+        const CTX: &str = "recording a nar";
         let t = super::now();
-        self.conn()?
-            .execute(
-                "INSERT INTO nars(name, file_hash, file_size, upstream_url, stored, created_at, accessed_at)
-                 VALUES (?1, ?2, ?3, ?4, 0, ?5, ?5)
-                 ON CONFLICT(name) DO UPDATE SET file_hash = excluded.file_hash,
-                   file_size = excluded.file_size, accessed_at = excluded.accessed_at",
-                params![nar.name.as_str(), nar.file_hash.to_string(), nar.file_size as i64, nar.upstream_url, t],
-            )
-            .context("recording a nar")?;
-        Ok(())
+        self.write(CTX, |tx| {
+            let changed = tx
+                .execute(
+                    "INSERT INTO nars(name, file_hash, file_size, upstream_url, stored, created_at, accessed_at)
+                     VALUES (?1, ?2, ?3, ?4, 0, ?5, ?5)
+                     ON CONFLICT(name) DO UPDATE SET accessed_at = excluded.accessed_at
+                       WHERE file_hash = excluded.file_hash AND file_size = excluded.file_size",
+                    params![nar.name.as_str(), nar.file_hash.to_string(), nar.file_size as i64, nar.upstream_url, t],
+                )
+                .context(CTX)?;
+            Ok(changed == 1)
+        })
     }
 
     fn nar(&self, name: &NarName) -> Result<Option<NarRecord>, IndexError> {

@@ -556,6 +556,74 @@ fn uncompressed_nar_is_checked_against_the_signed_nar_hash_not_the_unsigned_file
     assert_only_verified_nars_stored(&ncps);
 }
 
+/// A validly signed narinfo for OTHER whose (unsigned) `URL` names SMALL's NAR file: ncps
+/// keeps OTHER's NAR under a name made from OTHER's own FileHash, so SMALL's index row and
+/// verified file stay as they are; OTHER's NAR fails its check and nothing is kept.
+/// After a crash and the start-up check, SMALL is still served from the store.
+fn a_narinfo_whose_url_names_another_paths_nar_never_touches_that_nar(client: NixClient) {
+    let Some(fx) = fixture_or_skip() else { return };
+    if client.must_skip() {
+        return;
+    }
+    let (small, other) = (&fx.many[0], &fx.many[1]);
+    let forged = resigned_cache_copy(fx, Compression::Xz, &fx.up1_secret_key_file);
+    let small_url = upstream_nar_path(fx, Compression::Xz, small);
+    let other_path = forged.join(format!("{}.narinfo", store_hash(other)));
+    let text: String = fs::read_to_string(&other_path)
+        .unwrap()
+        .lines()
+        .map(|l| if l.starts_with("URL:") { format!("URL: {}\n", &small_url[1..]) } else { format!("{l}\n") })
+        .collect();
+    fs::write(&other_path, text).unwrap();
+    // Without OTHER's own NAR file, so that fetching OTHER's NAR by its name finds nothing.
+    fs::remove_file(forged.join(&upstream_nar_path(fx, Compression::Xz, other)[1..])).unwrap();
+    let up = Upstream::serve_dir(forged.path());
+    let mut ncps = Ncps::for_upstreams(&[up.url()], &fx.up1_public_key);
+    let key = ncps.pubkey();
+
+    client.copy_from(&ncps.url(), &[small], &key).unwrap_or_else(|e| panic!("{}: SMALL: {e}", client.label()));
+    let (small_nar, _) = ncps_nar_path(&ncps, small);
+    let stored_small = ncps.wait_for_stored_nars(1);
+    // OTHER's narinfo is validly signed, so it is served; its NAR has a name of its own.
+    let (other_nar, _) = ncps_nar_path(&ncps, other);
+    assert_ne!(other_nar, small_nar, "the URL must not choose the stored name");
+    let other_hash = NarInfo::parse(&fx.upstream_narinfo(Compression::Xz, other)).get("FileHash").unwrap().to_string();
+    assert!(other_nar.contains(other_hash.trim_start_matches("sha256:")), "{other_nar} is named after OTHER's FileHash");
+    let r = ncps.get(&other_nar);
+    // SMALL's bytes fail OTHER's check, and no upstream has OTHER's NAR by its name.
+    assert!(matches!(r.status, 404 | 502), "OTHER's NAR is not served: {} {}", r.status, r.text());
+    client
+        .copy_from(&ncps.url(), &[other], &key)
+        .expect_err("OTHER cannot be substituted with SMALL's bytes");
+
+    let check_small = |ncps: &Ncps, when: &str| {
+        assert_eq!(ncps.stored_nar_files(), stored_small, "{when}: only SMALL's verified NAR is stored");
+        assert_only_verified_nars_stored(ncps);
+        up.reset_hits();
+        client.copy_from(&ncps.url(), &[small], &key).unwrap_or_else(|e| panic!("{when}: SMALL: {e}"));
+        assert_eq!(up.hits(&small_url), 0, "{when}: SMALL's NAR comes from the store");
+        let r = ncps.get(&small_nar);
+        assert_eq!(r.status, 200, "{when}: SMALL's NAR is served");
+    };
+    check_small(&ncps, "before a restart");
+    // A crash, so the start-up check compares the store with the index.
+    ncps.kill9();
+    let offset = ncps.log_len();
+    ncps.restart();
+    ncps.wait_for_log(offset, "start-up check: done", Duration::from_secs(20));
+    check_small(&ncps, "after a restart");
+}
+
+#[test]
+fn a_signed_narinfo_whose_url_names_another_paths_nar_leaves_that_nar_intact_across_a_restart() {
+    a_narinfo_whose_url_names_another_paths_nar_never_touches_that_nar(NixClient::Nix2_8);
+}
+
+#[test]
+fn nix_2_26_a_signed_narinfo_whose_url_names_another_paths_nar_leaves_that_nar_intact_across_a_restart() {
+    a_narinfo_whose_url_names_another_paths_nar_never_touches_that_nar(NixClient::Nix2_26);
+}
+
 // ---------------------------------------------------------------------------
 // Crashes and the start-up check
 // ---------------------------------------------------------------------------

@@ -5,6 +5,7 @@
 //!
 //! | module | what it specifies |
 //! | --- | --- |
+//! | [`access`] | who may read and write, what an upload may be, upstream credentials and redirects |
 //! | [`proxy`] | ncps as a read-through proxy: fetching, fallback between upstreams, HTTPS, configuration, the harness itself |
 //! | [`integrity`] | what ncps refuses to pass on or keep: bad signatures, corrupt or truncated NARs, crashes, hostile clients |
 //! | [`lifecycle`] | the size limit and eviction, uploads, DELETE, `ncps fsck` |
@@ -25,6 +26,7 @@
 
 mod support;
 
+mod access;
 mod concurrency;
 mod integrity;
 mod lifecycle;

@@ -196,8 +196,10 @@ impl Conn {
 
     fn once(&mut self, method: &str, path: &str, ctype: &str, body: &[u8]) -> io::Result<(u16, Vec<u8>)> {
         let r = self.connect()?;
+        // ncps takes uploads only with its write token (`NCPS_WRITE_TOKEN`, as scale.sh gives it).
+        let auth = std::env::var("NCPS_WRITE_TOKEN").map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
         let mut req = format!(
-            "{method} {path} HTTP/1.1\r\nHost: bench\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\n\r\n",
+            "{method} {path} HTTP/1.1\r\nHost: bench\r\n{auth}Content-Type: {ctype}\r\nContent-Length: {}\r\n\r\n",
             body.len()
         )
         .into_bytes();

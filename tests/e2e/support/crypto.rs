@@ -136,3 +136,18 @@ pub fn sign_with_key_file(secret_key_file: &Path, message: &str) -> String {
         base64::engine::general_purpose::STANDARD.encode(sig.as_ref())
     )
 }
+
+/// A new Nix signing key pair named `name`, made by `nix-store --generate-binary-cache-key`:
+/// the directory holding it, the public key (`name:base64`) and the secret key file.
+pub fn new_key_pair(name: &str) -> (super::dirs::TempDir, String, std::path::PathBuf) {
+    let dir = super::dirs::TempDir::new("keys");
+    let (sec, public) = (dir.join("key.sec"), dir.join("key.pub"));
+    let st = std::process::Command::new("nix-store")
+        .arg("--generate-binary-cache-key")
+        .args([std::ffi::OsStr::new(name), sec.as_os_str(), public.as_os_str()])
+        .status()
+        .expect("nix-store --generate-binary-cache-key");
+    assert!(st.success(), "nix-store --generate-binary-cache-key failed");
+    let public = std::fs::read_to_string(&public).unwrap().trim().to_string();
+    (dir, public, sec)
+}

@@ -62,6 +62,11 @@ pub fn http_head(url: &str) -> io::Result<Response> {
 /// One request on a fresh connection (`Connection: close`), 10 s timeouts.
 /// Handles Content-Length, chunked and read-to-close bodies.
 pub fn http_request(method: &str, url: &str) -> io::Result<Response> {
+    http_request_with(method, url, &[])
+}
+
+/// As [`http_request`], with these extra header lines (e.g. `Authorization`).
+pub fn http_request_with(method: &str, url: &str, extra: &[(&str, &str)]) -> io::Result<Response> {
     let rest = url
         .strip_prefix("http://")
         .ok_or_else(|| io::Error::other(format!("not an http URL: {url}")))?;
@@ -75,9 +80,10 @@ pub fn http_request(method: &str, url: &str) -> io::Result<Response> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
     s.set_read_timeout(Some(Duration::from_secs(10)))?;
     s.set_write_timeout(Some(Duration::from_secs(10)))?;
+    let extra: String = extra.iter().map(|(k, v)| format!("{k}: {v}\r\n")).collect();
     write!(
         s,
-        "{method} {path} HTTP/1.1\r\nHost: {hostport}\r\nUser-Agent: ncps-e2e\r\nAccept: */*\r\nConnection: close\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nHost: {hostport}\r\nUser-Agent: ncps-e2e\r\nAccept: */*\r\n{extra}Connection: close\r\n\r\n"
     )?;
     s.flush()?;
     let mut r = BufReader::new(s);

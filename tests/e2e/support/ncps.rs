@@ -25,6 +25,14 @@ use std::time::{Duration, Instant};
 /// The hostname (and so the signing key name) the suite gives ncps by default.
 pub const HOSTNAME: &str = "ncps-e2e.example.org";
 
+/// The write token the suite gives ncps when it allows PUT or DELETE.
+pub const WRITE_TOKEN: &str = "e2e-write-token-7f3a9c";
+
+/// A netrc file with one entry for ncps's host (127.0.0.1) whose password is `token`.
+pub fn netrc_for(token: &str) -> String {
+    format!("machine 127.0.0.1\n  login nix\n  password {token}\n")
+}
+
 /// Variables ncps reads that belong to no flag: `SSL_CERT_FILE` (extra CA certificates
 /// for HTTPS upstreams, src/upstream.rs). Tests that want it set it explicitly.
 const NON_FLAG_ENV_VARS: &[&str] = &["SSL_CERT_FILE"];
@@ -45,6 +53,8 @@ pub fn ncps_command() -> Command {
     for v in scrubbed_env_vars() {
         cmd.env_remove(v);
     }
+    // ncps reads ~/.netrc when no --netrc-file is given: not the developer's.
+    cmd.env("HOME", "/nonexistent-ncps-e2e-home");
     cmd
 }
 
@@ -337,7 +347,8 @@ impl Ncps {
                 ));
             }
             if let Ok(r) = http_get(&url) {
-                if r.status == 200 {
+                // 401: it answers, and wants the --cache-get-token the test gave it.
+                if r.status == 200 || r.status == 401 {
                     return Ok(());
                 }
             }

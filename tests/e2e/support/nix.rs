@@ -206,8 +206,15 @@ impl NixClient {
     /// /nix/store; Nix 2.26 uploads them from a store of its own that they are first copied
     /// into (by Nix 2.8, as an uncompressed file:// cache that Nix 2.26 imports).
     pub fn copy_to(self, url: &str, paths: &[String]) -> Result<(), String> {
+        self.copy_to_with(url, paths, &ClientAuth::default())
+    }
+
+    /// As [`NixClient::copy_to`], with a netrc file and/or a signing key (`?secret-key=`).
+    pub fn copy_to_with(self, url: &str, paths: &[String], auth: &ClientAuth) -> Result<(), String> {
         let timeout = Duration::from_secs(60);
         let tmp = self.scratch("nix-upload")?;
+        let (url, options) = auth.apply(&tmp, url)?;
+        let url = url.as_str();
         let from = match self {
             NixClient::Nix2_8 => None,
             NixClient::Nix2_26 => {
@@ -229,8 +236,23 @@ impl NixClient {
         if let Some(store) = &from {
             c.args(["--from", store]);
         }
-        c.args(paths).args(["--option", "connect-timeout", "5"]);
+        c.args(paths).args(["--option", "connect-timeout", "5"]).args(&options);
         run_nix(c, timeout, || format!("nix copy --to {url} [{}]", self.label()))
+    }
+
+    /// As [`NixClient::copy_from`], with `netrc` as the client's netrc file.
+    pub fn copy_from_with_netrc<S: AsRef<str>>(self, url: &str, paths: &[S], trusted_key: &str, netrc: &str) -> Result<(), String> {
+        let timeout = Duration::from_secs(90);
+        let tmp = self.scratch("nix-client")?;
+        let auth = ClientAuth { netrc: Some(netrc.to_string()), ..ClientAuth::default() };
+        let (_, options) = auth.apply(&tmp, url)?;
+        let store = tmp.store();
+        let xdg = tmp.xdg();
+        let paths: Vec<&str> = paths.iter().map(|p| p.as_ref()).collect();
+        let mut copy = self.nix(&["copy", "--from", url, "--to", &store], &xdg)?;
+        copy.args(&paths).args(["--option", "trusted-public-keys", trusted_key, "--option", "connect-timeout", "5"]);
+        copy.args(&options);
+        run_nix(copy, timeout, || format!("nix copy --from {url} with a netrc file [{}]", self.label()))
     }
 
     /// `nix ARGS` with the suite's configuration, caching in `xdg` (a path as this client
@@ -269,6 +291,31 @@ impl NixClient {
         };
         fs::create_dir_all(dir.host.join("xdg")).map_err(|e| format!("{}: {e}", dir.host.display()))?;
         Ok(Scratch { dir })
+    }
+}
+
+/// Credentials a Nix client is given: a netrc file (its text), and a secret key it signs
+/// uploads with (a file on the host; copied where the client can read it).
+#[derive(Debug, Clone, Default)]
+pub struct ClientAuth {
+    pub netrc: Option<String>,
+    pub secret_key_file: Option<PathBuf>,
+}
+
+impl ClientAuth {
+    /// Puts the files in `tmp`; returns the store URL (with `?secret-key=`) and the options.
+    fn apply(&self, tmp: &Scratch, url: &str) -> Result<(String, Vec<String>), String> {
+        let mut options = Vec::new();
+        let mut url = url.to_string();
+        if let Some(text) = &self.netrc {
+            fs::write(tmp.dir.host.join("netrc"), text).map_err(|e| format!("netrc: {e}"))?;
+            options.extend(["--option".into(), "netrc-file".into(), tmp.dir.inside.join("netrc").to_string_lossy().into_owned()]);
+        }
+        if let Some(key) = &self.secret_key_file {
+            fs::copy(key, tmp.dir.host.join("upload.sec")).map_err(|e| format!("{}: {e}", key.display()))?;
+            url = format!("{url}?secret-key={}", tmp.dir.inside.join("upload.sec").display());
+        }
+        Ok((url, options))
     }
 }
 

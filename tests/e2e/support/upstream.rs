@@ -1,9 +1,11 @@
 //! The test upstream: a static file server on 127.0.0.1 ([`Upstream`]) that serves a
 //! fixture cache and misbehaves on demand ([`Mode`], for the requests [`Target`] selects):
 //! errors, hangs, resets and clean closes mid-body, corrupted or throttled bodies,
-//! zstd content encoding. It answers `Range: bytes=a-b` / `a-` with a 206 (misbehaving on
-//! the part it sends), unless told to ignore ranges. It counts what it was asked for and
-//! what it sent, and can be stopped and restarted on its port. [`TlsFront`] puts HTTPS in front of it.
+//! zstd content encoding, redirects (to its own `/mirror/` path or to another port), and
+//! it can require an `Authorization` header ([`Upstream::require_authorization`]). It answers
+//! `Range: bytes=a-b` / `a-` with a 206 (misbehaving on the part it sends), unless told to
+//! ignore ranges. It counts what it was asked for and what it sent, and can be stopped and
+//! restarted on its port. [`TlsFront`] puts HTTPS in front of it.
 
 use super::dirs::TempDir;
 use super::fixture::{Compression, Fixture};
@@ -45,6 +47,11 @@ pub enum Mode {
     /// Like ResetMidBody for the first request of each path; later ones are served normally
     /// (a link that drops once).
     ResetOnce,
+    /// Answer `302 Location: /mirror<path>` (on its own origin; `/mirror/...` is served as
+    /// `...`).
+    RedirectSameOrigin,
+    /// Answer `302 Location: http://127.0.0.1:<port><path>`: another origin.
+    RedirectTo(u16),
 }
 
 /// Which requests the misbehaviour applies to; the others are served normally.
@@ -76,6 +83,8 @@ struct UpstreamState {
     requests: Mutex<Vec<String>>,
     /// The header lines of each request, in the order of `requests`.
     headers: Mutex<Vec<Vec<(String, String)>>>,
+    /// The `Authorization` value every request must carry (else 401), if any.
+    authorization: Mutex<Option<String>>,
     /// Bumped by stop(): connection threads of older generations give up.
     generation: AtomicU64,
     stopped: AtomicBool,
@@ -105,6 +114,7 @@ impl Upstream {
             sent: Mutex::new(HashMap::new()),
             requests: Mutex::new(Vec::new()),
             headers: Mutex::new(Vec::new()),
+            authorization: Mutex::new(None),
             generation: AtomicU64::new(0),
             stopped: AtomicBool::new(false),
             conns: Mutex::new(HashMap::new()),
@@ -157,6 +167,12 @@ impl Upstream {
             .filter(|(r, _)| r.split_once(' ').is_some_and(|(_, p)| p == path))
             .map(|(_, v)| v)
             .collect()
+    }
+
+    /// Every request must carry `Authorization: <value>` (e.g. `Basic dXNlcjpwdw==`), else
+    /// it is answered 401 with `WWW-Authenticate: Basic realm="test"`. `None` lifts it.
+    pub fn require_authorization(&self, value: Option<&str>) {
+        *self.state.authorization.lock().unwrap() = value.map(str::to_string);
     }
 
     /// Requests received for this exact path (query string excluded).
@@ -312,11 +328,21 @@ fn handle_upstream_conn(st: &UpstreamState, mut s: TcpStream, generation: u64) -
         .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
         .collect();
     let range = headers.iter().find(|(k, _)| k.eq_ignore_ascii_case("range")).map(|(_, v)| v.clone());
+    let authorized = match &*st.authorization.lock().unwrap() {
+        None => true,
+        Some(want) => headers.iter().any(|(k, v)| k.eq_ignore_ascii_case("authorization") && v == want),
+    };
     // Both under one lock order (requests, then headers), so request_header() pairs them.
     {
         let mut requests = st.requests.lock().unwrap();
         requests.push(format!("{method} {path}"));
         st.headers.lock().unwrap().push(headers);
+    }
+    if !authorized {
+        let h = "HTTP/1.1 401 Unauthorized\r\nWWW-Authenticate: Basic realm=\"test\"\r\n\
+                 Content-Length: 13\r\nConnection: close\r\n\r\nunauthorized\n";
+        s.write_all(h.as_bytes())?;
+        return s.flush();
     }
 
     let (mode, tgt) = *st.mode.lock().unwrap();
@@ -348,13 +374,17 @@ fn handle_upstream_conn(st: &UpstreamState, mut s: TcpStream, generation: u64) -
                 method == "HEAD",
             );
         }
+        Mode::RedirectSameOrigin if !path.starts_with("/mirror/") => {
+            return redirect(&mut s, &format!("/mirror{target}"));
+        }
+        Mode::RedirectTo(port) => return redirect(&mut s, &format!("http://127.0.0.1:{port}{target}")),
         _ => {}
     }
 
     if method != "GET" && method != "HEAD" {
         return respond(&mut s, 405, "Method Not Allowed", "text/plain", b"", false);
     }
-    let rel = path.trim_start_matches('/');
+    let rel = path.strip_prefix("/mirror").unwrap_or(&path).trim_start_matches('/');
     let safe = !rel.is_empty()
         && !rel
             .split('/')
@@ -465,6 +495,12 @@ fn handle_upstream_conn(st: &UpstreamState, mut s: TcpStream, generation: u64) -
         }
     }
     Ok(())
+}
+
+fn redirect(s: &mut TcpStream, location: &str) -> io::Result<()> {
+    let h = format!("HTTP/1.1 302 Found\r\nLocation: {location}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+    s.write_all(h.as_bytes())?;
+    s.flush()
 }
 
 fn respond(

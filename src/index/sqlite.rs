@@ -617,7 +617,7 @@ mod tests {
         bytes[page..page + 4096].fill(0xa5);
         std::fs::write(&path, &bytes).unwrap();
         let index = SqliteIndex::open(&path).expect("opening reads no more than the schema");
-        let err = index.check_integrity().err().expect("the damage is found");
+        let err = index.check_integrity().expect_err("the damage is found");
         assert!(matches!(err, IndexError::Corrupt(_)), "{err}");
         std::fs::remove_dir_all(dir).unwrap();
     }

@@ -721,6 +721,8 @@ impl SmallDisk {
 
     fn available(&self) -> u64 {
         let c = std::ffi::CString::new(self.dir.to_string_lossy().as_bytes()).unwrap();
+        // SAFETY: statvfs is plain data, for which all-zero bytes are a valid value; `c` is a
+        // NUL-terminated path and `st` a writable statvfs for the duration of the call.
         let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
         assert_eq!(unsafe { libc::statvfs(c.as_ptr(), &mut st) }, 0, "statvfs {}", self.dir.display());
         st.f_bavail as u64 * st.f_frsize as u64

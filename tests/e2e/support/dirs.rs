@@ -138,6 +138,8 @@ extern "C" fn exit_cleanup() {
 
 fn register_exit_cleanup() {
     static ONCE: OnceLock<()> = OnceLock::new();
+    // SAFETY: `exit_cleanup` is an `extern "C" fn()` that lives for the whole program and
+    // only removes directories; atexit merely records it.
     ONCE.get_or_init(|| unsafe {
         libc::atexit(exit_cleanup);
     });

@@ -190,6 +190,8 @@ impl Ncps {
     /// SIGTERM, then SIGKILL after 5 s.
     pub fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {
+            // SAFETY: kill takes plain integers; the pid is our own child's, not yet reaped
+            // (we hold its Child), so it cannot name another process.
             unsafe {
                 libc::kill(c.id() as libc::pid_t, libc::SIGTERM);
             }

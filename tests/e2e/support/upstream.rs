@@ -529,6 +529,8 @@ fn set_linger_zero(s: &TcpStream) {
         l_onoff: 1,
         l_linger: 0,
     };
+    // SAFETY: the descriptor is open for as long as `s` is borrowed; `l` is a valid linger
+    // struct that outlives the call, and its size is passed with it.
     unsafe {
         libc::setsockopt(
             s.as_raw_fd(),

@@ -7,6 +7,7 @@
 
 pub mod cache;
 pub mod config;
+pub mod config_file;
 pub mod cron;
 pub mod duration;
 pub mod fsck;

@@ -45,6 +45,8 @@ pub fn ncps_command() -> Command {
     for v in scrubbed_env_vars() {
         cmd.env_remove(v);
     }
+    // Nor a config file of the developer's ($XDG_CONFIG_HOME/ncps/config.yaml, read if there).
+    cmd.env("XDG_CONFIG_HOME", "/nonexistent/ncps-e2e");
     cmd
 }
 

@@ -104,9 +104,13 @@ image: static
 	bash build/image.sh
 
 # The image run for real: the Nix client through it, podman stop, a restart on the same volume
-# (tests/container.sh). .ci/run runs it after make test.
+# (tests/container.sh, ~5 s); the compose and Kubernetes examples in deploy/ checked against
+# their schemas and run with podman-compose and podman kube play (tests/deploy.sh, ~10 s;
+# the first run installs podman-compose, docker-compose and a venv with the Kubernetes client).
+# .ci/run runs it after make test.
 test-image: image
 	bash tests/container.sh
+	bash tests/deploy.sh
 
 fuzz:
 	bash fuzz/run.sh

@@ -30,7 +30,8 @@ RUN=t$$
 PROJECT=ncpsdeploy$$
 cleanup() {
     [[ -f $TMP/play.yaml ]] && podman kube down "$TMP/play.yaml" >/dev/null 2>&1
-    podman volume rm -f "ncps-data-$RUN" >/dev/null 2>&1
+    # kube down (podman 4.3) leaves the PVC volume and the one made for the ConfigMap.
+    podman volume rm -f "ncps-data-$RUN" "ncps-$RUN" >/dev/null 2>&1
     if [[ -n ${COMPOSE_UP:-} ]]; then
         (cd "$ROOT/deploy" && podman-compose -p "$PROJECT" down -v) >/dev/null 2>&1
     fi

@@ -1132,6 +1132,7 @@ fn as_pid_1_of_its_own_pid_namespace_ncps_still_stops_on_sigterm_with_status_0()
     for v in scrubbed_env_vars() {
         cmd.env_remove(v);
     }
+    cmd.env("XDG_CONFIG_HOME", "/nonexistent/ncps-e2e");
     cmd.args(["--pid", "--fork", "--kill-child", &ncps_bin(), "serve", "--cache-hostname", "pid1.test"])
         .arg("--cache-data-path")
         .arg(data.path())

@@ -12,7 +12,7 @@ ADDR ?= :8501
 # debootstrap: the end-to-end tests also run a current Nix (Debian 13's) in a chroot.
 APT_PACKAGES := nix-bin curl xz-utils ca-certificates build-essential tzdata debootstrap
 
-.PHONY: all build run test test-static deps bench bench-deps bench-scale bench-outage bench-zstd static fuzz clean
+.PHONY: all build run test test-static test-image image deps bench bench-deps bench-scale bench-outage bench-zstd static fuzz clean
 
 all: build
 
@@ -98,6 +98,20 @@ static:
 # The end-to-end tests against the static x86_64 binary.
 test-static: static
 	NCPS_E2E_BIN=$(CURDIR)/target/static/ncps-x86_64 $(CARGO) test --test e2e
+
+# The container image: FROM scratch, the static binaries, amd64 and arm64 in one manifest
+# (build/image.sh; podman, no Docker daemon). IMAGE names it (default localhost/ncps:latest).
+image: static
+	bash build/image.sh
+
+# The image run for real: the Nix client through it, podman stop, a restart on the same volume
+# (tests/container.sh, ~5 s); the compose and Kubernetes examples in deploy/ checked against
+# their schemas and run with podman-compose and podman kube play (tests/deploy.sh, ~10 s;
+# the first run installs podman-compose, docker-compose and a venv with the Kubernetes client).
+# .ci/run runs it after make test.
+test-image: image
+	bash tests/container.sh
+	bash tests/deploy.sh
 
 fuzz:
 	bash fuzz/run.sh

@@ -27,94 +27,128 @@ pub enum Kind {
 }
 
 /// One flag: its names (the first is canonical, the rest are ncps's older names), the
-/// environment variables that set it (in the same order), its default and what it does.
+/// environment variables that set it (in the same order), its keys in the config file (the
+/// Go ncps's dotted keys first, then older ones; none for `--config` itself), its default
+/// and what it does.
 pub struct Flag {
     pub names: &'static [&'static str],
     pub envs: &'static [&'static str],
+    pub keys: &'static [&'static str],
     pub kind: Kind,
     pub default: Option<&'static str>,
     pub help: &'static str,
 }
 
 macro_rules! flag {
-    ($names:expr, $envs:expr, $kind:ident, $default:expr, $help:expr) => {
-        Flag { names: &$names, envs: &$envs, kind: Kind::$kind, default: $default, help: $help }
+    ($names:expr, $envs:expr, $keys:expr, $kind:ident, $default:expr, $help:expr) => {
+        Flag { names: &$names, envs: &$envs, keys: &$keys, kind: Kind::$kind, default: $default, help: $help }
     };
 }
 
 /// Every flag of `ncps serve`.
 pub const FLAGS: &[Flag] = &[
-    flag!(["cache-hostname"], ["CACHE_HOSTNAME"], Value, None,
+    flag!(["config"], ["NCPS_CONFIG_FILE"], [], Value, None,
+        "Config file (TOML, YAML or JSON, by extension) with the settings under the keys shown \
+         as `file:` [default: $XDG_CONFIG_HOME/ncps/config.yaml, if it exists]"),
+    flag!(["cache-hostname"], ["CACHE_HOSTNAME"],
+        ["cache.hostname"], Value, None,
         "Name of this cache; the signing key is called <hostname> (required)"),
     flag!(["cache-data-path", "cache-storage-local"], ["CACHE_STORAGE_LOCAL", "CACHE_DATA_PATH"],
+        ["cache.storage.local", "cache.data-path"],
         Value, None, "Directory for the cached NARs, narinfos, database and key (required)"),
-    flag!(["cache-database-url"], ["CACHE_DATABASE_URL"], Value, None,
+    flag!(["cache-database-url"], ["CACHE_DATABASE_URL"],
+        ["cache.database-url"], Value, None,
         "Database, as sqlite:PATH [default: sqlite:<data-path>/db.sqlite]"),
-    flag!(["cache-temp-path"], ["CACHE_TEMP_PATH"], Value, None,
+    flag!(["cache-temp-path"], ["CACHE_TEMP_PATH"],
+        ["cache.temp-path"], Value, None,
         "Directory for downloads in progress; keep it on the data path's filesystem \
          [default: <data-path>/tmp]"),
     flag!(["upstream-cache", "cache-upstream-url"], ["CACHE_UPSTREAM_URLS", "UPSTREAM_CACHES"],
+        ["cache.upstream.urls", "cache.upstream.caches"],
         List, None, "Upstream binary cache URL, tried in order (?priority=N reorders); repeatable, \
          at least one"),
-    flag!(["upstream-public-key", "cache-upstream-public-key"],
-        ["CACHE_UPSTREAM_PUBLIC_KEYS", "UPSTREAM_PUBLIC_KEYS"], List, None,
+    flag!(["upstream-public-key", "cache-upstream-public-key"], ["CACHE_UPSTREAM_PUBLIC_KEYS", "UPSTREAM_PUBLIC_KEYS"],
+        ["cache.upstream.public-keys"], List, None,
         "Trusted upstream key, name:base64; repeatable"),
-    flag!(["cache-sign-narinfo"], ["CACHE_SIGN_NARINFO"], Bool, Some("true"),
+    flag!(["cache-sign-narinfo"], ["CACHE_SIGN_NARINFO"],
+        ["cache.sign-narinfo"], Bool, Some("true"),
         "Add this cache's signature to served narinfos"),
-    flag!(["cache-secret-key-path"], ["CACHE_SECRET_KEY_PATH"], Value, None,
+    flag!(["cache-secret-key-path"], ["CACHE_SECRET_KEY_PATH"],
+        ["cache.secret-key-path"], Value, None,
         "Secret signing key file (nix-store --generate-binary-cache-key format) \
          [default: generated once into <data-path>/secret-key]"),
-    flag!(["cache-negative-ttl"], ["CACHE_NEGATIVE_TTL"], Value, Some("1m"),
+    flag!(["cache-negative-ttl"], ["CACHE_NEGATIVE_TTL"],
+        ["cache.negative-ttl"], Value, Some("1m"),
         "How long a narinfo that no upstream has is remembered as missing (0 to disable)"),
-    flag!(["cache-max-size"], ["CACHE_MAX_SIZE"], Value, None,
+    flag!(["cache-max-size"], ["CACHE_MAX_SIZE"],
+        ["cache.max-size"], Value, None,
         "Largest size of the store, as a number and one of B K M G T (binary units), e.g. 50G; \
          least recently used entries are evicted to stay under it [default: no limit]"),
-    flag!(["cache-lru-schedule"], ["CACHE_LRU_SCHEDULE"], Value, None,
+    flag!(["cache-lru-schedule"], ["CACHE_LRU_SCHEDULE"],
+        ["cache.lru.schedule"], Value, None,
         "When to also run a full eviction pass, as a 5-field cron spec (0 2 * * *) or \
          @daily/@hourly/@every 1h; needs --cache-max-size"),
-    flag!(["cache-lru-schedule-timezone"], ["CACHE_LRU_SCHEDULE_TZ", "CACHE_LRU_SCHEDULE_TIMEZONE"], Value,
+    flag!(["cache-lru-schedule-timezone"], ["CACHE_LRU_SCHEDULE_TZ", "CACHE_LRU_SCHEDULE_TIMEZONE"],
+        ["cache.lru.timezone"], Value,
         Some("Local"), "Time zone of --cache-lru-schedule: Local, UTC or a name like Europe/Paris"),
-    flag!(["cache-allow-put-verb"], ["CACHE_ALLOW_PUT_VERB"], Bool, Some("false"),
+    flag!(["cache-allow-put-verb"], ["CACHE_ALLOW_PUT_VERB"],
+        ["cache.allow-put-verb"], Bool, Some("false"),
         "Accept uploads (nix copy --to http://HOST:PORT or .../upload)"),
-    flag!(["cache-allow-delete-verb"], ["CACHE_ALLOW_DELETE_VERB"], Bool, Some("false"),
+    flag!(["cache-allow-delete-verb"], ["CACHE_ALLOW_DELETE_VERB"],
+        ["cache.allow-delete-verb"], Bool, Some("false"),
         "Accept DELETE of narinfos and NARs"),
-    flag!(["cache-write-token"], ["CACHE_WRITE_TOKEN"], Value, None,
+    flag!(["cache-write-token"], ["CACHE_WRITE_TOKEN"],
+        ["cache.write-token"], Value, None,
         "Token a client must present for PUT and DELETE, as Authorization: Bearer or as the \
          password of a netrc entry (prefer the variable: arguments are visible to every user)"),
-    flag!(["cache-trusted-upload-key"], ["CACHE_TRUSTED_UPLOAD_KEYS"], List, None,
+    flag!(["cache-trusted-upload-key"], ["CACHE_TRUSTED_UPLOAD_KEYS"],
+        ["cache.trusted-upload-keys"], List, None,
         "Key, name:base64, whose signature on an uploaded narinfo lets this cache add its own; \
          repeatable"),
-    flag!(["cache-require-trusted-signature"], ["CACHE_REQUIRE_TRUSTED_SIGNATURE"], Bool, Some("false"),
+    flag!(["cache-require-trusted-signature"], ["CACHE_REQUIRE_TRUSTED_SIGNATURE"],
+        ["cache.require-trusted-signature"], Bool, Some("false"),
         "Refuse uploaded narinfos not signed by a --cache-trusted-upload-key"),
-    flag!(["cache-upload-may-shadow-upstream"], ["CACHE_UPLOAD_MAY_SHADOW_UPSTREAM"], Bool, Some("false"),
+    flag!(["cache-upload-may-shadow-upstream"], ["CACHE_UPLOAD_MAY_SHADOW_UPSTREAM"],
+        ["cache.upload-may-shadow-upstream"], Bool, Some("false"),
         "Let an upload replace a narinfo held from an upstream, or stand for a path an upstream serves"),
-    flag!(["cache-get-token"], ["CACHE_GET_TOKEN"], Value, None,
+    flag!(["cache-get-token"], ["CACHE_GET_TOKEN"],
+        ["cache.get-token"], Value, None,
         "Token every GET and HEAD must present (except /healthz and /metrics), as \
          Authorization: Bearer or as the password of a netrc entry"),
-    flag!(["netrc-file"], ["NETRC_FILE"], Value, None,
+    flag!(["netrc-file"], ["NETRC_FILE"],
+        ["cache.netrc-file"], Value, None,
         "netrc file with credentials for upstreams (Basic, per host) [default: ~/.netrc if it exists]"),
-    flag!(["upstream-bearer-token-file"], ["UPSTREAM_BEARER_TOKEN_FILES"], List, None,
+    flag!(["upstream-bearer-token-file"], ["UPSTREAM_BEARER_TOKEN_FILES"],
+        ["cache.upstream.bearer-token-files"], List, None,
         "URL=FILE: send the token in FILE as Authorization: Bearer to the upstream URL; repeatable"),
-    flag!(["prometheus-enabled"], ["PROMETHEUS_ENABLED"], Bool, Some("false"),
+    flag!(["prometheus-enabled"], ["PROMETHEUS_ENABLED"],
+        ["prometheus.enabled"], Bool, Some("false"),
         "Serve metrics in the Prometheus text format at /metrics"),
-    flag!(["server-addr"], ["SERVER_ADDR"], Value, Some(":8501"),
+    flag!(["server-addr"], ["SERVER_ADDR"],
+        ["server.addr"], Value, Some(":8501"),
         "Address to listen on, host:port (:port for every interface)"),
-    flag!(["server-workers"], ["SERVER_WORKERS"], Value, Some("64"),
+    flag!(["server-workers"], ["SERVER_WORKERS"],
+        ["server.workers"], Value, Some("64"),
         "Worker threads; each serves one request at a time"),
-    flag!(["server-header-timeout"], ["SERVER_HEADER_TIMEOUT"], Value, Some("10s"),
+    flag!(["server-header-timeout"], ["SERVER_HEADER_TIMEOUT"],
+        ["server.header-timeout"], Value, Some("10s"),
         "Time a client has to send its request headers"),
-    flag!(["server-idle-timeout"], ["SERVER_IDLE_TIMEOUT"], Value, Some("60s"),
+    flag!(["server-idle-timeout"], ["SERVER_IDLE_TIMEOUT"],
+        ["server.idle-timeout"], Value, Some("60s"),
         "How long an idle keep-alive connection is kept open"),
-    flag!(["server-write-timeout"], ["SERVER_WRITE_TIMEOUT"], Value, Some("60s"),
+    flag!(["server-write-timeout"], ["SERVER_WRITE_TIMEOUT"],
+        ["server.write-timeout"], Value, Some("60s"),
         "How long a client may stop reading before it is dropped"),
-    flag!(["upstream-dialer-timeout", "cache-upstream-dialer-timeout"],
-        ["CACHE_UPSTREAM_DIALER_TIMEOUT", "UPSTREAM_DIALER_TIMEOUT"], Value, Some("3s"),
+    flag!(["upstream-dialer-timeout", "cache-upstream-dialer-timeout"], ["CACHE_UPSTREAM_DIALER_TIMEOUT", "UPSTREAM_DIALER_TIMEOUT"],
+        ["cache.upstream.dialer-timeout"], Value, Some("3s"),
         "Timeout for connecting to an upstream"),
-    flag!(["upstream-response-header-timeout", "cache-upstream-response-header-timeout"],
-        ["CACHE_UPSTREAM_RESPONSE_HEADER_TIMEOUT", "UPSTREAM_RESPONSE_HEADER_TIMEOUT"], Value, Some("3s"), "Timeout for an upstream's response headers"),
-    flag!(["upstream-body-idle-timeout"], ["UPSTREAM_BODY_IDLE_TIMEOUT"], Value, Some("30s"),
+    flag!(["upstream-response-header-timeout", "cache-upstream-response-header-timeout"], ["CACHE_UPSTREAM_RESPONSE_HEADER_TIMEOUT", "UPSTREAM_RESPONSE_HEADER_TIMEOUT"],
+        ["cache.upstream.response-header-timeout"], Value, Some("3s"), "Timeout for an upstream's response headers"),
+    flag!(["upstream-body-idle-timeout"], ["UPSTREAM_BODY_IDLE_TIMEOUT"],
+        ["cache.upstream.body-idle-timeout"], Value, Some("30s"),
         "An upstream body that sends nothing for this long is abandoned"),
-    flag!(["log-level"], ["LOG_LEVEL"], Value, Some("info"),
+    flag!(["log-level"], ["LOG_LEVEL"],
+        ["log.level"], Value, Some("info"),
         "One of error, warn, info, debug, trace"),
 ];
 
@@ -124,17 +158,27 @@ pub const FLAGS: &[Flag] = &[
 pub struct ConfigError {
     pub flag: String,
     pub message: String,
+    /// Set when the value came from the config file: `FILE: KEY`, said instead of the flag.
+    pub origin: Option<String>,
 }
 
 impl ConfigError {
     pub fn new(flag: &str, message: impl Into<String>) -> ConfigError {
-        ConfigError { flag: flag.to_string(), message: message.into() }
+        ConfigError { flag: flag.to_string(), message: message.into(), origin: None }
+    }
+
+    /// A mistake in the config file `path`, at `key`.
+    pub fn in_file(path: &str, key: &str, flag: &str, message: impl Into<String>) -> ConfigError {
+        let origin = if key.is_empty() { path.to_string() } else { format!("{path}: {key}") };
+        ConfigError { flag: flag.to_string(), message: message.into(), origin: Some(origin) }
     }
 }
 
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.flag.is_empty() {
+        if let Some(origin) = &self.origin {
+            write!(f, "{origin}: {}", self.message)
+        } else if self.flag.is_empty() {
             write!(f, "{}", self.message)
         } else {
             write!(f, "--{}: {}", self.flag, self.message)
@@ -198,10 +242,107 @@ pub struct AccessConfig {
     pub bearer_token_files: Vec<(String, PathBuf)>,
 }
 
-/// The values given for each flag (by canonical name), from the command line or else the
-/// environment. Keeping this step separate from typing makes both easy to test.
+/// The values given for each flag (by canonical name), from the command line, else the
+/// environment, else the config file ([`RawValues::merge_file`]). Keeping this step
+/// separate from typing makes both easy to test.
 #[derive(Debug, Default)]
-pub struct RawValues(HashMap<&'static str, Vec<String>>);
+pub struct RawValues {
+    values: HashMap<&'static str, Vec<String>>,
+    /// The flags whose values came from the config file, with the key that gave each.
+    from_file: HashMap<&'static str, &'static str>,
+    /// The config file merged, as given.
+    file: Option<String>,
+}
+
+/// Settings of the Go ncps that this ncps does not have (S3, Redis, OpenTelemetry, ...):
+/// named as such when a Go ncps config file holds them, rather than as typos.
+const GO_ONLY_KEY_PREFIXES: &[&str] = &[
+    "cache.storage.s3", "cache.redis", "cache.lock", "cache.database.pool", "cache.cdc",
+    "cache.download", "opentelemetry", "analytics", "xz-binary-path", "use-xz-binary",
+];
+
+fn find_key(key: &str) -> Option<(&'static Flag, &'static str)> {
+    FLAGS.iter().find_map(|f| f.keys.iter().find(|k| **k == key).map(|k| (f, *k)))
+}
+
+impl RawValues {
+    /// The config file to read and whether it must exist: `--config`/`NCPS_CONFIG_FILE`
+    /// (must), else `$XDG_CONFIG_HOME/ncps/config.yaml` (or `$HOME/.config/...`, as Go's
+    /// `os.UserConfigDir`), read only if it is there. `env` as for [`parse_args`].
+    pub fn config_file(&self, env: impl Fn(&str) -> Option<String>) -> Option<(PathBuf, bool)> {
+        if let Some(p) = self.all("config").last() {
+            return Some((PathBuf::from(p), true));
+        }
+        let base = match env("XDG_CONFIG_HOME").filter(|v| v.starts_with('/')) {
+            Some(x) => PathBuf::from(x),
+            None => PathBuf::from(env("HOME").filter(|v| v.starts_with('/'))?).join(".config"),
+        };
+        Some((base.join("ncps").join("config.yaml"), false))
+    }
+
+    /// Adds the settings of the config file `path` whose text is `text`, for the flags
+    /// neither the command line nor the environment set. Every key must be one of
+    /// [`FLAGS`]' keys; errors name the file and the key.
+    pub fn merge_file(&mut self, path: &str, text: &str) -> Result<(), ConfigError> {
+        use crate::config_file::{Format, Leaf};
+        let format = Format::from_path(path).ok_or_else(|| {
+            ConfigError::in_file(path, "", "config", "unknown extension: use .yaml, .yml, .toml or .json")
+        })?;
+        let entries = crate::config_file::parse(format, text)
+            .map_err(|e| ConfigError::in_file(path, "", "config", e.to_string()))?;
+        let mut seen: HashMap<&'static str, &'static str> = HashMap::new();
+        let mut add: Vec<(&'static str, &'static str, Vec<String>)> = Vec::new();
+        for (key, leaf) in entries {
+            let Some((flag, key)) = find_key(&key) else {
+                let go_only = GO_ONLY_KEY_PREFIXES
+                    .iter()
+                    .any(|p| key == *p || key.strip_prefix(p).is_some_and(|rest| rest.starts_with('.')));
+                let why = if go_only {
+                    "a setting of the Go ncps that this ncps does not have; remove it"
+                } else {
+                    "unknown key (`ncps serve --help` lists each setting's key after `file:`)"
+                };
+                return Err(ConfigError::in_file(path, &key, "config", why));
+            };
+            let canonical = flag.names[0];
+            if let Some(other) = seen.insert(canonical, key) {
+                return Err(ConfigError::in_file(path, key, canonical, format!("also set as {other}; keep one")));
+            }
+            let values = match (leaf, flag.kind) {
+                (Leaf::Null, _) => continue,
+                (Leaf::Scalar(v), _) => vec![v],
+                (Leaf::List(l), Kind::List) => l,
+                (Leaf::List(_), _) => {
+                    return Err(ConfigError::in_file(path, key, canonical, "expected one value, not a list"))
+                }
+            };
+            // Empty means unset, as for the environment (`secret-key-path: ""`).
+            let values: Vec<String> = values.into_iter().filter(|v| !v.is_empty()).collect();
+            if !values.is_empty() {
+                add.push((canonical, key, values));
+            }
+        }
+        for (canonical, key, values) in add {
+            if !self.values.contains_key(canonical) {
+                self.values.insert(canonical, values);
+                self.from_file.insert(canonical, key);
+            }
+        }
+        self.file = Some(path.to_string());
+        Ok(())
+    }
+
+    /// Says where a bad value came from when that was the config file.
+    fn locate(&self, e: ConfigError) -> ConfigError {
+        match (self.from_file.get(e.flag.as_str()), &self.file) {
+            (Some(key), Some(path)) if e.origin.is_none() => {
+                let message = format!("{} (--{})", e.message, e.flag);
+                ConfigError::in_file(path, key, &e.flag, message)
+            }
+            _ => e,
+        }
+    }
+}
 
 /// What the command line asked for.
 #[derive(Debug)]
@@ -284,9 +425,9 @@ pub fn parse_args(
         }
     }
     if subcommand == Some("fsck") {
-        return Ok(Command::Fsck { raw: RawValues(given), repair });
+        return Ok(Command::Fsck { raw: RawValues { values: given, ..RawValues::default() }, repair });
     }
-    Ok(Command::Serve(RawValues(given)))
+    Ok(Command::Serve(RawValues { values: given, ..RawValues::default() }))
 }
 
 /// Where the store lives: what `serve` and `fsck` share.
@@ -299,6 +440,10 @@ pub struct StoragePaths {
 
 impl StoragePaths {
     pub fn from_raw(raw: &RawValues) -> Result<StoragePaths, ConfigError> {
+        StoragePaths::from_raw_here(raw).map_err(|e| raw.locate(e))
+    }
+
+    fn from_raw_here(raw: &RawValues) -> Result<StoragePaths, ConfigError> {
         let data_path = PathBuf::from(raw.one("cache-data-path").ok_or_else(|| {
             ConfigError::new("cache-data-path", "is required (env CACHE_DATA_PATH)")
         })?);
@@ -325,7 +470,7 @@ impl StoragePaths {
 
 impl RawValues {
     fn all(&self, name: &str) -> &[String] {
-        self.0.get(name).map(|v| v.as_slice()).unwrap_or(&[])
+        self.values.get(name).map(|v| v.as_slice()).unwrap_or(&[])
     }
 
     /// The last value given, or the flag's default.
@@ -349,6 +494,10 @@ impl RawValues {
 impl Config {
     /// Types and checks the raw values.
     pub fn from_raw(raw: &RawValues) -> Result<Config, ConfigError> {
+        Config::from_raw_here(raw).map_err(|e| raw.locate(e))
+    }
+
+    fn from_raw_here(raw: &RawValues) -> Result<Config, ConfigError> {
         let hostname = raw
             .one("cache-hostname")
             .ok_or_else(|| ConfigError::new("cache-hostname", "is required (env CACHE_HOSTNAME)"))?
@@ -356,7 +505,7 @@ impl Config {
         if hostname.is_empty() || hostname.contains(|c: char| c.is_whitespace() || c == ':') {
             return Err(ConfigError::new("cache-hostname", "must be a name without spaces or ':'"));
         }
-        let StoragePaths { data_path, database_path, temp_path } = StoragePaths::from_raw(raw)?;
+        let StoragePaths { data_path, database_path, temp_path } = StoragePaths::from_raw_here(raw)?;
 
         let mut upstreams = Vec::new();
         for u in raw.all("upstream-cache") {
@@ -633,8 +782,9 @@ pub fn help_text(subcommand: Option<&str>) -> String {
     } else {
         out.push_str("Usage: ncps serve [FLAGS]\n\n");
     }
-    out.push_str("Flags of serve (each also read from the environment variable shown; a flag beats\n");
-    out.push_str("its variable; list variables are comma-separated):\n");
+    out.push_str("Flags of serve. Each setting is taken from, first found: the flag, its environment\n");
+    out.push_str("variable (`env:`; lists comma-separated), its key in the config file (`file:`;\n");
+    out.push_str("nested tables or dotted keys; lists as lists), its default:\n");
     for f in FLAGS {
         let value = match f.kind {
             Kind::Bool => "[=BOOL]",
@@ -644,6 +794,9 @@ pub fn help_text(subcommand: Option<&str>) -> String {
         out.push_str(&format!("  --{}{value}\n", f.names[0]));
         out.push_str(&format!("      {}\n", f.help));
         let mut env = format!("      env: {}", f.envs.join(", "));
+        if !f.keys.is_empty() {
+            env.push_str(&format!("; file: {}", f.keys.join(", ")));
+        }
         if f.names.len() > 1 {
             let aliases: Vec<String> = f.names[1..].iter().map(|n| format!("--{n}")).collect();
             env.push_str(&format!("; alias: {}", aliases.join(", ")));
@@ -779,6 +932,188 @@ mod tests {
         }
     }
 
+    fn parse_with_file(args: &[&str], env: &[(&str, &str)], path: &str, text: &str) -> Result<Config, ConfigError> {
+        let env: HashMap<String, String> =
+            env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        match parse_args(args.iter().map(OsString::from), |k| env.get(k).cloned())? {
+            Command::Serve(mut raw) => {
+                raw.merge_file(path, text)?;
+                Config::from_raw(&raw)
+            }
+            other => panic!("expected serve, got {other:?}"),
+        }
+    }
+
+    /// One configuration touching every kind of value: strings, lists, booleans, durations,
+    /// sizes, numbers.
+    const FULL_FLAGS: &[&str] = &[
+        "serve", "--cache-hostname=cache.lan", "--cache-data-path=/srv/ncps",
+        "--upstream-cache=https://cache.nixos.org", "--upstream-cache=http://b:2?priority=10",
+        "--upstream-public-key", KEY, "--cache-sign-narinfo=false", "--cache-max-size=50G",
+        "--cache-lru-schedule=0 2 * * *", "--cache-lru-schedule-timezone=UTC",
+        "--cache-allow-put-verb", "--cache-write-token=w-token", "--prometheus-enabled=true", "--server-addr=127.0.0.1:9000",
+        "--server-workers=8", "--upstream-dialer-timeout=5s", "--log-level=debug",
+    ];
+
+    const FULL_YAML: &str = "\
+log:
+  level: debug
+prometheus:
+  enabled: true
+cache:
+  hostname: cache.lan
+  storage:
+    local: /srv/ncps
+  sign-narinfo: false
+  max-size: 50G
+  allow-put-verb: true
+  write-token: w-token
+  lru:
+    schedule: \"0 2 * * *\"
+    timezone: UTC
+  upstream:
+    urls:
+      - https://cache.nixos.org
+      - http://b:2?priority=10
+    public-keys:
+      - cache.nixos.org-1:6NCHdD59X431o0gWypbMrAURkbJ16ZPMQFGspcDShjY=
+    dialer-timeout: 5s
+server:
+  addr: \"127.0.0.1:9000\"
+  workers: 8
+";
+
+    const FULL_TOML: &str = r#"
+[log]
+level = "debug"
+[prometheus]
+enabled = true
+[cache]
+hostname = "cache.lan"
+storage.local = "/srv/ncps"
+sign-narinfo = false
+max-size = "50G"
+allow-put-verb = true
+write-token = "w-token"
+lru = { schedule = "0 2 * * *", timezone = "UTC" }
+[cache.upstream]
+urls = ["https://cache.nixos.org", "http://b:2?priority=10"]
+public-keys = ["cache.nixos.org-1:6NCHdD59X431o0gWypbMrAURkbJ16ZPMQFGspcDShjY="]
+dialer-timeout = "5s"
+[server]
+addr = "127.0.0.1:9000"
+workers = 8
+"#;
+
+    const FULL_JSON: &str = r#"{
+  "log": {"level": "debug"},
+  "prometheus": {"enabled": true},
+  "cache": {
+    "hostname": "cache.lan", "storage": {"local": "/srv/ncps"}, "sign-narinfo": false,
+    "max-size": "50G", "allow-put-verb": true, "write-token": "w-token",
+    "lru": {"schedule": "0 2 * * *", "timezone": "UTC"},
+    "upstream": {
+      "urls": ["https://cache.nixos.org", "http://b:2?priority=10"],
+      "public-keys": ["cache.nixos.org-1:6NCHdD59X431o0gWypbMrAURkbJ16ZPMQFGspcDShjY="],
+      "dialer-timeout": "5s"
+    }
+  },
+  "server": {"addr": "127.0.0.1:9000", "workers": 8}
+}"#;
+
+    #[test]
+    fn a_config_file_in_each_format_gives_the_same_configuration_as_the_flags() {
+        let from_flags = format!("{:?}", parse(FULL_FLAGS, &[]).unwrap());
+        for (path, text) in [("/etc/ncps/config.yaml", FULL_YAML), ("c.toml", FULL_TOML), ("c.json", FULL_JSON)] {
+            let from_file = format!("{:?}", parse_with_file(&["serve"], &[], path, text).unwrap());
+            assert_eq!(from_file, from_flags, "{path}");
+        }
+        // And not by accident: the file's settings are not all defaults.
+        let c = parse_with_file(&["serve"], &[], "c.yaml", FULL_YAML).unwrap();
+        assert_eq!((c.workers, c.max_size, c.sign_narinfo, c.upstreams[0].url.as_str()), (8, Some(50 << 30), false, "http://b:2"));
+    }
+
+    #[test]
+    fn a_flag_beats_the_environment_which_beats_the_file_which_beats_the_default() {
+        let file = "server:\n  addr: \":1\"\n  workers: 3\nlog:\n  level: warn\ncache:\n  hostname: f\n  data-path: /f\n  upstream:\n    urls: [http://file]\n";
+        let c = parse_with_file(
+            &["serve", "--server-addr=:3"],
+            &[("SERVER_ADDR", ":2"), ("SERVER_WORKERS", "2"), ("UPSTREAM_CACHES", "http://env")],
+            "c.yaml",
+            file,
+        )
+        .unwrap();
+        assert_eq!(c.server_addr, ":3", "flag over env and file");
+        assert_eq!(c.workers, 2, "env over file");
+        assert_eq!(c.log_level, log::LevelFilter::Warn, "file over default");
+        assert_eq!(c.hostname, "f");
+        let urls: Vec<&str> = c.upstreams.iter().map(|u| u.url.as_str()).collect();
+        assert_eq!(urls, ["http://env"], "a list from the environment replaces the file's, not merged");
+        assert_eq!(c.header_timeout, Duration::from_secs(10), "default");
+    }
+
+    #[test]
+    fn an_unknown_key_in_the_file_is_an_error_naming_the_key_and_the_file() {
+        let e = parse_with_file(MINIMAL, &[], "/etc/ncps/config.yaml", "cache:\n  hostnme: x\n").unwrap_err();
+        assert_eq!(e.origin.as_deref(), Some("/etc/ncps/config.yaml: cache.hostnme"));
+        assert!(e.to_string().starts_with("/etc/ncps/config.yaml: cache.hostnme: unknown key"), "{e}");
+        // A Go ncps setting is named as such, not as a typo.
+        let e = parse_with_file(MINIMAL, &[], "c.toml", "[cache.redis]\naddrs = [\"r:6379\"]\n").unwrap_err();
+        assert!(e.to_string().starts_with("c.toml: cache.redis.addrs: a setting of the Go ncps"), "{e}");
+        // The same setting twice, under its old and new key.
+        let e = parse_with_file(MINIMAL, &[], "c.json", r#"{"cache": {"data-path": "/a", "storage": {"local": "/b"}}}"#).unwrap_err();
+        assert_eq!(e.flag, "cache-data-path", "{e}");
+        // An unknown extension and broken text name the file.
+        let e = parse_with_file(MINIMAL, &[], "/etc/ncps.conf", "").unwrap_err();
+        assert!(e.to_string().starts_with("/etc/ncps.conf: unknown extension"), "{e}");
+        let e = parse_with_file(MINIMAL, &[], "c.yaml", "cache: [\n").unwrap_err();
+        assert!(e.to_string().starts_with("c.yaml: not valid YAML"), "{e}");
+    }
+
+    #[test]
+    fn a_bad_value_in_the_file_is_an_error_naming_the_key_the_file_and_the_flag() {
+        let e = parse_with_file(MINIMAL, &[], "/c.yaml", "cache:\n  max-size: 50GB\n").unwrap_err();
+        assert_eq!(e.flag, "cache-max-size");
+        assert_eq!(e.to_string(), "/c.yaml: cache.max-size: \"50GB\": expected a number and one of B K M G T, e.g. 50G (--cache-max-size)");
+        let e = parse_with_file(MINIMAL, &[], "/c.toml", "[server]\nworkers = [1, 2]\n").unwrap_err();
+        assert_eq!(e.to_string(), "/c.toml: server.workers: expected one value, not a list");
+        let e = parse_with_file(&["serve"], &[], "/c.json", r#"{"cache": {"hostname": "h", "data-path": "/d", "upstream": {"urls": ["ftp://x"]}}}"#).unwrap_err();
+        assert!(e.to_string().starts_with("/c.json: cache.upstream.urls: "), "{e}");
+        // The same bad value from a flag is still reported as the flag's.
+        let e = parse(&[MINIMAL, &["--cache-max-size=50GB"]].concat(), &[]).unwrap_err();
+        assert!(e.to_string().starts_with("--cache-max-size: "), "{e}");
+    }
+
+    #[test]
+    fn the_default_config_file_is_under_xdg_config_home_and_only_an_explicit_one_must_exist() {
+        let raw = |args: &[&str]| match parse_args(args.iter().map(OsString::from), |_| None).unwrap() {
+            Command::Serve(raw) => raw,
+            other => panic!("{other:?}"),
+        };
+        let env = |k: &str| match k {
+            "XDG_CONFIG_HOME" => Some("/x".to_string()),
+            "HOME" => Some("/home/u".to_string()),
+            _ => None,
+        };
+        assert_eq!(raw(&["serve"]).config_file(env), Some((PathBuf::from("/x/ncps/config.yaml"), false)));
+        let home = |k: &str| (k == "HOME").then(|| "/home/u".to_string());
+        assert_eq!(raw(&["serve"]).config_file(home), Some((PathBuf::from("/home/u/.config/ncps/config.yaml"), false)));
+        assert_eq!(raw(&["serve"]).config_file(|_| None), None);
+        assert_eq!(raw(&["serve", "--config=/etc/n.toml"]).config_file(env), Some((PathBuf::from("/etc/n.toml"), true)));
+    }
+
+    #[test]
+    fn every_setting_but_config_has_a_file_key_and_no_key_is_used_twice() {
+        let mut seen = std::collections::HashSet::new();
+        for f in FLAGS {
+            assert_eq!(f.keys.is_empty(), f.names[0] == "config", "--{}", f.names[0]);
+            for k in f.keys {
+                assert!(seen.insert(*k), "{k} is used twice");
+                assert!(!GO_ONLY_KEY_PREFIXES.iter().any(|p| k.starts_with(p)), "{k} is also listed as Go-only");
+            }
+        }
+    }
+
     #[test]
     fn help_lists_every_flag_with_its_variable() {
         let help = help_text(Some("serve"));
@@ -786,6 +1121,9 @@ mod tests {
             assert!(help.contains(&format!("--{}", f.names[0])));
             for e in f.envs {
                 assert!(help.contains(e));
+            }
+            for k in f.keys {
+                assert!(help.contains(k), "help lacks {k}");
             }
         }
     }
@@ -813,6 +1151,9 @@ mod readme {
             }
             for e in f.envs {
                 assert!(readme.contains(e), "README lacks {e}");
+            }
+            for k in f.keys {
+                assert!(readme.contains(&format!("`{k}`")), "README lacks the file key `{k}`");
             }
         }
     }

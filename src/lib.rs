@@ -8,6 +8,7 @@
 pub mod auth;
 pub mod cache;
 pub mod config;
+pub mod config_file;
 pub mod cron;
 pub mod duration;
 pub mod fsck;

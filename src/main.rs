@@ -1,6 +1,6 @@
 //! The `ncps` command: parse the command line, then hand over to [`ncps::serve`].
 
-use ncps::config::{self, Command, Config};
+use ncps::config::{self, Command, Config, ConfigError, RawValues};
 use ncps::serve::{self, Exit};
 
 fn main() {
@@ -22,7 +22,8 @@ fn run() -> Result<(), Exit> {
             println!("ncps {}", env!("CARGO_PKG_VERSION"));
             Ok(())
         }
-        Command::Fsck { raw, repair } => {
+        Command::Fsck { mut raw, repair } => {
+            read_config_file(&mut raw)?;
             let paths = config::StoragePaths::from_raw(&raw)?;
             ncps::logging::init(log::LevelFilter::Warn);
             match ncps::fsck::run(&paths, repair) {
@@ -31,12 +32,29 @@ fn run() -> Result<(), Exit> {
                 Err(e) => Err(Exit { code: 1, message: e.to_string() }),
             }
         }
-        Command::Serve(raw) => {
+        Command::Serve(mut raw) => {
+            read_config_file(&mut raw)?;
             let config = Config::from_raw(&raw)?;
             // Before the logger's thread starts, so that every thread inherits the mask.
             let signals = serve::block_stop_signals();
             ncps::logging::init(config.log_level);
             serve::run(&config, signals)
         }
+    }
+}
+
+/// Reads the config file (the one I/O of configuration; config.rs parses the text) and adds
+/// its settings under those of the command line and the environment.
+fn read_config_file(raw: &mut RawValues) -> Result<(), Exit> {
+    let Some((path, required)) = raw.config_file(|k| std::env::var(k).ok()) else { return Ok(()) };
+    let shown = path.display().to_string();
+    match std::fs::read(&path) {
+        Ok(bytes) => {
+            let text = String::from_utf8(bytes)
+                .map_err(|_| ConfigError::in_file(&shown, "", "config", "not UTF-8 text"))?;
+            Ok(raw.merge_file(&shown, &text)?)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && !required => Ok(()),
+        Err(e) => Err(ConfigError::in_file(&shown, "", "config", format!("cannot read it: {e}")).into()),
     }
 }

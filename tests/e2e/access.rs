@@ -102,7 +102,7 @@ fn an_upload_without_the_write_token_is_refused(client: NixClient) {
     let e = client.copy_to_with(&format!("{}/upload", ncps.url()), &paths, &wrong).expect_err("a wrong token");
     assert!(e.contains("401"), "{}: refused with 401: {e}", client.label());
     assert!(ncps.stored_narinfo_files().is_empty() && ncps.stored_nar_files().is_empty(), "nothing stored");
-    assert!(ncps.log().contains("refused: no token presented"), "the log says why");
+    ncps.wait_for_log(0, "refused: no token presented", Duration::from_secs(5));
 }
 
 #[test]
@@ -142,7 +142,7 @@ fn trusted_signatures_decide_what_is_taken_and_re_signed(client: NixClient) {
     let e = client.copy_to_with(&ncps.url(), &bad, &signed_by(&other_secret)).expect_err("another key's upload");
     assert!(e.contains("403"), "{}: refused with 403: {e}", client.label());
     assert_eq!(ncps.get(&format!("/{}.narinfo", store_hash(&bad[0]))).status, 404, "not stored");
-    assert!(ncps.log().contains("no signature by a --cache-trusted-upload-key"), "the log says why");
+    ncps.wait_for_log(0, "no signature by a --cache-trusted-upload-key", Duration::from_secs(5));
 }
 
 #[test]
@@ -168,7 +168,7 @@ fn with_only_a_write_token_uploads_are_kept_but_never_signed_by_ncps() {
     let sigs = NarInfo::parse(&r.text()).sigs();
     assert!(sigs.iter().all(|s| !s.starts_with(&format!("{HOSTNAME}:"))), "a token lets one store, not have ncps vouch: {sigs:?}");
     nix_copy_from(&ncps.url(), &paths, &ncps.pubkey()).expect_err("nothing signed by ncps to trust");
-    assert!(ncps.log().contains("this cache signs none"), "the start-up log says what uploads get");
+    ncps.wait_for_log(0, "this cache signs none", Duration::from_secs(5));
 }
 
 fn nix_client_copy_to(url: &str, paths: &[String], auth: &ClientAuth) -> Result<(), String> {
@@ -273,7 +273,7 @@ fn reads_need_the_get_token(client: NixClient) {
     let e = client.copy_from(&ncps.url(), &[&fx.top], &key).expect_err("no token");
     // Nix 2.8 reports the 401 on /nix-cache-info as "does not appear to be a binary cache".
     assert!(e.contains("401") || e.contains("does not appear to be a binary cache"), "{}: {e}", client.label());
-    assert!(ncps.log().contains("GET /nix-cache-info: refused: no token presented"), "the log says why");
+    ncps.wait_for_log(0, "GET /nix-cache-info: refused: no token presented", Duration::from_secs(5));
     client
         .copy_from_with_netrc(&ncps.url(), &[&fx.top], &key, &netrc_for(GET_TOKEN))
         .unwrap_or_else(|e| panic!("{}: with the token in a netrc file: {e}", client.label()));
@@ -328,7 +328,7 @@ fn a_private_upstream_through_a_netrc_file(client: NixClient) {
     let netrc_file = netrc.join("netrc").to_string_lossy().into_owned();
     let ncps = Ncps::for_upstreams_with(&[up.url()], &[&fx.up1_public_key], &["--netrc-file", &netrc_file]);
     client.copy_from(&ncps.url(), &[&fx.top], &ncps.pubkey()).unwrap_or_else(|e| panic!("{}: {e}", client.label()));
-    assert!(ncps.log().contains(&format!("credentials for upstream {}", up.url())), "the start-up log says which");
+    ncps.wait_for_log(0, &format!("credentials for upstream {}", up.url()), Duration::from_secs(5));
 
     // Without the netrc: the upstream says 401, and nothing is served.
     let plain = Ncps::for_upstreams(&[up.url()], &fx.up1_public_key);

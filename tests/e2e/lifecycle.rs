@@ -14,6 +14,7 @@ use crate::support::*;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 use std::thread;
 use std::time::Duration;
@@ -1107,4 +1108,88 @@ fn fsck_finds_corrupt_missing_and_orphaned_files_and_repair_lets_ncps_fetch_them
         "the sound NAR is served from disk"
     );
     assert_store_consistent(&ncps, u64::MAX, "after repair and refetch");
+}
+
+// ---------------------------------------------------------------------------
+// Stopping: what `systemctl stop`, `podman stop` and a pod's termination send
+// ---------------------------------------------------------------------------
+
+/// A graceful stop is a success: exit status 0 (not 143, "killed by SIGTERM"), so that a
+/// container engine or supervisor that reads the status sees a clean stop (DESIGN.md,
+/// "Stopping").
+#[test]
+fn sigterm_and_sigint_stop_ncps_with_status_0_within_a_second_leaving_the_clean_stop_marker() {
+    for (name, signal) in [("SIGTERM", libc::SIGTERM), ("SIGINT", libc::SIGINT)] {
+        let (_dir, _up, mut ncps) = ncps_with_empty_upstream(&[]);
+        let marker = ncps.data_dir().join("clean-shutdown");
+        assert!(!marker.exists(), "{name}: the clean-stop marker is there while ncps runs");
+        let (status, took) = ncps.stop_with_signal(signal).expect("ncps was running");
+        assert_eq!(status.code(), Some(0), "{name}: exit status {status}; log:\n{}", ncps.log());
+        assert!(took < Duration::from_secs(1), "{name}: took {took:?} to exit");
+        assert!(marker.exists(), "{name}: no clean-stop marker after a graceful stop; log:\n{}", ncps.log());
+        println!("{name}: exit status 0 after {took:?}");
+    }
+}
+
+/// In a container ncps is PID 1 of its PID namespace, and the kernel drops a signal sent to
+/// PID 1 whose action is the default; ncps waits for its stop signals in a thread (blocked
+/// everywhere, taken with sigwait), so the stop works there too. `unshare --pid --fork`
+/// makes the same namespace a container engine does, and the signal comes from outside it,
+/// as `podman stop`'s does. tests/container.sh checks the same with podman.
+#[test]
+fn as_pid_1_of_its_own_pid_namespace_ncps_still_stops_on_sigterm_with_status_0() {
+    let data = TempDir::new("ncps-pid1");
+    let port = free_port();
+    let mut cmd = Command::new("unshare");
+    for v in scrubbed_env_vars() {
+        cmd.env_remove(v);
+    }
+    cmd.env("XDG_CONFIG_HOME", "/nonexistent/ncps-e2e");
+    cmd.args(["--pid", "--fork", "--kill-child", &ncps_bin(), "serve", "--cache-hostname", "pid1.test"])
+        .arg("--cache-data-path")
+        .arg(data.path())
+        .args(["--upstream-cache", "http://127.0.0.1:9", "--server-addr", &format!("127.0.0.1:{port}")])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let mut unshare = match cmd.spawn() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("SKIP: cannot run unshare ({e})");
+            return;
+        }
+    };
+    let up = wait_until(Duration::from_secs(10), || {
+        http_get(&format!("http://127.0.0.1:{port}/healthz")).is_ok_and(|r| r.status == 200)
+    });
+    if !up {
+        let _ = unshare.kill();
+        let out = unshare.wait_with_output().map(|o| String::from_utf8_lossy(&o.stderr).into_owned());
+        let err = out.unwrap_or_default();
+        if err.contains("Operation not permitted") {
+            eprintln!("SKIP: no permission for a PID namespace here: {err}");
+            return;
+        }
+        panic!("ncps under unshare did not answer /healthz: {err}");
+    }
+    let children = format!("/proc/{0}/task/{0}/children", unshare.id());
+    let ncps_pid: i32 = fs::read_to_string(&children).unwrap().trim().parse().expect("ncps's pid");
+    let status = fs::read_to_string(format!("/proc/{ncps_pid}/status")).unwrap();
+    let nspid = status.lines().find(|l| l.starts_with("NSpid:")).unwrap_or("").to_string();
+    assert!(nspid.trim_end().ends_with("\t1"), "ncps is not PID 1 in its namespace: {nspid:?}");
+
+    let sent = std::time::Instant::now();
+    // SAFETY: kill(2) on ncps's pid, which cannot be reused while unshare, its parent, lives.
+    unsafe { libc::kill(ncps_pid, libc::SIGTERM) };
+    let exited = wait_until(Duration::from_secs(5), || matches!(unshare.try_wait(), Ok(Some(_))));
+    let took = sent.elapsed();
+    if !exited {
+        let _ = unshare.kill();
+    }
+    let out = unshare.wait_with_output().unwrap();
+    assert!(exited, "ncps as PID 1 was still running 5 s after SIGTERM");
+    assert_eq!(out.status.code(), Some(0), "exit status {}; stderr:\n{}", out.status, String::from_utf8_lossy(&out.stderr));
+    assert!(took < Duration::from_secs(1), "took {took:?} to exit");
+    assert!(data.join("clean-shutdown").exists(), "no clean-stop marker");
+    println!("as PID 1: exit status 0 after {took:?}");
 }

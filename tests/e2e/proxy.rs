@@ -442,6 +442,56 @@ fn configuration_from_environment_variables_only() {
         .expect("fetch through ncps configured from the environment only");
 }
 
+/// The settings in a config file, as the Go ncps reads it: `--config`, `NCPS_CONFIG_FILE`,
+/// or `$XDG_CONFIG_HOME/ncps/config.yaml`; TOML, YAML or JSON. The data path and the address
+/// come as flags (the suite picks them), the rest from the file.
+#[test]
+fn configuration_from_a_config_file_in_each_format_and_each_place() {
+    let Some(fx) = fixture_or_skip() else { return };
+    let up = Upstream::for_cache(fx, Compression::Zstd);
+    let dir = TempDir::new("config-file");
+    let (u, k1, k2) = (up.url(), &fx.up1_public_key, &fx.up2_public_key);
+    let toml = format!("[cache]\nhostname = \"toml.example.org\"\n[cache.upstream]\nurls = [\"{u}\"]\npublic-keys = [\"{k1}\", \"{k2}\"]\n");
+    let json = format!(r#"{{"cache": {{"hostname": "json.example.org", "upstream": {{"urls": ["{u}"], "public-keys": ["{k1}", "{k2}"]}}}}}}"#);
+    let yaml = format!("cache:\n  hostname: yaml.example.org\n  upstream:\n    urls:\n      - {u}\n    public-keys:\n      - {k1}\n      - {k2}\n");
+    fs::write(dir.join("ncps.toml"), toml).unwrap();
+    fs::write(dir.join("ncps.json"), json).unwrap();
+    fs::create_dir_all(dir.join("xdg/ncps")).unwrap();
+    fs::write(dir.join("xdg/ncps/config.yaml"), yaml).unwrap();
+    let base = ["serve", "--cache-data-path", "{data}", "--server-addr", "{addr}"].map(String::from).to_vec();
+    let path = |f: &str| dir.join(f).to_string_lossy().into_owned();
+    let runs = [
+        ("toml.example.org", [base.clone(), vec!["--config".into(), path("ncps.toml")]].concat(), vec![]),
+        ("json.example.org", base.clone(), vec![("NCPS_CONFIG_FILE".to_string(), path("ncps.json"))]),
+        ("yaml.example.org", base.clone(), vec![("XDG_CONFIG_HOME".to_string(), path("xdg"))]),
+    ];
+    for (hostname, args, envs) in runs {
+        let ncps = Ncps::start_raw(args, envs);
+        let key = ncps.pubkey();
+        assert!(key.starts_with(&format!("{hostname}:")), "/pubkey {key:?}: the hostname comes from the file");
+        if hostname.starts_with("yaml") {
+            nix_copy_from(&ncps.url(), &[&fx.top], &key).expect("fetch through ncps configured by a file");
+        }
+    }
+}
+
+/// A mistake in the config file stops ncps with status 2 and one line naming the file and key.
+#[test]
+fn bad_config_file_key_or_value_exits_2_naming_the_file_and_the_key() {
+    let dir = TempDir::new("bad-config-file");
+    let file = dir.join("config.yaml");
+    let shown = file.to_string_lossy().into_owned();
+    let base = ["serve", "--config", &shown, "--cache-hostname=h", "--cache-data-path=/nonexistent", "--upstream-cache=http://127.0.0.1:9", "--server-addr={addr}"];
+    for (text, key) in [("cache:\n  hostnaem: x\n", "cache.hostnaem"), ("cache:\n  max-size: lots\n", "cache.max-size")] {
+        fs::write(&file, text).unwrap();
+        assert_config_error(&base, &format!("{shown}: {key}: "));
+    }
+    // A file named explicitly must exist.
+    let missing = dir.join("nope.toml").to_string_lossy().into_owned();
+    let args = ["serve", "--config", &missing, "--cache-hostname=h", "--cache-data-path=/x", "--upstream-cache=http://127.0.0.1:9"];
+    assert_config_error(&args, &format!("{missing}: cannot read it"));
+}
+
 /// Asserts ncps rejected its configuration: exit status 2 and exactly one
 /// non-empty stderr line naming `flag` (and not a bind error: the listen
 /// address is held by the test, so binding before validating would fail).

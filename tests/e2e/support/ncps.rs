@@ -18,7 +18,7 @@ use ::ncps::config::FLAGS;
 use std::fs;
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -55,6 +55,8 @@ pub fn ncps_command() -> Command {
     }
     // ncps reads ~/.netrc when no --netrc-file is given: not the developer's.
     cmd.env("HOME", "/nonexistent-ncps-e2e-home");
+    // Nor a config file of the developer's ($XDG_CONFIG_HOME/ncps/config.yaml, read if there).
+    cmd.env("XDG_CONFIG_HOME", "/nonexistent/ncps-e2e");
     cmd
 }
 
@@ -189,24 +191,27 @@ impl Ncps {
 
     /// SIGTERM, then SIGKILL after 5 s.
     pub fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            // SAFETY: kill takes plain integers; the pid is our own child's, not yet reaped
-            // (we hold its Child), so it cannot name another process.
-            unsafe {
-                libc::kill(c.id() as libc::pid_t, libc::SIGTERM);
-            }
-            let deadline = Instant::now() + Duration::from_secs(5);
-            loop {
-                match c.try_wait() {
-                    Ok(Some(_)) => break,
-                    Ok(None) if Instant::now() < deadline => {
-                        thread::sleep(Duration::from_millis(20))
-                    }
-                    _ => {
-                        let _ = c.kill();
-                        let _ = c.wait();
-                        break;
-                    }
+        self.stop_with_signal(libc::SIGTERM);
+    }
+
+    /// Sends `signal`, waits up to 5 s for ncps to exit (then SIGKILLs it), and returns how
+    /// it exited and how long that took; None if it was not running.
+    pub fn stop_with_signal(&mut self, signal: i32) -> Option<(ExitStatus, Duration)> {
+        let mut c = self.child.take()?;
+        let sent = Instant::now();
+        // SAFETY: kill(2) on the pid of a child we have not reaped yet (so not reused).
+        unsafe {
+            libc::kill(c.id() as libc::pid_t, signal);
+        }
+        let deadline = sent + Duration::from_secs(5);
+        loop {
+            match c.try_wait() {
+                Ok(Some(st)) => return Some((st, sent.elapsed())),
+                Ok(None) if Instant::now() < deadline => thread::sleep(Duration::from_millis(5)),
+                _ => {
+                    let _ = c.kill();
+                    let st = c.wait().ok()?;
+                    return Some((st, sent.elapsed()));
                 }
             }
         }

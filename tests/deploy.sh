@@ -18,13 +18,8 @@
 # The upstream (cache.nixos.org) is not reachable here; ncps starts and answers without it.
 set -uo pipefail
 
-ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-IMAGE=${IMAGE:-localhost/ncps:latest}
-export CONTAINERS_CONF=${CONTAINERS_CONF:-$ROOT/build/containers.conf}
-failures=0
-pass() { printf 'ok   %s\n' "$*"; }
-fail() { printf 'FAIL %s\n' "$*" >&2; failures=$((failures + 1)); }
-die() { printf 'FAIL %s\n' "$*" >&2; exit 1; }
+# shellcheck source=tests/podman-common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/podman-common.sh"
 TMP=$(mktemp -d /tmp/ncps-deploy.XXXXXX)
 RUN=t$$
 PROJECT=ncpsdeploy$$

@@ -31,16 +31,7 @@ pub fn send_file(sock: &TcpStream, file: &File, offset: u64, len: u64) -> io::Re
         // SAFETY: both descriptors are open for the duration of the call (borrowed), and `off`
         // is a valid, exclusively borrowed off_t.
         let n = unsafe { libc::sendfile(sock.as_raw_fd(), file.as_raw_fd(), &mut off, chunk) };
-        if n < 0 {
-            let e = io::Error::last_os_error();
-            match e.kind() {
-                io::ErrorKind::Interrupted => continue,
-                io::ErrorKind::WouldBlock => {
-                    return Err(io::Error::new(io::ErrorKind::TimedOut, "client stopped reading"))
-                }
-                _ => return Err(e),
-            }
-        }
+        let Some(n) = sent(n)? else { continue };
         if n == 0 {
             return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "file shorter than announced"));
         }
@@ -234,16 +225,7 @@ fn send_more(sock: &TcpStream, mut bytes: &[u8]) -> io::Result<()> {
         let n = unsafe {
             libc::send(sock.as_raw_fd(), bytes.as_ptr() as *const libc::c_void, bytes.len(), libc::MSG_MORE | libc::MSG_NOSIGNAL)
         };
-        if n < 0 {
-            let e = io::Error::last_os_error();
-            match e.kind() {
-                io::ErrorKind::Interrupted => continue,
-                io::ErrorKind::WouldBlock => {
-                    return Err(io::Error::new(io::ErrorKind::TimedOut, "client stopped reading"))
-                }
-                _ => return Err(e),
-            }
-        }
+        let Some(n) = sent(n)? else { continue };
         bytes = &bytes[n as usize..];
     }
     Ok(())
@@ -395,5 +377,19 @@ mod tests {
         assert!(b"HTTP/1.1 200 OK\r\n".starts_with(&got[..got.len().min(17)]), "{got:?}");
         assert!(!got.ends_with(b"xxxxxxxxxx"), "{:?}", String::from_utf8_lossy(&got));
         assert!(!clean, "the client must see a reset, not a clean end");
+    }
+}
+
+/// What a `send`/`sendfile` return value means: bytes sent, `None` to try again (a signal),
+/// or the error (a socket whose send timeout ran out reads as "client stopped reading").
+fn sent(n: isize) -> io::Result<Option<isize>> {
+    if n >= 0 {
+        return Ok(Some(n));
+    }
+    let e = io::Error::last_os_error();
+    match e.kind() {
+        io::ErrorKind::Interrupted => Ok(None),
+        io::ErrorKind::WouldBlock => Err(io::Error::new(io::ErrorKind::TimedOut, "client stopped reading")),
+        _ => Err(e),
     }
 }

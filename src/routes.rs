@@ -295,6 +295,8 @@ impl Routes {
             Kind::Narinfo => "text/x-nix-narinfo",
             Kind::Nar => "application/x-nix-nar",
         };
+        // A lookup no upstream could answer is still a miss a person wants to see on the page.
+        let upstreams_failed = matches!(result, Ok(Answer::Unavailable { .. }));
         let (outcome, resp) = match result {
             Ok(Answer::Hit(body)) => (Outcome::Hit, Response::new(200, content_type, body).with_note("hit")),
             Ok(Answer::Miss(body, from)) => {
@@ -336,7 +338,7 @@ impl Routes {
             let bytes = if req.method == Method::Head { 0 } else { resp.body.len() };
             metrics.served(kind, outcome, resp.status, bytes);
         }
-        if matches!(outcome, Outcome::Miss | Outcome::NotFound) {
+        if matches!(outcome, Outcome::Miss | Outcome::NotFound) || upstreams_failed {
             metrics.recent_miss(req.path());
         }
         resp

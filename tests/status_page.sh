@@ -54,6 +54,11 @@ start_ncps() {
     if command -v python3 >/dev/null; then
         python3 -m http.server --bind 127.0.0.1 --directory "$TMP/upstream" "$up_port" >/dev/null 2>&1 &
         UPSTREAM_PID=$!
+        # ncps answers in milliseconds now: the upstream must be listening before the misses.
+        for _ in $(seq 100); do
+            curl -fsS -o /dev/null "http://127.0.0.1:$up_port/nix-cache-info" 2>/dev/null && break
+            sleep 0.1
+        done
         upstreams=(--upstream-cache "http://127.0.0.1:$up_port" "${upstreams[@]}")
     fi
     port=$(free_port)

@@ -261,6 +261,20 @@ pub fn abort(sock: &TcpStream) {
     }
 }
 
+/// What a `send`/`sendfile` return value means: bytes sent, `None` to try again (a signal),
+/// or the error (a socket whose send timeout ran out reads as "client stopped reading").
+fn sent(n: isize) -> io::Result<Option<isize>> {
+    if n >= 0 {
+        return Ok(Some(n));
+    }
+    let e = io::Error::last_os_error();
+    match e.kind() {
+        io::ErrorKind::Interrupted => Ok(None),
+        io::ErrorKind::WouldBlock => Err(io::Error::new(io::ErrorKind::TimedOut, "client stopped reading")),
+        _ => Err(e),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -380,16 +394,3 @@ mod tests {
     }
 }
 
-/// What a `send`/`sendfile` return value means: bytes sent, `None` to try again (a signal),
-/// or the error (a socket whose send timeout ran out reads as "client stopped reading").
-fn sent(n: isize) -> io::Result<Option<isize>> {
-    if n >= 0 {
-        return Ok(Some(n));
-    }
-    let e = io::Error::last_os_error();
-    match e.kind() {
-        io::ErrorKind::Interrupted => Ok(None),
-        io::ErrorKind::WouldBlock => Err(io::Error::new(io::ErrorKind::TimedOut, "client stopped reading")),
-        _ => Err(e),
-    }
-}

@@ -161,11 +161,8 @@ impl Cache {
         // uses a core, so the two overlap (DESIGN.md, "A million entries").
         std::thread::scope(|s| -> Result<(), CacheError> {
             let mut unlinking: Option<std::thread::ScopedJoinHandle<'_, Result<(), StorageError>>> = None;
-            let finish = |h: Option<std::thread::ScopedJoinHandle<'_, Result<(), StorageError>>>| match h {
-                Some(h) => h.join().unwrap_or_else(|_| {
-                    Err(StorageError::io("removing NARs", Default::default(), std::io::Error::other("an unlink thread panicked")))
-                }),
-                None => Ok(()),
+            let finish = |h: Option<std::thread::ScopedJoinHandle<'_, Result<(), StorageError>>>| {
+                h.map_or(Ok(()), |h| crate::storage::joined(h.join(), "removing NARs"))
             };
             while self.space.usage() > target {
                 let victims = self.index.least_recently_used(BATCH, now() - PENDING_GRACE_SECS)?;

@@ -96,11 +96,7 @@ fn remove_concurrently<T: Sync>(items: &[T], path: impl Fn(&T) -> PathBuf + Sync
             .chunks(chunk)
             .map(|part| s.spawn(move || super::first_failure(part.iter().map(|i| remove_file(&path(i))))))
             .collect();
-        super::first_failure(workers.into_iter().map(|w| {
-            w.join().unwrap_or_else(|_| {
-                Err(StorageError::io("removing files", PathBuf::new(), io::Error::other("an unlink thread panicked")))
-            })
-        }))
+        super::first_failure(workers.into_iter().map(|w| super::joined(w.join(), "removing files")))
     })
 }
 

@@ -158,6 +158,11 @@ pub(crate) fn first_failure(results: impl Iterator<Item = Result<(), StorageErro
     first
 }
 
+/// The result of a removal run on a thread of its own: a panic there is a failed removal.
+pub(crate) fn joined(result: std::thread::Result<Result<(), StorageError>>, action: &'static str) -> Result<(), StorageError> {
+    result.unwrap_or_else(|_| Err(StorageError::io(action, PathBuf::new(), io::Error::other("an unlink thread panicked"))))
+}
+
 /// Why a storage operation failed.
 #[derive(Debug)]
 #[non_exhaustive]

@@ -181,7 +181,7 @@ pub fn parse_netrc(text: &str) -> Result<Vec<NetrcEntry>, NetrcError> {
 
 /// The host of a URL (no port, no brackets), lower-cased: what a netrc `machine` names.
 pub fn url_host(url: &str) -> String {
-    let origin = crate::cache::trust::origin(url);
+    let origin = crate::url::origin(url);
     let authority = origin.split("://").nth(1).unwrap_or(origin);
     let authority = authority.rsplit('@').next().unwrap_or(authority);
     let host = if let Some(rest) = authority.strip_prefix('[') {
@@ -203,7 +203,7 @@ pub struct UpstreamAuth {
 impl UpstreamAuth {
     /// For the upstreams `urls`: `bearer` tokens by upstream URL, then the `netrc` entries.
     pub fn new(urls: &[String], bearer: &[(String, Secret)], netrc: &[NetrcEntry]) -> UpstreamAuth {
-        use crate::cache::trust::origin;
+        use crate::url::origin;
         let mut by_origin: Vec<(String, Secret)> = Vec::new();
         for url in urls {
             let o = origin(url).to_ascii_lowercase();
@@ -232,7 +232,7 @@ impl UpstreamAuth {
     /// The `Authorization` value for a request to `url`, if its origin is an upstream's that
     /// has credentials.
     pub fn for_url(&self, url: &str) -> Option<&Secret> {
-        let o = crate::cache::trust::origin(url);
+        let o = crate::url::origin(url);
         self.by_origin.iter().find(|(x, _)| x.eq_ignore_ascii_case(o)).map(|(_, s)| s)
     }
 

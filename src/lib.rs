@@ -24,3 +24,4 @@ pub mod status;
 pub mod storage;
 pub mod tz;
 pub mod upstream;
+pub mod url;

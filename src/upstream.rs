@@ -366,7 +366,7 @@ impl Upstreams {
 /// Where a redirect from `from` to `location` leads, if ncps may follow it: only to the same
 /// origin. Absolute, absolute-path and relative `Location`s are understood.
 pub fn follow_redirect(from: &str, location: &str) -> Result<String, UpstreamError> {
-    use crate::cache::trust::origin;
+    use crate::url::origin;
     let location = location.trim();
     if location.is_empty() {
         return Err(UpstreamError::BadRedirect("no Location"));

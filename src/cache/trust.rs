@@ -200,12 +200,8 @@ pub fn name_hash(name: &NarName) -> Option<Hash> {
     Hash::parse_digest(name.as_str().split(".nar").next().unwrap_or(""))
 }
 
-/// The scheme and authority of `url` (`http://host:port`): which upstream it is on.
-pub fn origin(url: &str) -> &str {
-    let after_scheme = url.find("://").map_or(0, |i| i + 3);
-    let end = url[after_scheme..].find('/').map_or(url.len(), |i| after_scheme + i);
-    &url[..end]
-}
+/// The scheme and authority of `url`: which upstream it is on (see [`crate::url::origin`]).
+pub use crate::url::origin;
 
 /// Where ncps keeps a NAR (its name) and where to fetch it (an absolute URL). The name comes
 /// from the digest the NAR is checked against, never from the unsigned `URL`; the `URL` only

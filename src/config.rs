@@ -147,6 +147,15 @@ pub const FLAGS: &[Flag] = &[
     flag!(["upstream-body-idle-timeout"], ["UPSTREAM_BODY_IDLE_TIMEOUT"],
         ["cache.upstream.body-idle-timeout"], Value, Some("30s"),
         "An upstream body that sends nothing for this long is abandoned"),
+    flag!(["upstream-narinfo-timeout"], ["UPSTREAM_NARINFO_TIMEOUT"],
+        ["cache.upstream.narinfo-timeout"], Value, Some("15s"),
+        "Total time an upstream narinfo request may take, body included"),
+    flag!(["upstream-nar-timeout"], ["UPSTREAM_NAR_TIMEOUT"],
+        ["cache.upstream.nar-timeout"], Value, Some("60s"),
+        "Total time an upstream NAR request may take, plus its FileSize at --upstream-nar-min-rate"),
+    flag!(["upstream-nar-min-rate"], ["UPSTREAM_NAR_MIN_RATE"],
+        ["cache.upstream.nar-min-rate"], Value, Some("64K"),
+        "Slowest upstream NAR rate given time for, bytes per second (a number and one of B K M G)"),
     flag!(["log-level"], ["LOG_LEVEL"],
         ["log.level"], Value, Some("info"),
         "One of error, warn, info, debug, trace"),
@@ -216,6 +225,8 @@ pub struct Config {
     pub dial_timeout: Duration,
     pub response_header_timeout: Duration,
     pub body_idle_timeout: Duration,
+    /// Total deadlines of upstream requests.
+    pub upstream_deadlines: crate::upstream::Deadlines,
     pub log_level: log::LevelFilter,
     pub max_size: Option<u64>,
     pub lru_schedule: Option<crate::cron::Schedule>,
@@ -489,6 +500,15 @@ impl RawValues {
             ConfigError::new(name, format!("{v:?} is not a duration (e.g. 500ms, 3s, 1m)"))
         })
     }
+
+    /// A rate in bytes per second: a size ([`parse_size`]), not zero.
+    fn rate(&self, name: &'static str) -> Result<u64, ConfigError> {
+        let v = self.one(name).unwrap_or("0");
+        match parse_size(v) {
+            Some(n) if n > 0 => Ok(n),
+            _ => Err(ConfigError::new(name, format!("{v:?}: expected bytes per second above 0, e.g. 64K or 1M"))),
+        }
+    }
 }
 
 impl Config {
@@ -588,6 +608,11 @@ impl Config {
                 raw.duration("upstream-body-idle-timeout")?,
                 "upstream-body-idle-timeout",
             )?,
+            upstream_deadlines: crate::upstream::Deadlines {
+                narinfo: nonzero(raw.duration("upstream-narinfo-timeout")?, "upstream-narinfo-timeout")?,
+                nar_base: nonzero(raw.duration("upstream-nar-timeout")?, "upstream-nar-timeout")?,
+                nar_min_rate: raw.rate("upstream-nar-min-rate")?,
+            },
             log_level,
             max_size,
             lru_schedule,

@@ -252,7 +252,7 @@ impl Routes {
             },
             // Under /upload, a client is checking what it needs to send: only what is here counts.
             Route::Narinfo(hash) if upload => self.answer(self.cache.narinfo_local(&hash), Kind::Narinfo, req),
-            Route::Narinfo(hash) => self.answer(self.cache.narinfo(&hash), Kind::Narinfo, req),
+            Route::Narinfo(hash) => self.answer(self.cache.narinfo(&hash, &crate::http::client_gone), Kind::Narinfo, req),
             Route::Nar(name) => {
                 let (answer, file_hash) = match self.cache.nar(&name, req.method == Method::Head) {
                     Ok((answer, file_hash)) => (Ok(answer), file_hash),

@@ -95,12 +95,14 @@ pub fn prepare(config: &Config) -> Result<Prepared, Exit> {
         dial_timeout: config.dial_timeout,
         header_timeout: config.response_header_timeout,
         body_idle_timeout: config.body_idle_timeout,
+        deadlines: config.upstream_deadlines,
     });
     let settings = CacheSettings {
         trusted_keys: config.upstream_keys.clone(),
         sign: config.sign_narinfo,
         negative_ttl: config.negative_ttl,
         stall_limit: config.body_idle_timeout * 2,
+        deadlines: config.upstream_deadlines,
         max_downloads: config.workers.max(4),
         max_size: config.max_size,
         clean_marker: config.data_path.join("clean-shutdown"),

@@ -4,6 +4,14 @@
 //! waiting for each piece of a body all have limits (a stalled upstream must not hold a worker
 //! or a download forever), and the caller checks every byte that comes back.
 //!
+//! Idle timeouts alone are not enough: an upstream that sends one byte every 2 s under a 3 s
+//! idle timeout never trips one, and would hold a 540-byte narinfo ~18 min (the 1 MiB cap
+//! allows ~24 days). So every request also has a total deadline ([`Deadlines`]), from the
+//! first connect to the last body byte, derived from the size the answer may have: a narinfo
+//! gets `--upstream-narinfo-timeout` (15 s: five header timeouts), a NAR
+//! `--upstream-nar-timeout` (60 s) plus its FileSize at `--upstream-nar-min-rate` (64 KiB/s).
+//! Past it the request fails as [`UpstreamError::Deadline`], an outage like any timeout.
+//!
 //! Redirects are followed by hand, only on the upstream's own origin (scheme, host and port)
 //! and at most [`MAX_REDIRECTS`] times: an upstream must not make ncps send requests to any
 //! other host or port on the LAN, nor receive its credentials. A redirect elsewhere is an
@@ -38,6 +46,67 @@ pub enum UpstreamError {
     RedirectElsewhere(String),
     /// More than [`MAX_REDIRECTS`] redirects, or one without a usable `Location`.
     BadRedirect(&'static str),
+    /// The request was still not done at its deadline ([`Deadlines`]): how long it had.
+    Deadline(Duration),
+    /// Everyone who wanted the answer left, so the request was dropped (no outage).
+    Abandoned,
+}
+
+/// How long an upstream request may take in all, from the connect to the last body byte
+/// (pure: the e2e tests and the unit tests below hold it to its numbers).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Deadlines {
+    /// A narinfo (at most 1 MiB) or `/nix-cache-info`.
+    pub narinfo: Duration,
+    /// What a NAR request gets whatever its size (connect, headers, a slow start).
+    pub nar_base: Duration,
+    /// The slowest rate, in bytes per second, a NAR body is given time for (not zero).
+    pub nar_min_rate: u64,
+}
+
+/// No deadline is longer (and `Instant + deadline` cannot overflow).
+pub const LONGEST_DEADLINE: Duration = Duration::from_secs(30 * 24 * 3600);
+
+/// The size a NAR fetched by name without an announced length is given time for.
+pub const UNKNOWN_NAR_SIZE: u64 = 4 << 30;
+
+impl Deadlines {
+    /// `nar_base + size / nar_min_rate`, at most [`LONGEST_DEADLINE`].
+    ///
+    /// ```
+    /// use ncps::upstream::Deadlines;
+    /// use std::time::Duration;
+    /// let d = Deadlines { narinfo: Duration::from_secs(15), nar_base: Duration::from_secs(60), nar_min_rate: 64 << 10 };
+    /// assert_eq!(d.nar(64 << 20), Duration::from_secs(60 + 1024));
+    /// ```
+    pub fn nar(&self, size: u64) -> Duration {
+        let rate = u128::from(self.nar_min_rate.max(1));
+        let nanos = u128::from(size) * 1_000_000_000 / rate;
+        let body = Duration::from_nanos(u64::try_from(nanos).unwrap_or(u64::MAX));
+        self.nar_base.saturating_add(body).min(LONGEST_DEADLINE)
+    }
+
+    /// The rest of a NAR, `from..total`, asked for with a Range request.
+    pub fn nar_rest(&self, from: u64, total: u64) -> Duration {
+        self.nar(total.saturating_sub(from))
+    }
+
+    /// Whether a download that got `bytes` in the last `window` made real progress: at least
+    /// half the minimum rate. One nobody waits for that does not is given up (its slot is
+    /// worth more to the next miss). A window shorter than a second says nothing yet.
+    pub fn progressing(&self, bytes: u64, window: Duration) -> bool {
+        if window < Duration::from_secs(1) {
+            return true;
+        }
+        let wanted = u128::from(self.nar_min_rate) * window.as_millis() / 2000;
+        u128::from(bytes) >= wanted
+    }
+}
+
+impl Default for Deadlines {
+    fn default() -> Self {
+        Deadlines { narinfo: Duration::from_secs(15), nar_base: Duration::from_secs(60), nar_min_rate: 64 << 10 }
+    }
 }
 
 /// Why an answer to `Range: bytes=<from>-` is not the rest of the file ([`check_partial`]).
@@ -83,6 +152,8 @@ impl fmt::Display for UpstreamError {
                 write!(f, "redirected to another origin ({to}); not followed")
             }
             UpstreamError::BadRedirect(why) => write!(f, "redirect not followed: {why}"),
+            UpstreamError::Deadline(d) => write!(f, "not done within its deadline of {d:?}"),
+            UpstreamError::Abandoned => f.write_str("abandoned: every client that wanted it left"),
         }
     }
 }
@@ -104,8 +175,9 @@ impl UpstreamError {
     pub fn is_outage(&self) -> bool {
         match self {
             UpstreamError::Status(s) => *s >= 500 || *s == 429,
-            UpstreamError::Transport(_) | UpstreamError::Read(_) => true,
-            UpstreamError::TooLarge
+            UpstreamError::Transport(_) | UpstreamError::Read(_) | UpstreamError::Deadline(_) => true,
+            UpstreamError::Abandoned
+            | UpstreamError::TooLarge
             | UpstreamError::UnsupportedEncoding(_)
             | UpstreamError::Decoder(_)
             | UpstreamError::NotPartial(_)
@@ -119,9 +191,58 @@ impl UpstreamError {
         match self {
             UpstreamError::Transport(e) => ureq_timed_out(e),
             UpstreamError::Read(e) => io_timed_out(e),
+            UpstreamError::Deadline(_) => true,
             _ => false,
         }
     }
+
+    /// A transport error that is ureq's global timeout becomes [`UpstreamError::Deadline`].
+    fn at_deadline(self, limit: Duration) -> UpstreamError {
+        match &self {
+            UpstreamError::Transport(e) if matches!(**e, ureq::Error::Timeout(ureq::Timeout::Global)) => {
+                UpstreamError::Deadline(limit)
+            }
+            UpstreamError::Read(e) if past_deadline(e) => UpstreamError::Deadline(limit),
+            _ => self,
+        }
+    }
+}
+
+/// Whether a body read failed on ureq's global timeout (the request's deadline).
+fn past_deadline(e: &std::io::Error) -> bool {
+    e.get_ref()
+        .and_then(|x| x.downcast_ref::<ureq::Error>())
+        .is_some_and(|x| matches!(x, ureq::Error::Timeout(ureq::Timeout::Global)))
+        || e.get_ref().and_then(|x| x.downcast_ref::<UpstreamError>()).is_some_and(|x| matches!(x, UpstreamError::Deadline(_)))
+}
+
+/// A body that fails with [`UpstreamError::Deadline`] (inside an `io::Error` of kind
+/// `TimedOut`) once `until` has passed, checked before each read; ureq's own deadline errors
+/// are shown the same way.
+struct Deadlined<R> {
+    inner: R,
+    until: Option<std::time::Instant>,
+    limit: Duration,
+}
+
+impl<R: Read> Read for Deadlined<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let late = || std::io::Error::new(std::io::ErrorKind::TimedOut, UpstreamError::Deadline(self.limit));
+        if self.until.is_some_and(|t| std::time::Instant::now() >= t) {
+            return Err(late());
+        }
+        match self.inner.read(buf) {
+            Err(e) if past_deadline(&e) => Err(late()),
+            r => r,
+        }
+    }
+}
+
+/// `reader`, failing once `limit` from now has passed (checked between reads): the deadline
+/// of a NAR whose length became known only with its answer (one fetched by name).
+pub fn within(reader: Box<dyn Read + Send>, limit: Duration) -> Box<dyn Read + Send> {
+    let until = std::time::Instant::now().checked_add(limit);
+    Box::new(Deadlined { inner: reader, until, limit })
 }
 
 fn ureq_timed_out(e: &ureq::Error) -> bool {
@@ -156,6 +277,8 @@ pub struct UpstreamSettings {
     pub header_timeout: Duration,
     /// The longest wait for the next piece of a body.
     pub body_idle_timeout: Duration,
+    /// The longest any request may take in all.
+    pub deadlines: Deadlines,
 }
 
 /// A NAR body being received.
@@ -172,12 +295,19 @@ pub struct Upstreams {
     list: Vec<UpstreamConfig>,
     agent: ureq::Agent,
     auth: crate::auth::UpstreamAuth,
+    deadlines: Deadlines,
 }
 
 impl Upstreams {
     pub fn new(settings: UpstreamSettings) -> Upstreams {
-        let UpstreamSettings { auth, list, dial_timeout: dial, header_timeout: header, body_idle_timeout: body_idle } =
-            settings;
+        let UpstreamSettings {
+            auth,
+            list,
+            dial_timeout: dial,
+            header_timeout: header,
+            body_idle_timeout: body_idle,
+            deadlines,
+        } = settings;
         let tls = ureq::tls::TlsConfig::builder()
             .root_certs(ureq::tls::RootCerts::Specific(std::sync::Arc::new(root_certs())))
             .build();
@@ -195,7 +325,11 @@ impl Upstreams {
             .tls_config(tls)
             .build()
             .new_agent();
-        Upstreams { list, agent, auth }
+        Upstreams { list, agent, auth, deadlines }
+    }
+
+    pub fn deadlines(&self) -> &Deadlines {
+        &self.deadlines
     }
 
     /// The origins ncps has credentials for (never the credentials).
@@ -208,30 +342,43 @@ impl Upstreams {
     }
 
     /// Fetches `<upstream>/<hash>.narinfo`. `Ok(None)` when the upstream says it has no such
-    /// path (404, 403 and 410 mean that in Nix's protocol).
+    /// path (404, 403 and 410 mean that in Nix's protocol). `abandoned` is asked between
+    /// reads: when it says yes (every client that wanted this left), the request is dropped
+    /// (its connection closed) as [`UpstreamError::Abandoned`].
     pub fn narinfo(
         &self,
         upstream: &UpstreamConfig,
         hash: &StorePathHash,
+        abandoned: &dyn Fn() -> bool,
     ) -> Result<Option<Vec<u8>>, UpstreamError> {
         let url = format!("{}/{hash}.narinfo", upstream.url);
-        let resp = self.get(&url, &[])?;
+        let limit = self.deadlines.narinfo;
+        let resp = self.get(&url, &[], limit)?;
         match resp.status().as_u16() {
             200 => {}
             403 | 404 | 410 => return Ok(None),
             s => return Err(UpstreamError::Status(s)),
         }
-        let limit = MAX_NARINFO_BYTES as u64 + 1;
+        let max = MAX_NARINFO_BYTES as u64 + 1;
         let mut body = Vec::new();
         // Not asked for, but some servers compress every response; the limit applies to the
         // decoded text, so a small, highly compressed body cannot grow without bound.
         let encoding = content_encoding(&resp);
         let (reader, _) = decode(resp.into_body().into_reader(), &encoding)?;
-        reader
-            .take(limit)
-            .read_to_end(&mut body)
-            .map_err(UpstreamError::Read)?;
-        if body.len() as u64 >= limit {
+        let mut reader = reader.take(max);
+        let mut buf = [0u8; 16 * 1024];
+        loop {
+            if abandoned() {
+                return Err(UpstreamError::Abandoned);
+            }
+            match reader.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => body.extend_from_slice(&buf[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(UpstreamError::Read(e).at_deadline(limit)),
+            }
+        }
+        if body.len() as u64 >= max {
             return Err(UpstreamError::TooLarge);
         }
         Ok(Some(body))
@@ -242,22 +389,28 @@ impl Upstreams {
     /// file is still up.
     pub fn cache_info(&self, upstream: &UpstreamConfig) -> Result<(), UpstreamError> {
         let url = format!("{}/nix-cache-info", upstream.url);
-        let resp = self.get(&url, &[])?;
+        let limit = self.deadlines.narinfo;
+        let resp = self.get(&url, &[], limit)?;
         let e = UpstreamError::Status(resp.status().as_u16());
         if e.is_outage() {
             return Err(e);
         }
         // Read (a few bytes at most), so the connection can be used again.
         let mut sink = Vec::new();
-        resp.into_body().into_reader().take(64 * 1024).read_to_end(&mut sink).map_err(UpstreamError::Read)?;
+        resp.into_body()
+            .into_reader()
+            .take(64 * 1024)
+            .read_to_end(&mut sink)
+            .map_err(|e| UpstreamError::Read(e).at_deadline(limit))?;
         Ok(())
     }
 
-    /// Starts receiving a NAR from an absolute URL. `Ok(None)` when it is not there.
-    pub fn nar(&self, url: &str) -> Result<Option<NarBody>, UpstreamError> {
+    /// Starts receiving a NAR from an absolute URL, to be done within `deadline` (see
+    /// [`Deadlines::nar`]). `Ok(None)` when it is not there.
+    pub fn nar(&self, url: &str, deadline: Duration) -> Result<Option<NarBody>, UpstreamError> {
         // Harmonia and others can compress the transfer; asking for zstd costs nothing here
         // (it is undone below, before hashing) and saves upstream bandwidth.
-        let resp = self.get(url, &[("Accept-Encoding", "zstd")])?;
+        let resp = self.get(url, &[("Accept-Encoding", "zstd")], deadline)?;
         match resp.status().as_u16() {
             200 => {}
             403 | 404 | 410 => return Ok(None),
@@ -268,17 +421,25 @@ impl Upstreams {
         };
         let content_length = header("content-length").and_then(|v| v.parse().ok());
         let encoding = content_encoding(&resp);
-        let (reader, decoded) = decode(resp.into_body().into_reader(), &encoding)?;
+        let raw = Deadlined { inner: resp.into_body().into_reader(), until: None, limit: deadline };
+        let (reader, decoded) = decode(raw, &encoding)?;
         Ok(Some(NarBody { reader, content_length, decoded }))
     }
 
     /// Asks for bytes `from..total` of the NAR at `url` (`Range: bytes=<from>-`), to finish a
     /// body that broke off: the answer must be exactly that rest ([`check_partial`]), sent
-    /// without a `Content-Encoding` (none is asked for). `Ok(None)` when it is not there.
-    pub fn nar_rest(&self, url: &str, from: u64, total: u64) -> Result<Option<Box<dyn Read + Send>>, UpstreamError> {
+    /// without a `Content-Encoding` (none is asked for), within `deadline`. `Ok(None)` when it
+    /// is not there.
+    pub fn nar_rest(
+        &self,
+        url: &str,
+        from: u64,
+        total: u64,
+        deadline: Duration,
+    ) -> Result<Option<Box<dyn Read + Send>>, UpstreamError> {
         // Through `get`, as every request: the origin's credentials, same-origin redirects only.
         let range = format!("bytes={from}-");
-        let resp = self.get(url, &[("Range", range.as_str()), ("Accept-Encoding", "identity")])?;
+        let resp = self.get(url, &[("Range", range.as_str()), ("Accept-Encoding", "identity")], deadline)?;
         let status = resp.status().as_u16();
         if matches!(status, 403 | 404 | 410) {
             return Ok(None);
@@ -290,7 +451,7 @@ impl Upstreams {
         let length = header("content-length").and_then(|v| v.parse().ok());
         check_partial(status, header("content-range"), length, &content_encoding(&resp), from, total)
             .map_err(UpstreamError::NotPartial)?;
-        Ok(Some(Box::new(resp.into_body().into_reader())))
+        Ok(Some(Box::new(Deadlined { inner: resp.into_body().into_reader(), until: None, limit: deadline })))
     }
 }
 
@@ -338,18 +499,29 @@ pub fn check_partial(
 impl Upstreams {
     /// GET `url` with `headers`, following redirects on `url`'s own origin only (at most
     /// [`MAX_REDIRECTS`]); a followed redirect is logged with the URL that answered. The
-    /// credentials of each URL's origin go with it, and only those.
-    fn get(&self, url: &str, headers: &[(&str, &str)]) -> Result<ureq::http::Response<ureq::Body>, UpstreamError> {
+    /// credentials of each URL's origin go with it, and only those. The whole exchange,
+    /// redirects and body included, must be done within `deadline`.
+    fn get(
+        &self,
+        url: &str,
+        headers: &[(&str, &str)],
+        deadline: Duration,
+    ) -> Result<ureq::http::Response<ureq::Body>, UpstreamError> {
+        let until = std::time::Instant::now() + deadline.min(LONGEST_DEADLINE);
         let mut current = url.to_string();
         for _ in 0..=MAX_REDIRECTS {
-            let mut req = self.agent.get(&current);
+            let left = until.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return Err(UpstreamError::Deadline(deadline));
+            }
+            let mut req = self.agent.get(&current).config().timeout_global(Some(left)).build();
             for (k, v) in headers {
                 req = req.header(*k, *v);
             }
             if let Some(auth) = self.auth.for_url(&current) {
                 req = req.header("Authorization", auth.expose());
             }
-            let resp = req.call()?;
+            let resp = req.call().map_err(|e| UpstreamError::from(e).at_deadline(deadline))?;
             if !matches!(resp.status().as_u16(), 301 | 302 | 303 | 307 | 308) {
                 if current != url {
                     log::info!("upstream {url}: answered by {current} (redirected)");
@@ -473,6 +645,56 @@ fn root_certs() -> Vec<ureq::tls::Certificate<'static>> {
 mod tests {
     use super::*;
     use std::io;
+
+    #[test]
+    fn a_nar_deadline_is_the_base_plus_its_size_at_the_minimum_rate_and_never_unbounded() {
+        let d = Deadlines { narinfo: Duration::from_secs(15), nar_base: Duration::from_secs(60), nar_min_rate: 64 << 10 };
+        assert_eq!(d.nar(0), Duration::from_secs(60));
+        assert_eq!(d.nar(64 << 10), Duration::from_secs(61));
+        assert_eq!(d.nar(1 << 30), Duration::from_secs(60 + 16384), "1 GiB at 64 KiB/s: 4.6 h");
+        assert_eq!(d.nar(100), Duration::from_secs(60) + Duration::from_nanos(100 * 1_000_000_000 / 65536));
+        assert_eq!(d.nar(u64::MAX), LONGEST_DEADLINE, "no size makes it unbounded");
+        let slowest = Deadlines { nar_min_rate: 1, ..d };
+        assert_eq!(slowest.nar(u64::MAX), LONGEST_DEADLINE);
+        let zero = Deadlines { nar_min_rate: 0, ..d };
+        assert_eq!(zero.nar(10), Duration::from_secs(70), "a rate of 0 (refused by the config) counts as 1 B/s");
+        assert_eq!(d.nar_rest(1 << 20, 2 << 20), d.nar(1 << 20), "a resume gets the time of what is left");
+        assert_eq!(d.nar_rest(5, 3), d.nar(0));
+        assert_eq!(Deadlines::default(), d, "the documented defaults");
+    }
+
+    #[test]
+    fn a_download_makes_real_progress_at_half_the_minimum_rate_or_more() {
+        let d = Deadlines { nar_min_rate: 64 << 10, ..Deadlines::default() };
+        let ten = Duration::from_secs(10);
+        assert!(d.progressing(320 << 10, ten), "half of 64 KiB/s over 10 s");
+        assert!(!d.progressing((320 << 10) - 1, ten));
+        assert!(!d.progressing(5, ten), "a drip of a byte every 2 s");
+        assert!(d.progressing(0, Duration::from_millis(999)), "too short a window says nothing");
+    }
+
+    #[test]
+    fn a_request_past_its_deadline_is_an_outage_and_a_timeout_but_an_abandoned_one_is_neither() {
+        let late = UpstreamError::from(ureq::Error::Timeout(ureq::Timeout::Global)).at_deadline(Duration::from_secs(15));
+        assert!(matches!(late, UpstreamError::Deadline(d) if d == Duration::from_secs(15)), "{late}");
+        assert!(late.is_outage() && late.is_timeout());
+        assert_eq!(late.to_string(), "not done within its deadline of 15s");
+        let read = io::Error::other(ureq::Error::Timeout(ureq::Timeout::Global));
+        assert!(matches!(UpstreamError::Read(read).at_deadline(Duration::from_secs(1)), UpstreamError::Deadline(_)));
+        let idle = UpstreamError::from(ureq::Error::Timeout(ureq::Timeout::PerRead)).at_deadline(Duration::from_secs(1));
+        assert!(matches!(idle, UpstreamError::Transport(_)), "an idle timeout stays what it is");
+        assert!(!UpstreamError::Abandoned.is_outage() && !UpstreamError::Abandoned.is_timeout());
+    }
+
+    #[test]
+    fn a_body_read_past_its_deadline_fails_as_a_timeout_with_the_deadline_said() {
+        let mut r = within(Box::new(&b"abc"[..]), Duration::ZERO);
+        let e = r.read(&mut [0u8; 4]).unwrap_err();
+        assert!(io_timed_out(&e), "{e}");
+        assert!(e.to_string().contains("deadline"), "{e}");
+        let mut r = within(Box::new(&b"abc"[..]), Duration::from_secs(60));
+        assert_eq!(r.read(&mut [0u8; 4]).unwrap(), 3);
+    }
 
     #[test]
     fn only_unreachable_timing_out_or_5xx_upstreams_count_as_an_outage() {

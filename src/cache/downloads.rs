@@ -32,6 +32,18 @@ use std::time::{Duration, Instant};
 /// How long a URL that failed stays at the back of the line.
 const FAILED_URL_MEMORY: Duration = Duration::from_secs(300);
 
+/// A download nobody waits for is looked at after each window this long: if it got less
+/// than half of `--upstream-nar-min-rate` in it, its slot goes back (long enough that one
+/// slow patch of a good upstream does not count, short enough against a 60 s base deadline).
+const PROGRESS_WINDOW: Duration = Duration::from_secs(10);
+
+/// The stand-in file of a download the disk could not stage: readers never read it (every
+/// byte comes from memory), but a [`Download`] holds one.
+fn nowhere() -> Result<std::fs::File, CacheError> {
+    std::fs::File::open("/dev/null")
+        .map_err(|e| CacheError::from(crate::storage::StorageError::io("opening", "/dev/null".into(), e)))
+}
+
 pub(super) struct State {
     running: Mutex<HashMap<NarName, Arc<Download>>>,
     /// Upstream NAR URLs that failed recently, tried last next time.
@@ -101,6 +113,8 @@ impl FetchError {
         match self {
             FetchError::Upstream(e) => e.is_outage().then(|| e.is_timeout()),
             FetchError::Read(CopyError::Read { source, .. }) => Some(crate::upstream::io_timed_out(source)),
+            // Too slow to keep a slot: as good as a timeout.
+            FetchError::Read(CopyError::Sink { source: RelayError::NoProgress { .. }, .. }) => Some(true),
             FetchError::Short { .. } => Some(false),
             _ => None,
         }
@@ -152,7 +166,9 @@ impl Opening {
 
 struct Job {
     record: NarRecord,
-    temp: TempFile,
+    /// Where the NAR is staged; `None` when the disk takes no new file (then every byte is
+    /// relayed from memory, and nothing is kept).
+    temp: Option<TempFile>,
     download: Arc<Download>,
     opening: Opening,
     /// An upstream's answer already received (a NAR fetched by name: its length came from it).
@@ -189,6 +205,13 @@ impl Cache {
         let Some(record) = record else {
             return self.nar_by_name(name, head_only);
         };
+        if record.file_size == 0 {
+            // Recorded before empty NARs were refused: no body could be verified, and an
+            // empty 200 would look like a complete NAR.
+            log::warn!("nar {name}: its narinfo says it is 0 bytes long; no NAR is empty, so it is not served");
+            let reason = "its narinfo says FileSize 0: nothing to verify".to_string();
+            return Ok((Answer::Unavailable { status: 502, reason }, None));
+        }
         let tag = Some(record.file_hash);
         if head_only {
             return Ok((Answer::Length(record.file_size), tag));
@@ -239,7 +262,7 @@ impl Cache {
                 continue;
             }
             let started = Instant::now();
-            let body = match self.upstreams.nar(&url) {
+            let body = match self.upstreams.nar(&url, self.settings.deadlines.nar(crate::upstream::UNKNOWN_NAR_SIZE)) {
                 Ok(Some(body)) => body,
                 Ok(None) => {
                     self.health.succeeded(i);
@@ -260,6 +283,13 @@ impl Cache {
             let Some(len) = body.content_length.filter(|_| !body.decoded) else {
                 return self.fetch_whole_by_name(name, file_hash, &url, body, i, started);
             };
+            if len == 0 {
+                // No NAR is empty: an empty answer cannot be the bytes its name hashes to.
+                tally.add(shown, Attempt::Refused, "refused: an empty body");
+                continue;
+            }
+            // Its length is known now: it gets the deadline of that length, not of the largest.
+            let body = NarBody { reader: crate::upstream::within(body.reader, self.settings.deadlines.nar(len)), ..body };
             log::info!("nar {name}: no narinfo points at it; fetching it by name from {url} ({len} bytes)");
             // No recorded URL: fetched again by name if it goes, and dropped by a store check
             // that finds it missing (no narinfo needs it).
@@ -348,8 +378,20 @@ impl Cache {
             log::warn!("nar {name}: {} downloads already running; answered 503", running.len());
             return Ok(Started::Busy);
         }
-        let temp = self.staging.temp_file()?;
-        let download = Arc::new(Download::new(temp.reopen()?, record.file_size, self.settings.stall_limit));
+        // A data directory that takes no new files (full, read-only, no permission) degrades
+        // as a full disk does: the download is relayed from memory, verified, and not kept.
+        let (temp, file) = match self.staging.temp_file() {
+            Ok(temp) => {
+                let file = temp.reopen()?;
+                (Some(temp), file)
+            }
+            Err(e) if e.is_unwritable() => {
+                log::error!("nar {name}: {e}; relaying it to waiting clients from memory, not keeping it");
+                (None, nowhere()?)
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let download = Arc::new(Download::new(file, record.file_size, self.settings.stall_limit));
         running.insert(name.clone(), download.clone());
         self.metrics.download_started();
         drop(running);
@@ -406,16 +448,17 @@ impl Cache {
         let name = record.name.clone();
         let started = Instant::now();
         match self.fetch_nar(&record, &mut temp, &download, &mut opening, first) {
-            Ok((url, Spilled(true))) => {
+            Ok((url, Spilled(spilled))) if spilled || temp.is_none() => {
                 download.finish(Ok(()));
                 log::warn!(
                     "nar {name}: {} bytes from {url} verified and served, but not kept: the disk \
-                     was full (see above)",
+                     took no new bytes (see above)",
                     record.file_size
                 );
             }
-            Ok((url, Spilled(false))) => {
+            Ok((url, Spilled(_))) => 'kept: {
                 download.finish(Ok(()));
+                let Some(temp) = temp else { break 'kept };
                 let secs = started.elapsed().as_secs_f64();
                 if self.settings.max_size.is_some_and(|max| record.file_size > max) {
                     // Readers hold their own handle; dropping the temp file only unlinks it.
@@ -470,13 +513,17 @@ impl Cache {
     /// Gives a verified NAR its final name and accounts for it.
     fn keep_nar(&self, temp: TempFile, name: &NarName, size: u64, file_hash: &Hash) -> Result<(), CacheError> {
         let _writing = self.writing();
+        // A NAR the index says is stored but whose file went (deleted behind ncps's back, then
+        // fetched again) is counted already: counting it again would make the evictor remove
+        // that much too much, until a restart.
+        let counted = self.index.nar(name)?.is_some_and(|r| r.stored);
         self.blobs.put_nar(name, temp, file_hash)?;
         if !self.index.set_nar_stored(name, true)? {
             // Deleted or evicted while downloading: keeping the blob would orphan it.
             self.blobs.remove_nar(name)?;
             return Err(CacheError::EntryRemoved(name.clone()));
         }
-        self.space.add(size, 0);
+        self.space.add(size, if counted { size } else { 0 });
         self.enforce_limit();
         Ok(())
     }
@@ -516,7 +563,7 @@ impl Cache {
     fn fetch_nar(
         &self,
         record: &NarRecord,
-        temp: &mut TempFile,
+        temp: &mut Option<TempFile>,
         download: &Download,
         opening: &mut Opening,
         mut first: Option<(String, NarBody)>,
@@ -586,7 +633,7 @@ impl Cache {
         attempt: Attempted<'_>,
         opened: Option<NarBody>,
         record: &NarRecord,
-        temp: &mut TempFile,
+        temp: &mut Option<TempFile>,
         download: &Download,
         opening: &mut Opening,
     ) -> (Result<Spilled, (FetchError, u64)>, SentBy) {
@@ -598,7 +645,9 @@ impl Cache {
             used: s.used.clone(),
         };
         let alone = || SentBy { sources: url.to_string(), upstream, started, used: vec![url.to_string()] };
-        let body = match opened.map_or_else(|| self.upstreams.nar(url), |b| Ok(Some(b))) {
+        let deadlines = &self.settings.deadlines;
+        let deadline = deadlines.nar(record.file_size);
+        let body = match opened.map_or_else(|| self.upstreams.nar(url, deadline), |b| Ok(Some(b))) {
             Ok(Some(b)) => b,
             Ok(None) => return (Err((FetchError::NotFound, 0)), alone()),
             Err(e) => return (Err((FetchError::Upstream(e), 0)), alone()),
@@ -611,13 +660,27 @@ impl Cache {
         }
         opening.started(url);
         let resumable = !body.decoded;
-        let mut reader =
-            Resuming::new(self, &record.name, download, body.reader, record.file_size, resumable, url, upstream, resume);
-        let mut spilled = false;
+        let until = started + deadline;
+        let mut reader = Resuming::new(
+            self,
+            &record.name,
+            download,
+            body.reader,
+            record.file_size,
+            resumable,
+            url,
+            upstream,
+            resume,
+            until,
+        );
+        let mut spilled = temp.is_none();
         let mut written = 0u64;
+        // Bytes since the start of the current window: a download nobody waits for must make
+        // real progress to keep its slot (see `Deadlines::progressing`).
+        let mut window = (Instant::now(), 0u64);
         let copied = copy_hashed(&mut reader, record.file_size, &mut |at, chunk| {
-            if !spilled {
-                if let Err(e) = temp.write_all(chunk) {
+            if let (false, Some(t)) = (spilled, temp.as_mut()) {
+                if let Err(e) = t.write_all(chunk) {
                     log::error!(
                         "nar {}: {e}; relaying the rest to waiting clients from memory, not keeping it",
                         record.name
@@ -626,6 +689,14 @@ impl Cache {
                 }
             }
             written = at + chunk.len() as u64;
+            let span = window.0.elapsed();
+            if span >= PROGRESS_WINDOW {
+                let got = written - window.1;
+                if !download.has_readers() && !deadlines.progressing(got, span) {
+                    return Err(RelayError::NoProgress { bytes: got, window: span });
+                }
+                window = (Instant::now(), written);
+            }
             if spilled {
                 download.spill(chunk)
             } else {

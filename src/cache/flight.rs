@@ -31,6 +31,8 @@ pub enum RelayError {
     Stalled(Duration),
     /// The disk is full and bytes this reader still needs were already dropped from memory.
     BytesDropped,
+    /// No client waits for this download, and it got only `bytes` in `window`.
+    NoProgress { bytes: u64, window: Duration },
 }
 
 impl std::fmt::Display for RelayError {
@@ -40,6 +42,11 @@ impl std::fmt::Display for RelayError {
             RelayError::SlowestReaderStalled(d) => write!(f, "the slowest client read nothing for {d:?}"),
             RelayError::Stalled(d) => write!(f, "download stalled for {d:?}"),
             RelayError::BytesDropped => f.write_str("the disk is full and these bytes are no longer held"),
+            RelayError::NoProgress { bytes, window } => write!(
+                f,
+                "no client waits for this download and it got only {bytes} bytes in {:.0}s; its slot goes back",
+                window.as_secs_f64()
+            ),
         }
     }
 }
@@ -55,6 +62,9 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 /// Runs one computation per key at a time; concurrent callers share its result.
+///
+/// A computation can be given up once nobody wants its result ([`SingleFlight::run_while`]):
+/// each caller is counted while it waits, and leaves the count when its client goes away.
 pub struct SingleFlight<K, V> {
     calls: Mutex<HashMap<K, Arc<Call<V>>>>,
 }
@@ -62,7 +72,18 @@ pub struct SingleFlight<K, V> {
 struct Call<V> {
     result: Mutex<Option<V>>,
     done: Condvar,
+    /// Callers still waiting for the result (the one computing included). Joined only under
+    /// the `calls` lock, and the call is given up only under it, so a caller that joins is
+    /// never handed a result nobody computed for it.
+    interested: std::sync::atomic::AtomicUsize,
 }
+
+/// The caller of [`SingleFlight::run_while`] left before the result came.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Left;
+
+/// How often a waiting caller asks whether its client is still there.
+const LOOK_EVERY: Duration = Duration::from_millis(200);
 
 impl<K: Hash + Eq + Clone, V: Clone> SingleFlight<K, V> {
     pub fn new() -> Self {
@@ -78,48 +99,100 @@ impl<K: Hash + Eq + Clone, V: Clone> SingleFlight<K, V> {
     /// assert_eq!(sf.run("k", || 7), (7, true));
     /// ```
     pub fn run(&self, key: K, compute: impl FnOnce() -> V) -> (V, bool) {
+        match self.run_while(key, &|| false, |_| compute()) {
+            Ok(r) => r,
+            // Unreachable: a caller whose client never leaves never leaves.
+            Err(Left) => unreachable!("a caller that cannot leave left"),
+        }
+    }
+
+    /// As [`SingleFlight::run`], for a caller whose client may leave: `gone` says whether it
+    /// has. A waiting caller asks it every 200 ms and returns `Err(Left)` once it says yes.
+    /// The one computing is handed `abandoned`, to ask between steps: it says yes once every
+    /// caller has left, and then the call is already forgotten (a caller arriving later
+    /// starts afresh), so the computation should stop; its result goes to nobody.
+    pub fn run_while(
+        &self,
+        key: K,
+        gone: &dyn Fn() -> bool,
+        compute: impl FnOnce(&dyn Fn() -> bool) -> V,
+    ) -> Result<(V, bool), Left> {
+        use std::sync::atomic::Ordering::SeqCst;
         let (call, leader) = {
             let mut calls = lock(&self.calls);
             match calls.get(&key) {
-                Some(c) => (c.clone(), false),
+                Some(c) => {
+                    c.interested.fetch_add(1, SeqCst);
+                    (c.clone(), false)
+                }
                 None => {
-                    let c = Arc::new(Call { result: Mutex::new(None), done: Condvar::new() });
+                    let c = Arc::new(Call {
+                        result: Mutex::new(None),
+                        done: Condvar::new(),
+                        interested: std::sync::atomic::AtomicUsize::new(1),
+                    });
                     calls.insert(key.clone(), c.clone());
                     (c, true)
                 }
             }
         };
         if leader {
-            // Removes the entry even if compute() panics, so the key is not stuck forever.
-            struct Cleanup<'a, K: Hash + Eq, V>(&'a Mutex<HashMap<K, Arc<Call<V>>>>, Option<K>);
+            // Removes the entry even if compute() panics, so the key is not stuck forever;
+            // only its own (an abandoned call's key may belong to a newer call by then).
+            struct Cleanup<'a, K: Hash + Eq, V>(&'a Mutex<HashMap<K, Arc<Call<V>>>>, Option<K>, &'a Arc<Call<V>>);
             impl<K: Hash + Eq, V> Drop for Cleanup<'_, K, V> {
                 fn drop(&mut self) {
                     if let Some(k) = self.1.take() {
-                        lock(self.0).remove(&k);
+                        let mut calls = lock(self.0);
+                        if calls.get(&k).is_some_and(|c| Arc::ptr_eq(c, self.2)) {
+                            calls.remove(&k);
+                        }
                     }
                 }
             }
-            let cleanup = Cleanup(&self.calls, Some(key));
-            let v = compute();
+            let cleanup = Cleanup(&self.calls, Some(key.clone()), &call);
+            let left = std::cell::Cell::new(false);
+            let abandoned = || {
+                if !left.get() && gone() {
+                    left.set(true);
+                    call.interested.fetch_sub(1, SeqCst);
+                }
+                if call.interested.load(SeqCst) > 0 {
+                    return false;
+                }
+                let mut calls = lock(&self.calls);
+                if call.interested.load(SeqCst) > 0 {
+                    return false;
+                }
+                if calls.get(&key).is_some_and(|c| Arc::ptr_eq(c, &call)) {
+                    calls.remove(&key);
+                }
+                true
+            };
+            let v = compute(&abandoned);
             *lock(&call.result) = Some(v.clone());
             drop(cleanup);
             call.done.notify_all();
-            return (v, true);
+            return Ok((v, true));
         }
         let mut result = lock(&call.result);
         loop {
             if let Some(v) = result.as_ref() {
-                return (v.clone(), false);
+                return Ok((v.clone(), false));
             }
-            let (r, timeout) = call
-                .done
-                .wait_timeout(result, Duration::from_secs(1))
-                .unwrap_or_else(|p| p.into_inner());
+            let (r, timeout) = call.done.wait_timeout(result, LOOK_EVERY).unwrap_or_else(|p| p.into_inner());
             result = r;
+            if result.is_some() {
+                continue;
+            }
+            if gone() {
+                call.interested.fetch_sub(1, SeqCst);
+                return Err(Left);
+            }
             // The leader panicked (its entry is gone and no result came): compute alone.
-            if timeout.timed_out() && result.is_none() && !lock(&self.calls).contains_key(&key) {
+            if timeout.timed_out() && !lock(&self.calls).get(&key).is_some_and(|c| Arc::ptr_eq(c, &call)) {
                 drop(result);
-                return (compute(), true);
+                return Ok((compute(&|| gone()), true));
             }
         }
     }
@@ -225,6 +298,11 @@ impl Download {
         s.announced_at = now;
         drop(s);
         self.changed.notify_all();
+    }
+
+    /// Whether any client follows this download.
+    pub fn has_readers(&self) -> bool {
+        !lock(&self.state).readers.is_empty()
     }
 
     /// Writer: still at work though no byte came (it is asking another upstream for the
@@ -381,6 +459,42 @@ mod tests {
             assert_eq!(t.join().unwrap(), 42);
         }
         assert_eq!(runs.load(Ordering::SeqCst), 1);
+    }
+
+    #[test]
+    fn a_computation_every_caller_left_is_abandoned_and_the_next_caller_starts_afresh() {
+        use std::sync::atomic::AtomicBool;
+        let sf = Arc::new(SingleFlight::<u32, u32>::new());
+        let (leader_gone, waiter_gone) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(false)));
+        let stopped = Arc::new(AtomicBool::new(false));
+        let leader = {
+            let (sf, gone, stopped) = (sf.clone(), leader_gone.clone(), stopped.clone());
+            std::thread::spawn(move || {
+                sf.run_while(1, &|| gone.load(Ordering::SeqCst), |abandoned| {
+                    let t = Instant::now();
+                    while !abandoned() {
+                        assert!(t.elapsed() < Duration::from_secs(10), "never abandoned");
+                        std::thread::sleep(Duration::from_millis(10));
+                    }
+                    stopped.store(true, Ordering::SeqCst);
+                    0
+                })
+            })
+        };
+        std::thread::sleep(Duration::from_millis(50));
+        let waiter = {
+            let (sf, gone) = (sf.clone(), waiter_gone.clone());
+            std::thread::spawn(move || sf.run_while(1, &|| gone.load(Ordering::SeqCst), |_| 9))
+        };
+        std::thread::sleep(Duration::from_millis(50));
+        leader_gone.store(true, Ordering::SeqCst);
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(!stopped.load(Ordering::SeqCst), "one caller still waits: the work goes on");
+        waiter_gone.store(true, Ordering::SeqCst);
+        assert_eq!(waiter.join().unwrap(), Err(Left), "the waiter left");
+        assert!(leader.join().unwrap().is_ok(), "the leader returns its (unwanted) result");
+        assert!(stopped.load(Ordering::SeqCst), "and stopped, since nobody waited any more");
+        assert_eq!(sf.run(1, || 5), (5, true), "a later caller computes afresh");
     }
 
     fn download(total: u64) -> Arc<Download> {

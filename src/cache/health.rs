@@ -224,6 +224,16 @@ impl Tally {
         };
         Missed { verdict, remember: Verdict::may_remember(&self.attempts), reason: Arc::from(reason) }
     }
+
+    /// A lookup given up because every client left: nothing is remembered, and the answer
+    /// (which nobody reads) is a 503.
+    pub(super) fn missed_for_nobody(self) -> Missed {
+        Missed {
+            verdict: Verdict::Unavailable { status: 503 },
+            remember: false,
+            reason: Arc::from("every client left; lookup stopped"),
+        }
+    }
 }
 
 impl Missed {

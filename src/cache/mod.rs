@@ -86,6 +86,8 @@ pub struct CacheSettings {
     pub negative_ttl: Duration,
     /// Readers of a download give up after this long without a byte.
     pub stall_limit: Duration,
+    /// The upstream deadlines: a download gives its slot back once its NAR's has passed.
+    pub deadlines: crate::upstream::Deadlines,
     /// Downloads running at once at most (they outlive their clients, so the worker pool does
     /// not bound them).
     pub max_downloads: usize,

@@ -66,15 +66,20 @@ impl Cache {
         Ok(Some(Body::Bytes(bytes)))
     }
 
-    /// `GET /<hash>.narinfo`.
-    pub fn narinfo(&self, hash: &StorePathHash) -> Result<Answer, CacheError> {
+    /// `GET /<hash>.narinfo`. `client_gone` says whether the client that asked has left: a
+    /// lookup every client left is given up (see [`SingleFlight::run_while`]), so a slow
+    /// upstream does not hold its connection for clients that are gone.
+    pub fn narinfo(&self, hash: &StorePathHash, client_gone: &dyn Fn() -> bool) -> Result<Answer, CacheError> {
         if let Some(body) = self.narinfo_hit(hash)? {
             return Ok(Answer::Hit(body));
         }
         if self.is_known_missing(hash) {
             return Ok(Answer::NotFound);
         }
-        let (found, _) = self.narinfos.flights.run(*hash, || self.fetch_narinfo(hash));
+        let flight = self.narinfos.flights.run_while(*hash, client_gone, |abandoned| self.fetch_narinfo(hash, abandoned));
+        let Ok((found, _)) = flight else {
+            return Ok(Answer::Unavailable { status: 503, reason: "the client left before an upstream answered".into() });
+        };
         Ok(match found {
             Ok((from, bytes)) => Answer::Miss(Body::Bytes(bytes.to_vec()), from),
             Err(missed) => missed.answer(),
@@ -93,7 +98,7 @@ impl Cache {
         if self.is_known_missing(hash) {
             return trust::UpstreamSays::Absent;
         }
-        let (found, _) = self.narinfos.flights.run(*hash, || self.fetch_narinfo(hash));
+        let (found, _) = self.narinfos.flights.run(*hash, || self.fetch_narinfo(hash, &|| false));
         match found {
             Ok((from, _)) => trust::UpstreamSays::Serves(from.to_string()),
             Err(m) if m.verdict == super::health::Verdict::Absent => trust::UpstreamSays::Absent,
@@ -133,16 +138,26 @@ impl Cache {
         lock(&self.narinfos.negative).remove(hash);
     }
 
-    fn fetch_narinfo(&self, hash: &StorePathHash) -> Found {
+    /// Asks the upstreams in turn; stops (asking nobody else) once `abandoned` says every
+    /// client left.
+    fn fetch_narinfo(&self, hash: &StorePathHash, abandoned: &dyn Fn() -> bool) -> Found {
         let mut tally = Tally::default();
         for (i, upstream) in self.upstreams.list().iter().enumerate() {
+            if abandoned() {
+                log::info!("narinfo {hash}: every client left; lookup stopped");
+                return Err(tally.missed_for_nobody());
+            }
             let shown = self.health.shown(i);
             if let Some(skipped) = self.health.skip(i) {
                 tally.add(shown, skipped, self.health.why_skipped(i));
                 continue;
             }
             let started = Instant::now();
-            let result = self.upstreams.narinfo(upstream, hash);
+            let result = self.upstreams.narinfo(upstream, hash, abandoned);
+            if let Err(crate::upstream::UpstreamError::Abandoned) = result {
+                log::info!("narinfo {hash}: every client left; lookup at {} stopped", upstream.url);
+                return Err(tally.missed_for_nobody());
+            }
             self.metrics.upstream_request(i, Kind::Narinfo, started.elapsed(), result.is_ok());
             let bytes = match result {
                 Ok(Some(b)) => {

@@ -50,6 +50,8 @@ pub(super) struct Resuming<'a> {
     pub started: Instant,
     /// Every URL that sent bytes of this file, in order.
     pub used: Vec<String>,
+    /// The attempt's deadline: no resume starts after it, and a resume gets only what is left.
+    until: Instant,
 }
 
 impl<'a> Resuming<'a> {
@@ -64,6 +66,7 @@ impl<'a> Resuming<'a> {
         url: &str,
         upstream: Option<usize>,
         next: VecDeque<String>,
+        until: Instant,
     ) -> Resuming<'a> {
         Resuming {
             cache,
@@ -78,6 +81,7 @@ impl<'a> Resuming<'a> {
             upstream,
             started: Instant::now(),
             used: vec![url.to_string()],
+            until,
         }
     }
 
@@ -101,6 +105,11 @@ impl<'a> Resuming<'a> {
         }
         let (c, name, at) = (self.cache, self.name, self.at);
         while let Some(url) = self.next.pop_front() {
+            let left = self.until.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                log::info!("nar {name}: not resumed after {at} bytes ({why}): past its deadline");
+                return false;
+            }
             let i = c.metrics.upstream_for_url(&url);
             if i.is_some_and(|i| c.health.skip(i).is_some()) {
                 continue;
@@ -108,7 +117,7 @@ impl<'a> Resuming<'a> {
             // Asking takes up to a connect and a header timeout: not a stall of this download.
             self.download.alive();
             let started = Instant::now();
-            match c.upstreams.nar_rest(&url, at, self.total) {
+            match c.upstreams.nar_rest(&url, at, self.total, left) {
                 Ok(Some(body)) => {
                     log::info!(
                         "nar {name}: {} broke off after {at} of {} bytes ({why}); resuming from {} at byte {at}",

@@ -239,7 +239,40 @@ fn read_exact_at(file: &File, buf: &mut [u8], offset: u64) -> io::Result<()> {
 /// Whether the client closed its end (or the connection broke), without blocking. A request
 /// still unread (pipelining) is not a hang-up.
 fn peer_gone(sock: &TcpStream) -> bool {
-    let mut p = libc::pollfd { fd: sock.as_raw_fd(), events: libc::POLLRDHUP, revents: 0 };
+    fd_peer_gone(sock.as_raw_fd())
+}
+
+thread_local! {
+    /// The socket of the request this worker thread is answering, while its handler runs.
+    static ANSWERING: std::cell::Cell<Option<std::os::fd::RawFd>> = const { std::cell::Cell::new(None) };
+}
+
+/// Marks `sock` as the client of the handler about to run on this thread, until dropped.
+pub(super) struct Answering(());
+
+impl Answering {
+    pub(super) fn start(sock: &TcpStream) -> Answering {
+        ANSWERING.with(|a| a.set(Some(sock.as_raw_fd())));
+        Answering(())
+    }
+}
+
+impl Drop for Answering {
+    fn drop(&mut self) {
+        ANSWERING.with(|a| a.set(None));
+    }
+}
+
+/// Whether the client of the request this thread's handler is answering has left (closed its
+/// end, or the connection broke). A handler that waits for someone else (an upstream lookup)
+/// asks this now and then, so that work nobody wants any more can stop. False outside a
+/// handler.
+pub fn client_gone() -> bool {
+    ANSWERING.with(|a| a.get()).is_some_and(fd_peer_gone)
+}
+
+fn fd_peer_gone(fd: std::os::fd::RawFd) -> bool {
+    let mut p = libc::pollfd { fd, events: libc::POLLRDHUP, revents: 0 };
     // SAFETY: one valid, initialised pollfd, and a zero timeout.
     let n = unsafe { libc::poll(&mut p, 1, 0) };
     n > 0 && p.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0

@@ -12,7 +12,7 @@ pub mod range;
 mod request;
 mod server;
 
-pub use body::{send_file, Sent};
+pub use body::{client_gone, send_file, Sent};
 
 pub use request::{Method, Request};
 pub use server::{serve, Handler, ServerConfig};

@@ -454,6 +454,7 @@ fn answer(stream: &mut TcpStream, req: &Request, rest: Vec<u8>, handler: &dyn Ha
             remaining: req.content_length,
             continue_pending: req.expect_continue,
         };
+        let _answering = super::body::Answering::start(body.stream);
         // A bug in one handler must cost one request (a 500), not a worker or the process.
         let resp = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| handler.handle(req, &mut body)))
             .unwrap_or_else(|_| {

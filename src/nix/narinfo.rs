@@ -193,7 +193,19 @@ impl NarInfo {
     /// disagrees with NarHash on an uncompressed NAR makes the narinfo inconsistent: an error.
     /// For compressed NARs FileHash/FileSize are all there is; the client checks NarHash after
     /// decompressing.
+    ///
+    /// A size of 0 is an error too: no NAR is empty (its header alone is 13 bytes, a
+    /// compressed one has its format's header), so nothing could be checked, and a client
+    /// would take an empty body for a complete download.
     pub fn file_digest(&self) -> Result<(Hash, u64), &'static str> {
+        let digest = self.claimed_digest()?;
+        if digest.1 == 0 {
+            return Err("its FileSize (or NarSize) is 0, and no NAR is empty");
+        }
+        Ok(digest)
+    }
+
+    fn claimed_digest(&self) -> Result<(Hash, u64), &'static str> {
         if self.compression == "none" {
             let disagree = self.file_hash.is_some_and(|h| h != self.nar_hash)
                 || self.file_size.is_some_and(|s| s != self.nar_size);
@@ -355,5 +367,17 @@ Sig: test.example.org-1:HxoeVau/7cYFxbwP84UdPWWUOHleupGFjwD/0joWw4/+XUQ067Gv6svH
         assert_eq!(info.file_digest(), Ok((info.nar_hash, 336)));
         info.file_size = Some(335);
         assert!(info.file_digest().is_err());
+    }
+
+    #[test]
+    fn a_nar_of_zero_bytes_has_no_digest_to_check() {
+        let mut info = NarInfo::parse(REAL.as_bytes()).unwrap();
+        info.file_size = Some(0);
+        assert!(info.file_digest().is_err(), "FileSize 0");
+        info.compression = "none".into();
+        info.file_size = None;
+        info.file_hash = None;
+        info.nar_size = 0;
+        assert!(info.file_digest().is_err(), "NarSize 0, uncompressed");
     }
 }

@@ -128,3 +128,40 @@ fn the_local_store_keeps_the_contract() {
     assert!(dir.join("tmp/user-file").exists());
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn a_symlink_in_the_local_store_is_never_followed_and_lists_as_foreign() {
+    let dir = std::env::temp_dir().join(format!("ncps-storage-symlink-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let store = LocalStore::open(&dir).unwrap();
+    let (n, h) = (nar_name('7'), hash('7'));
+    std::fs::create_dir_all(dir.join("store/nar/7/77")).unwrap();
+    std::fs::create_dir_all(dir.join("store/narinfo/7/77")).unwrap();
+    let nar = dir.join(format!("store/nar/7/77/{n}"));
+    std::os::unix::fs::symlink("/etc/passwd", &nar).unwrap();
+    std::os::unix::fs::symlink("/etc/passwd", dir.join(format!("store/narinfo/7/77/{h}.narinfo"))).unwrap();
+    assert!(store.nar(&n).unwrap().is_none(), "a symlinked NAR is not there");
+    assert_eq!(store.nar_len(&n).unwrap(), None);
+    assert!(store.narinfo(&h).unwrap().is_none(), "a symlinked narinfo is not there");
+    let listed = store.list_nars("77").unwrap();
+    assert!(listed.entries.is_empty(), "a symlink is no entry");
+    assert_eq!(listed.strays, vec![Stray(nar.clone())], "but something foreign");
+    assert_eq!(store.list_narinfos("77").unwrap().strays.len(), 1);
+    store.remove_stray(&listed.strays[0]).unwrap();
+    assert!(std::fs::symlink_metadata(&nar).is_err(), "the link is removed");
+    assert!(std::path::Path::new("/etc/passwd").exists(), "not what it pointed at");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn a_store_that_takes_no_new_files_is_told_apart_from_other_failures() {
+    let e = |kind: io::ErrorKind| StorageError::io("creating", PathBuf::new(), io::Error::from(kind));
+    let os = |n: i32| StorageError::io("creating", PathBuf::new(), io::Error::from_raw_os_error(n));
+    for unwritable in [os(libc::ENOSPC), os(libc::EDQUOT), os(libc::EROFS), os(libc::EACCES), os(libc::EPERM)] {
+        assert!(unwritable.is_unwritable(), "{unwritable}");
+    }
+    assert!(os(libc::ENOSPC).is_no_space());
+    assert!(!os(libc::EROFS).is_no_space());
+    assert!(!os(libc::EIO).is_unwritable(), "a failing disk is an error, not a full one");
+    assert!(!e(io::ErrorKind::NotFound).is_unwritable());
+}

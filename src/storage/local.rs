@@ -103,10 +103,12 @@ fn remove_concurrently<T: Sync>(items: &[T], path: impl Fn(&T) -> PathBuf + Sync
 /// Opens a file for serving; `None` if it does not exist. A file standing where one of its
 /// directories belongs, or a directory where it belongs (a damaged store), also means "not
 /// there": the request becomes a miss, served from upstream, rather than an error for every
-/// client.
+/// client. So does a symlink (opened with `O_NOFOLLOW`): ncps never makes one, and following
+/// it would serve whatever it points at (`/etc/passwd` as a NAR); the store check removes it.
 fn open_existing(path: &Path) -> Result<Option<(File, u64)>, StorageError> {
+    use std::os::unix::fs::OpenOptionsExt;
     let err = |e| StorageError::io("opening", path.to_path_buf(), e);
-    match File::open(path) {
+    match fs::OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC).open(path) {
         Ok(f) => {
             let meta = f.metadata().map_err(err)?;
             // A directory where the file belongs opens too, but is not a blob.
@@ -116,6 +118,10 @@ fn open_existing(path: &Path) -> Result<Option<(File, u64)>, StorageError> {
             Ok(Some((f, meta.len())))
         }
         Err(e) if matches!(e.kind(), io::ErrorKind::NotFound | io::ErrorKind::NotADirectory) => Ok(None),
+        Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
+            log::warn!("{}: a symlink, not a stored file; not served (the store check removes it)", path.display());
+            Ok(None)
+        }
         Err(e) => Err(err(e)),
     }
 }
@@ -138,11 +144,18 @@ fn read_small(dir: &std::os::fd::OwnedFd, relative: &str, full: &Path) -> Result
     let Ok(c_path) = std::ffi::CString::new(relative) else { return Ok(None) };
     // SAFETY: `dir` is an open directory descriptor for the duration of the call and `c_path`
     // a NUL-terminated string; openat returns a new descriptor or -1.
-    let fd = unsafe { libc::openat(dir.as_raw_fd(), c_path.as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC) };
+    let fd = unsafe {
+        libc::openat(dir.as_raw_fd(), c_path.as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC | libc::O_NOFOLLOW)
+    };
     if fd < 0 {
         let e = io::Error::last_os_error();
         return match e.kind() {
             io::ErrorKind::NotFound | io::ErrorKind::NotADirectory => Ok(None),
+            // A symlink (O_NOFOLLOW): never followed, as for NARs (`open_existing`).
+            _ if e.raw_os_error() == Some(libc::ELOOP) => {
+                log::warn!("{}: a symlink, not a stored file; not served (the store check removes it)", full.display());
+                Ok(None)
+            }
             _ => Err(err(e)),
         };
     }
@@ -245,9 +258,15 @@ impl LocalStore {
         let mut strays = Vec::new();
         for entry in read_dir(&shard_dir(dir, shard))? {
             let path = entry.path();
+            // Not followed (`DirEntry::metadata` is an lstat): a symlink is no entry, whatever
+            // its name, but something foreign to remove.
             let meta = entry.metadata().map_err(|e| StorageError::io("listing", path.clone(), e))?;
             if meta.is_dir() {
                 all_files(&path, &mut strays)?;
+                continue;
+            }
+            if !meta.is_file() {
+                strays.push(Stray(path));
                 continue;
             }
             match entry.file_name().to_str().and_then(&parse) {
@@ -274,7 +293,7 @@ impl BlobStore for LocalStore {
 
     fn nar_len(&self, name: &NarName) -> Result<Option<u64>, StorageError> {
         let path = self.nar_path(name);
-        match fs::metadata(&path) {
+        match fs::symlink_metadata(&path) {
             Ok(m) if m.is_file() => Ok(Some(m.len())),
             Ok(_) => Ok(None),
             Err(e) if matches!(e.kind(), io::ErrorKind::NotFound | io::ErrorKind::NotADirectory) => Ok(None),

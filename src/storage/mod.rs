@@ -184,6 +184,20 @@ impl StorageError {
             }
         }
     }
+
+    /// Whether the store takes no new bytes at all: no room, a read-only file system
+    /// (`EROFS`), or no permission (`EACCES`, `EPERM`: a directory made read-only). Each is
+    /// the disk's state, not the request's fault, and a download then relays what it
+    /// verifies without keeping it, as for a full disk.
+    pub fn is_unwritable(&self) -> bool {
+        match self {
+            StorageError::Io { source, .. } => {
+                self.is_no_space()
+                    || source.kind() == io::ErrorKind::PermissionDenied
+                    || matches!(source.raw_os_error(), Some(libc::EROFS | libc::EACCES | libc::EPERM))
+            }
+        }
+    }
 }
 
 impl fmt::Display for StorageError {

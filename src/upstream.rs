@@ -64,6 +64,16 @@ pub struct Deadlines {
     pub nar_min_rate: u64,
 }
 
+/// A deadline for people: whole seconds when it is near them (a NAR's has nanoseconds of
+/// FileSize / rate in it), else tenths.
+fn shown(d: Duration) -> String {
+    if d.subsec_millis() == 0 {
+        format!("{}s", d.as_secs())
+    } else {
+        format!("{:.1}s", d.as_secs_f64())
+    }
+}
+
 /// No deadline is longer (and `Instant + deadline` cannot overflow).
 pub const LONGEST_DEADLINE: Duration = Duration::from_secs(30 * 24 * 3600);
 
@@ -152,7 +162,7 @@ impl fmt::Display for UpstreamError {
                 write!(f, "redirected to another origin ({to}); not followed")
             }
             UpstreamError::BadRedirect(why) => write!(f, "redirect not followed: {why}"),
-            UpstreamError::Deadline(d) => write!(f, "not done within its deadline of {d:?}"),
+            UpstreamError::Deadline(d) => write!(f, "not done within its deadline of {}", shown(*d)),
             UpstreamError::Abandoned => f.write_str("abandoned: every client that wanted it left"),
         }
     }
@@ -679,6 +689,8 @@ mod tests {
         assert!(matches!(late, UpstreamError::Deadline(d) if d == Duration::from_secs(15)), "{late}");
         assert!(late.is_outage() && late.is_timeout());
         assert_eq!(late.to_string(), "not done within its deadline of 15s");
+        assert_eq!(UpstreamError::Deadline(Duration::from_nanos(3_000_000_279)).to_string(), "not done within its deadline of 3s");
+        assert_eq!(UpstreamError::Deadline(Duration::from_millis(61_500)).to_string(), "not done within its deadline of 61.5s");
         let read = io::Error::other(ureq::Error::Timeout(ureq::Timeout::Global));
         assert!(matches!(UpstreamError::Read(read).at_deadline(Duration::from_secs(1)), UpstreamError::Deadline(_)));
         let idle = UpstreamError::from(ureq::Error::Timeout(ureq::Timeout::PerRead)).at_deadline(Duration::from_secs(1));

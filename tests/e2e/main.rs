@@ -13,6 +13,7 @@
 //! | [`outages`] | upstreams that fail: honest 5xx, marked down and probed back, removed ones never asked |
 //! | [`resume`] | NAR bodies that break off upstream, finished with Range requests while clients stream |
 //! | [`ranges`] | byte ranges on NARs: resuming a cut transfer, ETags, edge cases, HEAD |
+//! | [`isolation_edges`] | deadlines for dripping upstreams, lookups nobody waits for, unwritable or tampered stores |
 //! | [`support`] | the helpers they are built from (fixture, upstream, ncps handle, HTTP, hashes) |
 //!
 //! Run: `cargo test --test e2e` (add `-- --nocapture` for timings); one module:
@@ -32,5 +33,6 @@ mod integrity;
 mod lifecycle;
 mod outages;
 mod proxy;
+mod isolation_edges;
 mod resume;
 mod ranges;

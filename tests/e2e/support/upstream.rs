@@ -1,6 +1,6 @@
 //! The test upstream: a static file server on 127.0.0.1 ([`Upstream`]) that serves a
 //! fixture cache and misbehaves on demand ([`Mode`], for the requests [`Target`] selects):
-//! errors, hangs, resets and clean closes mid-body, corrupted or throttled bodies,
+//! errors, hangs, resets and clean closes mid-body, corrupted, throttled or dripping bodies,
 //! zstd content encoding, redirects (to its own `/mirror/` path or to another port), and
 //! it can require an `Authorization` header ([`Upstream::require_authorization`]). It answers
 //! `Range: bytes=a-b` / `a-` with a 206 (misbehaving on the part it sends), unless told to
@@ -52,6 +52,10 @@ pub enum Mode {
     RedirectSameOrigin,
     /// Answer `302 Location: http://127.0.0.1:<port><path>`: another origin.
     RedirectTo(u16),
+    /// Send the head at once, then the body one byte per interval: never idle long enough
+    /// for an idle timeout, and never done. When the other end closes, that is recorded
+    /// ([`Upstream::drip_cut`]).
+    Drip(Duration),
 }
 
 /// Which requests the misbehaviour applies to; the others are served normally.
@@ -94,6 +98,10 @@ struct UpstreamState {
     reset_once: Mutex<std::collections::HashSet<String>>,
     /// Whether Range requests get a 206 (else the whole file, 200, as if ranges were unknown).
     ranges: AtomicBool,
+    /// For each path, when a dripping body's reader closed the connection (the last time).
+    drip_cut: Mutex<HashMap<String, Instant>>,
+    /// Dripping bodies being sent now.
+    dripping: AtomicU64,
 }
 
 pub struct Upstream {
@@ -121,6 +129,8 @@ impl Upstream {
             next_conn: AtomicU64::new(0),
             reset_once: Mutex::new(std::collections::HashSet::new()),
             ranges: AtomicBool::new(true),
+            drip_cut: Mutex::new(HashMap::new()),
+            dripping: AtomicU64::new(0),
         });
         let mut u = Upstream {
             state,
@@ -220,6 +230,16 @@ impl Upstream {
     /// Updated after every write, so while a Slow body is being sent it counts up.
     pub fn bytes_sent(&self, path: &str) -> u64 {
         *self.state.sent.lock().unwrap().get(path).unwrap_or(&0)
+    }
+
+    /// When ncps closed the connection of the last dripping body of this path (`Mode::Drip`).
+    pub fn drip_cut(&self, path: &str) -> Option<Instant> {
+        self.state.drip_cut.lock().unwrap().get(path).copied()
+    }
+
+    /// Dripping bodies whose connection is still open.
+    pub fn dripping(&self) -> u64 {
+        self.state.dripping.load(Ordering::SeqCst)
     }
 
     pub fn reset_hits(&self) {
@@ -476,6 +496,24 @@ fn handle_upstream_conn(st: &UpstreamState, mut s: TcpStream, generation: u64) -
                 thread::sleep(Duration::from_millis(50));
             }
         }
+        Mode::Drip(every) => {
+            st.dripping.fetch_add(1, Ordering::SeqCst);
+            let mut cut = false;
+            for b in &body {
+                if st.generation.load(Ordering::SeqCst) != generation {
+                    break;
+                }
+                if peer_closed(&s, every) || s.write_all(std::slice::from_ref(b)).and_then(|()| s.flush()).is_err() {
+                    cut = true;
+                    break;
+                }
+                count(1);
+            }
+            st.dripping.fetch_sub(1, Ordering::SeqCst);
+            if cut {
+                st.drip_cut.lock().unwrap().insert(path.clone(), Instant::now());
+            }
+        }
         Mode::Slow(bps) => {
             let chunk = (bps / 10).max(1) as usize;
             for c in body.chunks(chunk) {
@@ -520,6 +558,17 @@ fn respond(
         s.write_all(body)?;
     }
     s.flush()
+}
+
+/// Waits up to `wait` for the other end to close `s` (or the connection to break); true if it
+/// did. What ncps sends on a kept-open upstream connection is only ever a new request, which
+/// a dripping answer never gets to, so readable means closed here.
+fn peer_closed(s: &TcpStream, wait: Duration) -> bool {
+    use std::os::unix::io::AsRawFd;
+    let mut p = libc::pollfd { fd: s.as_raw_fd(), events: libc::POLLRDHUP | libc::POLLIN, revents: 0 };
+    // SAFETY: one valid, initialised pollfd for the open socket `s` borrows.
+    let n = unsafe { libc::poll(&mut p, 1, wait.as_millis().min(i32::MAX as u128) as i32) };
+    n > 0 && p.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR | libc::POLLIN) != 0
 }
 
 /// Makes close() send RST instead of FIN.

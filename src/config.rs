@@ -871,6 +871,25 @@ mod tests {
         assert_eq!(c.dial_timeout, Duration::from_secs(3));
         assert_eq!(c.negative_ttl, Duration::from_secs(60));
         assert_eq!(c.log_level, log::LevelFilter::Info);
+        assert_eq!(c.upstream_deadlines, crate::upstream::Deadlines::default(), "the flags' defaults");
+    }
+
+    #[test]
+    fn upstream_deadlines_are_durations_and_a_rate_above_zero() {
+        let c = parse(
+            &[MINIMAL, &["--upstream-narinfo-timeout=5s", "--upstream-nar-timeout=2m", "--upstream-nar-min-rate=1M"]].concat(),
+            &[],
+        )
+        .unwrap();
+        let d = c.upstream_deadlines;
+        assert_eq!((d.narinfo, d.nar_base, d.nar_min_rate), (Duration::from_secs(5), Duration::from_secs(120), 1 << 20));
+        let c = parse(MINIMAL, &[("UPSTREAM_NAR_MIN_RATE", "128K")]).unwrap();
+        assert_eq!(c.upstream_deadlines.nar_min_rate, 128 << 10);
+        let flag = |extra: &str| parse(&[MINIMAL, &[extra]].concat(), &[]).unwrap_err().flag;
+        assert_eq!(flag("--upstream-nar-min-rate=0"), "upstream-nar-min-rate");
+        assert_eq!(flag("--upstream-nar-min-rate=fast"), "upstream-nar-min-rate");
+        assert_eq!(flag("--upstream-narinfo-timeout=0s"), "upstream-narinfo-timeout");
+        assert_eq!(flag("--upstream-nar-timeout=soon"), "upstream-nar-timeout");
     }
 
     #[test]

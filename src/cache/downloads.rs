@@ -323,7 +323,16 @@ impl Cache {
         started: Instant,
     ) -> Result<Answer, CacheError> {
         let limit = self.settings.max_size.unwrap_or(u64::MAX);
-        let mut temp = self.staging.temp_file()?;
+        // Held whole before it is sent (its length is unknown): with no disk to hold it, it
+        // cannot be relayed either, and the client is told why (not a 500).
+        let mut temp = match self.staging.temp_file() {
+            Ok(t) => t,
+            Err(e) if e.is_unwritable() => {
+                log::error!("nar {name}: {url}: {e}; a NAR of unknown length cannot be relayed without a disk");
+                return Ok(Answer::Unavailable { status: 503, reason: format!("the cache's disk takes no new files: {e}") });
+            }
+            Err(e) => return Err(e.into()),
+        };
         let copied = copy_hashed(&mut body.reader, limit, &mut |_, chunk| {
             self.metrics.upstream_bytes(i, chunk.len() as u64);
             temp.write_all(chunk)

@@ -149,6 +149,19 @@ fn a_symlink_in_the_local_store_is_never_followed_and_lists_as_foreign() {
     assert_eq!(store.list_narinfos("77").unwrap().strays.len(), 1);
     store.remove_stray(&listed.strays[0]).unwrap();
     assert!(std::fs::symlink_metadata(&nar).is_err(), "the link is removed");
+    // A symlinked shard directory is not followed either (where openat2 works).
+    let (m, elsewhere) = (nar_name('8'), dir.join("elsewhere/88"));
+    std::fs::create_dir_all(&elsewhere).unwrap();
+    std::fs::write(elsewhere.join(m.as_str()), b"planted").unwrap();
+    std::fs::create_dir_all(dir.join("store/nar/8")).unwrap();
+    std::os::unix::fs::symlink(&elsewhere, dir.join("store/nar/8/88")).unwrap();
+    let served = store.nar(&m).unwrap().is_some();
+    if local::OPENAT2.load(std::sync::atomic::Ordering::Relaxed) {
+        assert!(!served, "a NAR behind a symlinked shard directory was served");
+    } else {
+        eprintln!("no openat2 here: only the last component is checked for a symlink");
+    }
+    assert!(store.strays_outside_shards().unwrap().iter().any(|s| s.0.ends_with("8/88")), "and it is foreign");
     assert!(std::path::Path::new("/etc/passwd").exists(), "not what it pointed at");
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -20,6 +20,8 @@ pub struct LocalStore {
     /// `narinfo_dir`, open, so that a narinfo hit resolves 3 path components, not the whole
     /// path from `/` (the path walk was 6% of a narinfo hit's CPU under `perf`).
     narinfo_dir_fd: std::os::fd::OwnedFd,
+    /// `nar_dir`, open: NARs are opened below it, following no symlink.
+    nar_dir_fd: std::os::fd::OwnedFd,
 }
 
 /// Narinfos up to this size are read whole by a hit (one `read`, no `fstat`); larger ones are
@@ -100,15 +102,85 @@ fn remove_concurrently<T: Sync>(items: &[T], path: impl Fn(&T) -> PathBuf + Sync
     })
 }
 
+/// Whether `openat2(2)` may be tried: Linux 5.6+, and not filtered out by a seccomp profile
+/// (older container runtimes answer ENOSYS or EPERM); once it fails so, `openat` is used.
+pub(super) static OPENAT2: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+
+/// `struct open_how` of `linux/openat2.h` (libc's is `non_exhaustive`).
+#[repr(C)]
+struct OpenHow {
+    flags: u64,
+    mode: u64,
+    resolve: u64,
+}
+
+/// Opens `relative` below the directory `dir` for reading without following any symlink on
+/// the way: `openat2` with `RESOLVE_NO_SYMLINKS | RESOLVE_BENEATH` (a symlinked shard
+/// directory is refused too), else `openat` with `O_NOFOLLOW` (the last component only).
+/// A symlink met is `ELOOP` (or `EXDEV`, leaving `dir`).
+fn open_beneath(dir: &std::os::fd::OwnedFd, relative: &std::ffi::CStr) -> io::Result<File> {
+    use std::os::fd::{AsRawFd, FromRawFd};
+    use std::sync::atomic::Ordering::Relaxed;
+    let flags = libc::O_RDONLY | libc::O_CLOEXEC | libc::O_NOFOLLOW;
+    if OPENAT2.load(Relaxed) {
+        let how = OpenHow { flags: flags as u64, mode: 0, resolve: libc::RESOLVE_NO_SYMLINKS | libc::RESOLVE_BENEATH };
+        // SAFETY: `dir` is an open directory descriptor, `relative` a NUL-terminated string,
+        // and `how` a valid open_how whose size is passed with it; the call returns a new
+        // descriptor or -1.
+        let fd = unsafe {
+            libc::syscall(
+                libc::SYS_openat2,
+                dir.as_raw_fd(),
+                relative.as_ptr(),
+                &how as *const OpenHow,
+                std::mem::size_of::<OpenHow>(),
+            )
+        };
+        if fd >= 0 {
+            // SAFETY: a descriptor openat2 just returned, owned by nothing else.
+            return Ok(unsafe { File::from_raw_fd(fd as std::os::fd::RawFd) });
+        }
+        let e = io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::ENOSYS | libc::EPERM) => OPENAT2.store(false, Relaxed),
+            _ => return Err(e),
+        }
+    }
+    // SAFETY: as above, with openat.
+    let fd = unsafe { libc::openat(dir.as_raw_fd(), relative.as_ptr(), flags) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a descriptor openat just returned, owned by nothing else.
+    Ok(unsafe { File::from_raw_fd(fd) })
+}
+
+/// Whether an open failed on a symlink ([`open_beneath`]): logged, and "not there".
+fn met_symlink(e: &io::Error, full: &Path) -> bool {
+    let symlink = matches!(e.raw_os_error(), Some(libc::ELOOP | libc::EXDEV));
+    if symlink {
+        log::warn!("{}: a symlink, not a stored file; not served (the store check removes it)", full.display());
+    }
+    symlink
+}
+
+/// The path of a blob below its kind's directory: `c1/c1c2/name`.
+fn sharded_relative(name: &str) -> Option<std::ffi::CString> {
+    let c1 = name.get(..1).unwrap_or("_");
+    let c2 = name.get(..2).unwrap_or("__");
+    std::ffi::CString::new(format!("{c1}/{c2}/{name}")).ok()
+}
+
 /// Opens a file for serving; `None` if it does not exist. A file standing where one of its
 /// directories belongs, or a directory where it belongs (a damaged store), also means "not
 /// there": the request becomes a miss, served from upstream, rather than an error for every
-/// client. So does a symlink (opened with `O_NOFOLLOW`): ncps never makes one, and following
-/// it would serve whatever it points at (`/etc/passwd` as a NAR); the store check removes it.
-fn open_existing(path: &Path) -> Result<Option<(File, u64)>, StorageError> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let err = |e| StorageError::io("opening", path.to_path_buf(), e);
-    match fs::OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC).open(path) {
+/// client. So does a symlink, which is never followed ([`open_beneath`]): ncps never makes
+/// one, and following it would serve whatever it points at (`/etc/passwd` as a NAR); the
+/// store check removes it.
+fn open_existing(dir: &std::os::fd::OwnedFd, name: &str, full: &Path) -> Result<Option<(File, u64)>, StorageError> {
+    let err = |e| StorageError::io("opening", full.to_path_buf(), e);
+    let Some(relative) = sharded_relative(name) else { return Ok(None) };
+    match open_beneath(dir, &relative) {
         Ok(f) => {
             let meta = f.metadata().map_err(err)?;
             // A directory where the file belongs opens too, but is not a blob.
@@ -118,10 +190,7 @@ fn open_existing(path: &Path) -> Result<Option<(File, u64)>, StorageError> {
             Ok(Some((f, meta.len())))
         }
         Err(e) if matches!(e.kind(), io::ErrorKind::NotFound | io::ErrorKind::NotADirectory) => Ok(None),
-        Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
-            log::warn!("{}: a symlink, not a stored file; not served (the store check removes it)", path.display());
-            Ok(None)
-        }
+        Err(e) if met_symlink(&e, full) => Ok(None),
         Err(e) => Err(err(e)),
     }
 }
@@ -139,28 +208,14 @@ fn open_dir(dir: &Path) -> Result<std::os::fd::OwnedFd, StorageError> {
 /// Reads a narinfo below `dir`: `None` if it is not there (or a directory stands in its place).
 fn read_small(dir: &std::os::fd::OwnedFd, relative: &str, full: &Path) -> Result<Option<Blob>, StorageError> {
     use std::io::Read;
-    use std::os::fd::{AsRawFd, FromRawFd};
     let err = |e| StorageError::io("reading", full.to_path_buf(), e);
     let Ok(c_path) = std::ffi::CString::new(relative) else { return Ok(None) };
-    // SAFETY: `dir` is an open directory descriptor for the duration of the call and `c_path`
-    // a NUL-terminated string; openat returns a new descriptor or -1.
-    let fd = unsafe {
-        libc::openat(dir.as_raw_fd(), c_path.as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC | libc::O_NOFOLLOW)
+    let mut file = match open_beneath(dir, &c_path) {
+        Ok(f) => f,
+        Err(e) if matches!(e.kind(), io::ErrorKind::NotFound | io::ErrorKind::NotADirectory) => return Ok(None),
+        Err(e) if met_symlink(&e, full) => return Ok(None),
+        Err(e) => return Err(err(e)),
     };
-    if fd < 0 {
-        let e = io::Error::last_os_error();
-        return match e.kind() {
-            io::ErrorKind::NotFound | io::ErrorKind::NotADirectory => Ok(None),
-            // A symlink (O_NOFOLLOW): never followed, as for NARs (`open_existing`).
-            _ if e.raw_os_error() == Some(libc::ELOOP) => {
-                log::warn!("{}: a symlink, not a stored file; not served (the store check removes it)", full.display());
-                Ok(None)
-            }
-            _ => Err(err(e)),
-        };
-    }
-    // SAFETY: `fd` was just returned by openat and is owned by nothing else.
-    let mut file = unsafe { File::from_raw_fd(fd) };
     let mut buf = vec![0u8; NARINFO_READ_MAX + 1];
     let n = loop {
         match file.read(&mut buf) {
@@ -213,7 +268,8 @@ impl LocalStore {
             fs::create_dir_all(dir).map_err(|e| StorageError::io("creating", dir.clone(), e))?;
         }
         let narinfo_dir_fd = open_dir(&narinfo_dir)?;
-        Ok(LocalStore { nar_dir, narinfo_dir, root, narinfo_dir_fd })
+        let nar_dir_fd = open_dir(&nar_dir)?;
+        Ok(LocalStore { nar_dir, narinfo_dir, root, narinfo_dir_fd, nar_dir_fd })
     }
 
     fn nar_path(&self, name: &NarName) -> PathBuf {
@@ -288,7 +344,8 @@ impl BlobStore for LocalStore {
     }
 
     fn nar(&self, name: &NarName) -> Result<Option<Blob>, StorageError> {
-        Ok(open_existing(&self.nar_path(name))?.map(|(file, len)| Blob::File { file, len }))
+        let found = open_existing(&self.nar_dir_fd, name.as_str(), &self.nar_path(name))?;
+        Ok(found.map(|(file, len)| Blob::File { file, len }))
     }
 
     fn nar_len(&self, name: &NarName) -> Result<Option<u64>, StorageError> {

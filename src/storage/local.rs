@@ -322,6 +322,7 @@ impl LocalStore {
                 continue;
             }
             if !meta.is_file() {
+                log::warn!("{}: a symlink or special file, not one ncps wrote: foreign", path.display());
                 strays.push(Stray(path));
                 continue;
             }

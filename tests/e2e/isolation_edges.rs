@@ -291,6 +291,7 @@ fn a_stored_nar_replaced_by_a_symlink_is_never_served_and_the_store_check_remove
     eprintln!("fsck with a symlinked NAR:\n{report}");
     assert!(!out.status.success(), "fsck finds a problem");
     assert!(report.contains(lib_file.file_name().unwrap().to_str().unwrap()), "{report}");
+    assert!(report.contains("a symlink or special file, not one ncps wrote: foreign"), "{report}");
     let offset = ncps.log_len();
     ncps.restart();
     ncps.wait_for_log(offset, "start-up check: done", Duration::from_secs(10));

@@ -28,7 +28,8 @@ impl Cache {
         if !trust::upload_matches_name(name, &got) {
             return Err(UploadError::NameMismatch { got });
         }
-        if self.index.nar(name)?.is_some_and(|r| r.stored && r.file_hash == got && r.file_size == written) {
+        let indexed = self.index.nar(name)?.is_some_and(|r| r.stored && r.file_hash == got && r.file_size == written);
+        if indexed && self.blobs.nar_len(name)?.is_some() {
             // The same bytes are here already (a name is a content hash): nothing to replace.
             return Ok(());
         }
@@ -38,7 +39,9 @@ impl Cache {
         if !self.index.put_nar(&record)? {
             return Err(UploadError::Internal(super::CacheError::NameTaken(name.clone())));
         }
-        let previous = self.blobs.nar_len(name)?;
+        // What is counted already: the file there, or one the index counts whose file was
+        // deleted behind ncps's back (counted once, not twice, when it comes back).
+        let previous = self.blobs.nar_len(name)?.or(indexed.then_some(written));
         self.blobs.put_nar(name, temp, &got)?;
         self.index.set_nar_stored(name, true)?;
         self.space.add(written, previous.unwrap_or(0));

@@ -320,3 +320,31 @@ fn a_nar_deleted_behind_ncps_back_and_fetched_again_is_counted_once() {
         assert_eq!(size(), before, "counted once after re-fetch {round}");
     }
 }
+
+#[test]
+fn a_nar_deleted_behind_ncps_back_and_uploaded_again_is_stored_again_and_counted_once() {
+    let Some(fx) = fixture_or_skip() else { return };
+    let up = Upstream::for_cache(fx, Compression::Xz);
+    let ncps = Ncps::for_upstreams_with(
+        &[up.url()],
+        &[&fx.up1_public_key],
+        &["--prometheus-enabled", "--cache-allow-put-verb", "--cache-write-token", WRITE_TOKEN],
+    );
+    let (nar, _) = ncps_nar_path(&ncps, &fx.top);
+    let bytes = ncps.get(&nar).body;
+    let file = ncps.wait_for_stored_nars(1).remove(0);
+    let size = || metric(&metrics(&ncps), "ncps_store_total_size_bytes").unwrap_or(-1.0);
+    let before = size();
+    std::fs::remove_file(&file).unwrap();
+    let mut req = format!(
+        "PUT {nar} HTTP/1.1\r\nHost: ncps-e2e\r\nAuthorization: Bearer {WRITE_TOKEN}\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n",
+        bytes.len()
+    )
+    .into_bytes();
+    req.extend_from_slice(&bytes);
+    let r = raw_request(ncps.addr, &req, Duration::from_secs(10)).unwrap();
+    assert!(r.status / 100 == 2, "PUT answered {}: {}", r.status, r.text());
+    assert!(file.is_file(), "the upload brings the missing file back (the index said it was there)");
+    assert_eq!(size(), before, "and it is counted once");
+}

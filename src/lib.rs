@@ -12,6 +12,7 @@ pub mod config_file;
 pub mod cron;
 pub mod duration;
 pub mod fsck;
+pub mod history;
 pub mod http;
 pub mod index;
 pub mod logging;

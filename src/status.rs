@@ -495,7 +495,7 @@ fn ago(secs: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::metrics::{Kind, Metrics, Outcome};
+    use crate::metrics::{Kind, Metrics, MissState, Outcome};
     use std::time::Duration;
 
     const KEY: &str = "cache.lan-1:Yh0kVb6Kd8mEo1yq7tKQ0gN3wYwZ0n9r2GvT6d0Xq1s=";
@@ -506,8 +506,8 @@ mod tests {
         m.served(Kind::Narinfo, Outcome::Miss, 200, 1000);
         m.upstream_request(1, Kind::Narinfo, Duration::from_millis(5), false);
         m.upstream_error_detail(1, "<img src=x onerror=alert(1)> \"quoted\" \\ back");
-        m.recent_miss("<script>alert('miss')</script>");
-        m.recent_miss("abc\"def\u{2028}");
+        m.recent_miss("<script>alert('miss')</script>", MissState::NotFound);
+        m.recent_miss("abc\"def\u{2028}", MissState::Unavailable);
         m.snapshot()
     }
 

@@ -214,8 +214,24 @@ impl Upstreams {
         upstream: &UpstreamConfig,
         hash: &StorePathHash,
     ) -> Result<Option<Vec<u8>>, UpstreamError> {
-        let url = format!("{}/{hash}.narinfo", upstream.url);
-        let resp = self.get(&url, &[])?;
+        self.narinfo_timed(upstream, hash).0
+    }
+
+    /// As [`Upstreams::narinfo`], and how long the upstream took to send its response head
+    /// (`None` if it sent none): its latency, apart from the body.
+    pub fn narinfo_timed(
+        &self,
+        upstream: &UpstreamConfig,
+        hash: &StorePathHash,
+    ) -> (Result<Option<Vec<u8>>, UpstreamError>, Option<std::time::Duration>) {
+        let started = std::time::Instant::now();
+        let resp = self.get(&format!("{}/{hash}.narinfo", upstream.url), &[]);
+        let head = resp.as_ref().ok().map(|_| started.elapsed());
+        (resp.and_then(Self::narinfo_body), head)
+    }
+
+    /// The body of a narinfo answer, `None` for a clean "not here".
+    fn narinfo_body(resp: ureq::http::Response<ureq::Body>) -> Result<Option<Vec<u8>>, UpstreamError> {
         match resp.status().as_u16() {
             200 => {}
             403 | 404 | 410 => return Ok(None),

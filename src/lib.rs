@@ -23,6 +23,7 @@ pub mod routes;
 pub mod serve;
 pub mod status;
 pub mod storage;
+pub mod template;
 pub mod tz;
 pub mod upstream;
 pub mod url;

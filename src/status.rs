@@ -681,6 +681,51 @@ mod tests {
     }
 
     #[test]
+    fn an_empty_history_renders_flat_charts_and_every_placeholder_is_filled() {
+        crate::template::take_missing();
+        for (i, snap) in [Snapshot::default(), Metrics::new(&[]).snapshot(), hostile_snapshot()].iter().enumerate() {
+            let html = render_html(&input(snap, &StoreStats::default(), None));
+            assert_eq!(html.matches("<svg ").count(), 3, "{html}");
+            assert!(!html.contains("{{"));
+            if i < 2 {
+                assert!(!html.contains("class=\"ratio\"") && !html.contains("class=\"p50\""), "no bars without traffic");
+                assert!(html.contains("no requests") && html.contains("no traffic"));
+            }
+            check_json(&render_json(&input(snap, &StoreStats::default(), None)));
+        }
+        assert_eq!(crate::template::take_missing(), Vec::<String>::new());
+    }
+
+    #[test]
+    fn history_is_drawn_as_bars_and_misses_by_store_path_name() {
+        let m = Metrics::new(&["http://user:pw@up.lan:8080".into()]);
+        m.served(Kind::Nar, Outcome::Hit, 200, 1 << 25);
+        m.served(Kind::Nar, Outcome::Miss, 200, 1 << 26);
+        m.upstream_bytes(0, 1 << 26);
+        m.upstream_request(0, Kind::Nar, Duration::from_millis(500), true);
+        m.narinfo_lookup(0, Duration::from_millis(3));
+        m.narinfo_lookup(0, Duration::from_millis(30));
+        let nar = "0kznl4zwfh8brk40bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb.nar.xz";
+        m.narinfo_fetched(0, "/nix/store/0mdqa9w1p6cmli6976v4wi0sw9r4p5pr-fixture-big", nar, Some(1 << 26), Duration::from_millis(3));
+        m.nar_fetched(nar, Some(0), 1 << 26, Duration::from_millis(597), true);
+        m.narinfo_fetched(0, "/nix/store/1b9p07z77phvv2hf6gm9f28syp39f1ag-<img src=x onerror=alert(1)>", "n.nar", None, Duration::ZERO);
+        let snap = m.snapshot();
+        let html = render_html(&input(&snap, &StoreStats::default(), None));
+        for class in ["traffic", "ratio", "cache", "fetched", "p95", "p50"] {
+            assert!(html.contains(&format!("<path class=\"{class}\" d=\"M287 ")), "{class} bar in the newest column: {html}");
+        }
+        assert!(html.contains("<span class=\"hash\">0mdqa9w1…</span><span class=\"name\">-fixture-big</span>"), "{html}");
+        assert!(html.contains("<td class=\"num\">64 MiB</td><td class=\"num\">600 ms</td><td class=\"mono\">http://up.lan:8080</td>"), "{html}");
+        assert!(html.contains("-&lt;img src=x onerror=alert(1)&gt;") && !html.contains("<img"), "a store path name is text");
+        assert!(html.contains("128 MiB/s"), "throughput: 64 MiB in 0.5 s: {html}");
+        assert!(html.contains("50%"));
+        let json = render_json(&input(&snap, &StoreStats::default(), None));
+        assert!(json.contains(r#""what":"0mdqa9w1p6cmli6976v4wi0sw9r4p5pr-fixture-big","state":"fetched","sizeBytes":67108864,"tookMs":600,"upstream":"http://up.lan:8080""#), "{json}");
+        assert!(json.contains(r#""throughputBytesPerSecond":134217728"#) && json.contains(r#""lookups":2,"#), "{json}");
+        check_json(&json);
+    }
+
+    #[test]
     fn nix_conf_uses_the_host_header() {
         let snap = Snapshot::default();
         let store = StoreStats::default();

@@ -78,12 +78,27 @@ pub fn render(template: &'static str, vars: &[(&str, Value)]) -> Html {
         match vars.iter().find(|(n, _)| *n == name).map(|(_, v)| v) {
             Some(Value::Text(t)) => escape_into(&mut out, t),
             Some(Value::Html(h)) => out.push_str(&h.0),
-            None => {}
+            None => {
+                #[cfg(test)]
+                MISSING.with(|m| m.borrow_mut().push(name.to_string()));
+            }
         }
         rest = &after[end + 2..];
     }
     out.push_str(rest);
     Html(out)
+}
+
+#[cfg(test)]
+thread_local! {
+    /// Placeholders rendered without a value on this thread, for tests to check.
+    static MISSING: std::cell::RefCell<Vec<String>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// The placeholders this thread rendered without a value since the last call (tests only).
+#[cfg(test)]
+pub fn take_missing() -> Vec<String> {
+    MISSING.with(|m| std::mem::take(&mut *m.borrow_mut()))
 }
 
 /// The placeholder names in `template`, in order.
@@ -141,7 +156,9 @@ mod tests {
 
     #[test]
     fn missing_names_render_empty_and_a_lone_brace_pair_is_kept() {
+        take_missing();
         assert_eq!(render("a{{nope}}b", &[]).as_str(), "ab");
+        assert_eq!(take_missing(), vec!["nope"]);
         assert_eq!(render("a{{open", &[]).as_str(), "a{{open");
         assert_eq!(render("}} {", &[]).as_str(), "}} {");
         assert_eq!(placeholders("x{{ a }}y{{b}}{{c"), vec!["a", "b"]);

@@ -40,8 +40,8 @@ pub fn latency_bound_ms(k: usize) -> f64 {
 
 /// The bucket a lookup of `ms` milliseconds is counted in.
 fn latency_index(ms: f64) -> usize {
-    if !(ms > FIRST_BOUND_MS) {
-        // Includes NaN: a clock that went wrong counts as fast, not as a panic.
+    if ms.is_nan() || ms <= FIRST_BOUND_MS {
+        // A clock that went wrong counts as fast, not as a panic.
         return 0;
     }
     let k = ((ms / FIRST_BOUND_MS).log2() * PER_DOUBLING).ceil() as usize;
@@ -177,7 +177,7 @@ impl Totals {
 /// Finds (claiming and zeroing if needed) the slot for `minute` in a ring of stamped slots.
 /// `None` if a writer with a later clock already took it (the sample is then dropped rather
 /// than counted in the wrong day).
-fn claim<'a, T>(slots: &'a [T], stamp: impl Fn(&T) -> &AtomicU64, clear: impl Fn(&T), minute: u64) -> Option<&'a T> {
+fn claim<T>(slots: &[T], stamp: impl Fn(&T) -> &AtomicU64, clear: impl Fn(&T), minute: u64) -> Option<&T> {
     let len = slots.len() as u64;
     let slot = &slots[(minute % len) as usize];
     let want = minute + 1;

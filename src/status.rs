@@ -527,10 +527,10 @@ pub fn render_json(s: &StatusInput) -> String {
     for c in &snap.history {
         day.add(c);
     }
-    let _ = write!(
+    let _ = writeln!(
         j,
         "],\"last24Hours\":{{\"hits\":{},\"misses\":{},\"hitRatio\":{},\"bytesServedFromCache\":{},\"bytesFetched\":{},\
-         \"lookups\":{},\"latencyP50Ms\":{},\"latencyP95Ms\":{}}}}}\n",
+         \"lookups\":{},\"latencyP50Ms\":{},\"latencyP95Ms\":{}}}}}",
         day.hits,
         day.misses,
         json_num(day.hit_ratio()),

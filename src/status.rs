@@ -203,17 +203,26 @@ fn card(title: &str, big: String, sub: &[String], fill: Option<f64>) -> Html {
 /// Height of a chart in SVG units (its width is one unit per column).
 const CHART_HEIGHT: f64 = 64.0;
 
-/// One `<path>` of bars: `(column, bottom, height)` each, `height` negative to draw upwards.
-fn bars(class: &str, columns: impl Iterator<Item = (usize, f64, f64)>) -> Html {
-    let mut d = String::new();
-    for (x, base, h) in columns {
-        if h.is_finite() && h.abs() >= 0.05 {
-            let _ = write!(d, "M{x} {base:.1}v{h:.1}h1v{:.1}z", -h);
+/// One `<path>` for a series: a step outline, one unit per column, of `offsets` (the bar of
+/// each column, from `base`: negative draws upwards, 0 or `None` nothing). Steps only where
+/// the height changes, so a full day of one series is a few KB and the page stays well under
+/// 64 KiB whatever the traffic.
+fn bars(class: &str, base: f64, offsets: impl Iterator<Item = Option<f64>>) -> Html {
+    let mut d = format!("M0 {base:.1}");
+    let (mut prev, mut any, mut n) = (0.0, false, 0);
+    for (x, off) in offsets.enumerate() {
+        let off = off.filter(|o| o.is_finite() && o.abs() >= 0.05).unwrap_or(0.0);
+        if (off - prev).abs() >= 0.05 {
+            let _ = write!(d, "H{x}V{:.1}", base + off);
+            prev = off;
+            any |= off != 0.0;
         }
+        n = x + 1;
     }
-    if d.is_empty() {
+    if !any {
         return Html::default();
     }
+    let _ = write!(d, "H{n}V{base:.1}Z");
     template::render(PATH, &[("class", class.into()), ("d", d.into())])
 }
 
@@ -256,8 +265,8 @@ fn charts(snap: &Snapshot) -> Html {
     let h = CHART_HEIGHT;
 
     // Hit ratio: a grey bar for every column with traffic, the ratio over it.
-    let traffic = bars("traffic", cols.iter().enumerate().filter(|(_, c)| c.hit_ratio().is_some()).map(|(i, _)| (i, h, -h)));
-    let ratio = bars("ratio", cols.iter().enumerate().filter_map(|(i, c)| c.hit_ratio().map(|r| (i, h, -r * h))));
+    let traffic = bars("traffic", h, cols.iter().map(|c| c.hit_ratio().map(|_| -h)));
+    let ratio = bars("ratio", h, cols.iter().map(|c| c.hit_ratio().map(|r| -r * h)));
     let hits = chart(
         Chart {
             title: "Hit ratio",
@@ -279,8 +288,8 @@ fn charts(snap: &Snapshot) -> Html {
     let max = cols.iter().map(|c| c.bytes_cache.max(c.bytes_fetched)).max().unwrap_or(0);
     let half = h / 2.0;
     let scaled = |b: u64| if max == 0 { 0.0 } else { b as f64 / max as f64 * half };
-    let cache = bars("cache", cols.iter().enumerate().map(|(i, c)| (i, half, -scaled(c.bytes_cache))));
-    let fetched = bars("fetched", cols.iter().enumerate().map(|(i, c)| (i, half, scaled(c.bytes_fetched))));
+    let cache = bars("cache", half, cols.iter().map(|c| Some(-scaled(c.bytes_cache))));
+    let fetched = bars("fetched", half, cols.iter().map(|c| Some(scaled(c.bytes_fetched))));
     let traffic = chart(
         Chart {
             title: "Bytes",
@@ -305,8 +314,8 @@ fn charts(snap: &Snapshot) -> Html {
         cols.iter().map(|c| (c.latency.quantile_ms(0.5), c.latency.quantile_ms(0.95))).collect();
     let top = quantiles.iter().filter_map(|q| q.1).fold(0.0, f64::max);
     let y = |ms: f64| if top > 0.0 { -ms / top * h } else { 0.0 };
-    let p95 = bars("p95", quantiles.iter().enumerate().filter_map(|(i, q)| q.1.map(|v| (i, h, y(v)))));
-    let p50 = bars("p50", quantiles.iter().enumerate().filter_map(|(i, q)| q.0.map(|v| (i, h, y(v)))));
+    let p95 = bars("p95", h, quantiles.iter().map(|q| q.1.map(y)));
+    let p50 = bars("p50", h, quantiles.iter().map(|q| q.0.map(y)));
     let figure = match (day.latency.quantile_ms(0.5), day.latency.quantile_ms(0.95)) {
         (Some(a), Some(b)) => format!("p50 {} · p95 {}", millis(a), millis(b)),
         _ => "no lookups".to_string(),
@@ -712,7 +721,8 @@ mod tests {
         let snap = m.snapshot();
         let html = render_html(&input(&snap, &StoreStats::default(), None));
         for class in ["traffic", "ratio", "cache", "fetched", "p95", "p50"] {
-            assert!(html.contains(&format!("<path class=\"{class}\" d=\"M287 ")), "{class} bar in the newest column: {html}");
+            let d = html.split(&format!("<path class=\"{class}\" d=\"M0 ")).nth(1).unwrap_or_else(|| panic!("{class}: {html}"));
+            assert!(d.split('"').next().unwrap().starts_with("32.0H287V") || d.starts_with("64.0H287V"), "{class} bar in the newest column only: {d}");
         }
         assert!(html.contains("<span class=\"hash\">0mdqa9w1…</span><span class=\"name\">-fixture-big</span>"), "{html}");
         assert!(html.contains("<td class=\"num\">64 MiB</td><td class=\"num\">600 ms</td><td class=\"mono\">http://up.lan:8080</td>"), "{html}");
@@ -723,6 +733,28 @@ mod tests {
         assert!(json.contains(r#""what":"0mdqa9w1p6cmli6976v4wi0sw9r4p5pr-fixture-big","state":"fetched","sizeBytes":67108864,"tookMs":600,"upstream":"http://up.lan:8080""#), "{json}");
         assert!(json.contains(r#""throughputBytesPerSecond":134217728"#) && json.contains(r#""lookups":2,"#), "{json}");
         check_json(&json);
+    }
+
+    #[test]
+    fn a_full_day_of_traffic_keeps_the_page_under_64_kib() {
+        // Every column busy, every bar drawn, 20 misses with the longest names kept.
+        let h = crate::history::History::new();
+        for minute in 0..crate::history::MINUTES as u64 {
+            h.served(minute, minute % 3 != 0, 123_456_789);
+            h.fetched(minute, 98_765_432);
+            h.lookup(minute, (minute % 700) as f64 + 0.3);
+            h.lookup(minute, 9_000.0);
+        }
+        let m = Metrics::new(&["http://a.example".into(), "http://b.example".into()]);
+        for i in 0..40 {
+            m.narinfo_fetched(0, &format!("/nix/store/{i:0>32}-{}", "n".repeat(180)), "x.nar", Some(1 << 30), Duration::from_secs(3));
+        }
+        let mut snap = m.snapshot();
+        snap.history = h.columns(crate::history::MINUTES as u64 - 1, crate::metrics::HISTORY_COLUMNS);
+        let html = render_html(&input(&snap, &StoreStats::default(), None));
+        assert_eq!(html.matches("<path class=\"ratio\"").count(), 1, "one path per series");
+        assert!(html.len() < 64 * 1024, "{} bytes", html.len());
+        eprintln!("a full day: {} bytes", html.len());
     }
 
     #[test]

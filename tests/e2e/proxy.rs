@@ -941,9 +941,11 @@ fn after_nix_copy_the_status_page_lists_each_miss_by_store_path_name_with_size_a
     }
     assert!(misses.contains(&format!("<td class=\"mono\">{upstream}</td>")), "{misses}");
     assert!(!misses.contains("/nar/") && !misses.contains(".nar.xz"), "no bare NAR names: {misses}");
-    // The charts have this minute's traffic: fetched bytes, and the lookups' latency.
+    // The charts have this minute's traffic (the newest of 288 columns, from x = 287):
+    // fetched bytes, and the lookups' latency.
     for class in ["fetched", "p50", "p95"] {
-        assert!(page.contains(&format!("<path class=\"{class}\" d=\"M287 ")), "{class} bar for this minute");
+        let d = page.split(&format!("<path class=\"{class}\" d=\"M0 ")).nth(1).unwrap_or("");
+        assert!(d.split('"').next().unwrap_or("").contains("H287V"), "{class} bar in the newest column: {d:.200}");
     }
     // The upstream's latency is its narinfo lookups' time to the response head (loopback:
     // milliseconds), not the time of whole downloads.

@@ -550,15 +550,18 @@ impl Metrics {
         let nar = clean(nar, MAX_MISS_LEN);
         let mut misses = lock(&self.recent_misses);
         let pending = misses.pending.iter().rposition(|p| p.nar == nar).and_then(|i| misses.pending.remove(i));
-        misses.shown.retain(|e| e.nar.as_deref() != Some(nar.as_str()));
+        // One row per NAR: this download replaces its narinfo's row, an earlier download of
+        // the same NAR, and the request's own row if it was answered before this ended.
+        let path = format!("/nar/{nar}");
+        misses.shown.retain(|e| e.nar.as_deref() != Some(nar.as_str()) && e.what != path);
         let (what, took) = match pending {
             Some(p) => (p.store_path, p.took + took),
-            None => (format!("nar/{nar}"), took),
+            None => (path, took),
         };
         let entry = MissEntry {
             at: Instant::now(),
             what,
-            nar: None,
+            nar: Some(nar),
             size: Some(bytes),
             took: Some(took),
             upstream,
@@ -600,6 +603,13 @@ impl Metrics {
     /// Remembers a request no upstream served, for the status page (the last
     /// [`RECENT_MISSES`] misses are kept).
     pub fn recent_miss(&self, what: &str, state: MissState) {
+        let mut misses = lock(&self.recent_misses);
+        // A NAR whose download failed is listed already, under its store path's name.
+        if let Some(nar) = what.strip_prefix("/nar/") {
+            if misses.shown.iter().any(|e| e.state == MissState::Failed && e.nar.as_deref() == Some(nar)) {
+                return;
+            }
+        }
         let entry = MissEntry {
             at: Instant::now(),
             what: clean(what, MAX_MISS_LEN),
@@ -609,7 +619,7 @@ impl Metrics {
             upstream: None,
             state,
         };
-        lock(&self.recent_misses).push(entry);
+        misses.push(entry);
     }
 
     /// Minutes since start, the clock of [`History`].
@@ -1219,7 +1229,16 @@ mod tests {
         // A NAR no narinfo fetched here points at keeps its own name.
         m.nar_fetched("zzz.nar", None, 10, Duration::from_millis(1), false);
         let r = &m.snapshot().recent_misses[0];
-        assert_eq!((r.what.as_str(), r.state, r.upstream.as_deref()), ("nar/zzz.nar", MissState::Failed, None));
+        assert_eq!((r.what.as_str(), r.state, r.upstream.as_deref()), ("/nar/zzz.nar", MissState::Failed, None));
+        // A failed download is one row, whether the request's answer is recorded before the
+        // download's end or after it.
+        let rows = |what: &str| m.snapshot().recent_misses.iter().filter(|r| r.what == what).count();
+        m.recent_miss("/nar/zzz.nar", MissState::Unavailable);
+        assert_eq!(rows("/nar/zzz.nar"), 1);
+        m.recent_miss("/nar/yyy.nar", MissState::Unavailable);
+        m.nar_fetched("yyy.nar", None, 0, Duration::ZERO, false);
+        assert_eq!(rows("/nar/yyy.nar"), 1);
+        assert_eq!(m.snapshot().recent_misses[0].state, MissState::Failed);
     }
 
     #[test]

@@ -276,7 +276,7 @@ fn charts(snap: &Snapshot) -> Html {
                 count(day.hits),
                 count(day.hits + day.misses)
             ),
-            scale: "100%".to_string(),
+            scale: "scale 0–100%".to_string(),
             legend: Html::from_static("<span class=\"key-ratio\"></span>hits among hits and misses"),
             paths: Html::join([traffic, ratio]),
             axis: h - 0.5,
@@ -299,7 +299,7 @@ fn charts(snap: &Snapshot) -> Html {
                 bytes(day.bytes_cache),
                 bytes(day.bytes_fetched)
             ),
-            scale: if max == 0 { "no traffic".to_string() } else { format!("± {} per {per} min", bytes(max)) },
+            scale: if max == 0 { "no traffic".to_string() } else { format!("scale ± {} per {per} min", bytes(max)) },
             legend: Html::from_static(
                 "<span class=\"key-cache\"></span>served from cache<span class=\"key-fetched\"></span>fetched from upstreams",
             ),
@@ -328,7 +328,7 @@ fn charts(snap: &Snapshot) -> Html {
                 plural(day.latency.count(), "lookup", "lookups")
             ),
             figure,
-            scale: if top > 0.0 { millis(top) } else { "no lookups".to_string() },
+            scale: if top > 0.0 { format!("scale 0–{}", millis(top)) } else { "no lookups".to_string() },
             legend: Html::from_static(
                 "<span class=\"key-p50\"></span>p50<span class=\"key-p95\"></span>p95 of narinfo response heads",
             ),

@@ -4,7 +4,9 @@
 //! is known when ncps starts (two kinds of object, four outcomes, a fixed list of status codes,
 //! the configured upstreams), so each one is an atomic in a fixed table and recording is one
 //! `fetch_add`. Locks guard only what is written on the slow path (the list of recent misses
-//! and an upstream's last error text). The text format is simple enough to write by hand,
+//! and an upstream's last error text). The same hooks feed the last 24 hours, minute by
+//! minute, for the status page's charts ([`crate::history`], a fixed 180 KiB ring, also
+//! lock-free). The text format is simple enough to write by hand,
 //! which keeps a client library, its registry and its global state out of the dependency
 //! budget.
 //!

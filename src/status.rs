@@ -8,8 +8,11 @@
 //!
 //! Everything on it that ncps did not write itself (upstream URLs and errors, names of missed
 //! paths, the request's Host header) is escaped, and the Host header is used only if it looks
-//! like a host. Both formats are written by hand: the shapes are fixed and small, and a
-//! template engine or JSON library would be most of the code.
+//! like a host. The HTML comes from small templates in `src/status/` ([`crate::template`]:
+//! text is escaped by type, markup only comes from templates); the JSON is written by hand,
+//! its shape being fixed and small. The last 24 hours ([`crate::history`]) are three inline
+//! SVG charts of 288 five-minute columns, one step-outline `<path>` per series, so a full day
+//! of traffic keeps the page near 26 KB.
 
 use crate::history::Totals;
 use crate::metrics::{MissState, RecentMiss, Snapshot, StoreStats, UpstreamStats};

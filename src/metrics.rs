@@ -4,7 +4,9 @@
 //! is known when ncps starts (two kinds of object, four outcomes, a fixed list of status codes,
 //! the configured upstreams), so each one is an atomic in a fixed table and recording is one
 //! `fetch_add`. Locks guard only what is written on the slow path (the list of recent misses
-//! and an upstream's last error text). The text format is simple enough to write by hand,
+//! and an upstream's last error text). The same hooks feed the last 24 hours, minute by
+//! minute, for the status page's charts ([`crate::history`], a fixed 180 KiB ring, also
+//! lock-free). The text format is simple enough to write by hand,
 //! which keeps a client library, its registry and its global state out of the dependency
 //! budget.
 //!
@@ -14,6 +16,7 @@
 //! ending in `_count`, which `promtool check metrics` rejects because that suffix belongs to
 //! histograms and summaries.
 
+use crate::history::{History, LatencyRing, Percentiles};
 use std::collections::VecDeque;
 use std::fmt::{Display, Write as _};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering::Relaxed};
@@ -39,12 +42,11 @@ const BUCKETS: [f64; 13] = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 
 const CODES: [u16; 12] = [200, 206, 304, 400, 403, 404, 405, 416, 500, 502, 503, 504];
 const N_CODES: usize = CODES.len() + 1;
 
-/// Weight of the newest sample in an upstream's latency average: about the last ten requests
-/// matter, so the figure follows a change within a minute of normal use without jumping on
-/// one slow answer.
-const LATENCY_WEIGHT: f64 = 0.2;
-/// "No latency measured yet"; a NaN bit pattern arithmetic on durations never produces.
-const NO_LATENCY: u64 = u64::MAX;
+/// Narinfos fetched whose NAR has not been asked for yet, remembered so that the NAR's
+/// download can be listed under its store path's name: `nix copy` asks for every narinfo of
+/// a closure before the first NAR, so this is more than [`RECENT_MISSES`]. At most 256 ×
+/// (a store path name of at most 211 bytes + a NAR name + 40) ≈ 110 KB.
+const PENDING_NARS: usize = 256;
 
 /// Which object a request or an upstream fetch was for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -184,8 +186,10 @@ struct Upstream {
     last_ok_at: AtomicU64,
     last_failed_at: AtomicU64,
     last_result: AtomicU8,
-    /// `f64` bits of the average narinfo latency in ms, or [`NO_LATENCY`].
-    latency_ms: AtomicU64,
+    /// Narinfo lookups' time to the response head, the last hour.
+    lookups: LatencyRing,
+    /// Of `bytes`, those of narinfos (the rest are NARs, for the throughput).
+    narinfo_bytes: AtomicU64,
     last_error: Mutex<Option<String>>,
     /// Marked down by `cache::health` (skipped until a probe answers).
     down: AtomicBool,
@@ -205,14 +209,88 @@ pub struct Metrics {
     evicted_narinfos: AtomicU64,
     evicted_nars: AtomicU64,
     evicted_bytes: AtomicU64,
-    recent_misses: Mutex<VecDeque<(Instant, String)>>,
+    recent_misses: Mutex<Misses>,
+    /// The last 24 hours, minute by minute (a fixed 180 KiB ring).
+    history: History,
+}
+
+/// What became of a miss on the status page.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MissState {
+    /// The narinfo came from an upstream; its NAR was not asked for (yet).
+    Narinfo,
+    /// The NAR was downloaded and verified.
+    Fetched,
+    /// The NAR download failed.
+    Failed,
+    /// No upstream has it.
+    NotFound,
+    /// No upstream answered cleanly.
+    Unavailable,
+}
+
+impl MissState {
+    pub fn label(self) -> &'static str {
+        match self {
+            MissState::Narinfo => "narinfo",
+            MissState::Fetched => "fetched",
+            MissState::Failed => "failed",
+            MissState::NotFound => "not found",
+            MissState::Unavailable => "unavailable",
+        }
+    }
 }
 
 /// A miss as the status page lists it.
 #[derive(Clone, Debug)]
 pub struct RecentMiss {
+    /// The store path's base name (`<hash>-<name>`) when a narinfo said it, else the request path.
     pub what: String,
+    /// Bytes of the NAR (as downloaded, or as its narinfo announces).
+    pub size: Option<u64>,
+    /// Upstream time: the narinfo lookup plus the NAR download.
+    pub took_ms: Option<f64>,
+    /// The upstream that served it (without credentials).
+    pub upstream: Option<String>,
+    pub state: MissState,
     pub secs_ago: u64,
+}
+
+struct MissEntry {
+    at: Instant,
+    what: String,
+    /// The NAR's name, to find the entry again when its download ends.
+    nar: Option<String>,
+    size: Option<u64>,
+    took: Option<Duration>,
+    upstream: Option<usize>,
+    state: MissState,
+}
+
+struct Pending {
+    nar: String,
+    store_path: String,
+    took: Duration,
+}
+
+#[derive(Default)]
+struct Misses {
+    shown: VecDeque<MissEntry>,
+    pending: VecDeque<Pending>,
+}
+
+impl Misses {
+    fn push(&mut self, entry: MissEntry) {
+        if self.shown.len() >= RECENT_MISSES {
+            self.shown.pop_front();
+        }
+        self.shown.push_back(entry);
+    }
+}
+
+/// The base name of a store path (`/nix/store/<hash>-<name>` → `<hash>-<name>`).
+fn base_name(store_path: &str) -> &str {
+    store_path.rsplit('/').next().unwrap_or(store_path)
 }
 
 /// Requests for one kind of object.
@@ -253,8 +331,14 @@ pub struct UpstreamStats {
     pub last_ok_secs_ago: Option<u64>,
     pub last_error: Option<String>,
     pub last_error_secs_ago: Option<u64>,
-    /// Average narinfo request time, recent requests weighing most.
+    /// Median time to the response head of narinfo lookups, the last hour.
     pub latency_ms: Option<f64>,
+    /// 95th percentile of the same.
+    pub latency_p95_ms: Option<f64>,
+    /// Narinfo lookups answered in the last hour (the count behind the percentiles).
+    pub lookups_last_hour: u64,
+    /// NAR bytes received per second of NAR download, since start.
+    pub throughput: Option<f64>,
     /// The last request succeeded (or there was none yet), and it is not marked down.
     pub healthy: bool,
     /// Marked down: skipped until a probe of `/nix-cache-info` answers.
@@ -277,7 +361,15 @@ pub struct Snapshot {
     /// Newest first.
     pub recent_misses: Vec<RecentMiss>,
     pub uptime_secs: u64,
+    /// The last 24 hours in [`HISTORY_COLUMNS`] columns, oldest first; empty in a
+    /// `Snapshot::default()`.
+    pub history: Vec<crate::history::Totals>,
+    /// Minutes per history column.
+    pub minutes_per_column: u64,
 }
+
+/// Columns of the charts: 5 minutes each.
+pub const HISTORY_COLUMNS: usize = 288;
 
 impl Snapshot {
     /// Hits among narinfo and NAR requests together (see [`KindStats::hit_ratio`]).
@@ -328,7 +420,8 @@ impl Metrics {
                     last_ok_at: AtomicU64::new(0),
                     last_failed_at: AtomicU64::new(0),
                     last_result: AtomicU8::new(NEVER),
-                    latency_ms: AtomicU64::new(NO_LATENCY),
+                    lookups: LatencyRing::new(),
+                    narinfo_bytes: AtomicU64::new(0),
                     last_error: Mutex::new(None),
                     down: AtomicBool::new(false),
                     consecutive_failures: AtomicU64::new(0),
@@ -347,7 +440,8 @@ impl Metrics {
             evicted_narinfos: AtomicU64::new(0),
             evicted_nars: AtomicU64::new(0),
             evicted_bytes: AtomicU64::new(0),
-            recent_misses: Mutex::new(VecDeque::with_capacity(RECENT_MISSES)),
+            recent_misses: Mutex::new(Misses::default()),
+            history: History::new(),
         }
     }
 
@@ -361,6 +455,7 @@ impl Metrics {
             Outcome::NotFound | Outcome::Error => return,
         };
         self.served.bytes[kind.index()][slot].fetch_add(bytes, Relaxed);
+        self.history.served(self.minute(), slot == 0, bytes);
     }
 
     /// One request to upstream number `upstream` finished after `elapsed`. `ok` when the
@@ -373,10 +468,6 @@ impl Metrics {
         if ok {
             u.last_ok_at.store(now, Relaxed);
             u.last_result.store(LAST_OK, Relaxed);
-            // NAR times measure bandwidth and size more than the upstream's responsiveness.
-            if kind == Kind::Narinfo {
-                update_average(&u.latency_ms, elapsed.as_secs_f64() * 1000.0);
-            }
         } else {
             u.errors[kind.index()].fetch_add(1, Relaxed);
             u.last_failed_at.store(now, Relaxed);
@@ -404,11 +495,81 @@ impl Metrics {
         }
     }
 
-    /// `bytes` more received from `upstream` (may be called per chunk).
+    /// `bytes` more of a NAR received from `upstream` (may be called per chunk).
     pub fn upstream_bytes(&self, upstream: usize, bytes: u64) {
         if let Some(u) = self.upstreams.get(upstream) {
             u.bytes.fetch_add(bytes, Relaxed);
+            self.history.fetched(self.minute(), bytes);
         }
+    }
+
+    /// A narinfo of `bytes` received from `upstream`.
+    pub fn upstream_narinfo_bytes(&self, upstream: usize, bytes: u64) {
+        if let Some(u) = self.upstreams.get(upstream) {
+            u.narinfo_bytes.fetch_add(bytes, Relaxed);
+        }
+        self.upstream_bytes(upstream, bytes);
+    }
+
+    /// A narinfo lookup at `upstream` got its response head (any status) after `head`: the
+    /// upstream's latency, as the status page shows it (NAR times measure size and bandwidth
+    /// more than responsiveness).
+    pub fn narinfo_lookup(&self, upstream: usize, head: Duration) {
+        if let Some(u) = self.upstreams.get(upstream) {
+            let ms = head.as_secs_f64() * 1000.0;
+            let minute = self.minute();
+            u.lookups.observe(minute, ms);
+            self.history.lookup(minute, ms);
+        }
+    }
+
+    /// A narinfo for `store_path` came from `upstream` after `took`; its NAR, `nar`, is
+    /// `size` bytes. Listed as a recent miss until its NAR's download ends.
+    pub fn narinfo_fetched(&self, upstream: usize, store_path: &str, nar: &str, size: Option<u64>, took: Duration) {
+        let what = clean(base_name(store_path), MAX_MISS_LEN);
+        let nar = clean(nar, MAX_MISS_LEN);
+        let mut misses = lock(&self.recent_misses);
+        if misses.pending.len() >= PENDING_NARS {
+            misses.pending.pop_front();
+        }
+        misses.pending.push_back(Pending { nar: nar.clone(), store_path: what.clone(), took });
+        let entry = MissEntry {
+            at: Instant::now(),
+            what,
+            nar: Some(nar),
+            size,
+            took: Some(took),
+            upstream: Some(upstream),
+            state: MissState::Narinfo,
+        };
+        misses.push(entry);
+    }
+
+    /// The download of NAR `nar` ended after `took`, from `upstream` if known: `bytes`
+    /// received, verified if `ok`. Listed under its store path's name when its narinfo was
+    /// fetched from upstream while ncps ran, else under its own name.
+    pub fn nar_fetched(&self, nar: &str, upstream: Option<usize>, bytes: u64, took: Duration, ok: bool) {
+        let nar = clean(nar, MAX_MISS_LEN);
+        let mut misses = lock(&self.recent_misses);
+        let pending = misses.pending.iter().rposition(|p| p.nar == nar).and_then(|i| misses.pending.remove(i));
+        // One row per NAR: this download replaces its narinfo's row, an earlier download of
+        // the same NAR, and the request's own row if it was answered before this ended.
+        let path = format!("/nar/{nar}");
+        misses.shown.retain(|e| e.nar.as_deref() != Some(nar.as_str()) && e.what != path);
+        let (what, took) = match pending {
+            Some(p) => (p.store_path, p.took + took),
+            None => (path, took),
+        };
+        let entry = MissEntry {
+            at: Instant::now(),
+            what,
+            nar: Some(nar),
+            size: Some(bytes),
+            took: Some(took),
+            upstream,
+            state: if ok { MissState::Fetched } else { MissState::Failed },
+        };
+        misses.push(entry);
     }
 
     /// The index of the upstream an absolute URL belongs to (NAR URLs come from narinfos,
@@ -441,14 +602,31 @@ impl Metrics {
         self.evicted_bytes.fetch_add(bytes, Relaxed);
     }
 
-    /// Remembers a miss for the status page (the last [`RECENT_MISSES`] are kept).
-    pub fn recent_miss(&self, what: &str) {
-        let entry = (Instant::now(), clean(what, MAX_MISS_LEN));
+    /// Remembers a request no upstream served, for the status page (the last
+    /// [`RECENT_MISSES`] misses are kept).
+    pub fn recent_miss(&self, what: &str, state: MissState) {
         let mut misses = lock(&self.recent_misses);
-        if misses.len() >= RECENT_MISSES {
-            misses.pop_front();
+        // A NAR whose download failed is listed already, under its store path's name.
+        if let Some(nar) = what.strip_prefix("/nar/") {
+            if misses.shown.iter().any(|e| e.state == MissState::Failed && e.nar.as_deref() == Some(nar)) {
+                return;
+            }
         }
-        misses.push_back(entry);
+        let entry = MissEntry {
+            at: Instant::now(),
+            what: clean(what, MAX_MISS_LEN),
+            nar: None,
+            size: None,
+            took: None,
+            upstream: None,
+            state,
+        };
+        misses.push(entry);
+    }
+
+    /// Minutes since start, the clock of [`History`].
+    fn minute(&self) -> u64 {
+        self.started.elapsed().as_secs() / 60
     }
 
     fn now_mark(&self) -> u64 {
@@ -460,6 +638,7 @@ impl Metrics {
     }
 
     pub fn snapshot(&self) -> Snapshot {
+        let minute = self.minute();
         let kind = |k: Kind| KindStats {
             hits: self.served.total(k, Outcome::Hit),
             misses: self.served.total(k, Outcome::Miss),
@@ -473,7 +652,9 @@ impl Metrics {
             .iter()
             .map(|u| {
                 let requests = u.fetch.iter().flat_map(|h| &h.buckets).map(|b| b.load(Relaxed)).sum();
-                let latency = u.latency_ms.load(Relaxed);
+                let lookups: Percentiles = u.lookups.last_hour(minute);
+                let nar_secs = u.fetch[Kind::Nar.index()].sum_nanos.load(Relaxed) as f64 / 1e9;
+                let nar_bytes = u.bytes.load(Relaxed).saturating_sub(u.narinfo_bytes.load(Relaxed));
                 let last_failed = self.secs_since_mark(u.last_failed_at.load(Relaxed));
                 let down = u.down.load(Relaxed);
                 let probe_at = u.probe_at.load(Relaxed);
@@ -486,7 +667,10 @@ impl Metrics {
                     last_ok_secs_ago: self.secs_since_mark(u.last_ok_at.load(Relaxed)),
                     last_error: last_failed.and_then(|_| lock(&u.last_error).clone()),
                     last_error_secs_ago: last_failed,
-                    latency_ms: (latency != NO_LATENCY).then(|| f64::from_bits(latency)),
+                    latency_ms: lookups.quantile_ms(0.5),
+                    latency_p95_ms: lookups.quantile_ms(0.95),
+                    lookups_last_hour: lookups.count(),
+                    throughput: (nar_secs > 0.0 && nar_bytes > 0).then(|| nar_bytes as f64 / nar_secs),
                     healthy: u.last_result.load(Relaxed) != LAST_FAILED && !down,
                     down,
                     consecutive_failures: u.consecutive_failures.load(Relaxed),
@@ -496,9 +680,17 @@ impl Metrics {
             })
             .collect();
         let recent_misses = lock(&self.recent_misses)
+            .shown
             .iter()
             .rev()
-            .map(|(at, what)| RecentMiss { what: what.clone(), secs_ago: at.elapsed().as_secs() })
+            .map(|e| RecentMiss {
+                what: e.what.clone(),
+                size: e.size,
+                took_ms: e.took.map(|d| d.as_secs_f64() * 1000.0),
+                upstream: e.upstream.and_then(|i| self.upstreams.get(i)).map(|u| u.shown.clone()),
+                state: e.state,
+                secs_ago: e.at.elapsed().as_secs(),
+            })
             .collect();
         Snapshot {
             narinfo: kind(Kind::Narinfo),
@@ -510,6 +702,8 @@ impl Metrics {
             evicted_bytes: self.evicted_bytes.load(Relaxed),
             recent_misses,
             uptime_secs: self.started.elapsed().as_secs(),
+            history: self.history.columns(minute, HISTORY_COLUMNS),
+            minutes_per_column: (crate::history::MINUTES / HISTORY_COLUMNS) as u64,
         }
     }
 
@@ -664,18 +858,6 @@ impl Metrics {
         out.family("ncps_upstreams_healthy", "gauge", "Number of healthy upstream caches.");
         out.sample("ncps_upstreams_healthy", &[], healthy);
     }
-}
-
-/// Folds a sample into an exponentially weighted average kept as `f64` bits.
-fn update_average(cell: &AtomicU64, sample: f64) {
-    let _ = cell.fetch_update(Relaxed, Relaxed, |bits| {
-        let next = if bits == NO_LATENCY {
-            sample
-        } else {
-            f64::from_bits(bits) * (1.0 - LATENCY_WEIGHT) + sample * LATENCY_WEIGHT
-        };
-        Some(next.to_bits())
-    });
 }
 
 /// Keeps at most `max` bytes (cut at a character boundary) and no control characters.
@@ -843,6 +1025,8 @@ mod tests {
         m.served(Kind::Nar, Outcome::Miss, 299, 10);
         m.upstream_request(0, Kind::Narinfo, Duration::from_millis(40), true);
         m.upstream_request(0, Kind::Narinfo, Duration::from_millis(3), true);
+        m.narinfo_lookup(0, Duration::from_millis(40));
+        m.narinfo_lookup(0, Duration::from_millis(3));
         m.upstream_request(1, Kind::Nar, Duration::from_secs(90), false);
         m.upstream_error_detail(1, "connection refused\n<script>");
         m.upstream_request(9, Kind::Nar, Duration::from_secs(1), true);
@@ -992,9 +1176,9 @@ mod tests {
     fn snapshot_reports_health_latency_and_misses() {
         let m = busy();
         for i in 0..25 {
-            m.recent_miss(&format!("miss-{i}"));
+            m.recent_miss(&format!("miss-{i}"), MissState::NotFound);
         }
-        m.recent_miss(&"x".repeat(1000));
+        m.recent_miss(&"x".repeat(1000), MissState::Unavailable);
         m.download_started();
         m.download_finished();
         m.download_finished();
@@ -1009,14 +1193,85 @@ mod tests {
         assert_eq!(s.bytes_fetched(), 4096);
         let up = &s.upstreams[0];
         assert!(up.healthy && up.last_error.is_none() && up.last_ok_secs_ago == Some(0));
-        // 40 then 3: the newer sample weighs 0.2.
-        assert!((up.latency_ms.unwrap() - (40.0 * 0.8 + 3.0 * 0.2)).abs() < 0.5);
+        // Lookups of 40 and 3 ms: the median is the fast one, p95 the slow one (each
+        // within its histogram bucket's factor of 1.59).
+        let (p50, p95) = (up.latency_ms.unwrap(), up.latency_p95_ms.unwrap());
+        assert!(p50 > 3.0 / 1.6 && p50 < 3.0 * 1.6, "{p50}");
+        assert!(p95 > 40.0 / 1.6 && p95 < 40.0 * 1.6, "{p95}");
+        assert_eq!(up.lookups_last_hour, 2);
+        assert_eq!(up.throughput, None, "no NAR fetched from it");
         let bad = &s.upstreams[1];
         assert!(!bad.healthy);
         assert_eq!(bad.url, "http://mirror.lan:8080/nix");
         assert_eq!(bad.last_error.as_deref(), Some("connection refused <script>"));
         assert_eq!(s.upstreams[2].label, "cache.nixos.org#2");
         assert!(s.upstreams[2].healthy && s.upstreams[2].latency_ms.is_none());
+    }
+
+    #[test]
+    fn a_nar_download_is_listed_under_its_store_path_name_with_size_time_and_upstream() {
+        let m = Metrics::new(&["http://user:pw@up.lan:8080".into()]);
+        let nar = "0kznl4zwfh8brk40bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb.nar.xz";
+        m.narinfo_fetched(0, "/nix/store/abcdabcdabcdabcdabcdabcdabcdabcd-fixture-big", nar, Some(1 << 26), Duration::from_millis(4));
+        let s = m.snapshot();
+        assert_eq!(s.recent_misses.len(), 1);
+        let r = &s.recent_misses[0];
+        assert_eq!((r.what.as_str(), r.state, r.size), ("abcdabcdabcdabcdabcdabcdabcdabcd-fixture-big", MissState::Narinfo, Some(1 << 26)));
+        assert_eq!(r.upstream.as_deref(), Some("http://up.lan:8080"), "shown without credentials");
+        // Other misses come between the narinfo and its NAR, as in `nix copy`.
+        for i in 0..30 {
+            m.narinfo_fetched(0, &format!("/nix/store/{i:032}-other"), &format!("{i}.nar"), None, Duration::ZERO);
+        }
+        m.nar_fetched(nar, Some(0), 1 << 26, Duration::from_millis(996), true);
+        let s = m.snapshot();
+        let r = &s.recent_misses[0];
+        assert_eq!((r.what.as_str(), r.state, r.size), ("abcdabcdabcdabcdabcdabcdabcdabcd-fixture-big", MissState::Fetched, Some(1 << 26)));
+        assert!((r.took_ms.unwrap() - 1000.0).abs() < 1e-6, "narinfo lookup plus NAR download");
+        assert_eq!(s.recent_misses.iter().filter(|r| r.what.ends_with("fixture-big")).count(), 1);
+        // A NAR no narinfo fetched here points at keeps its own name.
+        m.nar_fetched("zzz.nar", None, 10, Duration::from_millis(1), false);
+        let r = &m.snapshot().recent_misses[0];
+        assert_eq!((r.what.as_str(), r.state, r.upstream.as_deref()), ("/nar/zzz.nar", MissState::Failed, None));
+        // A failed download is one row, whether the request's answer is recorded before the
+        // download's end or after it.
+        let rows = |what: &str| m.snapshot().recent_misses.iter().filter(|r| r.what == what).count();
+        m.recent_miss("/nar/zzz.nar", MissState::Unavailable);
+        assert_eq!(rows("/nar/zzz.nar"), 1);
+        m.recent_miss("/nar/yyy.nar", MissState::Unavailable);
+        m.nar_fetched("yyy.nar", None, 0, Duration::ZERO, false);
+        assert_eq!(rows("/nar/yyy.nar"), 1);
+        assert_eq!(m.snapshot().recent_misses[0].state, MissState::Failed);
+    }
+
+    #[test]
+    fn throughput_is_nar_bytes_over_nar_time_and_narinfos_do_not_count() {
+        let m = Metrics::new(&["http://a".into()]);
+        m.upstream_narinfo_bytes(0, 1000);
+        m.upstream_request(0, Kind::Narinfo, Duration::from_secs(5), true);
+        m.upstream_bytes(0, 8 << 20);
+        m.upstream_request(0, Kind::Nar, Duration::from_secs(2), true);
+        let u = &m.snapshot().upstreams[0];
+        assert_eq!(u.bytes_fetched, (8 << 20) + 1000);
+        assert!((u.throughput.unwrap() - (4 << 20) as f64).abs() < 1.0, "{:?}", u.throughput);
+        assert_eq!(u.latency_ms, None, "latency comes from response heads, not whole requests");
+    }
+
+    #[test]
+    fn the_history_records_what_metrics_count() {
+        let m = Metrics::new(&["http://a".into()]);
+        m.served(Kind::Nar, Outcome::Hit, 200, 700);
+        m.served(Kind::Narinfo, Outcome::Miss, 200, 50);
+        m.served(Kind::Narinfo, Outcome::NotFound, 404, 0);
+        m.upstream_narinfo_bytes(0, 50);
+        m.upstream_bytes(0, 300);
+        m.narinfo_lookup(0, Duration::from_millis(7));
+        let s = m.snapshot();
+        assert_eq!(s.history.len(), HISTORY_COLUMNS);
+        assert_eq!(s.minutes_per_column, 5);
+        let now = s.history.last().unwrap();
+        assert_eq!((now.hits, now.misses, now.bytes_cache, now.bytes_fetched), (1, 1, 700, 350));
+        assert_eq!(now.latency.count(), 1);
+        assert!(s.history[..HISTORY_COLUMNS - 1].iter().all(crate::history::Totals::is_idle));
     }
 
     #[test]

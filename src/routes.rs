@@ -6,7 +6,7 @@
 
 use crate::auth::{authorizes, Secret};
 use crate::cache::{Answer, Cache};
-use crate::metrics::{Kind, Outcome};
+use crate::metrics::{Kind, MissState, Outcome};
 use crate::status;
 use crate::http::{Body, Handler, Method, Request, Response};
 use crate::nix::{Hash, NarName, StorePathHash};
@@ -338,8 +338,11 @@ impl Routes {
             let bytes = if req.method == Method::Head { 0 } else { resp.body.len() };
             metrics.served(kind, outcome, resp.status, bytes);
         }
-        if matches!(outcome, Outcome::Miss | Outcome::NotFound) || upstreams_failed {
-            metrics.recent_miss(req.path());
+        // Misses an upstream served are listed by the cache, under their store path's name.
+        if outcome == Outcome::NotFound {
+            metrics.recent_miss(req.path(), MissState::NotFound);
+        } else if upstreams_failed {
+            metrics.recent_miss(req.path(), MissState::Unavailable);
         }
         resp
     }

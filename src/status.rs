@@ -8,10 +8,15 @@
 //!
 //! Everything on it that ncps did not write itself (upstream URLs and errors, names of missed
 //! paths, the request's Host header) is escaped, and the Host header is used only if it looks
-//! like a host. Both formats are written by hand: the shapes are fixed and small, and a
-//! template engine or JSON library would be most of the code.
+//! like a host. The HTML comes from small templates in `src/status/` ([`crate::template`]:
+//! text is escaped by type, markup only comes from templates); the JSON is written by hand,
+//! its shape being fixed and small. The last 24 hours ([`crate::history`]) are three inline
+//! SVG charts of 288 five-minute columns, one step-outline `<path>` per series, so a full day
+//! of traffic keeps the page near 26 KB.
 
-use crate::metrics::{Snapshot, StoreStats, UpstreamStats};
+use crate::history::Totals;
+use crate::metrics::{MissState, RecentMiss, Snapshot, StoreStats, UpstreamStats};
+use crate::template::{self, Html};
 use std::fmt::Write as _;
 
 /// The `Content-Security-Policy` to send with [`render_html`]: the page needs inline styles
@@ -69,14 +74,6 @@ fn nix_conf(s: &StatusInput) -> String {
 /// The HTML status page.
 pub fn render_html(s: &StatusInput) -> String {
     let snap = s.snapshot;
-    let mut h = String::with_capacity(16 * 1024);
-    let host = esc(s.hostname);
-    let _ = write!(
-        h,
-        "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">\
-         <meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\
-         <title>ncps · {host}</title><style>{CSS}</style></head><body><main>\n"
-    );
     let failing = snap.upstreams.iter().filter(|u| !u.healthy).count();
     let (pill, health) = match (failing, snap.upstreams.len()) {
         (_, 0) => ("idle", "no upstreams".to_string()),
@@ -84,53 +81,62 @@ pub fn render_html(s: &StatusInput) -> String {
         (0, _) => ("ok", "all upstreams healthy".to_string()),
         (f, n) => ("bad", format!("{f} of {n} upstreams failing")),
     };
-    let _ = writeln!(
-        h,
-        "<header><h1>ncps <span class=\"host\">{host}</span></h1>\
-         <p class=\"meta\"><span class=\"pill {pill}\">{health}</span> up {}</p></header>",
-        duration(snap.uptime_secs)
+    let page = template::render(
+        PAGE,
+        &[
+            ("host", s.hostname.into()),
+            ("css", Html::from_static(CSS).into()),
+            ("pill", pill.into()),
+            ("health", health.into()),
+            ("uptime", duration(snap.uptime_secs).into()),
+            ("cards", cards(s).into()),
+            ("charts", charts(snap).into()),
+            ("nix_conf", nix_conf(s).into()),
+            ("upstreams", upstreams(snap).into()),
+            ("misses", misses(snap).into()),
+            ("url", substituter_url(s).into()),
+        ],
     );
+    page.into_string()
+}
 
-    // The headline figures.
-    h.push_str("<section class=\"grid\">\n");
+const PAGE: &str = include_str!("status/page.html");
+const CSS: &str = include_str!("status/page.css");
+const CARD: &str = include_str!("status/card.html");
+const BAR: &str = include_str!("status/bar.html");
+const CHART: &str = include_str!("status/chart.html");
+const PATH: &str = include_str!("status/path.html");
+const UPSTREAMS: &str = include_str!("status/upstreams.html");
+const UPSTREAM_ROW: &str = include_str!("status/upstream_row.html");
+const NOTE: &str = include_str!("status/note.html");
+const MISSES: &str = include_str!("status/misses.html");
+const MISS_ROW: &str = include_str!("status/miss_row.html");
+const EMPTY: &str = include_str!("status/empty.html");
+
+/// `<br>` between two lines of a card's small print.
+fn lines(parts: &[String]) -> Html {
+    Html::join(parts.iter().enumerate().map(|(i, p)| {
+        let text = template::render("{{t}}", &[("t", p.as_str().into())]);
+        if i == 0 {
+            text
+        } else {
+            Html::join([Html::from_static("<br>"), text])
+        }
+    }))
+}
+
+fn note(class: &'static str, text: String) -> Html {
+    template::render(NOTE, &[("class", class.into()), ("text", text.into())])
+}
+
+fn empty(text: &str) -> Html {
+    template::render(EMPTY, &[("text", text.into())])
+}
+
+fn cards(s: &StatusInput) -> Html {
+    let snap = s.snapshot;
     let ratio = snap.hit_ratio().map_or_else(|| "–".to_string(), percent);
     let per_kind = |k: &crate::metrics::KindStats| k.hit_ratio().map_or_else(|| "–".to_string(), percent);
-    card(
-        &mut h,
-        "Hit ratio",
-        &ratio,
-        &format!(
-            "{} · {}<br>narinfo {} · NAR {}",
-            plural(snap.narinfo.hits + snap.nar.hits, "hit", "hits"),
-            plural(snap.narinfo.misses + snap.nar.misses, "miss", "misses"),
-            per_kind(&snap.narinfo),
-            per_kind(&snap.nar),
-        ),
-        None,
-    );
-    let fetched = snap.bytes_fetched();
-    card(
-        &mut h,
-        "Served from cache",
-        &bytes(snap.bytes_from_cache()),
-        &format!(
-            "upstream traffic saved<br>{} served while fetching",
-            bytes(snap.narinfo.bytes_miss + snap.nar.bytes_miss)
-        ),
-        None,
-    );
-    card(
-        &mut h,
-        "Fetched from upstreams",
-        &bytes(fetched),
-        &format!(
-            "{} in progress<br>{} · {}",
-            plural(snap.downloads_in_flight, "download", "downloads"),
-            plural(snap.narinfo.not_found + snap.nar.not_found, "path found nowhere", "paths found nowhere"),
-            plural(snap.narinfo.errors + snap.nar.errors, "error", "errors"),
-        ),
-        None,
-    );
     let st = s.store;
     let (limit, fill) = match st.max_size {
         Some(max) if max > 0 => {
@@ -139,163 +145,308 @@ pub fn render_html(s: &StatusInput) -> String {
         }
         _ => ("no size limit".to_string(), None),
     };
-    card(
-        &mut h,
-        "Store",
-        &bytes(st.size_bytes),
-        &format!(
-            "{limit}<br>{} · {}{}",
-            plural(st.nar_count, "NAR", "NARs"),
-            plural(st.narinfo_count, "narinfo", "narinfos"),
-            evictions(snap)
+    let mut store_lines = vec![
+        limit,
+        format!("{} · {}", plural(st.nar_count, "NAR", "NARs"), plural(st.narinfo_count, "narinfo", "narinfos")),
+    ];
+    if snap.evicted_nars > 0 {
+        store_lines.push(format!("evicted {} ({})", plural(snap.evicted_nars, "NAR", "NARs"), bytes(snap.evicted_bytes)));
+    }
+    Html::join([
+        card(
+            "Hit ratio",
+            ratio,
+            &[
+                format!(
+                    "{} · {}",
+                    plural(snap.narinfo.hits + snap.nar.hits, "hit", "hits"),
+                    plural(snap.narinfo.misses + snap.nar.misses, "miss", "misses")
+                ),
+                format!("narinfo {} · NAR {}", per_kind(&snap.narinfo), per_kind(&snap.nar)),
+            ],
+            None,
         ),
-        fill,
-    );
-    h.push_str("</section>\n");
+        card(
+            "Served from cache",
+            bytes(snap.bytes_from_cache()),
+            &[
+                "upstream traffic saved".to_string(),
+                format!("{} served while fetching", bytes(snap.narinfo.bytes_miss + snap.nar.bytes_miss)),
+            ],
+            None,
+        ),
+        card(
+            "Fetched from upstreams",
+            bytes(snap.bytes_fetched()),
+            &[
+                format!("{} in progress", plural(snap.downloads_in_flight, "download", "downloads")),
+                format!(
+                    "{} · {}",
+                    plural(snap.narinfo.not_found + snap.nar.not_found, "path found nowhere", "paths found nowhere"),
+                    plural(snap.narinfo.errors + snap.nar.errors, "error", "errors"),
+                ),
+            ],
+            None,
+        ),
+        card("Store", bytes(st.size_bytes), &store_lines, fill),
+    ])
+}
 
-    // How to use it.
-    let _ = writeln!(
-        h,
-        "<section class=\"card\"><h2>Use this cache</h2>\
-         <p class=\"sub\">Add to <code>/etc/nix/nix.conf</code> (or <code>nix.settings</code> on NixOS):</p>\
-         <pre>{}</pre>\
-         <p class=\"sub\">To add this cache to the ones you already use, write <code>extra-substituters</code> \
-         and <code>extra-trusted-public-keys</code> instead. The key alone: <code>/pubkey</code>.</p></section>",
-        esc(&nix_conf(s)),
+fn card(title: &str, big: String, sub: &[String], fill: Option<f64>) -> Html {
+    let bar = fill.map_or_else(Html::default, |f| {
+        let width = format!("{:.1}", (f * 100.0).clamp(0.0, 100.0));
+        template::render(BAR, &[("class", if f >= 0.95 { " full" } else { "" }.into()), ("width", width.into())])
+    });
+    template::render(
+        CARD,
+        &[("title", title.into()), ("big", big.into()), ("bar", bar.into()), ("sub", lines(sub).into())],
+    )
+}
+
+/// Height of a chart in SVG units (its width is one unit per column).
+const CHART_HEIGHT: f64 = 64.0;
+
+/// One `<path>` for a series: a step outline, one unit per column, of `offsets` (the bar of
+/// each column, from `base`: negative draws upwards, 0 or `None` nothing). Steps only where
+/// the height changes, so a full day of one series is a few KB and the page stays well under
+/// 64 KiB whatever the traffic.
+fn bars(class: &str, base: f64, offsets: impl Iterator<Item = Option<f64>>) -> Html {
+    let mut d = format!("M0 {base:.1}");
+    let (mut prev, mut any, mut n) = (0.0, false, 0);
+    for (x, off) in offsets.enumerate() {
+        let off = off.filter(|o| o.is_finite() && o.abs() >= 0.05).unwrap_or(0.0);
+        if (off - prev).abs() >= 0.05 {
+            let _ = write!(d, "H{x}V{:.1}", base + off);
+            prev = off;
+            any |= off != 0.0;
+        }
+        n = x + 1;
+    }
+    if !any {
+        return Html::default();
+    }
+    let _ = write!(d, "H{n}V{base:.1}Z");
+    template::render(PATH, &[("class", class.into()), ("d", d.into())])
+}
+
+struct Chart<'a> {
+    title: &'a str,
+    figure: String,
+    label: String,
+    scale: String,
+    legend: Html,
+    paths: Html,
+    axis: f64,
+}
+
+fn chart(c: Chart, columns: usize) -> Html {
+    template::render(
+        CHART,
+        &[
+            ("title", c.title.into()),
+            ("figure", c.figure.into()),
+            ("label", c.label.into()),
+            ("width", columns.max(1).to_string().into()),
+            ("height", format!("{CHART_HEIGHT}").into()),
+            ("axis", format!("{:.1}", c.axis).into()),
+            ("paths", c.paths.into()),
+            ("scale", c.scale.into()),
+            ("legend", c.legend.into()),
+        ],
+    )
+}
+
+/// The three charts of the last 24 hours, from [`Snapshot::history`] (empty: flat charts).
+fn charts(snap: &Snapshot) -> Html {
+    let cols = &snap.history;
+    let n = cols.len().max(crate::metrics::HISTORY_COLUMNS);
+    let mut day = Totals::default();
+    for c in cols {
+        day.add(c);
+    }
+    let per = snap.minutes_per_column.max(1);
+    let h = CHART_HEIGHT;
+
+    // Hit ratio: a grey bar for every column with traffic, the ratio over it.
+    let traffic = bars("traffic", h, cols.iter().map(|c| c.hit_ratio().map(|_| -h)));
+    let ratio = bars("ratio", h, cols.iter().map(|c| c.hit_ratio().map(|r| -r * h)));
+    let hits = chart(
+        Chart {
+            title: "Hit ratio",
+            figure: day.hit_ratio().map_or_else(|| "no requests".to_string(), percent),
+            label: format!(
+                "Hit ratio per {per} minutes over the last 24 hours: {} of {} requests answered from the store",
+                count(day.hits),
+                count(day.hits + day.misses)
+            ),
+            scale: "scale 0–100%".to_string(),
+            legend: Html::from_static("<span class=\"key-ratio\"></span>hits among hits and misses"),
+            paths: Html::join([traffic, ratio]),
+            axis: h - 0.5,
+        },
+        n,
     );
 
-    // Upstreams.
-    h.push_str("<section class=\"card\"><h2>Upstreams</h2>");
+    // Bytes: served from the store upwards, fetched from upstreams downwards, one scale.
+    let max = cols.iter().map(|c| c.bytes_cache.max(c.bytes_fetched)).max().unwrap_or(0);
+    let half = h / 2.0;
+    let scaled = |b: u64| if max == 0 { 0.0 } else { b as f64 / max as f64 * half };
+    let cache = bars("cache", half, cols.iter().map(|c| Some(-scaled(c.bytes_cache))));
+    let fetched = bars("fetched", half, cols.iter().map(|c| Some(scaled(c.bytes_fetched))));
+    let traffic = chart(
+        Chart {
+            title: "Bytes",
+            figure: format!("{} from cache · {} fetched", bytes(day.bytes_cache), bytes(day.bytes_fetched)),
+            label: format!(
+                "Bytes per {per} minutes over the last 24 hours: {} served from the store (up), {} fetched from upstreams (down)",
+                bytes(day.bytes_cache),
+                bytes(day.bytes_fetched)
+            ),
+            scale: if max == 0 { "no traffic".to_string() } else { format!("scale ± {} per {per} min", bytes(max)) },
+            legend: Html::from_static(
+                "<span class=\"key-cache\"></span>served from cache<span class=\"key-fetched\"></span>fetched from upstreams",
+            ),
+            paths: Html::join([cache, fetched]),
+            axis: half,
+        },
+        n,
+    );
+
+    // Upstream latency: p95 behind p50, on the scale of the highest p95.
+    let quantiles: Vec<(Option<f64>, Option<f64>)> =
+        cols.iter().map(|c| (c.latency.quantile_ms(0.5), c.latency.quantile_ms(0.95))).collect();
+    let top = quantiles.iter().filter_map(|q| q.1).fold(0.0, f64::max);
+    let y = |ms: f64| if top > 0.0 { -ms / top * h } else { 0.0 };
+    let p95 = bars("p95", h, quantiles.iter().map(|q| q.1.map(y)));
+    let p50 = bars("p50", h, quantiles.iter().map(|q| q.0.map(y)));
+    let figure = match (day.latency.quantile_ms(0.5), day.latency.quantile_ms(0.95)) {
+        (Some(a), Some(b)) => format!("p50 {} · p95 {}", millis(a), millis(b)),
+        _ => "no lookups".to_string(),
+    };
+    let latency = chart(
+        Chart {
+            title: "Upstream latency",
+            label: format!(
+                "Time to the response head of upstream narinfo lookups per {per} minutes over the last 24 hours ({}): {figure}",
+                plural(day.latency.count(), "lookup", "lookups")
+            ),
+            figure,
+            scale: if top > 0.0 { format!("scale 0–{}", millis(top)) } else { "no lookups".to_string() },
+            legend: Html::from_static(
+                "<span class=\"key-p50\"></span>p50<span class=\"key-p95\"></span>p95 of narinfo response heads",
+            ),
+            paths: Html::join([p95, p50]),
+            axis: h - 0.5,
+        },
+        n,
+    );
+    Html::join([hits, traffic, latency])
+}
+
+fn upstreams(snap: &Snapshot) -> Html {
     if snap.upstreams.is_empty() {
-        h.push_str("<p class=\"sub\">No upstream caches configured.</p>");
-    } else {
-        h.push_str(
-            "<table><thead><tr><th>Upstream</th><th>Health</th><th class=\"num\">Latency</th>\
-             <th class=\"num\">Requests</th><th class=\"num\">Errors</th><th class=\"num\">Fetched</th>\
-             <th>Last success</th></tr></thead><tbody>",
-        );
-        for u in &snap.upstreams {
-            upstream_row(&mut h, u);
-        }
-        h.push_str("</tbody></table>");
+        return empty("No upstream caches configured.");
     }
-    h.push_str("</section>\n");
-
-    // Recent misses.
-    h.push_str("<section class=\"card\"><h2>Recent misses</h2>");
-    if snap.recent_misses.is_empty() {
-        h.push_str("<p class=\"sub\">None since ncps started.</p>");
-    } else {
-        h.push_str("<table class=\"misses\"><tbody>");
-        for m in &snap.recent_misses {
-            let _ = write!(
-                h,
-                "<tr><td class=\"mono\">{}</td><td class=\"num when\">{}</td></tr>",
-                esc(&m.what),
-                ago(m.secs_ago)
-            );
-        }
-        h.push_str("</tbody></table>");
-    }
-    h.push_str("</section>\n");
-
-    let _ = write!(
-        h,
-        "<footer>The same figures as JSON: <code>curl {}/</code></footer>\n</main></body></html>\n",
-        esc(&substituter_url(s)),
-    );
-    h
+    let rows = Html::join(snap.upstreams.iter().map(upstream_row));
+    template::render(UPSTREAMS, &[("rows", rows.into())])
 }
 
-fn evictions(snap: &Snapshot) -> String {
-    if snap.evicted_nars == 0 {
-        return String::new();
-    }
-    format!("<br>evicted {} ({})", plural(snap.evicted_nars, "NAR", "NARs"), bytes(snap.evicted_bytes))
-}
-
-fn card(h: &mut String, title: &str, big: &str, sub: &str, fill: Option<f64>) {
-    // `title`, `big` and `sub` are ncps's own text (numbers and fixed words), not input.
-    let _ = write!(h, "<div class=\"card\"><h2>{title}</h2><div class=\"big\">{big}</div>");
-    if let Some(f) = fill {
-        let width = (f * 100.0).clamp(0.0, 100.0);
-        let class = if f >= 0.95 { " full" } else { "" };
-        let _ = write!(h, "<div class=\"bar{class}\"><span style=\"width:{width:.1}%\"></span></div>");
-    }
-    let _ = writeln!(h, "<p class=\"sub\">{sub}</p></div>");
-}
-
-fn upstream_row(h: &mut String, u: &UpstreamStats) {
+fn upstream_row(u: &UpstreamStats) -> Html {
     let (dot, word) = match (u.down, u.healthy, u.requests) {
         (true, _, _) => ("bad", "down"),
         (_, false, _) => ("bad", "failing"),
         (_, true, 0) => ("idle", "no requests yet"),
         (_, true, _) => ("ok", "healthy"),
     };
-    let mut health = format!("<span class=\"dot {dot}\"></span>{word}");
+    let mut notes = Vec::new();
     if u.down {
         let next = u.next_probe_secs.map_or_else(String::new, |s| format!("; next try in {s} s"));
-        let _ = write!(health, "<div class=\"err\">skipped: {} failures in a row{next}</div>", u.consecutive_failures);
+        notes.push(note("err", format!("skipped: {} failures in a row{next}", u.consecutive_failures)));
     } else if u.consecutive_failures > 0 {
-        let _ = write!(health, "<div class=\"note\">{} failures in a row</div>", u.consecutive_failures);
+        notes.push(note("note", format!("{} failures in a row", u.consecutive_failures)));
     }
     if let (Some(e), Some(t)) = (&u.last_error, u.last_error_secs_ago) {
         // An old error on a healthy upstream is history, not a warning.
-        let class = if u.healthy { "note" } else { "err" };
-        let _ = write!(health, "<div class=\"{class}\">{}: {}</div>", ago(t), esc(e));
+        notes.push(note(if u.healthy { "note" } else { "err" }, format!("{}: {e}", ago(t))));
     }
-    let latency = u.latency_ms.map_or_else(|| "–".to_string(), |ms| format!("{ms:.0} ms"));
-    let last_ok = u.last_ok_secs_ago.map_or_else(|| "never".to_string(), ago);
-    let _ = write!(
-        h,
-        "<tr><td class=\"mono\">{}</td><td>{health}</td><td class=\"num\">{latency}</td>\
-         <td class=\"num\">{}</td><td class=\"num\">{}</td><td class=\"num\">{}</td><td>{last_ok}</td></tr>",
-        esc(&u.url),
-        count(u.requests),
-        count(u.errors),
-        bytes(u.bytes_fetched),
-    );
+    let latency = match (u.latency_ms, u.latency_p95_ms) {
+        (Some(a), Some(b)) => format!("{} / {}", millis(a), millis(b)),
+        _ => "–".to_string(),
+    };
+    let lookups = if u.lookups_last_hour == 0 {
+        "no lookups in the last hour".to_string()
+    } else {
+        plural(u.lookups_last_hour, "lookup", "lookups")
+    };
+    template::render(
+        UPSTREAM_ROW,
+        &[
+            ("url", u.url.as_str().into()),
+            ("dot", dot.into()),
+            ("word", word.into()),
+            ("notes", Html::join(notes).into()),
+            ("latency", latency.into()),
+            ("lookups", lookups.into()),
+            ("throughput", u.throughput.map_or_else(|| "–".to_string(), |b| format!("{}/s", bytes(b as u64))).into()),
+            ("requests", count(u.requests).into()),
+            ("errors", count(u.errors).into()),
+            ("fetched", bytes(u.bytes_fetched).into()),
+            ("last_ok", u.last_ok_secs_ago.map_or_else(|| "never".to_string(), ago).into()),
+        ],
+    )
 }
 
-const CSS: &str = "\
-:root{--bg:#f4f5f7;--card:#fff;--fg:#1b2230;--muted:#6b7280;--line:#e3e6ea;--ok:#16a34a;--bad:#dc2626;--accent:#2563eb;--code:#f7f8fa}\
-@media (prefers-color-scheme:dark){:root{--bg:#0f1216;--card:#171b21;--fg:#e5e7eb;--muted:#9aa3af;--line:#2a3039;--code:#11151a;--accent:#3b82f6}}\
-*{box-sizing:border-box}\
-body{margin:0;background:var(--bg);color:var(--fg);font:15px/1.45 system-ui,-apple-system,'Segoe UI',Roboto,'DejaVu Sans',sans-serif}\
-main{max-width:1120px;margin:0 auto;padding:26px 24px 36px}\
-header{display:flex;flex-wrap:wrap;align-items:baseline;justify-content:space-between;gap:4px 16px;margin-bottom:18px}\
-h1{font-size:22px;margin:0;font-weight:650}\
-h1 .host{color:var(--muted);font-weight:400;margin-left:4px}\
-.meta{margin:0;color:var(--muted)}\
-.pill{display:inline-block;font-size:13px;font-weight:600;padding:2px 10px;border-radius:999px;margin-right:10px}\
-.pill.ok{background:#dcfce7;color:#166534}.pill.bad{background:#fee2e2;color:#991b1b}.pill.idle{background:var(--line);color:var(--muted)}\
-h2{font-size:12px;text-transform:uppercase;letter-spacing:.07em;color:var(--muted);margin:0 0 10px;font-weight:600}\
-.grid{display:grid;grid-template-columns:repeat(auto-fit,minmax(230px,1fr));gap:14px;margin-bottom:14px}\
-.card{background:var(--card);border:1px solid var(--line);border-radius:10px;padding:16px 18px;margin-bottom:14px}\
-.grid .card{margin:0}\
-.big{font-size:30px;font-weight:650;line-height:1.15;font-variant-numeric:tabular-nums}\
-.sub{color:var(--muted);font-size:13px;margin:8px 0 0}\
-.bar{height:8px;background:var(--line);border-radius:4px;overflow:hidden;margin-top:10px}\
-.bar>span{display:block;height:100%;background:var(--accent)}\
-.bar.full>span{background:var(--bad)}\
-pre{background:var(--code);border:1px solid var(--line);border-radius:8px;padding:12px 14px;margin:10px 0 0;overflow-x:auto;\
-font:14px/1.6 ui-monospace,SFMono-Regular,Menlo,Consolas,'DejaVu Sans Mono',monospace;user-select:all}\
-code,.mono{font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,'DejaVu Sans Mono',monospace;font-size:13px}\
-.key{word-break:break-all;color:var(--fg)}\
-table{width:100%;border-collapse:collapse;font-size:14px}\
-th{text-align:left;font-weight:600;color:var(--muted);font-size:12px;border-bottom:1px solid var(--line);padding:6px 10px 8px}\
-td{border-bottom:1px solid var(--line);padding:9px 10px;vertical-align:top}\
-tr:last-child td{border-bottom:0}\
-th:first-child,td:first-child{padding-left:0}\
-.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}\
-.mono{word-break:break-all}\
-.when{color:var(--muted);width:9em}\
-.dot{display:inline-block;width:9px;height:9px;border-radius:50%;margin-right:7px;vertical-align:baseline}\
-.dot.ok{background:var(--ok)}.dot.bad{background:var(--bad)}.dot.idle{background:var(--muted)}\
-.err{color:var(--bad);font-size:13px;margin-top:3px}\
-.note{color:var(--muted);font-size:13px;margin-top:3px}\
-footer{color:var(--muted);font-size:13px;margin-top:4px}\
-";
+fn misses(snap: &Snapshot) -> Html {
+    if snap.recent_misses.is_empty() {
+        return empty("None since ncps started.");
+    }
+    let rows = Html::join(snap.recent_misses.iter().map(miss_row));
+    template::render(MISSES, &[("rows", rows.into())])
+}
+
+/// A store path base name, `<32 nix32 characters>-<name>`, split into its hash and its name.
+fn split_store_name(what: &str) -> Option<(&str, &str)> {
+    let (hash, name) = what.split_at_checked(32)?;
+    (hash.bytes().all(crate::nix::nix32::is_nix32_char) && name.starts_with('-') && name.len() > 1).then_some((hash, name))
+}
+
+fn miss_row(m: &RecentMiss) -> Html {
+    // The name says what it is; the start of the hash is enough to tell two versions apart.
+    let (hash, name) = match split_store_name(&m.what) {
+        Some((hash, name)) => (format!("{}…", &hash[..8]), name),
+        None => (String::new(), m.what.as_str()),
+    };
+    let note_text = match m.state {
+        MissState::Fetched => None,
+        MissState::Narinfo => Some(("note", "narinfo fetched; its NAR not asked for yet")),
+        MissState::Failed => Some(("err", "NAR download failed")),
+        MissState::NotFound => Some(("note", "found on no upstream")),
+        MissState::Unavailable => Some(("err", "no upstream answered")),
+    };
+    let took = m.took_ms.map_or_else(|| "–".to_string(), millis);
+    template::render(
+        MISS_ROW,
+        &[
+            ("full", m.what.as_str().into()),
+            ("hash", hash.into()),
+            ("name", name.into()),
+            ("note", note_text.map_or_else(Html::default, |(c, t)| note(c, t.to_string())).into()),
+            ("size", m.size.map_or_else(|| "–".to_string(), bytes).into()),
+            ("took", took.into()),
+            ("upstream", m.upstream.as_deref().unwrap_or("–").into()),
+            ("when", ago(m.secs_ago).into()),
+        ],
+    )
+}
+
+/// `0.8 ms`, `12 ms`, `1.4 s`.
+fn millis(ms: f64) -> String {
+    match ms {
+        ms if ms < 10.0 => format!("{ms:.1} ms"),
+        ms if ms < 1000.0 => format!("{ms:.0} ms"),
+        ms => format!("{:.1} s", ms / 1000.0),
+    }
+}
 
 /// The same figures as JSON, with `hostname` and `publicKey` as Go ncps answers.
 pub fn render_json(s: &StatusInput) -> String {
@@ -349,8 +500,8 @@ pub fn render_json(s: &StatusInput) -> String {
         }
         let _ = write!(
             j,
-            "{{\"url\":{},\"healthy\":{},\"state\":\"{}\",\"consecutiveFailures\":{},\"nextProbeInSeconds\":{},\"requests\":{},\"errors\":{},\"bytesFetched\":{},\"latencyMs\":{},\
-             \"lastOkSecondsAgo\":{},\"lastError\":{},\"lastErrorSecondsAgo\":{}}}",
+            "{{\"url\":{},\"healthy\":{},\"state\":\"{}\",\"consecutiveFailures\":{},\"nextProbeInSeconds\":{},\"requests\":{},\"errors\":{},\"bytesFetched\":{},\"latencyMs\":{},\"latencyP95Ms\":{},\
+             \"lookupsLastHour\":{},\"throughputBytesPerSecond\":{},\"lastOkSecondsAgo\":{},\"lastError\":{},\"lastErrorSecondsAgo\":{}}}",
             json_str(&u.url),
             u.healthy,
             if u.down { "down" } else { "up" },
@@ -360,6 +511,9 @@ pub fn render_json(s: &StatusInput) -> String {
             u.errors,
             u.bytes_fetched,
             json_num(u.latency_ms.map(|ms| (ms * 10.0).round() / 10.0)),
+            json_num(u.latency_p95_ms.map(|ms| (ms * 10.0).round() / 10.0)),
+            u.lookups_last_hour,
+            json_num(u.throughput.map(f64::round)),
             json_opt(u.last_ok_secs_ago),
             u.last_error.as_deref().map_or_else(|| "null".to_string(), json_str),
             json_opt(u.last_error_secs_ago)
@@ -370,9 +524,34 @@ pub fn render_json(s: &StatusInput) -> String {
         if i > 0 {
             j.push(',');
         }
-        let _ = write!(j, "{{\"what\":{},\"secondsAgo\":{}}}", json_str(&m.what), m.secs_ago);
+        let _ = write!(
+            j,
+            "{{\"what\":{},\"state\":{},\"sizeBytes\":{},\"tookMs\":{},\"upstream\":{},\"secondsAgo\":{}}}",
+            json_str(&m.what),
+            json_str(m.state.label()),
+            json_opt(m.size),
+            json_num(m.took_ms.map(|ms| (ms * 10.0).round() / 10.0)),
+            m.upstream.as_deref().map_or_else(|| "null".to_string(), json_str),
+            m.secs_ago
+        );
     }
-    j.push_str("]}\n");
+    let mut day = Totals::default();
+    for c in &snap.history {
+        day.add(c);
+    }
+    let _ = writeln!(
+        j,
+        "],\"last24Hours\":{{\"hits\":{},\"misses\":{},\"hitRatio\":{},\"bytesServedFromCache\":{},\"bytesFetched\":{},\
+         \"lookups\":{},\"latencyP50Ms\":{},\"latencyP95Ms\":{}}}}}",
+        day.hits,
+        day.misses,
+        json_num(day.hit_ratio()),
+        day.bytes_cache,
+        day.bytes_fetched,
+        day.latency.count(),
+        json_num(day.latency.quantile_ms(0.5).map(|ms| (ms * 10.0).round() / 10.0)),
+        json_num(day.latency.quantile_ms(0.95).map(|ms| (ms * 10.0).round() / 10.0)),
+    );
     j
 }
 
@@ -408,22 +587,6 @@ fn json_num(v: Option<f64>) -> String {
 
 fn json_opt(v: Option<u64>) -> String {
     v.map_or_else(|| "null".to_string(), |v| v.to_string())
-}
-
-/// Escapes text for HTML element content and quoted attribute values.
-fn esc(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for c in s.chars() {
-        match c {
-            '&' => out.push_str("&amp;"),
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            '"' => out.push_str("&quot;"),
-            '\'' => out.push_str("&#39;"),
-            c => out.push(c),
-        }
-    }
-    out
 }
 
 fn percent(f: f64) -> String {
@@ -495,7 +658,7 @@ fn ago(secs: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::metrics::{Kind, Metrics, Outcome};
+    use crate::metrics::{Kind, Metrics, MissState, Outcome};
     use std::time::Duration;
 
     const KEY: &str = "cache.lan-1:Yh0kVb6Kd8mEo1yq7tKQ0gN3wYwZ0n9r2GvT6d0Xq1s=";
@@ -506,8 +669,8 @@ mod tests {
         m.served(Kind::Narinfo, Outcome::Miss, 200, 1000);
         m.upstream_request(1, Kind::Narinfo, Duration::from_millis(5), false);
         m.upstream_error_detail(1, "<img src=x onerror=alert(1)> \"quoted\" \\ back");
-        m.recent_miss("<script>alert('miss')</script>");
-        m.recent_miss("abc\"def\u{2028}");
+        m.recent_miss("<script>alert('miss')</script>", MissState::NotFound);
+        m.recent_miss("abc\"def\u{2028}", MissState::Unavailable);
         m.snapshot()
     }
 
@@ -527,6 +690,74 @@ mod tests {
         assert!(html.contains("substituters = http://cache.lan\n"), "{html}");
         assert!(html.contains(&format!("trusted-public-keys = {KEY}")));
         assert!(!html.to_ascii_lowercase().contains("<script") && !html.contains("src=\"http"));
+    }
+
+    #[test]
+    fn an_empty_history_renders_flat_charts_and_every_placeholder_is_filled() {
+        crate::template::take_missing();
+        for (i, snap) in [Snapshot::default(), Metrics::new(&[]).snapshot(), hostile_snapshot()].iter().enumerate() {
+            let html = render_html(&input(snap, &StoreStats::default(), None));
+            assert_eq!(html.matches("<svg ").count(), 3, "{html}");
+            assert!(!html.contains("{{"));
+            if i < 2 {
+                assert!(!html.contains("class=\"ratio\"") && !html.contains("class=\"p50\""), "no bars without traffic");
+                assert!(html.contains("no requests") && html.contains("no traffic"));
+            }
+            check_json(&render_json(&input(snap, &StoreStats::default(), None)));
+        }
+        assert_eq!(crate::template::take_missing(), Vec::<String>::new());
+    }
+
+    #[test]
+    fn history_is_drawn_as_bars_and_misses_by_store_path_name() {
+        let m = Metrics::new(&["http://user:pw@up.lan:8080".into()]);
+        m.served(Kind::Nar, Outcome::Hit, 200, 1 << 25);
+        m.served(Kind::Nar, Outcome::Miss, 200, 1 << 26);
+        m.upstream_bytes(0, 1 << 26);
+        m.upstream_request(0, Kind::Nar, Duration::from_millis(500), true);
+        m.narinfo_lookup(0, Duration::from_millis(3));
+        m.narinfo_lookup(0, Duration::from_millis(30));
+        let nar = "0kznl4zwfh8brk40bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb.nar.xz";
+        m.narinfo_fetched(0, "/nix/store/0mdqa9w1p6cmli6976v4wi0sw9r4p5pr-fixture-big", nar, Some(1 << 26), Duration::from_millis(3));
+        m.nar_fetched(nar, Some(0), 1 << 26, Duration::from_millis(597), true);
+        m.narinfo_fetched(0, "/nix/store/1b9p07z77phvv2hf6gm9f28syp39f1ag-<img src=x onerror=alert(1)>", "n.nar", None, Duration::ZERO);
+        let snap = m.snapshot();
+        let html = render_html(&input(&snap, &StoreStats::default(), None));
+        for class in ["traffic", "ratio", "cache", "fetched", "p95", "p50"] {
+            let d = html.split(&format!("<path class=\"{class}\" d=\"M0 ")).nth(1).unwrap_or_else(|| panic!("{class}: {html}"));
+            assert!(d.split('"').next().unwrap().starts_with("32.0H287V") || d.starts_with("64.0H287V"), "{class} bar in the newest column only: {d}");
+        }
+        assert!(html.contains("<span class=\"hash\">0mdqa9w1…</span><span class=\"name\">-fixture-big</span>"), "{html}");
+        assert!(html.contains("<td class=\"num\">64 MiB</td><td class=\"num\">600 ms</td><td class=\"mono\">http://up.lan:8080</td>"), "{html}");
+        assert!(html.contains("-&lt;img src=x onerror=alert(1)&gt;") && !html.contains("<img"), "a store path name is text");
+        assert!(html.contains("128 MiB/s"), "throughput: 64 MiB in 0.5 s: {html}");
+        assert!(html.contains("50%"));
+        let json = render_json(&input(&snap, &StoreStats::default(), None));
+        assert!(json.contains(r#""what":"0mdqa9w1p6cmli6976v4wi0sw9r4p5pr-fixture-big","state":"fetched","sizeBytes":67108864,"tookMs":600,"upstream":"http://up.lan:8080""#), "{json}");
+        assert!(json.contains(r#""throughputBytesPerSecond":134217728"#) && json.contains(r#""lookups":2,"#), "{json}");
+        check_json(&json);
+    }
+
+    #[test]
+    fn a_full_day_of_traffic_keeps_the_page_under_64_kib() {
+        // Every column busy, every bar drawn, 20 misses with the longest names kept.
+        let h = crate::history::History::new();
+        for minute in 0..crate::history::MINUTES as u64 {
+            h.served(minute, minute % 3 != 0, 123_456_789);
+            h.fetched(minute, 98_765_432);
+            h.lookup(minute, (minute % 700) as f64 + 0.3);
+            h.lookup(minute, 9_000.0);
+        }
+        let m = Metrics::new(&["http://a.example".into(), "http://b.example".into()]);
+        for i in 0..40 {
+            m.narinfo_fetched(0, &format!("/nix/store/{i:0>32}-{}", "n".repeat(180)), "x.nar", Some(1 << 30), Duration::from_secs(3));
+        }
+        let mut snap = m.snapshot();
+        snap.history = h.columns(crate::history::MINUTES as u64 - 1, crate::metrics::HISTORY_COLUMNS);
+        let html = render_html(&input(&snap, &StoreStats::default(), None));
+        assert_eq!(html.matches("<path class=\"ratio\"").count(), 1, "one path per series");
+        assert!(html.len() < 64 * 1024, "{} bytes", html.len());
+        eprintln!("a full day: {} bytes", html.len());
     }
 
     #[test]

@@ -361,9 +361,30 @@ impl Upstreams {
         hash: &StorePathHash,
         abandoned: &dyn Fn() -> bool,
     ) -> Result<Option<Vec<u8>>, UpstreamError> {
-        let url = format!("{}/{hash}.narinfo", upstream.url);
+        self.narinfo_timed(upstream, hash, abandoned).0
+    }
+
+    /// As [`Upstreams::narinfo`], and how long the upstream took to send its response head
+    /// (`None` if it sent none): its latency, apart from the body.
+    pub fn narinfo_timed(
+        &self,
+        upstream: &UpstreamConfig,
+        hash: &StorePathHash,
+        abandoned: &dyn Fn() -> bool,
+    ) -> (Result<Option<Vec<u8>>, UpstreamError>, Option<Duration>) {
+        let started = std::time::Instant::now();
         let limit = self.deadlines.narinfo;
-        let resp = self.get(&url, &[], limit)?;
+        let resp = self.get(&format!("{}/{hash}.narinfo", upstream.url), &[], limit);
+        let head = resp.as_ref().ok().map(|_| started.elapsed());
+        (resp.and_then(|r| Self::narinfo_body(r, limit, abandoned)), head)
+    }
+
+    /// The body of a narinfo answer, `None` for a clean "not here".
+    fn narinfo_body(
+        resp: ureq::http::Response<ureq::Body>,
+        limit: Duration,
+        abandoned: &dyn Fn() -> bool,
+    ) -> Result<Option<Vec<u8>>, UpstreamError> {
         match resp.status().as_u16() {
             200 => {}
             403 | 404 | 410 => return Ok(None),

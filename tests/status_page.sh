@@ -16,6 +16,10 @@
 #    (hit ratio, bytes served and fetched, store against its 1.0 GiB limit, upstream health with
 #    the failing one's error, recent misses, the nix.conf lines). Chromium is installed with
 #    apt-get when missing and running as root.
+# 6. The last 24 hours are drawn: Chromium's DOM has the three inline <svg> charts, and (with the
+#    ncps this script starts, which fetches one path, status-check-demo, twice: a miss, then a
+#    hit) bars for the hit ratio, bytes from cache and from upstream, and lookup p50/p95; the
+#    miss is listed by its store path name with its upstream, not by its NAR's name.
 # Exits non-zero, naming each failed check, if anything is wrong.
 set -uo pipefail
 
@@ -48,8 +52,28 @@ start_ncps() {
     fi
     local up_port port
     up_port=$(free_port)
-    mkdir -p "$TMP/upstream" "$TMP/data"
+    mkdir -p "$TMP/upstream/nar" "$TMP/data"
     printf 'StoreDir: /nix/store\nWantMassQuery: 1\nPriority: 40\n' >"$TMP/upstream/nix-cache-info"
+    # One path the upstream has (unsigned: ncps runs without --upstream-public-key), 256 KiB.
+    python3 - "$TMP/upstream" "$DEMO_HASH" <<'EOF' || return 1
+import hashlib, os, sys
+def nix32(b):
+    chars = "0123456789abcdfghijklmnpqrsvwxyz"
+    out = []
+    for i in range((len(b) * 8 + 4) // 5 - 1, -1, -1):
+        j, k = divmod(i * 5, 8)
+        c = b[j] >> k | (b[j + 1] << (8 - k) if j + 1 < len(b) else 0)
+        out.append(chars[c & 31])
+    return "".join(out)
+up, h = sys.argv[1], sys.argv[2]
+nar = os.urandom(256 * 1024)
+digest = nix32(hashlib.sha256(nar).digest())
+name = digest + ".nar"
+open(os.path.join(up, "nar", name), "wb").write(nar)
+open(os.path.join(up, h + ".narinfo"), "w").write(
+    f"StorePath: /nix/store/{h}-status-check-demo\nURL: nar/{name}\nCompression: none\n"
+    f"FileHash: sha256:{digest}\nFileSize: {len(nar)}\nNarHash: sha256:{digest}\nNarSize: {len(nar)}\nReferences: \n")
+EOF
     local upstreams=(--upstream-cache http://127.0.0.1:9)
     if command -v python3 >/dev/null; then
         python3 -m http.server --bind 127.0.0.1 --directory "$TMP/upstream" "$up_port" >/dev/null 2>&1 &
@@ -75,6 +99,16 @@ start_ncps() {
     for h in 0mdqa9w1p6cmli6976v4wi0sw9r4p5pr 1b9p07z77phvv2hf6gm9f28syp39f1ag q3fmq8dx1lx3ri1x0v6y4mn1hn0k6a9d; do
         curl -s -o /dev/null "$URL/$h.narinfo"
     done
+    # The demo path, as Nix fetches it (narinfo, then its NAR), twice: a miss, then a hit.
+    [[ -n $UPSTREAM_PID ]] || return 0
+    local nar
+    for _ in 1 2; do
+        nar=$(curl -fsS "$URL/$DEMO_HASH.narinfo" | sed -n 's/^URL: //p')
+        [[ -n $nar ]] && curl -fsS -o /dev/null "$URL/$nar"
+        # The download is listed once it has been verified, a moment after its last byte.
+        sleep 0.3
+    done
+    DEMO_UPSTREAM=http://127.0.0.1:$up_port
 }
 
 find_chromium() {
@@ -90,7 +124,8 @@ find_chromium() {
     command -v chromium
 }
 
-URL= FILE=
+URL= FILE= DEMO_UPSTREAM=
+DEMO_HASH=5kqmpdsfgnk4c8l2q7ixmzdcmyw1s0jc
 case ${1:-} in
     --file) FILE=${2:?--file needs a path}; shift 2 ;;
     "") start_ncps || { echo "FAIL could not start ncps" >&2; exit 1; }; shift $(($# > 0)) ;;
@@ -192,12 +227,38 @@ if CHROMIUM=$(find_chromium); then
     want=("Hit ratio" "Served from cache" "Fetched from upstreams" "Store" "Use this cache" "Upstreams"
         "Recent misses" "trusted-public-keys = $key")
     [[ -z $FILE ]] && want+=("of 1.0 GiB" "healthy" "failing" "Connection refused" "q3fmq8dx1lx3ri1x0v6y4mn1hn0k6a9d.narinfo")
+    # The demo miss by its store path's name, with the upstream that served it.
+    [[ -n $DEMO_UPSTREAM ]] && want+=("Last 24 hours" "-status-check-demo" "256 KiB" "$DEMO_UPSTREAM")
     missing=()
     for w in "${want[@]}"; do [[ $text == *"$w"* ]] || missing+=("$w"); done
     if ((${#missing[@]} == 0)); then
         pass "rendered page shows: ${want[*]}"
     else
         fail "rendered page lacks: ${missing[*]}"
+    fi
+    # The charts, as Chromium parsed them: three inline SVGs, each with a title.
+    svgs=$(grep -o '<svg [^>]*role="img"' "$TMP/dom.html" | wc -l)
+    titles=$(grep -o '<svg [^>]*><title>' "$TMP/dom.html" | wc -l)
+    if ((svgs == 3 && titles == 3)); then
+        pass "three inline SVG charts of the last 24 hours"
+    else
+        fail "expected 3 inline <svg role=img> charts with titles, found $svgs ($titles with a title)"
+    fi
+    if [[ -n $DEMO_UPSTREAM ]]; then
+        bars=()
+        for class in ratio cache fetched p50 p95; do
+            grep -q "<path class=\"$class\" d=\"M" "$TMP/dom.html" || bars+=("$class")
+        done
+        if ((${#bars[@]} == 0)); then
+            pass "charts have bars: hit ratio, bytes from cache and fetched, lookup p50 and p95"
+        else
+            fail "charts lack bars for: ${bars[*]}"
+        fi
+        if grep -qE '\.nar(\.[a-z0-9]+)?</|>/?nar/' "$TMP/dom.html"; then
+            fail "a miss is listed by its NAR's name"
+        else
+            pass "misses are listed by store path name"
+        fi
     fi
 else
     fail "chromium not found and could not be installed"

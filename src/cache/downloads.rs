@@ -357,6 +357,7 @@ impl Cache {
             return Ok(failed(format!("its bytes do not hash to its name (got {got})")));
         }
         self.metrics.upstream_request(i, Kind::Nar, started.elapsed(), true);
+        self.metrics.nar_fetched(name.as_str(), Some(i), len, started.elapsed(), true);
         let file = temp.reopen()?;
         let record = NarRecord { name: name.clone(), file_hash, file_size: len, upstream_url: String::new(), stored: false };
         match self.keep_nar_by_name(temp, &record) {
@@ -456,7 +457,10 @@ impl Cache {
         let Job { record, mut temp, download, mut opening, first, by_name } = job;
         let name = record.name.clone();
         let started = Instant::now();
-        match self.fetch_nar(&record, &mut temp, &download, &mut opening, first) {
+        let fetched = self.fetch_nar(&record, &mut temp, &download, &mut opening, first);
+        let from = fetched.as_ref().ok().and_then(|(url, _)| self.metrics.upstream_for_url(url));
+        self.metrics.nar_fetched(name.as_str(), from, record.file_size, started.elapsed(), fetched.is_ok());
+        match fetched {
             Ok((url, Spilled(spilled))) if spilled || temp.is_none() => {
                 download.finish(Ok(()));
                 log::warn!(

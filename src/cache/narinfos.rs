@@ -153,12 +153,15 @@ impl Cache {
                 continue;
             }
             let started = Instant::now();
-            let result = self.upstreams.narinfo(upstream, hash, abandoned);
+            let (result, head) = self.upstreams.narinfo_timed(upstream, hash, abandoned);
             if let Err(crate::upstream::UpstreamError::Abandoned) = result {
                 log::info!("narinfo {hash}: every client left; lookup at {} stopped", upstream.url);
                 return Err(tally.missed_for_nobody());
             }
             self.metrics.upstream_request(i, Kind::Narinfo, started.elapsed(), result.is_ok());
+            if let Some(head) = head {
+                self.metrics.narinfo_lookup(i, head);
+            }
             let bytes = match result {
                 Ok(Some(b)) => {
                     self.health.succeeded(i);
@@ -177,10 +180,11 @@ impl Cache {
                     continue;
                 }
             };
-            self.metrics.upstream_bytes(i, bytes.len() as u64);
+            self.metrics.upstream_narinfo_bytes(i, bytes.len() as u64);
             match trust::accept_upstream(hash, &bytes, &self.settings.trusted_keys, &upstream.url) {
                 Ok(accepted) => {
                     let (info, record) = accepted.served(self.signer());
+                    let (nar, nar_size) = (record.name.to_string(), record.file_size);
                     let Some(served) = self.keep_accepted_narinfo(hash, &info, record) else {
                         tally.add(shown, Attempt::Refused, "refused: its NAR name stands for other bytes here");
                         continue;
@@ -190,6 +194,7 @@ impl Cache {
                         upstream.url,
                         started.elapsed().as_secs_f64() * 1000.0
                     );
+                    self.metrics.narinfo_fetched(i, &info.store_path, &nar, Some(nar_size), started.elapsed());
                     return Ok((Arc::from(upstream.url.as_str()), Arc::new(served)));
                 }
                 Err(why) => {

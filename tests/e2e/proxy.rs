@@ -897,3 +897,60 @@ fn with_signing_off_narinfos_keep_only_upstream_signatures() {
     );
     fresh.stop();
 }
+
+// ---------------------------------------------------------------------------
+// The status page after real traffic
+// ---------------------------------------------------------------------------
+
+#[test]
+fn after_nix_copy_the_status_page_lists_each_miss_by_store_path_name_with_size_and_upstream() {
+    let Some(fx) = fixture_or_skip() else { return };
+    let (up, ncps) = proxy_for(fx, Compression::Xz);
+    NixClient::Nix2_8.copy_from(&ncps.url(), &[&fx.top], &ncps.pubkey()).expect("nix copy through ncps");
+    let big = fx.big.rsplit('/').next().unwrap();
+    let (hash, name) = big.split_at(32);
+    let file_size: u64 = NarInfo::parse(&fx.upstream_narinfo(Compression::Xz, &fx.big))
+        .get("FileSize")
+        .and_then(|s| s.parse().ok())
+        .expect("FileSize in the fixture's narinfo");
+    // A download is listed when it has been verified, which may be just after Nix has its bytes.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let json = loop {
+        let json = ncps.get("/").text();
+        if json.contains(&format!(r#""what":"{big}","state":"fetched""#)) || Instant::now() > deadline {
+            break json;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let upstream = up.url();
+    assert!(
+        json.contains(&format!(
+            r#""what":"{big}","state":"fetched","sizeBytes":{file_size},"tookMs":"#
+        )) && json.contains(&format!(r#""upstream":"{upstream}""#)),
+        "the big NAR's miss, by store path name, with its size and upstream: {json}"
+    );
+    let page = http_request_with("GET", &format!("{}/", ncps.url()), &[("Accept", "text/html")]).unwrap().text();
+    let misses = &page[page.find("Recent misses").expect("a Recent misses section")..];
+    assert!(
+        misses.contains(&format!("<span class=\"hash\">{}…</span><span class=\"name\">{name}</span>", &hash[..8])),
+        "{misses}"
+    );
+    for path in &fx.top_closure {
+        let base = path.rsplit('/').next().unwrap();
+        assert!(misses.contains(&format!("title=\"{base}\"")), "{base} listed: {misses}");
+    }
+    assert!(misses.contains(&format!("<td class=\"mono\">{upstream}</td>")), "{misses}");
+    assert!(!misses.contains("/nar/") && !misses.contains(".nar.xz"), "no bare NAR names: {misses}");
+    // The charts have this minute's traffic (the newest of 288 columns, from x = 287):
+    // fetched bytes, and the lookups' latency.
+    for class in ["fetched", "p50", "p95"] {
+        let d = page.split(&format!("<path class=\"{class}\" d=\"M0 ")).nth(1).unwrap_or("");
+        assert!(d.split('"').next().unwrap_or("").contains("H287V"), "{class} bar in the newest column: {d:.200}");
+    }
+    // The upstream's latency is its narinfo lookups' time to the response head (loopback:
+    // milliseconds), not the time of whole downloads.
+    let row = &page[page.find(&format!("<td class=\"mono\">{upstream}</td><td>")).expect("upstream row")..];
+    let latency = row.split("<td class=\"num\">").nth(1).unwrap_or("");
+    assert!(latency.starts_with(|c: char| c.is_ascii_digit()) && latency.contains(" ms / "), "{row}");
+    assert!(row.contains("/s</td>"), "throughput shown apart: {row}");
+}

@@ -80,10 +80,12 @@ pub fn http_request_with(method: &str, url: &str, extra: &[(&str, &str)]) -> io:
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
     s.set_read_timeout(Some(Duration::from_secs(10)))?;
     s.set_write_timeout(Some(Duration::from_secs(10)))?;
+    // An `Accept` of the caller's replaces the default one (two would be read as the first).
+    let accept = if extra.iter().any(|(k, _)| k.eq_ignore_ascii_case("accept")) { "" } else { "Accept: */*\r\n" };
     let extra: String = extra.iter().map(|(k, v)| format!("{k}: {v}\r\n")).collect();
     write!(
         s,
-        "{method} {path} HTTP/1.1\r\nHost: {hostport}\r\nUser-Agent: ncps-e2e\r\nAccept: */*\r\n{extra}Connection: close\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nHost: {hostport}\r\nUser-Agent: ncps-e2e\r\n{accept}{extra}Connection: close\r\n\r\n"
     )?;
     s.flush()?;
     let mut r = BufReader::new(s);

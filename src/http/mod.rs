@@ -12,10 +12,10 @@ pub mod range;
 mod request;
 mod server;
 
-pub use body::{send_file, Sent};
+pub use body::{send_file, MinRate, Sent};
 
 pub use request::{Method, Request};
-pub use server::{serve, Handler, ServerConfig};
+pub use server::{serve, Handler, Lane, ServerConfig};
 
 use std::fs::File;
 

@@ -38,7 +38,7 @@ fn send_file_paced(sock: &TcpStream, file: &File, offset: u64, len: u64, pace: &
         // is a valid, exclusively borrowed off_t.
         let n = unsafe { libc::sendfile(sock.as_raw_fd(), file.as_raw_fd(), &mut off, chunk) };
         let got = sent(n);
-        pace.record(*got.as_ref().ok().and_then(|n| n.as_ref()).unwrap_or(&0) as u64, start.elapsed()).map_err(slow)?;
+        pace.record(*got.as_ref().ok().and_then(|n| n.as_ref()).unwrap_or(&0) as u64, start.elapsed()).map_err(too_slow(sock))?;
         let Some(n) = got? else { continue };
         if n == 0 {
             return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "file shorter than announced"));
@@ -52,7 +52,7 @@ fn write_all_paced(mut sock: &TcpStream, mut bytes: &[u8], pace: &mut Pace) -> i
     while !bytes.is_empty() {
         let start = std::time::Instant::now();
         let got = sock.write(bytes);
-        pace.record(*got.as_ref().unwrap_or(&0) as u64, start.elapsed()).map_err(slow)?;
+        pace.record(*got.as_ref().unwrap_or(&0) as u64, start.elapsed()).map_err(too_slow(sock))?;
         match got {
             Ok(0) => return Err(io::Error::new(io::ErrorKind::WriteZero, "connection closed")),
             Ok(n) => bytes = &bytes[n..],
@@ -66,8 +66,14 @@ fn write_all_paced(mut sock: &TcpStream, mut bytes: &[u8], pace: &mut Pace) -> i
     Ok(())
 }
 
-fn slow(s: TooSlow) -> io::Error {
-    io::Error::new(io::ErrorKind::TimedOut, s)
+/// The error for a client found too slow. The coming close becomes a reset ([`abort`]):
+/// megabytes may still sit in the socket's send buffer, which a slow reader would otherwise
+/// go on reading for minutes after it was cut off.
+fn too_slow(sock: &TcpStream) -> impl FnOnce(TooSlow) -> io::Error + '_ {
+    move |s| {
+        abort(sock);
+        io::Error::new(io::ErrorKind::TimedOut, s)
+    }
 }
 
 /// The slowest a transfer may go: at least `bytes_per_sec` on average over each `window` of

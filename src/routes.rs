@@ -189,6 +189,15 @@ impl Routes {
                 Ok(Some(body)) => Some(self.answer(Ok(Answer::Hit(body)), Kind::Narinfo, req)),
                 _ => None,
             },
+            // Small NAR hits too (many NARs are a few KiB): with 200 busy connections, a hand-off
+            // to a worker per request was most of their latency (DESIGN.md, "Isolation"). Not
+            // a Range request: parts are the workers' job.
+            Route::Nar(name) if req.header("range").is_none() => {
+                match self.cache.small_nar_hit(&name, crate::http::FAST_FILE_MAX) {
+                    Ok(Some((body, tag))) => Some(nar_ranges(self.answer(Ok(Answer::Hit(body)), Kind::Nar, req), tag)),
+                    _ => None,
+                }
+            }
             _ => None,
         }
     }

@@ -182,6 +182,18 @@ impl Cache {
         matches!(self.blobs.nar_len(name), Ok(Some(_)))
     }
 
+    /// A stored NAR of at most `max` bytes, for the HTTP poll loop to answer without a
+    /// worker: never downloads and never waits. `None` when it is not stored or is larger.
+    pub fn small_nar_hit(&self, name: &NarName, max: u64) -> Result<Option<(Body, Option<Hash>)>, CacheError> {
+        let Some(blob) = self.blobs.nar(name)? else { return Ok(None) };
+        if blob.len() > max {
+            return Ok(None);
+        }
+        self.touch_nar(name);
+        let tag = self.stored_file_hash(name, &blob);
+        Ok(Some((body_of(blob), tag)))
+    }
+
     pub fn nar(self: &Arc<Self>, name: &NarName, head_only: bool) -> Result<(Answer, Option<Hash>), CacheError> {
         if let Some(blob) = self.blobs.nar(name)? {
             self.touch_nar(name);

@@ -11,6 +11,10 @@ use std::os::fd::AsRawFd;
 /// files (narinfos) one syscall beats a write plus a sendfile.
 const INLINE_FILE_BYTES: u64 = 16 * 1024;
 
+/// The largest file body [`super::Handler::fast`] may answer with (the poll loop sends it
+/// with one write, like any inline body).
+pub const FAST_FILE_MAX: u64 = INLINE_FILE_BYTES;
+
 /// The most one `sendfile` call is asked to send. In pinned runs (server on one core, curl on
 /// the other, loaded machine) 64 MiB hits went from about nginx's rate with one call for the
 /// whole file to 1.3-1.8x it with 512 KiB-8 MiB per call (nginx's own `sendfile_max_chunk`

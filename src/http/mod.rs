@@ -12,7 +12,7 @@ pub mod range;
 mod request;
 mod server;
 
-pub use body::{send_file, MinRate, Sent};
+pub use body::{send_file, MinRate, Sent, FAST_FILE_MAX};
 
 pub use request::{Method, Request};
 pub use server::{serve, Handler, Lane, ServerConfig};

@@ -519,9 +519,14 @@ fn dispatch(mut w: Waiting, pools: &Pools, handler: &dyn Handler, config: &Serve
         };
         let keep_alive = req.keep_alive;
         let start = Instant::now();
+        let mut resp = resp;
         let status = resp.status;
         let note = resp.log_note();
         let body = if req.method == Method::Head { 0 } else { resp.body.len() };
+        if let Some(on_sent) = resp.on_sent.take() {
+            // Counted as sent: if the socket cannot take it all now, a worker finishes it.
+            on_sent(&Sent { status, bytes: body, replaced_because: None });
+        }
         let bytes = match render_small(resp, req.method == Method::Head, keep_alive) {
             Ok(b) => b,
             Err(e) => {

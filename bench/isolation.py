@@ -7,12 +7,13 @@
   nars DIR N SIZE     writes N random NARs of SIZE bytes into DIR, named <nix32 sha256>.nar
                       as ncps wants them, and prints the names
   upload URL TOKEN F  PUTs file F to URL/nar/<name>
-  probe URL LIST SECS [CONC]
-                      the measured client: CONC (4) threads, each on one keep-alive
-                      connection, GET a random NAR of LIST, then sleep 5 ms, for SECS seconds;
+  probe URL LIST SECS SRC
+                      the measured client: 4 threads, each on one keep-alive connection from
+                      address SRC, GET a random NAR of LIST, then sleep 5 ms, for SECS seconds;
                       prints "p50_ms p99_ms max_ms count errors"
-  drip-put URL TOKEN SECS
-                      a slow uploader: PUT of 100000 bytes sent at 1 byte every 5 s
+  drip-put URL TOKEN N   N slow uploaders: PUT bodies sent at 1 byte every 5 s (again when cut)
+  slow-read URL PATH N   N slow readers: GET PATH read at 4 KiB/s (again when cut)
+  drip-get URL N         N clients asking for dripping narinfos (30 s each, then another)
 """
 import hashlib, http.client, os, random, socket, sys, threading, time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -99,7 +100,7 @@ def upload(url, token, path):
         sys.exit(f"upload {path}: {r.status}")
 
 
-def probe(url, listfile, secs, conc="4"):
+def probe(url, listfile, secs, src, conc="4"):
     host, port = url.split("//")[1].split(":")
     names = open(listfile).read().split()
     lat, errors = [], [0]
@@ -112,7 +113,7 @@ def probe(url, listfile, secs, conc="4"):
         while time.monotonic() < end:
             try:
                 if c is None:
-                    c = http.client.HTTPConnection(host, int(port), timeout=30)
+                    c = http.client.HTTPConnection(host, int(port), timeout=30, source_address=(src, 0))
                 t = time.monotonic()
                 c.request("GET", "/nar/" + random.choice(names))
                 r = c.getresponse()
@@ -142,22 +143,58 @@ def probe(url, listfile, secs, conc="4"):
     print(f"{q(0.5):.2f} {q(0.99):.2f} {lat[-1] * 1000:.2f} {len(lat)} {errors[0]}")
 
 
-def drip_put(url, token, secs):
+def forever(n, f):
+    """Runs f() again and again in n threads, until the process is killed."""
+    def loop(i):
+        while True:
+            try:
+                f(i)
+            except Exception:
+                time.sleep(0.5)
+    ts = [threading.Thread(target=loop, args=(i,), daemon=True) for i in range(int(n))]
+    for t in ts:
+        t.start()
+    while True:
+        time.sleep(3600)
+
+
+def drip_put(url, token, n):
     host, port = url.split("//")[1].split(":")
-    s = socket.create_connection((host, int(port)))
-    name = nix32(hashlib.sha256(os.urandom(8)).digest()) + ".nar"
-    s.sendall(f"PUT /nar/{name} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n"
-              f"Content-Length: 100000\r\n\r\n".encode())
-    end = time.monotonic() + float(secs)
-    try:
-        while time.monotonic() < end:
-            s.sendall(b"x")
-            time.sleep(5)
-    except OSError:
-        pass
+
+    def one(_):
+        s = socket.create_connection((host, int(port)))
+        name = nix32(hashlib.sha256(os.urandom(8)).digest()) + ".nar"
+        s.sendall(f"PUT /nar/{name} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n"
+                  f"Content-Length: 100000\r\n\r\n".encode())
+        with s:
+            while True:
+                s.sendall(b"x")
+                time.sleep(5)
+    forever(n, one)
+
+
+def slow_read(url, path, n):
+    host, port = url.split("//")[1].split(":")
+
+    def one(_):
+        with socket.create_connection((host, int(port))) as s:
+            s.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+            while s.recv(4096):
+                time.sleep(1)
+    forever(n, one)
+
+
+def drip_get(url, n):
+    host, port = url.split("//")[1].split(":")
+
+    def one(i):
+        c = http.client.HTTPConnection(host, int(port), timeout=30)
+        c.request("GET", "/d%031d.narinfo" % random.randrange(10 ** 30))
+        c.getresponse().read()
+    forever(n, one)
 
 
 if __name__ == "__main__":
     cmd, args = sys.argv[1], sys.argv[2:]
     {"upstream": upstream, "nars": nars, "upload": upload, "probe": probe,
-     "drip-put": drip_put}[cmd](*args)
+     "drip-put": drip_put, "slow-read": slow_read, "drip-get": drip_get}[cmd](*args)

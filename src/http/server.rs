@@ -108,6 +108,8 @@ impl Job {
 struct Pool {
     state: Mutex<PoolState>,
     ready: Condvar,
+    /// How many of this pool's workers one client address may hold at once ([`per_host_cap`]).
+    cap: usize,
 }
 
 #[derive(Default)]
@@ -117,8 +119,8 @@ struct PoolState {
 }
 
 impl Pool {
-    fn new() -> Pool {
-        Pool { state: Mutex::new(PoolState::default()), ready: Condvar::new() }
+    fn new(workers: usize) -> Pool {
+        Pool { state: Mutex::new(PoolState::default()), ready: Condvar::new(), cap: per_host_cap(workers) }
     }
 
     fn push(&self, job: Job) {
@@ -132,7 +134,7 @@ impl Pool {
         loop {
             let picked = {
                 let PoolState { jobs, running } = &*st;
-                fair_pick(jobs.iter().map(|j| j.peer().ip()), running)
+                fair_pick(jobs.iter().map(|j| j.peer().ip()), running, self.cap)
             };
             if let Some(job) = picked.and_then(|i| st.jobs.remove(i)) {
                 *st.running.entry(job.peer().ip()).or_default() += 1;
@@ -150,6 +152,9 @@ impl Pool {
                 st.running.remove(&ip);
             }
         }
+        drop(st);
+        // A job of this address may have waited for its share to go down.
+        self.ready.notify_one();
     }
 
     fn others_waiting(&self) -> bool {
@@ -158,13 +163,17 @@ impl Pool {
 }
 
 /// Which queued job a free worker takes: the oldest of those whose client address has the
-/// fewest jobs running. With one busy host and one other, the other's request is next even
-/// if the busy host queued a hundred before it; among equals it is first come, first served.
-/// Stops looking at the first address with nothing running (none can be fairer).
-fn fair_pick(queued: impl Iterator<Item = IpAddr>, running: &HashMap<IpAddr, usize>) -> Option<usize> {
+/// fewest jobs running, skipping addresses that already hold `cap` workers. With one busy
+/// host and one other, the other's request is next even if the busy host queued a hundred
+/// before it; among equals it is first come, first served. Stops looking at the first
+/// address with nothing running (none can be fairer).
+fn fair_pick(queued: impl Iterator<Item = IpAddr>, running: &HashMap<IpAddr, usize>, cap: usize) -> Option<usize> {
     let mut best: Option<(usize, usize)> = None;
     for (i, ip) in queued.enumerate() {
         let n = running.get(&ip).copied().unwrap_or(0);
+        if n >= cap {
+            continue;
+        }
         if best.is_none_or(|(_, b)| n < b) {
             best = Some((i, n));
             if n == 0 {
@@ -173,6 +182,18 @@ fn fair_pick(queued: impl Iterator<Item = IpAddr>, running: &HashMap<IpAddr, usi
         }
     }
     best.map(|(i, _)| i)
+}
+
+/// How many workers of a pool of `workers` one client address may hold: all but a quarter,
+/// kept for the other addresses (so 80 slow readers from one host leave 16 of 64 workers to
+/// everyone else until the minimum send rate cuts them off). Pools under 4 keep none: there,
+/// a reserve would halve what a lone client gets.
+fn per_host_cap(workers: usize) -> usize {
+    if workers < 4 {
+        workers.max(1)
+    } else {
+        workers - workers / 4
+    }
 }
 
 /// The two pools.
@@ -193,7 +214,7 @@ impl Pools {
 /// Runs the server on `listener` until the process ends.
 pub fn serve(listener: TcpListener, config: ServerConfig, handler: Arc<dyn Handler>) -> io::Result<()> {
     listener.set_nonblocking(true)?;
-    let pools = Arc::new(Pools { local: Pool::new(), upstream: Pool::new() });
+    let pools = Arc::new(Pools { local: Pool::new(config.workers), upstream: Pool::new(config.upstream_workers) });
     let (back_tx, back_rx) = mpsc::channel::<Back>();
     let (wake_rx, wake_tx) = UnixStream::pair()?;
     wake_rx.set_nonblocking(true)?;
@@ -815,11 +836,19 @@ mod tests {
     fn a_free_worker_takes_the_oldest_job_of_the_least_served_address() {
         let running: HashMap<IpAddr, usize> = [(ip(1), 3), (ip(2), 1)].into_iter().collect();
         // Host 1 queued first and most, but runs the most: host 3 (nothing running) goes first.
-        assert_eq!(fair_pick([ip(1), ip(1), ip(2), ip(3), ip(3)].into_iter(), &running), Some(3));
-        assert_eq!(fair_pick([ip(1), ip(2), ip(1)].into_iter(), &running), Some(1));
+        assert_eq!(fair_pick([ip(1), ip(1), ip(2), ip(3), ip(3)].into_iter(), &running, 64), Some(3));
+        assert_eq!(fair_pick([ip(1), ip(2), ip(1)].into_iter(), &running, 64), Some(1));
         // Among equals, first come first served.
-        assert_eq!(fair_pick([ip(4), ip(5)].into_iter(), &running), Some(0));
-        assert_eq!(fair_pick(std::iter::empty(), &running), None);
+        assert_eq!(fair_pick([ip(4), ip(5)].into_iter(), &running, 64), Some(0));
+        assert_eq!(fair_pick(std::iter::empty(), &running, 64), None);
+    }
+
+    #[test]
+    fn an_address_at_its_share_of_workers_waits_while_others_are_served() {
+        let running: HashMap<IpAddr, usize> = [(ip(1), 48)].into_iter().collect();
+        assert_eq!(fair_pick([ip(1), ip(1)].into_iter(), &running, 48), None);
+        assert_eq!(fair_pick([ip(1), ip(2)].into_iter(), &running, 48), Some(1));
+        assert_eq!((per_host_cap(64), per_host_cap(4), per_host_cap(2), per_host_cap(1)), (48, 3, 2, 1));
     }
 
     fn counts(pairs: &[(IpAddr, usize)]) -> PerAddress {

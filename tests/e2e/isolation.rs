@@ -23,6 +23,8 @@ fn second_host() -> IpAddr {
 }
 
 /// Makes the NAR of `store_path` a hit (fetched once, stored) and returns its path and size.
+/// The tests use the 8 MiB NAR: NARs of at most 16 KiB are answered by the poll loop, with no
+/// worker, so they would not show whether a worker was free.
 fn stored_hit(ncps: &Ncps, store_path: &str) -> (String, u64) {
     let (nar, size) = ncps_nar_path(ncps, store_path);
     let first = raw_get_hashed(ncps.addr, &nar, Duration::from_secs(30)).expect("first fetch");
@@ -70,7 +72,7 @@ fn slow_uploads_are_dropped_so_a_hit_waiting_for_their_workers_is_served() {
         &[&fx.up1_public_key],
         &["--server-workers", "2", "--cache-allow-put-verb", "--cache-write-token", "w-token"],
     );
-    let (nar, size) = stored_hit(&ncps, &fx.lib);
+    let (nar, size) = stored_hit(&ncps, &fx.big);
     let from = ncps.log_len();
     // Two uploads at 1 byte/s (the minimum is 16 KiB/s), as many as there are workers. Before
     // the minimum rate, each held its worker for as long as it dripped (here 200 s).
@@ -163,7 +165,7 @@ fn keep_alive_loopers_on_healthz_do_not_starve_another_clients_hit() {
     let Some(fx) = fixture_or_skip() else { return };
     let up = Upstream::for_cache(fx, Compression::None);
     let ncps = Ncps::for_upstreams_with(&[up.url()], &[&fx.up1_public_key], &["--server-workers", "4"]);
-    let (nar, size) = stored_hit(&ncps, &fx.lib);
+    let (nar, size) = stored_hit(&ncps, &fx.big);
     // As many loopers as workers, each sending its next request as soon as it has the answer:
     // a worker used to keep such a connection for ever (a hit waited 4.8 s).
     let stop = Arc::new(AtomicBool::new(false));
@@ -210,7 +212,7 @@ fn a_narinfo_miss_flood_against_a_hanging_upstream_does_not_starve_hits() {
             "--upstream-response-header-timeout", "60s",
         ],
     );
-    let (nar, size) = stored_hit(&ncps, &fx.lib);
+    let (nar, size) = stored_hit(&ncps, &fx.big);
     up.set_mode_for(Mode::Hang, Target::Narinfo);
     // More misses than there are workers of both pools together, each held by the upstream.
     let finished = Arc::new(AtomicU64::new(0));

@@ -243,3 +243,44 @@ fn a_narinfo_miss_flood_against_a_hanging_upstream_does_not_starve_hits() {
         f.join().unwrap();
     }
 }
+
+#[test]
+fn narinfos_an_upstream_drips_do_not_hold_the_workers_that_serve_hits() {
+    let Some(fx) = fixture_or_skip() else { return };
+    let up = Upstream::for_cache(fx, Compression::None);
+    let mut ncps = Ncps::for_upstreams_with(
+        &[up.url()],
+        &[&fx.up1_public_key],
+        &["--server-workers", "2", "--server-upstream-workers", "2", "--upstream-body-idle-timeout", "30s"],
+    );
+    let (nar, size) = stored_hit(&ncps, &fx.big);
+    // 1 byte a second never trips the idle timeout: each lookup holds its worker for minutes.
+    up.set_mode_for(Mode::Slow(1), Target::Narinfo);
+    let finished = Arc::new(AtomicU64::new(0));
+    let addr = ncps.addr;
+    let drips: Vec<_> = fx.many[..4]
+        .iter()
+        .map(|p| {
+            let (finished, path) = (finished.clone(), format!("/{}.narinfo", store_hash(p)));
+            thread::spawn(move || {
+                let _ = raw_request(addr, &get_request(&path), Duration::from_secs(60));
+                finished.fetch_add(1, Ordering::Relaxed);
+            })
+        })
+        .collect();
+    assert!(
+        wait_until(Duration::from_secs(10), || up.hits_where(|p| p.ends_with(".narinfo")) >= 2),
+        "the lookups reached the upstream"
+    );
+    for _ in 0..3 {
+        let got = get_from(second_host(), &ncps, &nar, Duration::from_secs(20)).expect("the hit is answered");
+        assert_eq!(got, (200, size));
+    }
+    assert_eq!(ncps.get("/healthz").status, 200, "/healthz is answered too");
+    assert_eq!(finished.load(Ordering::Relaxed), 0, "the hits were answered while the drips went on");
+    ncps.stop();
+    drop(up);
+    for d in drips {
+        d.join().unwrap();
+    }
+}

@@ -12,7 +12,7 @@ ADDR ?= :8501
 # debootstrap: the end-to-end tests also run a current Nix (Debian 13's) in a chroot.
 APT_PACKAGES := nix-bin curl xz-utils ca-certificates build-essential tzdata debootstrap
 
-.PHONY: all build run test test-static test-image image deps bench bench-deps bench-scale bench-outage bench-zstd static fuzz clean
+.PHONY: all build run test test-static test-image image deps bench bench-deps bench-scale bench-outage bench-isolation bench-zstd static fuzz clean
 
 all: build
 
@@ -72,13 +72,15 @@ bench-deps:
 	fi
 
 # bench/run.sh (sections a-f, h, m), then the scale section (bench/scale.sh), which BENCH_ONLY
-# selects with the letter g, and the outage section (bench/outage.sh), letter o. The stores it
-# generates are kept in /var/tmp/ncps-bench-scale.
+# selects with the letter g, the outage section (bench/outage.sh), letter o, and the isolation
+# section (bench/isolation.sh), letter i. The stores it generates are kept in
+# /var/tmp/ncps-bench-scale.
 bench: build bench-deps
 	@rc=0; NCPS=$(CURDIR)/target/release/ncps bash bench/run.sh || rc=1; \
 	case "$${BENCH_ONLY:-g}" in *g*) NCPS=$(CURDIR)/target/release/ncps BENCH_SCALE_N="$(BENCH_SCALE_N)" \
 	  bash bench/scale.sh || rc=1 ;; esac; \
-	case "$${BENCH_ONLY:-o}" in *o*) NCPS=$(CURDIR)/target/release/ncps bash bench/outage.sh || rc=1 ;; esac; exit $$rc
+	case "$${BENCH_ONLY:-o}" in *o*) NCPS=$(CURDIR)/target/release/ncps bash bench/outage.sh || rc=1 ;; esac; \
+	case "$${BENCH_ONLY:-i}" in *i*) NCPS=$(CURDIR)/target/release/ncps bash bench/isolation.sh || rc=1 ;; esac; exit $$rc
 
 bench-scale: build bench-deps
 	NCPS=$(CURDIR)/target/release/ncps BENCH_SCALE_N="$(BENCH_SCALE_N)" bash bench/scale.sh
@@ -86,6 +88,11 @@ bench-scale: build bench-deps
 # Misses while the only upstream is down (bench/outage.sh; issue 13); section o of make bench.
 bench-outage: build
 	NCPS=$(CURDIR)/target/release/ncps bash bench/outage.sh
+
+# Hit latency while slow, greedy or hostile peers try to hog the cache (bench/isolation.sh;
+# issue 15); section i of make bench.
+bench-isolation: build bench-deps
+	NCPS=$(CURDIR)/target/release/ncps bash bench/isolation.sh
 
 # Whether zstd-encoding Compression: none NARs pays on a Gigabit LAN (bench/zstd-lan.sh;
 # issue 13 point 7). Root: a network namespace shaped with tc. Needs no ncps build.

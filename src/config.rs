@@ -139,6 +139,18 @@ pub const FLAGS: &[Flag] = &[
     flag!(["server-write-timeout"], ["SERVER_WRITE_TIMEOUT"],
         ["server.write-timeout"], Value, Some("60s"),
         "How long a client may stop reading before it is dropped"),
+    flag!(["server-min-send-rate"], ["SERVER_MIN_SEND_RATE"],
+        ["server.min-send-rate"], Value, Some("16K"),
+        "Slowest a client may read a response, per second (B K M G), averaged over 10 s of \
+         waiting on it; slower readers are cut off (0 for no minimum)"),
+    flag!(["server-min-receive-rate"], ["SERVER_MIN_RECEIVE_RATE"],
+        ["server.min-receive-rate"], Value, Some("16K"),
+        "Slowest a client may send a request body (an upload), per second (B K M G), averaged \
+         over 10 s of waiting on it; slower uploads are dropped (0 for no minimum)"),
+    flag!(["server-upstream-workers"], ["SERVER_UPSTREAM_WORKERS"],
+        ["server.upstream-workers"], Value, Some("64"),
+        "Worker threads for requests that must ask an upstream (misses), apart from \
+         --server-workers, so slow upstreams never hold the workers that serve hits"),
     flag!(["upstream-dialer-timeout", "cache-upstream-dialer-timeout"], ["CACHE_UPSTREAM_DIALER_TIMEOUT", "UPSTREAM_DIALER_TIMEOUT"],
         ["cache.upstream.dialer-timeout"], Value, Some("3s"),
         "Timeout for connecting to an upstream"),
@@ -219,6 +231,11 @@ pub struct Config {
     pub negative_ttl: Duration,
     pub server_addr: String,
     pub workers: usize,
+    /// `--server-upstream-workers`: the pool for misses.
+    pub upstream_workers: usize,
+    /// `--server-min-send-rate` and `--server-min-receive-rate`, bytes per second (0: none).
+    pub min_send_rate: u64,
+    pub min_receive_rate: u64,
     pub header_timeout: Duration,
     pub idle_timeout: Duration,
     pub write_timeout: Duration,
@@ -573,6 +590,18 @@ impl Config {
             .and_then(|v| v.parse().ok())
             .filter(|&n| (1..=4096).contains(&n))
             .ok_or_else(|| ConfigError::new("server-workers", "expected a number from 1 to 4096"))?;
+        let upstream_workers: usize = raw
+            .one("server-upstream-workers")
+            .and_then(|v| v.parse().ok())
+            .filter(|&n| (1..=4096).contains(&n))
+            .ok_or_else(|| ConfigError::new("server-upstream-workers", "expected a number from 1 to 4096"))?;
+        let rate = |flag: &'static str| -> Result<u64, ConfigError> {
+            let v = raw.one(flag).unwrap_or("16K");
+            let parsed = if v == "0" { Some(0) } else { parse_size(v) };
+            parsed.ok_or_else(|| ConfigError::new(flag, format!("{v:?}: expected bytes per second, e.g. 16K (0 for no minimum)")))
+        };
+        let min_send_rate = rate("server-min-send-rate")?;
+        let min_receive_rate = rate("server-min-receive-rate")?;
         let server_addr = raw.one("server-addr").unwrap_or(":8501").to_string();
         parse_listen_addr(&server_addr).map_err(|m| ConfigError::new("server-addr", m))?;
         let level = raw.one("log-level").unwrap_or("info");
@@ -596,6 +625,9 @@ impl Config {
             negative_ttl: raw.duration("cache-negative-ttl")?,
             server_addr,
             workers,
+            upstream_workers,
+            min_send_rate,
+            min_receive_rate,
             header_timeout: nonzero(raw.duration("server-header-timeout")?, "server-header-timeout")?,
             idle_timeout: nonzero(raw.duration("server-idle-timeout")?, "server-idle-timeout")?,
             write_timeout: nonzero(raw.duration("server-write-timeout")?, "server-write-timeout")?,

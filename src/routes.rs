@@ -8,7 +8,7 @@ use crate::auth::{authorizes, Secret};
 use crate::cache::{Answer, Cache};
 use crate::metrics::{Kind, MissState, Outcome};
 use crate::status;
-use crate::http::{Body, Handler, Method, Request, Response};
+use crate::http::{Body, Handler, Lane, Method, Request, Response};
 use crate::nix::{Hash, NarName, StorePathHash};
 use std::io::Read;
 use std::sync::Arc;
@@ -156,6 +156,20 @@ impl Handler for Routes {
     fn fast(&self, req: &Request) -> Option<Response> {
         self.fast_answer(req)
     }
+
+    /// Misses go to the upstream pool: a narinfo or NAR read (not under `/upload`, which
+    /// never asks upstream) for something the store does not hold.
+    fn lane(&self, req: &Request) -> Lane {
+        if !matches!(req.method, Method::Get | Method::Head) {
+            return Lane::Local;
+        }
+        let (path, upload) = strip_upload(req.path());
+        match route(path) {
+            Route::Narinfo(hash) if !upload && !self.cache.holds_narinfo(&hash) => Lane::Upstream,
+            Route::Nar(name) if !self.cache.holds_nar(&name) => Lane::Upstream,
+            _ => Lane::Local,
+        }
+    }
 }
 
 impl Routes {
@@ -175,6 +189,15 @@ impl Routes {
                 Ok(Some(body)) => Some(self.answer(Ok(Answer::Hit(body)), Kind::Narinfo, req)),
                 _ => None,
             },
+            // Small NAR hits too (many NARs are a few KiB): with 200 busy connections, a hand-off
+            // to a worker per request was most of their latency (DESIGN.md, "Isolation"). Not
+            // a Range request: parts are the workers' job.
+            Route::Nar(name) if req.header("range").is_none() => {
+                match self.cache.small_nar_hit(&name, crate::http::FAST_FILE_MAX) {
+                    Ok(Some((body, tag))) => Some(nar_ranges(self.answer(Ok(Answer::Hit(body)), Kind::Nar, req), tag)),
+                    _ => None,
+                }
+            }
             _ => None,
         }
     }

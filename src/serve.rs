@@ -88,7 +88,7 @@ pub fn prepare(config: &Config) -> Result<Prepared, Exit> {
     let key = load_key(config)?;
 
     let listener = bind(&config.server_addr)?;
-    let max_connections = raise_fd_limit(config.workers);
+    let max_connections = raise_fd_limit(config.workers + config.upstream_workers);
     let upstreams = Upstreams::new(UpstreamSettings {
         auth: upstream_auth,
         list: config.upstreams.clone(),
@@ -144,6 +144,9 @@ pub fn prepare(config: &Config) -> Result<Prepared, Exit> {
         cache,
         server: ServerConfig {
             workers: config.workers,
+            upstream_workers: config.upstream_workers,
+            min_send_rate: crate::http::MinRate::per_sec(config.min_send_rate),
+            min_receive_rate: crate::http::MinRate::per_sec(config.min_receive_rate),
             header_timeout: config.header_timeout,
             idle_timeout: config.idle_timeout,
             write_timeout: config.write_timeout,

@@ -192,6 +192,24 @@ impl Cache {
     /// `GET /nar/<name>` (or HEAD, with `head_only`), and the FileHash of the bytes it
     /// answers with, if known: the NAR's ETag (see [`crate::http::range`]). It names the bytes
     /// themselves, so it is the same for a download in progress and for the stored file.
+    /// Whether this NAR is in the store (one `stat`), so that a request for it needs no
+    /// upstream: the HTTP front's choice of worker pool, as [`Cache::holds_narinfo`].
+    pub fn holds_nar(&self, name: &NarName) -> bool {
+        matches!(self.blobs.nar_len(name), Ok(Some(_)))
+    }
+
+    /// A stored NAR of at most `max` bytes, for the HTTP poll loop to answer without a
+    /// worker: never downloads and never waits. `None` when it is not stored or is larger.
+    pub fn small_nar_hit(&self, name: &NarName, max: u64) -> Result<Option<(Body, Option<Hash>)>, CacheError> {
+        let Some(blob) = self.blobs.nar(name)? else { return Ok(None) };
+        if blob.len() > max {
+            return Ok(None);
+        }
+        self.touch_nar(name);
+        let tag = self.stored_file_hash(name, &blob);
+        Ok(Some((body_of(blob), tag)))
+    }
+
     pub fn nar(self: &Arc<Self>, name: &NarName, head_only: bool) -> Result<(Answer, Option<Hash>), CacheError> {
         if let Some(blob) = self.blobs.nar(name)? {
             self.touch_nar(name);

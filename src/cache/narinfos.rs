@@ -49,6 +49,13 @@ impl State {
 
 impl Cache {
     /// The narinfo if it is here (a hit), without ever asking upstream.
+    /// Whether this narinfo is here (memo or store), so that a request for it needs no
+    /// upstream: the HTTP front's choice of worker pool. Touches nothing; may be stale by the
+    /// time the request is answered, which costs only the choice of pool.
+    pub fn holds_narinfo(&self, hash: &StorePathHash) -> bool {
+        lock(&self.narinfos.memo).get(hash).is_some() || matches!(self.blobs.narinfo(hash), Ok(Some(_)))
+    }
+
     pub fn narinfo_hit(&self, hash: &StorePathHash) -> Result<Option<Body>, CacheError> {
         if let Some(bytes) = lock(&self.narinfos.memo).get(hash) {
             self.touch_narinfo(hash);

@@ -11,6 +11,10 @@ use std::os::fd::AsRawFd;
 /// files (narinfos) one syscall beats a write plus a sendfile.
 const INLINE_FILE_BYTES: u64 = 16 * 1024;
 
+/// The largest file body [`super::Handler::fast`] may answer with (the poll loop sends it
+/// with one write, like any inline body).
+pub const FAST_FILE_MAX: u64 = INLINE_FILE_BYTES;
+
 /// The most one `sendfile` call is asked to send. In pinned runs (server on one core, curl on
 /// the other, loaded machine) 64 MiB hits went from about nginx's rate with one call for the
 /// whole file to 1.3-1.8x it with 512 KiB-8 MiB per call (nginx's own `sendfile_max_chunk`
@@ -24,19 +28,158 @@ const SENDFILE_CHUNK: u64 = 2 << 20;
 /// The socket's write timeout bounds every call, so a client that stops reading ends this with
 /// `TimedOut` instead of holding the thread.
 pub fn send_file(sock: &TcpStream, file: &File, offset: u64, len: u64) -> io::Result<()> {
+    send_file_paced(sock, file, offset, len, &mut Pace::new(MinRate::OFF))
+}
+
+/// [`send_file`], cut off with `TimedOut` when the client reads slower than `pace` allows.
+fn send_file_paced(sock: &TcpStream, file: &File, offset: u64, len: u64, pace: &mut Pace) -> io::Result<()> {
     let mut off = offset as libc::off_t;
     let end = offset + len;
     while (off as u64) < end {
         let chunk = (end - off as u64).min(SENDFILE_CHUNK) as usize;
+        let start = std::time::Instant::now();
         // SAFETY: both descriptors are open for the duration of the call (borrowed), and `off`
         // is a valid, exclusively borrowed off_t.
         let n = unsafe { libc::sendfile(sock.as_raw_fd(), file.as_raw_fd(), &mut off, chunk) };
-        let Some(n) = sent(n)? else { continue };
+        let got = sent(n);
+        pace.record(*got.as_ref().ok().and_then(|n| n.as_ref()).unwrap_or(&0) as u64, start.elapsed()).map_err(too_slow(sock))?;
+        let Some(n) = got? else { continue };
         if n == 0 {
             return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "file shorter than announced"));
         }
     }
     Ok(())
+}
+
+/// `write_all` of `bytes`, cut off with `TimedOut` when the client reads slower than `pace` allows.
+fn write_all_paced(mut sock: &TcpStream, mut bytes: &[u8], pace: &mut Pace) -> io::Result<()> {
+    while !bytes.is_empty() {
+        let start = std::time::Instant::now();
+        let got = sock.write(bytes);
+        pace.record(*got.as_ref().unwrap_or(&0) as u64, start.elapsed()).map_err(too_slow(sock))?;
+        match got {
+            Ok(0) => return Err(io::Error::new(io::ErrorKind::WriteZero, "connection closed")),
+            Ok(n) => bytes = &bytes[n..],
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                return Err(io::Error::new(io::ErrorKind::TimedOut, "client stopped reading"))
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// The error for a client found too slow. The coming close becomes a reset ([`abort`]):
+/// megabytes may still sit in the socket's send buffer, which a slow reader would otherwise
+/// go on reading for minutes after it was cut off.
+fn too_slow(sock: &TcpStream) -> impl FnOnce(TooSlow) -> io::Error + '_ {
+    move |s| {
+        abort(sock);
+        io::Error::new(io::ErrorKind::TimedOut, s)
+    }
+}
+
+/// The slowest a transfer may go: at least `bytes_per_sec` on average over each `window` of
+/// time spent blocked in the socket (a send that waits because the client does not read, a
+/// read that waits for bytes of a body). Time spent elsewhere (a growing body waiting for its
+/// upstream, the disk) is not counted, so only the client's own pace is judged. The first
+/// window includes the socket buffers filling, so a reader is judged from the second.
+///
+/// Why a rate and not only the write timeout: the timeout is per call, so a client reading a
+/// few bytes a second never trips it, and held a worker ~17 h on a 64 MiB NAR at 1 KiB/s
+/// (`curl --limit-rate`); with the default 16 KiB/s over 10 s windows it is cut off after
+/// about 20 s of its reading below the rate (DESIGN.md, "Isolation").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MinRate {
+    /// 0: no minimum.
+    pub bytes_per_sec: u64,
+    pub window: std::time::Duration,
+}
+
+impl MinRate {
+    pub const OFF: MinRate = MinRate { bytes_per_sec: 0, window: std::time::Duration::from_secs(10) };
+    /// The window every minimum rate is judged over.
+    pub const WINDOW: std::time::Duration = std::time::Duration::from_secs(10);
+
+    pub fn per_sec(bytes_per_sec: u64) -> MinRate {
+        MinRate { bytes_per_sec, window: Self::WINDOW }
+    }
+}
+
+/// A transfer found slower than its [`MinRate`]: what it managed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TooSlow {
+    pub bytes: u64,
+    pub blocked: std::time::Duration,
+    pub rule: MinRate,
+}
+
+impl std::fmt::Display for TooSlow {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "slower than the minimum {} B/s: {} bytes in {:.1}s of waiting on the client",
+            self.rule.bytes_per_sec,
+            self.bytes,
+            self.blocked.as_secs_f64()
+        )
+    }
+}
+
+impl std::error::Error for TooSlow {}
+
+/// What one window of a transfer says about its pace.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// The window is not over yet.
+    Open,
+    /// The window is over and fast enough: start the next.
+    Passed,
+    TooSlow,
+}
+
+/// The pure rule behind [`Pace`]: `bytes` moved in `blocked` time of the current window.
+pub fn verdict(bytes: u64, blocked: std::time::Duration, rule: MinRate) -> Verdict {
+    if rule.bytes_per_sec == 0 || blocked < rule.window {
+        return Verdict::Open;
+    }
+    // Judged against the window, not the (possibly longer) time blocked: a single call may run
+    // past the window's end, and that overrun must not make the client look slower.
+    let needed = rule.bytes_per_sec as u128 * rule.window.as_millis() / 1000;
+    if (bytes as u128) < needed {
+        Verdict::TooSlow
+    } else {
+        Verdict::Passed
+    }
+}
+
+/// The state of a [`MinRate`] over one transfer.
+#[derive(Debug)]
+pub struct Pace {
+    rule: MinRate,
+    bytes: u64,
+    blocked: std::time::Duration,
+}
+
+impl Pace {
+    pub fn new(rule: MinRate) -> Pace {
+        Pace { rule, bytes: 0, blocked: std::time::Duration::ZERO }
+    }
+
+    /// Counts one socket call that moved `bytes` in `took`.
+    pub fn record(&mut self, bytes: u64, took: std::time::Duration) -> Result<(), TooSlow> {
+        self.bytes += bytes;
+        self.blocked += took;
+        match verdict(self.bytes, self.blocked, self.rule) {
+            Verdict::Open => Ok(()),
+            Verdict::Passed => {
+                (self.bytes, self.blocked) = (0, std::time::Duration::ZERO);
+                Ok(())
+            }
+            Verdict::TooSlow => Err(TooSlow { bytes: self.bytes, blocked: self.blocked, rule: self.rule }),
+        }
+    }
 }
 
 /// What [`write_response`] is asked to send of a response: which part of its body, with
@@ -137,7 +280,18 @@ pub fn part_for(req: &Request, resp: &Response) -> Part {
 ///
 /// The head of a large body is sent with `MSG_MORE`, so it shares its first segment with
 /// the body; the body goes out in [`SENDFILE_CHUNK`]s.
-pub fn write_response(sock: &mut TcpStream, resp: Response, part: Part, head_only: bool, keep_alive: bool) -> io::Result<Sent> {
+///
+/// Large bodies are held to `min_rate` ([`MinRate`]): a client that reads slower is cut off
+/// with `TimedOut`.
+pub fn write_response(
+    sock: &mut TcpStream,
+    resp: Response,
+    part: Part,
+    head_only: bool,
+    keep_alive: bool,
+    min_rate: MinRate,
+) -> io::Result<Sent> {
+    let mut pace = Pace::new(min_rate);
     let full = resp.body.len();
     if part == Part::Unsatisfiable {
         let mut refused = Response::text(416, "Range Not Satisfiable\n");
@@ -165,7 +319,7 @@ pub fn write_response(sock: &mut TcpStream, resp: Response, part: Part, head_onl
     match resp.body {
         Body::File { ref file, .. } => {
             send_more(sock, &head(&resp, &plan)?)?;
-            send_file(sock, file, start, len)?;
+            send_file_paced(sock, file, start, len, &mut pace)?;
         }
         Body::Declared(_) | Body::Empty | Body::Bytes(_) => {
             // A length-only body answering a GET is a handler bug: the head would promise
@@ -197,13 +351,13 @@ pub fn write_response(sock: &mut TcpStream, resp: Response, part: Part, head_onl
                     Ok(Chunk::File { upto }) => {
                         let upto = upto.min(end);
                         if upto > sent {
-                            send_file(sock, g.file(), sent, upto - sent)?;
+                            send_file_paced(sock, g.file(), sent, upto - sent, &mut pace)?;
                             sent = upto;
                         }
                     }
                     Ok(Chunk::Bytes(b)) => {
                         let b = &b[..b.len().min((end - sent) as usize)];
-                        sock.write_all(b)?;
+                        write_all_paced(sock, b, &mut pace)?;
                         sent += b.len() as u64;
                     }
                     Err(why) => {
@@ -345,7 +499,7 @@ mod tests {
         let mut client = TcpStream::connect(l.local_addr().unwrap()).unwrap();
         let (mut server, _) = l.accept().unwrap();
         let resp = Response::new(200, "application/x-nix-nar", Body::Growing(Box::new(body)));
-        let sent = write_response(&mut server, resp, Part::Whole, false, true).map_err(|e| e.to_string());
+        let sent = write_response(&mut server, resp, Part::Whole, false, true, MinRate::OFF).map_err(|e| e.to_string());
         drop(server);
         let mut got = Vec::new();
         let clean = client.read_to_end(&mut got).is_ok();
@@ -366,7 +520,7 @@ mod tests {
         let mut client = TcpStream::connect(l.local_addr().unwrap()).unwrap();
         let (mut server, _) = l.accept().unwrap();
         let part = part_for(req, &resp);
-        write_response(&mut server, resp, part, false, false).unwrap();
+        write_response(&mut server, resp, part, false, false, MinRate::OFF).unwrap();
         drop(server);
         let mut got = String::new();
         client.read_to_string(&mut got).unwrap();
@@ -425,5 +579,32 @@ mod tests {
         assert!(!got.ends_with(b"xxxxxxxxxx"), "{:?}", String::from_utf8_lossy(&got));
         assert!(!clean, "the client must see a reset, not a clean end");
     }
-}
 
+    #[test]
+    fn a_transfer_is_judged_only_once_a_window_of_waiting_is_over() {
+        let rule = MinRate::per_sec(16 << 10);
+        let ms = std::time::Duration::from_millis;
+        assert_eq!(verdict(0, ms(9_999), rule), Verdict::Open);
+        assert_eq!(verdict(160 << 10, ms(10_000), rule), Verdict::Passed);
+        assert_eq!(verdict((160 << 10) - 1, ms(10_000), rule), Verdict::TooSlow);
+        // A call that ran past the window is judged against the window, not its overrun.
+        assert_eq!(verdict(160 << 10, ms(60_000), rule), Verdict::Passed);
+        assert_eq!(verdict(0, ms(1_000_000), MinRate::OFF), Verdict::Open);
+    }
+
+    #[test]
+    fn a_drip_is_cut_off_after_one_window_and_a_fast_start_does_not_excuse_a_stall() {
+        let s = std::time::Duration::from_secs;
+        let mut drip = Pace::new(MinRate::per_sec(16 << 10));
+        // 1 byte every 5 s: the second read ends the first window.
+        assert!(drip.record(1, s(5)).is_ok());
+        let slow = drip.record(1, s(5)).unwrap_err();
+        assert_eq!((slow.bytes, slow.blocked), (2, s(10)));
+        // Socket buffers filled at once, then 4 KiB/s: the first window passes, the next not.
+        let mut reader = Pace::new(MinRate::per_sec(16 << 10));
+        assert!(reader.record(4 << 20, s(1)).is_ok());
+        assert!(reader.record(4 << 10, s(9)).is_ok());
+        assert!(reader.record(4 << 10, s(5)).is_ok());
+        assert!(reader.record(4 << 10, s(5)).is_err());
+    }
+}

@@ -3,8 +3,9 @@
 //! ncps needs three things general-purpose servers in its dependency budget do not give: file
 //! bodies sent with `sendfile(2)` straight from the page cache, a fixed number of worker threads
 //! that slow or idle clients cannot take (headers are read by one poll loop, and only complete
-//! requests reach a worker), and timeouts on every read and write. DESIGN.md has the numbers
-//! that led here. Handlers see a parsed [`Request`] and return a [`Response`]; they never touch
+//! requests reach a worker), and timeouts on every read and write, with minimum rates for
+//! request bodies and responses, so that no slow peer holds a worker for long. DESIGN.md has
+//! the numbers that led here ("Why not tiny_http", "Isolation"). Handlers see a parsed [`Request`] and return a [`Response`]; they never touch
 //! sockets.
 
 mod body;
@@ -12,10 +13,10 @@ pub mod range;
 mod request;
 mod server;
 
-pub use body::{client_gone, send_file, Sent};
+pub use body::{client_gone, send_file, MinRate, Sent, FAST_FILE_MAX};
 
 pub use request::{Method, Request};
-pub use server::{serve, Handler, ServerConfig};
+pub use server::{serve, Handler, Lane, ServerConfig};
 
 use std::fs::File;
 

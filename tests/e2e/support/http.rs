@@ -355,3 +355,75 @@ pub fn free_port() -> u16 {
     let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
     l.local_addr().unwrap().port()
 }
+
+/// A connection to `dst` from the loopback address `src` (e.g. 127.0.0.2: a second client
+/// host), with the receive buffer set to `rcvbuf` bytes if given (a small one makes a slow
+/// reader slow at once, instead of after megabytes of kernel buffers).
+pub fn connect_from(src: std::net::IpAddr, dst: SocketAddr, rcvbuf: Option<usize>) -> io::Result<TcpStream> {
+    use std::os::fd::FromRawFd;
+    let (std::net::IpAddr::V4(src), SocketAddr::V4(dst)) = (src, dst) else {
+        return Err(io::Error::other("connect_from: IPv4 only"));
+    };
+    let sockaddr = |ip: std::net::Ipv4Addr, port: u16| libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: port.to_be(),
+        sin_addr: libc::in_addr { s_addr: u32::from(ip).to_be() },
+        sin_zero: [0; 8],
+    };
+    let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    // SAFETY: a new socket descriptor, owned by the TcpStream made from it right away (so it
+    // is closed on every path); the sockaddr_in values live across the calls that read them.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let stream = TcpStream::from_raw_fd(fd);
+        if let Some(n) = rcvbuf {
+            let n = n as libc::c_int;
+            let p = &n as *const libc::c_int as *const libc::c_void;
+            libc::setsockopt(fd, libc::SOL_SOCKET, libc::SO_RCVBUF, p, std::mem::size_of::<libc::c_int>() as libc::socklen_t);
+        }
+        let from = sockaddr(src, 0);
+        if libc::bind(fd, &from as *const libc::sockaddr_in as *const libc::sockaddr, len) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let to = sockaddr(*dst.ip(), dst.port());
+        if libc::connect(fd, &to as *const libc::sockaddr_in as *const libc::sockaddr, len) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(stream)
+    }
+}
+
+/// One keep-alive exchange: sends `GET path` (keep-alive) and reads exactly its response
+/// (head and Content-Length bytes), leaving the connection ready for the next. Returns the
+/// status and the body length.
+pub fn keep_alive_get(s: &mut TcpStream, path: &str) -> io::Result<(u16, u64)> {
+    write!(s, "GET {path} HTTP/1.1\r\nHost: ncps-e2e\r\n\r\n")?;
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        if s.read(&mut byte)? == 0 {
+            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "closed before the head ended"));
+        }
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head).to_string();
+    let status = parse_status(head.lines().next().unwrap_or(""))?;
+    let len: u64 = head
+        .lines()
+        .find_map(|l| l.split_once(':').filter(|(k, _)| k.eq_ignore_ascii_case("content-length")).map(|(_, v)| v.trim().to_string()))
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| io::Error::other("no Content-Length"))?;
+    let mut left = len;
+    let mut buf = vec![0u8; 64 * 1024];
+    while left > 0 {
+        let n = s.read(&mut buf[..left.min(64 * 1024) as usize])?;
+        if n == 0 {
+            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "closed mid-body"));
+        }
+        left -= n as u64;
+    }
+    Ok((status, len))
+}

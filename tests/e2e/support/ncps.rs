@@ -75,6 +75,8 @@ pub struct Ncps {
     data: TempDir,
     args: Vec<String>,
     envs: Vec<(String, String)>,
+    /// RLIMIT_NOFILE (soft and hard) for the process, if limited.
+    nofile: Option<u64>,
 }
 
 impl Ncps {
@@ -93,7 +95,12 @@ impl Ncps {
         Ncps::start_with_hostname_and_env(hostname, extra, &[])
     }
 
-    fn start_with_hostname_and_env(hostname: &str, extra: &[&str], envs: &[(&str, &str)]) -> Ncps {
+    /// As [`Ncps::start`], under `ulimit -n nofile` (soft and hard: ncps cannot raise it).
+    pub fn start_with_fd_limit(extra: &[&str], nofile: u64) -> Ncps {
+        Ncps::start_limited(Ncps::args_for(HOSTNAME, extra), Vec::new(), Some(nofile))
+    }
+
+    fn args_for(hostname: &str, extra: &[&str]) -> Vec<String> {
         let mut args: Vec<String> = [
             "serve",
             "--cache-hostname",
@@ -109,6 +116,11 @@ impl Ncps {
         .map(|s| s.to_string())
         .collect();
         args.extend(extra.iter().map(|s| s.to_string()));
+        args
+    }
+
+    fn start_with_hostname_and_env(hostname: &str, extra: &[&str], envs: &[(&str, &str)]) -> Ncps {
+        let args = Ncps::args_for(hostname, extra);
         Ncps::start_raw(args, envs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect())
     }
 
@@ -135,6 +147,10 @@ impl Ncps {
 
     /// Exactly these args and env vars (placeholders substituted).
     pub fn start_raw(args: Vec<String>, envs: Vec<(String, String)>) -> Ncps {
+        Ncps::start_limited(args, envs, None)
+    }
+
+    fn start_limited(args: Vec<String>, envs: Vec<(String, String)>, nofile: Option<u64>) -> Ncps {
         let data = TempDir::new("ncps-data");
         let mut n = Ncps {
             child: None,
@@ -142,6 +158,7 @@ impl Ncps {
             data,
             args,
             envs,
+            nofile,
         };
         // A freshly chosen port can be taken by someone else before ncps
         // binds it: retry with another port in that case only.
@@ -339,6 +356,20 @@ impl Ncps {
         cmd.stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log);
+        if let Some(n) = self.nofile {
+            use std::os::unix::process::CommandExt;
+            let lim = libc::rlimit { rlim_cur: n, rlim_max: n };
+            // SAFETY: runs in the forked child before exec; setrlimit is async-signal-safe and
+            // `lim` is a plain value copied into the closure.
+            unsafe {
+                cmd.pre_exec(move || {
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
         let child = cmd.spawn().map_err(|e| format!("spawn {bin}: {e}"))?;
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(10);

@@ -124,6 +124,30 @@ pub const FLAGS: &[Flag] = &[
     flag!(["prometheus-enabled"], ["PROMETHEUS_ENABLED"],
         ["prometheus.enabled"], Bool, Some("false"),
         "Serve metrics in the Prometheus text format at /metrics"),
+    flag!(["otel-enabled"], ["OTEL_ENABLED"],
+        ["opentelemetry.enabled"], Bool, Some("false"),
+        "Send traces, metrics and logs over OpenTelemetry (OTLP): to --otel-grpc-url, else to \
+         OTEL_EXPORTER_OTLP_ENDPOINT, else as OTLP/JSON lines on stdout"),
+    flag!(["otel-grpc-url"], ["OTEL_GRPC_URL"],
+        ["opentelemetry.grpc-url"], Value, None,
+        "OpenTelemetry collector for OTLP/gRPC, as http://HOST:4317 (cleartext HTTP/2); omit for stdout"),
+    flag!(["otel-endpoint"], ["OTEL_EXPORTER_OTLP_ENDPOINT"],
+        ["opentelemetry.endpoint"], Value, None,
+        "OpenTelemetry collector when --otel-grpc-url is not given: http(s)://HOST:4318 for \
+         http/protobuf, http://HOST:4317 for grpc"),
+    flag!(["otel-protocol"], ["OTEL_EXPORTER_OTLP_PROTOCOL"],
+        ["opentelemetry.protocol"], Value, None,
+        "OTLP protocol for --otel-endpoint: grpc or http/protobuf [default: grpc with \
+         --otel-grpc-url, else http/protobuf]"),
+    flag!(["otel-service-name"], ["OTEL_SERVICE_NAME"],
+        ["opentelemetry.service-name"], Value, Some("ncps"),
+        "service.name of the telemetry ncps sends"),
+    flag!(["otel-resource-attributes"], ["OTEL_RESOURCE_ATTRIBUTES"],
+        ["opentelemetry.resource-attributes"], Value, None,
+        "More resource attributes, key=value,key2=value2 (values percent-encoded)"),
+    flag!(["otel-metric-export-interval"], ["OTEL_METRIC_EXPORT_INTERVAL"],
+        ["opentelemetry.metric-export-interval"], Value, Some("60000"),
+        "How often metrics are sent, in milliseconds (or a duration such as 60s)"),
     flag!(["server-addr"], ["SERVER_ADDR"],
         ["server.addr"], Value, Some(":8501"),
         "Address to listen on, host:port (:port for every interface)"),
@@ -224,6 +248,8 @@ pub struct Config {
     pub allow_put: bool,
     pub allow_delete: bool,
     pub prometheus: bool,
+    /// `--otel-enabled` and where to: `None` when telemetry is off.
+    pub otel: Option<crate::otel::OtelSettings>,
     pub access: AccessConfig,
 }
 
@@ -258,7 +284,7 @@ pub struct RawValues {
 /// named as such when a Go ncps config file holds them, rather than as typos.
 const GO_ONLY_KEY_PREFIXES: &[&str] = &[
     "cache.storage.s3", "cache.redis", "cache.lock", "cache.database.pool", "cache.cdc",
-    "cache.download", "opentelemetry", "analytics", "xz-binary-path", "use-xz-binary",
+    "cache.download", "analytics", "xz-binary-path", "use-xz-binary",
 ];
 
 fn find_key(key: &str) -> Option<(&'static Flag, &'static str)> {
@@ -595,8 +621,73 @@ impl Config {
             allow_put,
             allow_delete,
             prometheus: raw.bool("prometheus-enabled")?,
+            otel: otel_from_raw(raw)?,
         })
     }
+}
+
+/// `--otel-*` and the standard `OTEL_*` variables: where telemetry goes, checked. `None`
+/// unless `--otel-enabled`.
+fn otel_from_raw(raw: &RawValues) -> Result<Option<crate::otel::OtelSettings>, ConfigError> {
+    use crate::otel::{Destination, OtelSettings};
+    if !raw.bool("otel-enabled")? {
+        return Ok(None);
+    }
+    let grpc_url = raw.one("otel-grpc-url").filter(|v| !v.is_empty());
+    let endpoint = raw.one("otel-endpoint").filter(|v| !v.is_empty());
+    let protocol = match (raw.one("otel-protocol").filter(|v| !v.is_empty()), grpc_url) {
+        (Some(p), _) => p,
+        (None, Some(_)) => "grpc",
+        (None, None) => "http/protobuf",
+    };
+    let grpc = |flag: &str, url: &str| -> Result<Destination, ConfigError> {
+        match url.split_once("://") {
+            Some(("http", rest)) if !rest.is_empty() => {
+                let hostport = rest.split('/').next().unwrap_or(rest);
+                Ok(Destination::Grpc { url: format!("http://{hostport}") })
+            }
+            _ => Err(ConfigError::new(
+                flag,
+                format!(
+                    "{url:?}: gRPC here is cleartext only, as http://HOST:4317; for TLS use \
+                     OTEL_EXPORTER_OTLP_PROTOCOL=http/protobuf with an https:// endpoint"
+                ),
+            )),
+        }
+    };
+    let destination = match (protocol, grpc_url, endpoint) {
+        ("grpc", Some(url), _) => grpc("otel-grpc-url", url)?,
+        ("grpc", None, Some(url)) => grpc("otel-endpoint", url)?,
+        ("grpc", None, None) => Destination::Stdout,
+        ("http/protobuf", Some(_), _) => {
+            return Err(ConfigError::new(
+                "otel-grpc-url",
+                "is for gRPC; with OTEL_EXPORTER_OTLP_PROTOCOL=http/protobuf set OTEL_EXPORTER_OTLP_ENDPOINT instead",
+            ))
+        }
+        ("http/protobuf", None, Some(url)) => {
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                return Err(ConfigError::new("otel-endpoint", format!("{url:?}: expected http://HOST:4318 or https://...")));
+            }
+            Destination::HttpProtobuf { base: url.trim_end_matches('/').to_string() }
+        }
+        ("http/protobuf", None, None) => Destination::Stdout,
+        (other, _, _) => {
+            return Err(ConfigError::new("otel-protocol", format!("{other:?}: expected grpc or http/protobuf")))
+        }
+    };
+    let interval = raw.one("otel-metric-export-interval").unwrap_or("60000");
+    let metric_interval = match interval.parse::<u64>() {
+        Ok(ms) => Duration::from_millis(ms),
+        Err(_) => parse_duration(interval).ok_or_else(|| {
+            ConfigError::new("otel-metric-export-interval", format!("{interval:?}: expected milliseconds or a duration such as 60s"))
+        })?,
+    };
+    if metric_interval < Duration::from_millis(100) {
+        return Err(ConfigError::new("otel-metric-export-interval", format!("{interval:?}: at least 100 ms")));
+    }
+    let resource = crate::otel::resource(raw.one("otel-resource-attributes"), raw.one("otel-service-name"));
+    Ok(Some(OtelSettings { destination, resource, metric_interval }))
 }
 
 /// The access flags, and the combinations that make no sense or leave a hole.

@@ -167,10 +167,17 @@ pub fn run(config: &Config, signals: StopSignals) -> Result<(), Exit> {
             // are dropped: their temp files are removed at the next start, and nothing
             // unverified was ever under a final name.
             cache.stop();
+            crate::otel::export::flush(std::time::Duration::from_secs(2));
             crate::logging::flush();
             std::process::exit(0);
         })
         .map_err(|e| runtime(format!("starting a thread: {e}")))?;
+    if let Some(otel) = config.otel.clone() {
+        log::info!("OpenTelemetry: traces, metrics every {:?} and logs as {}", otel.metric_interval, otel.describe());
+        let cache = p.cache.clone();
+        let figures = Box::new(move || cache.figures().ok().map(|store| cache.metrics().render_prometheus(&store)));
+        crate::otel::export::start(otel, figures).map_err(|e| runtime(format!("starting a thread: {e}")))?;
+    }
     if let Some(schedule) = config.lru_schedule.clone() {
         let (cache, zone) = (p.cache.clone(), p.lru_zone);
         std::thread::Builder::new()

@@ -278,6 +278,7 @@ fn dispatch(mut w: Waiting, queue: &Queue, handler: &dyn Handler, config: &Serve
         let simple = req.content_length == 0 && !req.chunked;
         // A panic here would take down the poll loop and with it the server: a worker retries
         // the request instead, where a second panic costs only that request (a 500).
+        let span = crate::otel::request_span(req.header("traceparent"));
         let answered = if simple {
             std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| handler.fast(&req))).unwrap_or_else(|_| {
                 log::error!("{} {}: internal error (panic) in the fast path", req.method_text, req.target);
@@ -287,6 +288,8 @@ fn dispatch(mut w: Waiting, queue: &Queue, handler: &dyn Handler, config: &Serve
             None
         };
         let Some(resp) = answered else {
+            // Not answered here: the worker's span is the request's (this one is not sent).
+            span.discard();
             if w.stream.set_nonblocking(false).is_err() {
                 return Dispatch::Refused;
             }
@@ -297,6 +300,7 @@ fn dispatch(mut w: Waiting, queue: &Queue, handler: &dyn Handler, config: &Serve
         let start = Instant::now();
         let status = resp.status;
         let note = resp.log_note();
+        let otel_note = (resp.note, resp.upstream.clone());
         let body = if req.method == Method::Head { 0 } else { resp.body.len() };
         let bytes = match render_small(resp, req.method == Method::Head, keep_alive) {
             Ok(b) => b,
@@ -310,6 +314,8 @@ fn dispatch(mut w: Waiting, queue: &Queue, handler: &dyn Handler, config: &Serve
             "{} {} {} {status} {body}B {:.1}ms {note}",
             req.peer.ip(), req.method_text, req.target, start.elapsed().as_secs_f64() * 1000.0
         );
+        crate::otel::request_done(&span, &req.method_text, req.path(), req.peer.ip(), status, body, otel_note.0, otel_note.1.as_deref());
+        drop(span);
         match sent {
             Err(_) => return Dispatch::Refused,
             Ok(n) if n < bytes.len() => {
@@ -444,6 +450,7 @@ fn worker(
 /// Answers one request. Returns the bytes read past it if the connection may carry another.
 fn answer(stream: &mut TcpStream, req: &Request, rest: Vec<u8>, handler: &dyn Handler) -> Option<Vec<u8>> {
     let start = Instant::now();
+    let span = crate::otel::request_span(req.header("traceparent"));
     let (resp, body_left, leftover) = if req.chunked {
         (Response::text(411, "chunked request bodies are not supported; send Content-Length\n"), 1, Vec::new())
     } else {
@@ -472,6 +479,7 @@ fn answer(stream: &mut TcpStream, req: &Request, rest: Vec<u8>, handler: &dyn Ha
         Part::Unsatisfiable => 416,
     };
     let note = resp.log_note();
+    let otel_note = (resp.note, resp.upstream.clone());
     let on_sent = resp.on_sent.take();
     let planned = if req.method == Method::Head { 0 } else { part.span(resp.body.len()).1 };
     let result = write_response(stream, resp, part, req.method == Method::Head, keep_alive);
@@ -493,6 +501,11 @@ fn answer(stream: &mut TcpStream, req: &Request, rest: Vec<u8>, handler: &dyn Ha
             "{} {} {} {status} aborted after {ms:.1}ms {note}: {e}",
             req.peer.ip(), req.method_text, req.target
         ),
+    }
+    let (sent_status, sent_bytes) = result.as_ref().map_or((status, 0), |s| (s.status, s.bytes));
+    crate::otel::request_done(&span, &req.method_text, req.path(), req.peer.ip(), sent_status, sent_bytes, otel_note.0, otel_note.1.as_deref());
+    if let Err(e) = &result {
+        span.fail(format!("aborted: {e}"));
     }
     (result.is_ok() && keep_alive).then_some(leftover)
 }

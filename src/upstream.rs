@@ -341,8 +341,13 @@ impl Upstreams {
     /// credentials of each URL's origin go with it, and only those.
     fn get(&self, url: &str, headers: &[(&str, &str)]) -> Result<ureq::http::Response<ureq::Body>, UpstreamError> {
         let mut current = url.to_string();
+        // W3C trace context: the upstream sees the span this request is made under.
+        let traceparent = crate::otel::current().map(|c| crate::otel::trace::traceparent(&c));
         for _ in 0..=MAX_REDIRECTS {
             let mut req = self.agent.get(&current);
+            if let Some(t) = &traceparent {
+                req = req.header("traceparent", t);
+            }
             for (k, v) in headers {
                 req = req.header(*k, *v);
             }

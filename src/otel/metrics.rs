@@ -32,8 +32,10 @@ pub struct Metric {
     pub data: MetricData,
 }
 
+type Labels = Vec<(String, String)>;
+
 /// Splits `name{a="b",c="d"} value` into its parts; `None` for a line that is not a sample.
-fn sample(line: &str) -> Option<(&str, Vec<(String, String)>, f64)> {
+fn sample(line: &str) -> Option<(&str, Labels, f64)> {
     let (series, value) = line.rsplit_once(' ')?;
     let value: f64 = match value {
         "+Inf" => f64::INFINITY,

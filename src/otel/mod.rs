@@ -14,10 +14,11 @@
 //!   waits for a collector, and a collector that is down costs dropped telemetry, counted;
 //! - [`proto`], [`json`]: OTLP protobuf, and OTLP/JSON lines for stdout;
 //! - [`metrics`]: the `/metrics` text read back as OTLP metrics;
-//! - [`h2`]: gRPC over cleartext HTTP/2.
+//! - [`h2`], [`huffman`]: gRPC over cleartext HTTP/2.
 
 pub mod export;
 pub mod h2;
+pub mod huffman;
 pub mod json;
 pub mod metrics;
 pub mod proto;

@@ -277,10 +277,25 @@ pub fn request_span(traceparent: Option<&str>) -> Guard {
     }
 }
 
-/// A context for a span to be started later (maybe on another thread) under the current one.
-pub fn child_context() -> Option<SpanContext> {
+/// A span to be started on another thread, named in advance: its context, and its parent.
+#[derive(Clone, Copy, Debug)]
+pub struct Handoff {
+    pub context: SpanContext,
+    pub parent: [u8; 8],
+}
+
+/// Names a span under the current one, to be started elsewhere with [`span_from`].
+pub fn handoff() -> Option<Handoff> {
     let parent = current()?;
-    Some(SpanContext { trace_id: parent.trace_id, span_id: new_span_id() })
+    Some(Handoff { context: SpanContext { trace_id: parent.trace_id, span_id: new_span_id() }, parent: parent.span_id })
+}
+
+/// Starts the span a [`handoff`] named (a new trace without one).
+pub fn span_from(h: Option<Handoff>, name: &'static str, kind: SpanKind) -> Guard {
+    match h {
+        Some(h) => span_as(name, kind, h.context, Some(h.parent)),
+        None => span(name, kind),
+    }
 }
 
 /// The innermost span open on this thread.

@@ -10,6 +10,7 @@
 //! | [`integrity`] | what ncps refuses to pass on or keep: bad signatures, corrupt or truncated NARs, crashes, hostile clients |
 //! | [`lifecycle`] | the size limit and eviction, uploads, DELETE, `ncps fsck` |
 //! | [`concurrency`] | many clients at once: one upstream download per miss, streaming, floods |
+//! | [`otel`] | OpenTelemetry: traces, metrics and logs at a real collector (Rotel), over HTTP and gRPC; a collector that is down |
 //! | [`outages`] | upstreams that fail: honest 5xx, marked down and probed back, removed ones never asked |
 //! | [`resume`] | NAR bodies that break off upstream, finished with Range requests while clients stream |
 //! | [`ranges`] | byte ranges on NARs: resuming a cut transfer, ETags, edge cases, HEAD |
@@ -30,6 +31,7 @@ mod access;
 mod concurrency;
 mod integrity;
 mod lifecycle;
+mod otel;
 mod outages;
 mod proxy;
 mod resume;

@@ -188,11 +188,11 @@ fn a_request_that_joins_a_download_in_flight_links_to_its_span() {
     let collector = Collector::start();
     let url = collector.http_url();
     let (up, ncps) = ncps_with_telemetry(fx, &["--otel-endpoint", &url]);
-    // The biggest NAR, sent slowly, so that a second client arrives while it downloads.
-    let path = fx.top_closure.iter().max_by_key(|p| fixture_nar_size(fx, p)).unwrap();
+    // The big NAR, sent slowly, so that a second client arrives while it downloads.
+    let path = &fx.big;
     let nar = upstream_nar_path(fx, Compression::Xz, path);
     assert_eq!(ncps.get(&format!("/{}.narinfo", store_hash(path))).status, 200);
-    up.set_mode_for(Mode::Slow(64 * 1024), Target::Nar);
+    up.set_mode_for(Mode::Slow(2_000_000), Target::Nar);
     let first = {
         let u = format!("{}{nar}", ncps.url());
         std::thread::spawn(move || http_get(&u).map(|r| r.status))
@@ -217,11 +217,6 @@ fn a_request_that_joins_a_download_in_flight_links_to_its_span() {
         "the joiner links to the download's span"
     );
     assert_ne!(joiner["trace_id"], download["trace_id"], "the joiner has its own trace");
-}
-
-/// The size of a fixture path's NAR file, as its narinfo says.
-fn fixture_nar_size(fx: &Fixture, path: &str) -> u64 {
-    NarInfo::parse(&fx.upstream_narinfo(Compression::Xz, path)).get("FileSize").unwrap().parse().unwrap()
 }
 
 #[test]

@@ -969,6 +969,39 @@ mod tests {
     }
 
     #[test]
+    fn otel_goes_to_the_grpc_url_else_the_standard_endpoint_else_stdout() {
+        use crate::otel::Destination;
+        let otel = |args: &[&str], env: &[(&str, &str)]| parse(&[MINIMAL, args].concat(), env).map(|c| c.otel);
+        assert_eq!(otel(&[], &[("OTEL_GRPC_URL", "http://c:4317")]).unwrap(), None, "off unless enabled");
+        let on = [("OTEL_ENABLED", "true")];
+        let dest = |env: &[(&str, &str)]| otel(&[], &[&on[..], env].concat()).unwrap().unwrap().destination;
+        assert_eq!(dest(&[]), Destination::Stdout);
+        assert_eq!(dest(&[("OTEL_GRPC_URL", "http://c:4317/")]), Destination::Grpc { url: "http://c:4317".into() });
+        assert_eq!(
+            dest(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "https://c:4318/")]),
+            Destination::HttpProtobuf { base: "https://c:4318".into() }
+        );
+        assert_eq!(
+            dest(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c:4317"), ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")]),
+            Destination::Grpc { url: "http://c:4317".into() }
+        );
+        let s = otel(&["--otel-enabled", "--otel-service-name=lab-cache"], &[("OTEL_METRIC_EXPORT_INTERVAL", "15s")])
+            .unwrap()
+            .unwrap();
+        assert_eq!(s.metric_interval, Duration::from_secs(15));
+        assert_eq!(s.resource.attributes[0], ("service.name".to_string(), "lab-cache".to_string()));
+        let flag = |env: &[(&str, &str)]| otel(&[], &[&on[..], env].concat()).unwrap_err().flag;
+        assert_eq!(flag(&[("OTEL_GRPC_URL", "https://c:4317")]), "otel-grpc-url", "no TLS gRPC");
+        assert_eq!(flag(&[("OTEL_GRPC_URL", "c:4317")]), "otel-grpc-url");
+        assert_eq!(flag(&[("OTEL_EXPORTER_OTLP_PROTOCOL", "http/json")]), "otel-protocol");
+        assert_eq!(flag(&[("OTEL_METRIC_EXPORT_INTERVAL", "5")]), "otel-metric-export-interval");
+        assert_eq!(
+            flag(&[("OTEL_GRPC_URL", "http://c:4317"), ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf")]),
+            "otel-grpc-url"
+        );
+    }
+
+    #[test]
     fn mistakes_name_the_flag() {
         let flag = |args: &[&str]| parse(args, &[]).unwrap_err().flag;
         assert_eq!(flag(&["serve", "--cache-data-path=/d", "--upstream-cache=http://a"]), "cache-hostname");

@@ -394,3 +394,61 @@ impl Exporter {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::otel::trace::{SpanContext, SpanKind};
+
+    fn span() -> SpanData {
+        SpanData {
+            context: SpanContext { trace_id: [1; 16], span_id: [2; 8] },
+            parent: None,
+            name: "s".into(),
+            kind: SpanKind::Internal,
+            start_ns: 1,
+            end_ns: 2,
+            attrs: Vec::new(),
+            links: Vec::new(),
+            error: None,
+        }
+    }
+
+    fn exporter() -> Exporter {
+        let settings = OtelSettings {
+            // Nothing listens on port 1: every export fails at once.
+            destination: Destination::Grpc { url: "http://127.0.0.1:1".into() },
+            resource: Resource::default(),
+            metric_interval: Duration::from_secs(60),
+        };
+        Exporter::new(settings, Box::new(|| None))
+    }
+
+    #[test]
+    fn what_waits_for_the_collector_is_bounded_and_the_oldest_goes_first() {
+        let mut e = exporter();
+        let before = STATS.dropped_spans.load(Relaxed);
+        for i in 0..PENDING + 10 {
+            let mut s = span();
+            s.start_ns = i as u64;
+            e.keep_span(s);
+        }
+        assert_eq!(e.spans.len(), PENDING);
+        assert_eq!(e.spans.front().map(|s| s.start_ns), Some(10), "the oldest were dropped");
+        assert!(STATS.dropped_spans.load(Relaxed) >= before + 10, "and counted");
+    }
+
+    #[test]
+    fn a_collector_that_is_down_keeps_the_batch_and_backs_off_and_one_that_refuses_drops_it() {
+        let mut e = exporter();
+        e.keep_span(span());
+        e.send_batches();
+        assert_eq!(e.spans.len(), 1, "kept for the next attempt");
+        let first = e.retry_at.expect("a retry time");
+        assert!(first > Instant::now());
+        assert_eq!(e.backoff, Duration::from_secs(2));
+        let dropped = STATS.dropped_logs.load(Relaxed);
+        assert!(e.settle(Err(ExportError::Refused("400".into())), 3, &STATS.exported_logs, &STATS.dropped_logs));
+        assert!(STATS.dropped_logs.load(Relaxed) >= dropped + 3);
+    }
+}

@@ -130,7 +130,8 @@ pub const FLAGS: &[Flag] = &[
          OTEL_EXPORTER_OTLP_ENDPOINT, else as OTLP/JSON lines on stdout"),
     flag!(["otel-grpc-url"], ["OTEL_GRPC_URL"],
         ["opentelemetry.grpc-url"], Value, None,
-        "OpenTelemetry collector for OTLP/gRPC, as http://HOST:4317 (cleartext HTTP/2); omit for stdout"),
+        "OpenTelemetry collector for OTLP/gRPC: http://HOST:4317 (cleartext), https://HOST:4317 or \
+         HOST:4317 (TLS); omit for stdout"),
     flag!(["otel-endpoint"], ["OTEL_EXPORTER_OTLP_ENDPOINT"],
         ["opentelemetry.endpoint"], Value, None,
         "OpenTelemetry collector when --otel-grpc-url is not given: http(s)://HOST:4318 for \
@@ -640,18 +641,16 @@ fn otel_from_raw(raw: &RawValues) -> Result<Option<crate::otel::OtelSettings>, C
         (None, Some(_)) => "grpc",
         (None, None) => "http/protobuf",
     };
+    // As the Go ncps: http:// is cleartext, https:// or no scheme is TLS.
     let grpc = |flag: &str, url: &str| -> Result<Destination, ConfigError> {
-        match url.split_once("://") {
-            Some(("http", rest)) if !rest.is_empty() => {
-                let hostport = rest.split('/').next().unwrap_or(rest);
-                Ok(Destination::Grpc { url: format!("http://{hostport}") })
-            }
+        let (scheme, rest) = url.split_once("://").unwrap_or(("https", url));
+        let hostport = rest.split('/').next().unwrap_or(rest);
+        let port_ok = hostport.rsplit_once(':').is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok());
+        match scheme {
+            "http" | "https" if port_ok => Ok(Destination::Grpc { url: format!("{scheme}://{hostport}") }),
             _ => Err(ConfigError::new(
                 flag,
-                format!(
-                    "{url:?}: gRPC here is cleartext only, as http://HOST:4317; for TLS use \
-                     OTEL_EXPORTER_OTLP_PROTOCOL=http/protobuf with an https:// endpoint"
-                ),
+                format!("{url:?}: expected http://HOST:PORT (cleartext) or https://HOST:PORT (TLS), e.g. http://127.0.0.1:4317"),
             )),
         }
     };
@@ -991,8 +990,10 @@ mod tests {
         assert_eq!(s.metric_interval, Duration::from_secs(15));
         assert_eq!(s.resource.attributes[0], ("service.name".to_string(), "lab-cache".to_string()));
         let flag = |env: &[(&str, &str)]| otel(&[], &[&on[..], env].concat()).unwrap_err().flag;
-        assert_eq!(flag(&[("OTEL_GRPC_URL", "https://c:4317")]), "otel-grpc-url", "no TLS gRPC");
-        assert_eq!(flag(&[("OTEL_GRPC_URL", "c:4317")]), "otel-grpc-url");
+        assert_eq!(dest(&[("OTEL_GRPC_URL", "https://c:4317")]), Destination::Grpc { url: "https://c:4317".into() });
+        assert_eq!(dest(&[("OTEL_GRPC_URL", "c:4317")]), Destination::Grpc { url: "https://c:4317".into() }, "TLS, as Go ncps");
+        assert_eq!(flag(&[("OTEL_GRPC_URL", "ftp://c:4317")]), "otel-grpc-url");
+        assert_eq!(flag(&[("OTEL_GRPC_URL", "http://c")]), "otel-grpc-url", "a port is needed");
         assert_eq!(flag(&[("OTEL_EXPORTER_OTLP_PROTOCOL", "http/json")]), "otel-protocol");
         assert_eq!(flag(&[("OTEL_METRIC_EXPORT_INTERVAL", "5")]), "otel-metric-export-interval");
         assert_eq!(

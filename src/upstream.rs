@@ -433,7 +433,7 @@ fn decode(
 /// no CA package still works and a LAN with its own CA (added to the system store) works too.
 /// `SSL_CERT_FILE`, when set, names the bundle to add instead of the system's, as it does for
 /// the Go ncps (and OpenSSL, curl, Nix): a private CA need not be installed system-wide.
-fn root_certs() -> Vec<ureq::tls::Certificate<'static>> {
+pub(crate) fn root_certs() -> Vec<ureq::tls::Certificate<'static>> {
     let mut certs: Vec<ureq::tls::Certificate<'static>> = webpki_root_certs::TLS_SERVER_ROOT_CERTS
         .iter()
         .map(|c| ureq::tls::Certificate::from_der(c.as_ref()))

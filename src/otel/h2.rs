@@ -1,5 +1,6 @@
-//! gRPC over cleartext HTTP/2 ("h2c with prior knowledge"), one unary call at a time: what
-//! OTLP/gRPC needs, and no more (RFC 9113, RFC 7541, gRPC's PROTOCOL-HTTP2.md).
+//! gRPC over HTTP/2, one unary call at a time: what OTLP/gRPC needs, and no more (RFC 9113,
+//! RFC 7541, gRPC's PROTOCOL-HTTP2.md). Cleartext ("h2c with prior knowledge") for `http://`,
+//! TLS with ALPN `h2` (rustls, the roots HTTPS upstreams are checked against) for `https://`.
 //!
 //! The client sends the connection preface and its SETTINGS, then per call one HEADERS frame
 //! (HPACK literals without Huffman coding or indexing: nothing to keep in step) and the
@@ -228,8 +229,9 @@ fn literal(out: &mut Vec<u8>, index: usize, name: &str, value: &str) {
 }
 
 /// The request header block of a gRPC call.
-pub fn request_headers(authority: &str, path: &str) -> Vec<u8> {
-    let mut b = vec![0x83, 0x86]; // :method POST, :scheme http (static 3 and 6)
+pub fn request_headers(authority: &str, path: &str, tls: bool) -> Vec<u8> {
+    // :method POST, :scheme http or https (static 3, and 6 or 7).
+    let mut b = vec![0x83, if tls { 0x87 } else { 0x86 }];
     literal(&mut b, 4, "", path); // :path
     literal(&mut b, 1, "", authority); // :authority
     literal(&mut b, 31, "", "application/grpc"); // content-type
@@ -253,8 +255,32 @@ struct Frame {
     payload: Vec<u8>,
 }
 
+/// The connection: a socket, or TLS over one.
+trait Stream: Read + Write + Send {}
+impl<T: Read + Write + Send> Stream for T {}
+
+/// The TLS client settings, made once: the roots HTTPS upstreams are checked against.
+fn tls_config() -> Result<std::sync::Arc<rustls::ClientConfig>, H2Error> {
+    static CONFIG: std::sync::OnceLock<Result<std::sync::Arc<rustls::ClientConfig>, String>> = std::sync::OnceLock::new();
+    let made = CONFIG.get_or_init(|| {
+        let mut roots = rustls::RootCertStore::empty();
+        for c in crate::upstream::root_certs() {
+            let _ = roots.add(rustls::pki_types::CertificateDer::from(c.der().to_vec()));
+        }
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        let mut config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| e.to_string())?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        Ok(std::sync::Arc::new(config))
+    });
+    made.clone().map_err(|_| H2Error::Protocol("TLS settings could not be made"))
+}
+
 struct Conn {
-    sock: TcpStream,
+    sock: Box<dyn Stream>,
     decoder: Decoder,
     next_stream: u32,
     /// The peer's windows for what ncps sends: the connection's, and the initial one of a stream.
@@ -273,15 +299,26 @@ struct Outcome {
 }
 
 impl Conn {
-    fn connect(authority: &str) -> Result<Conn, H2Error> {
+    fn connect(authority: &str, tls: bool) -> Result<Conn, H2Error> {
         let addr = authority
             .to_socket_addrs()?
             .next()
             .ok_or(H2Error::Protocol("the collector's address does not resolve"))?;
-        let sock = TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT)?;
-        sock.set_read_timeout(Some(REQUEST_TIMEOUT))?;
-        sock.set_write_timeout(Some(REQUEST_TIMEOUT))?;
-        let _ = sock.set_nodelay(true);
+        let tcp = TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT)?;
+        tcp.set_read_timeout(Some(REQUEST_TIMEOUT))?;
+        tcp.set_write_timeout(Some(REQUEST_TIMEOUT))?;
+        let _ = tcp.set_nodelay(true);
+        let sock: Box<dyn Stream> = if tls {
+            let host = authority.rsplit_once(':').map_or(authority, |(h, _)| h);
+            let host = host.trim_start_matches('[').trim_end_matches(']');
+            let name = rustls::pki_types::ServerName::try_from(host.to_string())
+                .map_err(|_| H2Error::Protocol("the collector's host is not a valid TLS name"))?;
+            let conn = rustls::ClientConnection::new(tls_config()?, name)
+                .map_err(|_| H2Error::Protocol("TLS could not start"))?;
+            Box::new(rustls::StreamOwned::new(conn, tcp))
+        } else {
+            Box::new(tcp)
+        };
         let mut c = Conn {
             sock,
             decoder: Decoder::default(),
@@ -369,11 +406,11 @@ impl Conn {
     }
 
     /// One unary call: the request, then frames until the response stream ends.
-    fn call(&mut self, authority: &str, path: &str, message: &[u8], deadline: Instant) -> Result<Outcome, H2Error> {
+    fn call(&mut self, authority: &str, tls: bool, path: &str, message: &[u8], deadline: Instant) -> Result<Outcome, H2Error> {
         let id = self.next_stream;
         self.next_stream += 2;
         let mut stream_window = self.initial_window;
-        let block = request_headers(authority, path);
+        let block = request_headers(authority, path, tls);
         self.send_frame(HEADERS, END_HEADERS, id, &block)?;
         let mut body = Vec::with_capacity(message.len() + 5);
         body.push(0);
@@ -468,16 +505,18 @@ fn retryable(code: &str) -> bool {
     matches!(code, "14" | "8" | "4" | "10")
 }
 
-/// A gRPC client for one collector (`http://host:port`).
+/// A gRPC client for one collector (`http://host:port` or `https://host:port`).
 pub struct GrpcClient {
     authority: String,
+    tls: bool,
     conn: Option<Conn>,
 }
 
 impl GrpcClient {
     pub fn new(url: &str) -> GrpcClient {
-        let authority = url.trim_start_matches("http://").trim_end_matches('/').to_string();
-        GrpcClient { authority, conn: None }
+        let tls = url.starts_with("https://");
+        let authority = url.trim_start_matches("http://").trim_start_matches("https://").trim_end_matches('/').to_string();
+        GrpcClient { authority, tls, conn: None }
     }
 
     /// Calls `path` with `message`; the answer's content does not matter, only its status.
@@ -489,7 +528,8 @@ impl GrpcClient {
             Err(H2Error::Io(_) | H2Error::GoAway(_)) if reused => self.attempt(path, message, deadline),
             other => other,
         };
-        let where_ = || format!("grpc://{}{path}", self.authority);
+        let scheme = if self.tls { "https" } else { "http" };
+        let where_ = || format!("{scheme}://{}{path}", self.authority);
         let outcome = outcome.map_err(|e| {
             self.conn = None;
             ExportError::Transient(format!("{}: {e}", where_()))
@@ -519,10 +559,10 @@ impl GrpcClient {
 
     fn attempt(&mut self, path: &str, message: &[u8], deadline: Instant) -> Result<Outcome, H2Error> {
         if self.conn.as_ref().is_none_or(|c| c.next_stream > (1 << 30)) {
-            self.conn = Some(Conn::connect(&self.authority)?);
+            self.conn = Some(Conn::connect(&self.authority, self.tls)?);
         }
         let Some(conn) = self.conn.as_mut() else { return Err(H2Error::Protocol("no connection")) };
-        let r = conn.call(&self.authority, path, message, deadline);
+        let r = conn.call(&self.authority, self.tls, path, message, deadline);
         if r.is_err() {
             self.conn = None;
         }
@@ -556,7 +596,7 @@ mod tests {
 
     #[test]
     fn the_request_headers_read_back_as_a_grpc_call() {
-        let block = request_headers("127.0.0.1:4317", "/opentelemetry.proto.collector.trace.v1.TraceService/Export");
+        let block = request_headers("127.0.0.1:4317", "/opentelemetry.proto.collector.trace.v1.TraceService/Export", false);
         let h = Decoder::default().decode(&block).unwrap();
         let get = |n: &str| h.iter().find(|(k, _)| k == n).map(|(_, v)| v.as_str());
         assert_eq!(get(":method"), Some("POST"));

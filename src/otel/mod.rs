@@ -6,7 +6,8 @@
 //! to about 5.3 MB, over the 5 MiB budget, and add a runtime to a server that has none.
 //! What ncps needs of OTLP is small (DESIGN.md, "OpenTelemetry"): a dozen protobuf messages
 //! written by hand ([`proto`]), a POST over the ureq ncps already has for HTTP/protobuf, and
-//! for gRPC one unary call at a time over HTTP/2 without TLS ([`h2`]).
+//! for gRPC one unary call at a time over HTTP/2, cleartext or over the rustls ureq links
+//! anyway ([`h2`]).
 //!
 //! Parts:
 //! - [`trace`]: span ids, `traceparent`, the spans open on each thread;
@@ -110,7 +111,7 @@ pub enum Destination {
     Stdout,
     /// OTLP/HTTP with protobuf bodies: POSTs to `<base>/v1/traces` and so on.
     HttpProtobuf { base: String },
-    /// OTLP/gRPC to `http://host:port` (cleartext HTTP/2).
+    /// OTLP/gRPC to `http://host:port` (cleartext HTTP/2) or `https://host:port` (TLS).
     Grpc { url: String },
 }
 

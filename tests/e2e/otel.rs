@@ -147,6 +147,24 @@ fn a_nix_copy_arrives_as_traces_metrics_and_logs_over_otlp_grpc() {
 }
 
 #[test]
+fn a_nix_copy_arrives_over_otlp_grpc_with_tls() {
+    let Some(fx) = fixture_or_skip() else { return };
+    let collector = Collector::start();
+    let front = TlsFront::for_h2(collector.grpc_port).expect("a TLS front (openssl)");
+    let url = front.url();
+    let up = Upstream::for_cache(fx, Compression::Xz);
+    let ca = front.ca_file().to_string_lossy().into_owned();
+    let ncps = Ncps::start_with_env(
+        &["--upstream-cache", &up.url(), "--upstream-public-key", &fx.up1_public_key, "--otel-enabled", "--otel-grpc-url", &url],
+        &[("SSL_CERT_FILE", &ca)],
+    );
+    NixClient::Nix2_8.copy_from(&ncps.url(), &[&fx.top], &ncps.pubkey()).expect("nix copy through ncps");
+    collector.wait_for("the NAR downloads' spans, over TLS", WAIT, |r| {
+        r.iter().filter(|x| x["name"] == "nar download").count() >= fx.top_closure.len()
+    });
+}
+
+#[test]
 fn a_clients_traceparent_is_continued_and_warnings_arrive_with_its_trace_id() {
     let collector = Collector::start();
     let up = Upstream::serve_dir(TempDir::new("empty-upstream").path());

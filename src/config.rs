@@ -281,7 +281,7 @@ pub struct RawValues {
     file: Option<String>,
 }
 
-/// Settings of the Go ncps that this ncps does not have (S3, Redis, OpenTelemetry, ...):
+/// Settings of the Go ncps that this ncps does not have (S3, Redis, locks, ...):
 /// named as such when a Go ncps config file holds them, rather than as typos.
 const GO_ONLY_KEY_PREFIXES: &[&str] = &[
     "cache.storage.s3", "cache.redis", "cache.lock", "cache.database.pool", "cache.cdc",

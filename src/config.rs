@@ -1003,6 +1003,14 @@ mod tests {
     }
 
     #[test]
+    fn otel_settings_come_from_go_ncps_config_file_keys() {
+        let yaml = "opentelemetry:\n  enabled: true\n  grpc-url: http://collector:4317\n";
+        let c = parse_with_file(MINIMAL, &[], "/etc/ncps/config.yaml", yaml).unwrap();
+        let otel = c.otel.expect("enabled by the file");
+        assert_eq!(otel.destination, crate::otel::Destination::Grpc { url: "http://collector:4317".into() });
+    }
+
+    #[test]
     fn mistakes_name_the_flag() {
         let flag = |args: &[&str]| parse(args, &[]).unwrap_err().flag;
         assert_eq!(flag(&["serve", "--cache-data-path=/d", "--upstream-cache=http://a"]), "cache-hostname");

@@ -216,6 +216,8 @@ struct Exporter {
     last_complaint: Option<Instant>,
     /// Drops counted at the last complaint.
     dropped_seen: u64,
+    /// The last export failed (said once it works again).
+    failing: bool,
 }
 
 fn dropped_total() -> u64 {
@@ -237,6 +239,7 @@ impl Exporter {
             start_ns: now_ns(),
             last_complaint: None,
             dropped_seen: 0,
+            failing: false,
         }
     }
 
@@ -281,6 +284,25 @@ impl Exporter {
                 self.export_metrics();
                 next_metrics = now + self.interval;
             }
+            self.tell_drops();
+        }
+    }
+
+    /// Drops while the collector takes what is sent (the queue overflowed: more telemetry
+    /// than one exporter thread sends) are said too, at most once a minute.
+    fn tell_drops(&mut self) {
+        if self.last_complaint.is_some_and(|t| t.elapsed() < COMPLAIN_EVERY) || self.retry_at.is_some() {
+            return;
+        }
+        let dropped = dropped_total();
+        if dropped > self.dropped_seen {
+            log::warn!(
+                "otel: {} spans, log records or metrics dropped: more telemetry than the exporter sends \
+                 (queue of {QUEUE} full); {dropped} dropped so far",
+                dropped - self.dropped_seen
+            );
+            self.dropped_seen = dropped;
+            self.last_complaint = Some(Instant::now());
         }
     }
 
@@ -331,28 +353,36 @@ impl Exporter {
         match result {
             Ok(()) => {
                 exported.fetch_add(n as u64, Relaxed);
-                if self.retry_at.take().is_some() || self.last_complaint.is_some() {
-                    let lost = dropped_total() - self.dropped_seen;
-                    log::info!("otel: the collector takes telemetry again ({lost} items dropped meanwhile)");
-                    self.last_complaint = None;
-                    self.dropped_seen = dropped_total();
-                }
+                self.retry_at = None;
+                self.recovered();
                 self.backoff = Duration::from_secs(1);
                 true
             }
             Err(e @ ExportError::Refused(_)) => {
+                self.failing = true;
                 STATS.failed_exports.fetch_add(1, Relaxed);
                 dropped.fetch_add(n as u64, Relaxed);
                 self.complain(&e);
                 true
             }
             Err(e) => {
+                self.failing = true;
                 STATS.failed_exports.fetch_add(1, Relaxed);
                 self.retry_at = Some(Instant::now() + self.backoff);
                 self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
                 self.complain(&e);
                 false
             }
+        }
+    }
+
+    /// After failures, an export worked: said once.
+    fn recovered(&mut self) {
+        if std::mem::take(&mut self.failing) {
+            let lost = dropped_total() - self.dropped_seen;
+            log::info!("otel: the collector takes telemetry again ({lost} items dropped meanwhile)");
+            self.last_complaint = None;
+            self.dropped_seen = dropped_total();
         }
     }
 
@@ -384,8 +414,10 @@ impl Exporter {
                 if self.retry_at.is_some() {
                     self.retry_at = Some(Instant::now());
                 }
+                self.recovered();
             }
             Err(e) => {
+                self.failing = true;
                 STATS.failed_exports.fetch_add(1, Relaxed);
                 STATS.dropped_metrics.fetch_add(metrics.len() as u64, Relaxed);
                 self.complain(&e);
@@ -449,5 +481,17 @@ mod tests {
         let dropped = STATS.dropped_logs.load(Relaxed);
         assert!(e.settle(Err(ExportError::Refused("400".into())), 3, &STATS.exported_logs, &STATS.dropped_logs));
         assert!(STATS.dropped_logs.load(Relaxed) >= dropped + 3);
+    }
+
+    #[test]
+    fn drops_while_the_collector_is_fine_are_said_at_most_once_a_minute() {
+        let mut e = exporter();
+        STATS.dropped_spans.fetch_add(5, Relaxed);
+        e.tell_drops();
+        let said = e.last_complaint.expect("said");
+        assert!(e.dropped_seen >= 5, "what was said is remembered");
+        STATS.dropped_spans.fetch_add(5, Relaxed);
+        e.tell_drops();
+        assert_eq!(e.last_complaint, Some(said), "not again within a minute");
     }
 }

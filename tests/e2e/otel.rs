@@ -278,3 +278,18 @@ fn without_a_collector_url_telemetry_goes_to_stdout_as_otlp_json() {
     assert_eq!(span["name"], "GET /nix-cache-info");
     assert_eq!(span["traceId"].as_str().unwrap().len(), 32);
 }
+
+#[test]
+fn an_eviction_pass_is_a_span_of_its_own() {
+    let collector = Collector::start();
+    let up = Upstream::serve_dir(TempDir::new("empty-upstream").path());
+    let url = collector.http_url();
+    // With a size limit, start-up runs a thorough pass (nothing to evict in an empty store).
+    let _ncps = Ncps::for_upstreams_with(&[up.url()], &[], &["--cache-max-size", "10M", "--otel-enabled", "--otel-endpoint", &url]);
+    let records = collector.wait_for("the start-up eviction pass", WAIT, |r| r.iter().any(|x| x["name"] == "eviction"));
+    let pass = records.iter().find(|x| x["name"] == "eviction").unwrap();
+    assert_eq!(pass["parent_span_id"], "", "a trace of its own: {pass}");
+    assert_eq!(attr(pass, "ncps.eviction.pass"), "thorough");
+    assert_eq!(attr(pass, "ncps.eviction.target_bytes"), 10 * 1024 * 1024);
+    assert_eq!(attr(pass, "ncps.eviction.nars"), 0);
+}

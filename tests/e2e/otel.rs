@@ -182,7 +182,7 @@ fn a_clients_traceparent_is_continued_and_warnings_arrive_with_its_trace_id() {
     assert_eq!(r.status, 502);
     let records = collector.wait_for("the request's span and its warning", WAIT, |r| {
         r.iter().any(|x| x["signal"] == "span" && x["name"] == "GET /{hash}.narinfo")
-            && r.iter().any(|x| x["signal"] == "log" && x["severity_text"] == "WARN")
+            && r.iter().any(|x| x["signal"] == "log" && x["severity_text"] == "WARN" && x["trace_id"] == trace)
     });
     let request = records.iter().find(|x| x["signal"] == "span" && x["name"] == "GET /{hash}.narinfo").unwrap();
     assert_eq!(request["trace_id"], trace, "the client's trace is continued");
@@ -191,8 +191,17 @@ fn a_clients_traceparent_is_continued_and_warnings_arrive_with_its_trace_id() {
     let lookup = records.iter().find(|x| x["signal"] == "span" && x["name"] == "upstream narinfo").unwrap();
     assert_eq!(lookup["parent_span_id"], request["span_id"]);
     assert_eq!(lookup["status_code"], 2);
-    let warning = records.iter().find(|x| x["signal"] == "log" && x["severity_text"] == "WARN").unwrap();
-    assert_eq!(warning["trace_id"], trace);
+    // Start-up's warnings (no upstream key given) arrive too, with no trace; the lookup's has
+    // the request's.
+    let warning = records
+        .iter()
+        .find(|x| x["signal"] == "log" && x["severity_text"] == "WARN" && x["trace_id"] == trace)
+        .unwrap();
+    assert!(warning["body"].as_str().unwrap().contains("narinfo"), "{warning}");
+    assert!(
+        records.iter().any(|x| x["signal"] == "log" && x["trace_id"] == "" && x["body"].as_str().unwrap_or("").contains("no --upstream-public-key")),
+        "start-up lines are exported too"
+    );
     assert_eq!(warning["span_id"], lookup["span_id"], "the warning belongs to the lookup that failed");
     assert_eq!(warning["severity_number"], 13);
     // And the upstream was asked under the same trace.

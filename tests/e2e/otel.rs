@@ -2,8 +2,10 @@
 //! ncps while a real collector (Rotel, see `support::collector`) listens, and what arrives
 //! there is checked: the spans of each request and their children (names, parent links,
 //! attributes), the `/metrics` figures as OTLP metrics, the log lines as log records with
-//! their trace ids; over OTLP/HTTP (protobuf) and over OTLP/gRPC. And a collector that is
-//! not there changes nothing for clients.
+//! their trace ids; over OTLP/HTTP (protobuf), OTLP/gRPC and gRPC over TLS (through a TLS
+//! front, as a collector behind a proxy). A client's `traceparent` is continued, a request
+//! that joins a download links to it, an eviction pass is a trace of its own, and a collector
+//! that is not there changes nothing for clients; what it missed arrives when it comes.
 //!
 //! Run: `cargo test --test e2e otel::`.
 

@@ -418,8 +418,8 @@ impl Cache {
         let result = self.fetch_nar(&record, &mut temp, &download, &mut opening, first);
         match &result {
             Ok((url, _)) => {
-                span.set("ncps.upstream", trust::origin(url));
-                span.set("url.full", url);
+                span.set("ncps.upstream", crate::otel::shown_url(trust::origin(url)));
+                span.set("url.full", crate::otel::shown_url(url));
                 span.set("ncps.verification", "ok");
             }
             Err((e, _)) => {
@@ -565,15 +565,15 @@ impl Cache {
             }
             let started = Instant::now();
             let span = crate::otel::span("upstream nar", crate::otel::SpanKind::Client);
-            span.set("ncps.upstream", trust::origin(url));
-            span.set("url.full", url);
+            span.set("ncps.upstream", crate::otel::shown_url(trust::origin(url)));
+            span.set("url.full", crate::otel::shown_url(url));
             let attempt = Attempted { url, upstream, started, resume: resume_order(&candidates, k) };
             let (result, by) = self.fetch_nar_from(attempt, opened, record, temp, download, opening);
             match &result {
                 Ok(_) => span.set("ncps.bytes", record.file_size),
                 Err((e, written)) => {
                     span.set("ncps.bytes", *written);
-                    span.set("ncps.sources", &by.sources);
+                    span.set("ncps.sources", crate::otel::shown_url(&by.sources));
                     span.fail(e);
                 }
             }

@@ -143,7 +143,7 @@ impl Cache {
             }
             let started = Instant::now();
             let span = crate::otel::span("upstream narinfo", crate::otel::SpanKind::Client);
-            span.set("ncps.upstream", &upstream.url);
+            span.set("ncps.upstream", crate::otel::shown_url(&upstream.url));
             span.set("ncps.narinfo", hash.to_string());
             let result = self.upstreams.narinfo(upstream, hash);
             self.metrics.upstream_request(i, Kind::Narinfo, started.elapsed(), result.is_ok());

@@ -208,11 +208,16 @@ pub fn request_done(
         span.set("ncps.cache.result", note);
     }
     if let Some(u) = upstream.filter(|u| !u.is_empty()) {
-        span.set("ncps.upstream", u);
+        span.set("ncps.upstream", shown_url(u));
     }
     if status >= 500 {
         span.fail(format!("HTTP {status}"));
     }
+}
+
+/// A URL as telemetry shows it: without user, password or query (what `/metrics` labels do).
+pub fn shown_url(url: &str) -> String {
+    crate::metrics::without_secrets(url)
 }
 
 /// Names the request span after its route (`GET /nar/{name}`), and says the route.

@@ -140,6 +140,10 @@ pub const FLAGS: &[Flag] = &[
         ["opentelemetry.protocol"], Value, None,
         "OTLP protocol for --otel-endpoint: grpc or http/protobuf [default: grpc with \
          --otel-grpc-url, else http/protobuf]"),
+    flag!(["otel-headers"], ["OTEL_EXPORTER_OTLP_HEADERS"],
+        ["opentelemetry.headers"], Value, None,
+        "Headers sent with every export, key=value,key2=value2 (values percent-encoded), e.g. \
+         Authorization=Bearer%20TOKEN for a hosted collector (prefer the variable)"),
     flag!(["otel-service-name"], ["OTEL_SERVICE_NAME"],
         ["opentelemetry.service-name"], Value, Some("ncps"),
         "service.name of the telemetry ncps sends"),
@@ -686,7 +690,10 @@ fn otel_from_raw(raw: &RawValues) -> Result<Option<crate::otel::OtelSettings>, C
         return Err(ConfigError::new("otel-metric-export-interval", format!("{interval:?}: at least 100 ms")));
     }
     let resource = crate::otel::resource(raw.one("otel-resource-attributes"), raw.one("otel-service-name"));
-    Ok(Some(OtelSettings { destination, resource, metric_interval }))
+    let headers = crate::otel::headers(raw.one("otel-headers"))
+        .map(crate::otel::Headers)
+        .map_err(|why| ConfigError::new("otel-headers", why))?;
+    Ok(Some(OtelSettings { destination, resource, metric_interval, headers }))
 }
 
 /// The access flags, and the combinations that make no sense or leave a hole.

@@ -129,12 +129,12 @@ impl Signal {
 /// Where batches go, and how they are encoded.
 enum Sink {
     Stdout,
-    Http { agent: ureq::Agent, base: String },
+    Http { agent: ureq::Agent, base: String, headers: Vec<(String, String)> },
     Grpc(super::h2::GrpcClient),
 }
 
 impl Sink {
-    fn new(d: &Destination) -> Sink {
+    fn new(d: &Destination, headers: &[(String, String)]) -> Sink {
         match d {
             Destination::Stdout => Sink::Stdout,
             Destination::HttpProtobuf { base } => {
@@ -146,9 +146,9 @@ impl Sink {
                     .max_idle_connections_per_host(1)
                     .build()
                     .new_agent();
-                Sink::Http { agent, base: base.trim_end_matches('/').to_string() }
+                Sink::Http { agent, base: base.trim_end_matches('/').to_string(), headers: headers.to_vec() }
             }
-            Destination::Grpc { url } => Sink::Grpc(super::h2::GrpcClient::new(url)),
+            Destination::Grpc { url } => Sink::Grpc(super::h2::GrpcClient::new(url, headers.to_vec())),
         }
     }
 
@@ -159,12 +159,14 @@ impl Sink {
                 line.push('\n');
                 std::io::stdout().lock().write_all(line.as_bytes()).map_err(|e| ExportError::Transient(format!("stdout: {e}")))
             }
-            Sink::Http { agent, base } => {
+            Sink::Http { agent, base, headers } => {
                 let url = format!("{base}{}", signal.http_path());
                 let body = proto();
-                let resp = agent
-                    .post(&url)
-                    .header("Content-Type", "application/x-protobuf")
+                let mut req = agent.post(&url).header("Content-Type", "application/x-protobuf");
+                for (k, v) in headers.iter() {
+                    req = req.header(k.as_str(), v.as_str());
+                }
+                let resp = req
                     .send(&body[..])
                     .map_err(|e| ExportError::Transient(format!("{url}: {e}")))?;
                 match resp.status().as_u16() {
@@ -227,7 +229,7 @@ fn dropped_total() -> u64 {
 impl Exporter {
     fn new(settings: OtelSettings, metrics: MetricsSource) -> Exporter {
         Exporter {
-            sink: Sink::new(&settings.destination),
+            sink: Sink::new(&settings.destination, &settings.headers.0),
             resource: settings.resource,
             interval: settings.metric_interval,
             metrics,
@@ -451,6 +453,7 @@ mod tests {
             destination: Destination::Grpc { url: "http://127.0.0.1:1".into() },
             resource: Resource::default(),
             metric_interval: Duration::from_secs(60),
+            headers: Default::default(),
         };
         Exporter::new(settings, Box::new(|| None))
     }

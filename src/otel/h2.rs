@@ -229,7 +229,7 @@ fn literal(out: &mut Vec<u8>, index: usize, name: &str, value: &str) {
 }
 
 /// The request header block of a gRPC call.
-pub fn request_headers(authority: &str, path: &str, tls: bool) -> Vec<u8> {
+pub fn request_headers(authority: &str, path: &str, tls: bool, extra: &[(String, String)]) -> Vec<u8> {
     // :method POST, :scheme http or https (static 3, and 6 or 7).
     let mut b = vec![0x83, if tls { 0x87 } else { 0x86 }];
     literal(&mut b, 4, "", path); // :path
@@ -237,6 +237,10 @@ pub fn request_headers(authority: &str, path: &str, tls: bool) -> Vec<u8> {
     literal(&mut b, 31, "", "application/grpc"); // content-type
     literal(&mut b, 0, "te", "trailers");
     literal(&mut b, 58, "", concat!("ncps/", env!("CARGO_PKG_VERSION"))); // user-agent
+    for (k, v) in extra {
+        // Metadata of the call (OTEL_EXPORTER_OTLP_HEADERS): lower-case names, checked in config.
+        literal(&mut b, 0, k, v);
+    }
     b
 }
 
@@ -406,11 +410,19 @@ impl Conn {
     }
 
     /// One unary call: the request, then frames until the response stream ends.
-    fn call(&mut self, authority: &str, tls: bool, path: &str, message: &[u8], deadline: Instant) -> Result<Outcome, H2Error> {
+    fn call(
+        &mut self,
+        authority: &str,
+        tls: bool,
+        extra: &[(String, String)],
+        path: &str,
+        message: &[u8],
+        deadline: Instant,
+    ) -> Result<Outcome, H2Error> {
         let id = self.next_stream;
         self.next_stream += 2;
         let mut stream_window = self.initial_window;
-        let block = request_headers(authority, path, tls);
+        let block = request_headers(authority, path, tls, extra);
         self.send_frame(HEADERS, END_HEADERS, id, &block)?;
         let mut body = Vec::with_capacity(message.len() + 5);
         body.push(0);
@@ -509,14 +521,15 @@ fn retryable(code: &str) -> bool {
 pub struct GrpcClient {
     authority: String,
     tls: bool,
+    headers: Vec<(String, String)>,
     conn: Option<Conn>,
 }
 
 impl GrpcClient {
-    pub fn new(url: &str) -> GrpcClient {
+    pub fn new(url: &str, headers: Vec<(String, String)>) -> GrpcClient {
         let tls = url.starts_with("https://");
         let authority = url.trim_start_matches("http://").trim_start_matches("https://").trim_end_matches('/').to_string();
-        GrpcClient { authority, tls, conn: None }
+        GrpcClient { authority, tls, headers, conn: None }
     }
 
     /// Calls `path` with `message`; the answer's content does not matter, only its status.
@@ -562,7 +575,7 @@ impl GrpcClient {
             self.conn = Some(Conn::connect(&self.authority, self.tls)?);
         }
         let Some(conn) = self.conn.as_mut() else { return Err(H2Error::Protocol("no connection")) };
-        let r = conn.call(&self.authority, self.tls, path, message, deadline);
+        let r = conn.call(&self.authority, self.tls, &self.headers, path, message, deadline);
         if r.is_err() {
             self.conn = None;
         }
@@ -596,7 +609,8 @@ mod tests {
 
     #[test]
     fn the_request_headers_read_back_as_a_grpc_call() {
-        let block = request_headers("127.0.0.1:4317", "/opentelemetry.proto.collector.trace.v1.TraceService/Export", false);
+        let extra = [("authorization".to_string(), "Bearer t".to_string())];
+        let block = request_headers("127.0.0.1:4317", "/opentelemetry.proto.collector.trace.v1.TraceService/Export", false, &extra);
         let h = Decoder::default().decode(&block).unwrap();
         let get = |n: &str| h.iter().find(|(k, _)| k == n).map(|(_, v)| v.as_str());
         assert_eq!(get(":method"), Some("POST"));
@@ -605,6 +619,7 @@ mod tests {
         assert_eq!(get(":authority"), Some("127.0.0.1:4317"));
         assert_eq!(get("content-type"), Some("application/grpc"));
         assert_eq!(get("te"), Some("trailers"));
+        assert_eq!(get("authorization"), Some("Bearer t"));
     }
 
     #[test]

@@ -121,6 +121,18 @@ pub struct OtelSettings {
     pub destination: Destination,
     pub resource: Resource,
     pub metric_interval: Duration,
+    /// `OTEL_EXPORTER_OTLP_HEADERS`: sent with every export (names lower-case). Never logged.
+    pub headers: Headers,
+}
+
+/// Export headers; their values (tokens, usually) never print.
+#[derive(Clone, Default, PartialEq)]
+pub struct Headers(pub Vec<(String, String)>);
+
+impl std::fmt::Debug for Headers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list().entries(self.0.iter().map(|(k, _)| format!("{k}: <redacted>"))).finish()
+    }
 }
 
 impl OtelSettings {
@@ -162,6 +174,32 @@ pub fn resource(attributes: Option<&str>, service_name: Option<&str>) -> Resourc
     attrs.insert(0, ("service.name".to_string(), name));
     attrs.insert(1, ("service.version".to_string(), env!("CARGO_PKG_VERSION").to_string()));
     Resource { attributes: attrs }
+}
+
+/// Reads `OTEL_EXPORTER_OTLP_HEADERS` (`k=v,k2=v2`, values percent-encoded). Names must be
+/// HTTP tokens and values printable, since they go into HTTP/1.1 and HPACK as they are.
+///
+/// ```
+/// let h = ncps::otel::headers(Some("Authorization=Bearer%20abc, x-scope=lab")).unwrap();
+/// assert_eq!(h, vec![("authorization".into(), "Bearer abc".into()), ("x-scope".into(), "lab".into())]);
+/// assert!(ncps::otel::headers(Some("bad name=1")).is_err());
+/// ```
+pub fn headers(list: Option<&str>) -> Result<Vec<(String, String)>, String> {
+    let mut out = Vec::new();
+    for pair in list.unwrap_or("").split(',').filter(|p| !p.trim().is_empty()) {
+        let Some((k, v)) = pair.split_once('=') else { return Err(format!("{pair:?}: expected key=value")) };
+        let k = k.trim().to_ascii_lowercase();
+        let v = percent_decode(v.trim());
+        let token = |c: char| c.is_ascii_alphanumeric() || "!#$%&'*+-.^_`|~".contains(c);
+        if k.is_empty() || !k.chars().all(token) || k.starts_with(':') {
+            return Err(format!("{k:?} is not a header name"));
+        }
+        if v.chars().any(|c| c.is_control()) {
+            return Err(format!("the value of {k} has control characters"));
+        }
+        out.push((k, v));
+    }
+    Ok(out)
 }
 
 fn percent_decode(s: &str) -> String {

@@ -304,3 +304,30 @@ fn an_eviction_pass_is_a_span_of_its_own() {
     assert_eq!(attr(pass, "ncps.eviction.target_bytes"), 10 * 1024 * 1024);
     assert_eq!(attr(pass, "ncps.eviction.nars"), 0);
 }
+
+#[test]
+fn export_headers_go_with_every_export_and_never_into_the_log() {
+    // Not a collector: the test upstream, which records what it is sent (and answers a POST
+    // with a 4xx, which ncps counts as refused).
+    let sink = Upstream::serve_dir(TempDir::new("header-sink").path());
+    let up = Upstream::serve_dir(TempDir::new("empty-upstream").path());
+    let endpoint = sink.url();
+    let ncps = Ncps::start_with_env(
+        &["--upstream-cache", &up.url(), "--otel-enabled", "--otel-endpoint", &endpoint],
+        &[("OTEL_EXPORTER_OTLP_HEADERS", "Authorization=Bearer%20s3cret-token,X-Scope-OrgID=lab")],
+    );
+    assert_eq!(ncps.get("/nix-cache-info").status, 200);
+    assert!(
+        wait_until(WAIT, || sink.requests().iter().any(|r| r.ends_with("/v1/traces"))),
+        "an export reached the sink: {:?}",
+        sink.requests()
+    );
+    let sent = |name: &str| {
+        sink.request_header(name).into_iter().find(|(r, _)| r.ends_with("/v1/traces")).and_then(|(_, v)| v)
+    };
+    assert_eq!(sent("authorization").as_deref(), Some("Bearer s3cret-token"));
+    assert_eq!(sent("x-scope-orgid").as_deref(), Some("lab"));
+    assert_eq!(sent("content-type").as_deref(), Some("application/x-protobuf"));
+    ncps.wait_for_log(0, "otel: export failed", WAIT);
+    assert!(!ncps.log().contains("s3cret"), "the token is not in the log:\n{}", ncps.log());
+}

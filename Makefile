@@ -10,7 +10,8 @@ UPSTREAM_KEY ?= cache.nixos.org-1:6NCHdD59X431o0gWypbMrAURkbJ16ZPMQFGspcDShjY=
 ADDR ?= :8501
 
 # debootstrap: the end-to-end tests also run a current Nix (Debian 13's) in a chroot.
-APT_PACKAGES := nix-bin curl xz-utils ca-certificates build-essential tzdata debootstrap
+# python3-venv: for Rotel, the OpenTelemetry collector of the otel tests (tests/rotel.sh).
+APT_PACKAGES := nix-bin curl xz-utils ca-certificates build-essential tzdata debootstrap python3-venv
 
 .PHONY: all build run test test-static test-image image deps bench bench-deps bench-scale bench-outage bench-isolation bench-zstd static fuzz clean
 
@@ -45,6 +46,8 @@ run: build
 # once into $NCPS_TEST_CACHE (default /var/cache/ncps-test): about a minute of mostly download
 # on a fresh machine, done while cargo compiles; instant later. If it cannot be built, make test
 # stops before the tests; NCPS_TEST_SKIP_NIX226=1 skips it and the Nix 2.26 tests.
+# Rotel, the OpenTelemetry collector the otel tests send to, is installed from PyPI into the
+# same cache (tests/rotel.sh; seconds, once).
 test: deps
 	@mkdir -p target; pid=; \
 	if [ -n "$$NCPS_TEST_SKIP_NIX226" ]; then echo "NCPS_TEST_SKIP_NIX226 is set: the Nix 2.26 tests are skipped"; \
@@ -53,6 +56,7 @@ test: deps
 	[ -z "$$pid" ] && exit 0; \
 	if wait $$pid; then cat target/nix-chroot.err; echo "Nix 2.26 chroot: $$(cat target/nix-chroot.out)"; \
 	else cat target/nix-chroot.err; echo "FAIL: the chroot with Nix 2.26 could not be built (NCPS_TEST_SKIP_NIX226=1 skips it and its tests)"; exit 1; fi
+	bash tests/rotel.sh >target/rotel.out || { echo "FAIL: Rotel (the OpenTelemetry collector of tests/e2e/otel.rs) could not be installed"; exit 1; }
 	$(CARGO) test --all-targets
 	$(CARGO) test --doc
 	bash tests/systemd.sh

@@ -124,6 +124,35 @@ pub const FLAGS: &[Flag] = &[
     flag!(["prometheus-enabled"], ["PROMETHEUS_ENABLED"],
         ["prometheus.enabled"], Bool, Some("false"),
         "Serve metrics in the Prometheus text format at /metrics"),
+    flag!(["otel-enabled"], ["OTEL_ENABLED"],
+        ["opentelemetry.enabled"], Bool, Some("false"),
+        "Send traces, metrics and logs over OpenTelemetry (OTLP): to --otel-grpc-url, else to \
+         OTEL_EXPORTER_OTLP_ENDPOINT, else as OTLP/JSON lines on stdout"),
+    flag!(["otel-grpc-url"], ["OTEL_GRPC_URL"],
+        ["opentelemetry.grpc-url"], Value, None,
+        "OpenTelemetry collector for OTLP/gRPC: http://HOST:4317 (cleartext), https://HOST:4317 or \
+         HOST:4317 (TLS); omit for stdout"),
+    flag!(["otel-endpoint"], ["OTEL_EXPORTER_OTLP_ENDPOINT"],
+        ["opentelemetry.endpoint"], Value, None,
+        "OpenTelemetry collector when --otel-grpc-url is not given: http(s)://HOST:4318 for \
+         http/protobuf, http://HOST:4317 for grpc"),
+    flag!(["otel-protocol"], ["OTEL_EXPORTER_OTLP_PROTOCOL"],
+        ["opentelemetry.protocol"], Value, None,
+        "OTLP protocol for --otel-endpoint: grpc or http/protobuf [default: grpc with \
+         --otel-grpc-url, else http/protobuf]"),
+    flag!(["otel-headers"], ["OTEL_EXPORTER_OTLP_HEADERS"],
+        ["opentelemetry.headers"], Value, None,
+        "Headers sent with every export, key=value,key2=value2 (values percent-encoded), e.g. \
+         Authorization=Bearer%20TOKEN for a hosted collector (prefer the variable)"),
+    flag!(["otel-service-name"], ["OTEL_SERVICE_NAME"],
+        ["opentelemetry.service-name"], Value, Some("ncps"),
+        "service.name of the telemetry ncps sends"),
+    flag!(["otel-resource-attributes"], ["OTEL_RESOURCE_ATTRIBUTES"],
+        ["opentelemetry.resource-attributes"], Value, None,
+        "More resource attributes, key=value,key2=value2 (values percent-encoded)"),
+    flag!(["otel-metric-export-interval"], ["OTEL_METRIC_EXPORT_INTERVAL"],
+        ["opentelemetry.metric-export-interval"], Value, Some("60000"),
+        "How often metrics are sent, in milliseconds (or a duration such as 60s)"),
     flag!(["server-addr"], ["SERVER_ADDR"],
         ["server.addr"], Value, Some(":8501"),
         "Address to listen on, host:port (:port for every interface)"),
@@ -252,6 +281,8 @@ pub struct Config {
     pub allow_put: bool,
     pub allow_delete: bool,
     pub prometheus: bool,
+    /// `--otel-enabled` and where to: `None` when telemetry is off.
+    pub otel: Option<crate::otel::OtelSettings>,
     pub access: AccessConfig,
 }
 
@@ -282,11 +313,11 @@ pub struct RawValues {
     file: Option<String>,
 }
 
-/// Settings of the Go ncps that this ncps does not have (S3, Redis, OpenTelemetry, ...):
+/// Settings of the Go ncps that this ncps does not have (S3, Redis, locks, ...):
 /// named as such when a Go ncps config file holds them, rather than as typos.
 const GO_ONLY_KEY_PREFIXES: &[&str] = &[
     "cache.storage.s3", "cache.redis", "cache.lock", "cache.database.pool", "cache.cdc",
-    "cache.download", "opentelemetry", "analytics", "xz-binary-path", "use-xz-binary",
+    "cache.download", "analytics", "xz-binary-path", "use-xz-binary",
 ];
 
 fn find_key(key: &str) -> Option<(&'static Flag, &'static str)> {
@@ -652,8 +683,74 @@ impl Config {
             allow_put,
             allow_delete,
             prometheus: raw.bool("prometheus-enabled")?,
+            otel: otel_from_raw(raw)?,
         })
     }
+}
+
+/// `--otel-*` and the standard `OTEL_*` variables: where telemetry goes, checked. `None`
+/// unless `--otel-enabled`.
+fn otel_from_raw(raw: &RawValues) -> Result<Option<crate::otel::OtelSettings>, ConfigError> {
+    use crate::otel::{Destination, OtelSettings};
+    if !raw.bool("otel-enabled")? {
+        return Ok(None);
+    }
+    let grpc_url = raw.one("otel-grpc-url").filter(|v| !v.is_empty());
+    let endpoint = raw.one("otel-endpoint").filter(|v| !v.is_empty());
+    let protocol = match (raw.one("otel-protocol").filter(|v| !v.is_empty()), grpc_url) {
+        (Some(p), _) => p,
+        (None, Some(_)) => "grpc",
+        (None, None) => "http/protobuf",
+    };
+    // As the Go ncps: http:// is cleartext, https:// or no scheme is TLS.
+    let grpc = |flag: &str, url: &str| -> Result<Destination, ConfigError> {
+        let (scheme, rest) = url.split_once("://").unwrap_or(("https", url));
+        let hostport = rest.split('/').next().unwrap_or(rest);
+        let port_ok = hostport.rsplit_once(':').is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok());
+        match scheme {
+            "http" | "https" if port_ok => Ok(Destination::Grpc { url: format!("{scheme}://{hostport}") }),
+            _ => Err(ConfigError::new(
+                flag,
+                format!("{url:?}: expected http://HOST:PORT (cleartext) or https://HOST:PORT (TLS), e.g. http://127.0.0.1:4317"),
+            )),
+        }
+    };
+    let destination = match (protocol, grpc_url, endpoint) {
+        ("grpc", Some(url), _) => grpc("otel-grpc-url", url)?,
+        ("grpc", None, Some(url)) => grpc("otel-endpoint", url)?,
+        ("grpc", None, None) => Destination::Stdout,
+        ("http/protobuf", Some(_), _) => {
+            return Err(ConfigError::new(
+                "otel-grpc-url",
+                "is for gRPC; with OTEL_EXPORTER_OTLP_PROTOCOL=http/protobuf set OTEL_EXPORTER_OTLP_ENDPOINT instead",
+            ))
+        }
+        ("http/protobuf", None, Some(url)) => {
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                return Err(ConfigError::new("otel-endpoint", format!("{url:?}: expected http://HOST:4318 or https://...")));
+            }
+            Destination::HttpProtobuf { base: url.trim_end_matches('/').to_string() }
+        }
+        ("http/protobuf", None, None) => Destination::Stdout,
+        (other, _, _) => {
+            return Err(ConfigError::new("otel-protocol", format!("{other:?}: expected grpc or http/protobuf")))
+        }
+    };
+    let interval = raw.one("otel-metric-export-interval").unwrap_or("60000");
+    let metric_interval = match interval.parse::<u64>() {
+        Ok(ms) => Duration::from_millis(ms),
+        Err(_) => parse_duration(interval).ok_or_else(|| {
+            ConfigError::new("otel-metric-export-interval", format!("{interval:?}: expected milliseconds or a duration such as 60s"))
+        })?,
+    };
+    if metric_interval < Duration::from_millis(100) {
+        return Err(ConfigError::new("otel-metric-export-interval", format!("{interval:?}: at least 100 ms")));
+    }
+    let resource = crate::otel::resource(raw.one("otel-resource-attributes"), raw.one("otel-service-name"));
+    let headers = crate::otel::headers(raw.one("otel-headers"))
+        .map(crate::otel::Headers)
+        .map_err(|why| ConfigError::new("otel-headers", why))?;
+    Ok(Some(OtelSettings { destination, resource, metric_interval, headers }))
 }
 
 /// The access flags, and the combinations that make no sense or leave a hole.
@@ -951,6 +1048,49 @@ mod tests {
         let c = parse(&args, &[("UPSTREAM_CACHES", "http://env:1")]).unwrap();
         let urls: Vec<&str> = c.upstreams.iter().map(|u| u.url.as_str()).collect();
         assert_eq!(urls, ["https://cache.nixos.org", "http://only:1"]);
+    }
+
+    #[test]
+    fn otel_goes_to_the_grpc_url_else_the_standard_endpoint_else_stdout() {
+        use crate::otel::Destination;
+        let otel = |args: &[&str], env: &[(&str, &str)]| parse(&[MINIMAL, args].concat(), env).map(|c| c.otel);
+        assert_eq!(otel(&[], &[("OTEL_GRPC_URL", "http://c:4317")]).unwrap(), None, "off unless enabled");
+        let on = [("OTEL_ENABLED", "true")];
+        let dest = |env: &[(&str, &str)]| otel(&[], &[&on[..], env].concat()).unwrap().unwrap().destination;
+        assert_eq!(dest(&[]), Destination::Stdout);
+        assert_eq!(dest(&[("OTEL_GRPC_URL", "http://c:4317/")]), Destination::Grpc { url: "http://c:4317".into() });
+        assert_eq!(
+            dest(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "https://c:4318/")]),
+            Destination::HttpProtobuf { base: "https://c:4318".into() }
+        );
+        assert_eq!(
+            dest(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c:4317"), ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")]),
+            Destination::Grpc { url: "http://c:4317".into() }
+        );
+        let s = otel(&["--otel-enabled", "--otel-service-name=lab-cache"], &[("OTEL_METRIC_EXPORT_INTERVAL", "15s")])
+            .unwrap()
+            .unwrap();
+        assert_eq!(s.metric_interval, Duration::from_secs(15));
+        assert_eq!(s.resource.attributes[0], ("service.name".to_string(), "lab-cache".to_string()));
+        let flag = |env: &[(&str, &str)]| otel(&[], &[&on[..], env].concat()).unwrap_err().flag;
+        assert_eq!(dest(&[("OTEL_GRPC_URL", "https://c:4317")]), Destination::Grpc { url: "https://c:4317".into() });
+        assert_eq!(dest(&[("OTEL_GRPC_URL", "c:4317")]), Destination::Grpc { url: "https://c:4317".into() }, "TLS, as Go ncps");
+        assert_eq!(flag(&[("OTEL_GRPC_URL", "ftp://c:4317")]), "otel-grpc-url");
+        assert_eq!(flag(&[("OTEL_GRPC_URL", "http://c")]), "otel-grpc-url", "a port is needed");
+        assert_eq!(flag(&[("OTEL_EXPORTER_OTLP_PROTOCOL", "http/json")]), "otel-protocol");
+        assert_eq!(flag(&[("OTEL_METRIC_EXPORT_INTERVAL", "5")]), "otel-metric-export-interval");
+        assert_eq!(
+            flag(&[("OTEL_GRPC_URL", "http://c:4317"), ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf")]),
+            "otel-grpc-url"
+        );
+    }
+
+    #[test]
+    fn otel_settings_come_from_go_ncps_config_file_keys() {
+        let yaml = "opentelemetry:\n  enabled: true\n  grpc-url: http://collector:4317\n";
+        let c = parse_with_file(MINIMAL, &[], "/etc/ncps/config.yaml", yaml).unwrap();
+        let otel = c.otel.expect("enabled by the file");
+        assert_eq!(otel.destination, crate::otel::Destination::Grpc { url: "http://collector:4317".into() });
     }
 
     #[test]

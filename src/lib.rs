@@ -19,6 +19,7 @@ pub mod logging;
 pub mod memo;
 pub mod metrics;
 pub mod nix;
+pub mod otel;
 pub mod routes;
 pub mod serve;
 pub mod status;

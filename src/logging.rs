@@ -44,6 +44,10 @@ impl log::Log for Logger {
         if !self.enabled(record.metadata()) {
             return;
         }
+        if crate::otel::enabled() {
+            // The same line as an OTLP log record, with the ids of the span it belongs to.
+            crate::otel::log_line(record.level(), record.args().to_string());
+        }
         let mut buf = self.buf.lock().unwrap_or_else(|p| p.into_inner());
         let _ = writeln!(buf, "{} {:<5} {}", utc_now(), record.level(), record.args());
         if record.level() <= log::Level::Warn {

@@ -746,6 +746,9 @@ impl Metrics {
         out.family("ncps_build_info", "gauge", "Always 1; the version label says which ncps is running.");
         out.sample("ncps_build_info", &[("version", env!("CARGO_PKG_VERSION"))], 1);
 
+        if crate::otel::enabled() {
+            render_otel(&mut out);
+        }
         render_process(&mut out, self.start_time);
         out.0
     }
@@ -895,6 +898,30 @@ fn host_and_path(url: &str) -> String {
         Some((_, rest)) => rest.to_string(),
         None => shown,
     }
+}
+
+/// What the OpenTelemetry exporter sent and lost (with `--otel-enabled`).
+fn render_otel(out: &mut Exposition) {
+    let s = &crate::otel::export::STATS;
+    for (name, help, series) in [
+        (
+            "ncps_otel_exported_total",
+            "Spans, log records and metrics the OpenTelemetry collector accepted.",
+            [("spans", &s.exported_spans), ("logs", &s.exported_logs), ("metrics", &s.exported_metrics)],
+        ),
+        (
+            "ncps_otel_dropped_total",
+            "Spans, log records and metrics dropped: queue full, or the collector away or refusing.",
+            [("spans", &s.dropped_spans), ("logs", &s.dropped_logs), ("metrics", &s.dropped_metrics)],
+        ),
+    ] {
+        out.family(name, "counter", help);
+        for (signal, n) in series {
+            out.sample(name, &[("signal", signal)], n.load(Relaxed));
+        }
+    }
+    out.family("ncps_otel_export_failures_total", "counter", "Export requests to the OpenTelemetry collector that failed.");
+    out.sample("ncps_otel_export_failures_total", &[], s.failed_exports.load(Relaxed));
 }
 
 /// Writes the text exposition format.

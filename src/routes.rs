@@ -63,6 +63,25 @@ pub enum Route {
     Bad(&'static str),
 }
 
+impl Route {
+    /// The route as a template, for telemetry (`/nar/{name}`): low-cardinality span names.
+    pub fn template(&self, upload: bool) -> &'static str {
+        match (self, upload) {
+            (Route::Root, _) => "/",
+            (Route::NixCacheInfo, _) => "/nix-cache-info",
+            (Route::PubKey, _) => "/pubkey",
+            (Route::Healthz, _) => "/healthz",
+            (Route::Metrics, _) => "/metrics",
+            (Route::Narinfo(_), false) => "/{hash}.narinfo",
+            (Route::Narinfo(_), true) => "/upload/{hash}.narinfo",
+            (Route::Nar(_), false) => "/nar/{name}",
+            (Route::Nar(_), true) => "/upload/nar/{name}",
+            (Route::NotFound, _) => "(not found)",
+            (Route::Bad(_), _) => "(refused)",
+        }
+    }
+}
+
 /// Splits off the `/upload` prefix of today's ncps (`nix copy --to http://HOST/upload`):
 /// returns the path below it and whether it was there.
 pub fn strip_upload(path: &str) -> (&str, bool) {
@@ -134,6 +153,7 @@ impl Handler for Routes {
     fn handle(&self, req: &Request, body: &mut dyn Read) -> Response {
         let (path, upload) = strip_upload(req.path());
         let r = route(path);
+        crate::otel::route(&req.method_text, r.template(upload));
         if let Some(refused) = self.refuse_unauthorized(&r, req) {
             return refused;
         }
@@ -180,6 +200,7 @@ impl Routes {
         }
         let (path, upload) = strip_upload(req.path());
         let r = route(path);
+        crate::otel::route(&req.method_text, r.template(upload));
         if let Some(refused) = self.refuse_unauthorized(&r, req) {
             return Some(refused);
         }

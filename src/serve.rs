@@ -161,7 +161,20 @@ pub fn prepare(config: &Config) -> Result<Prepared, Exit> {
 /// `signals` comes from [`block_stop_signals`], called before any thread was started.
 pub fn run(config: &Config, signals: StopSignals) -> Result<(), Exit> {
     let signals = signals.0;
+    // Telemetry first, so that start-up (its log lines, the first eviction pass) is in it;
+    // the metrics wait for the cache.
+    let cache_for_metrics: Arc<std::sync::OnceLock<Arc<Cache>>> = Arc::default();
+    if let Some(otel) = config.otel.clone() {
+        log::info!("OpenTelemetry: traces, metrics every {:?} and logs as {}", otel.metric_interval, otel.describe());
+        let cache = cache_for_metrics.clone();
+        let figures = Box::new(move || {
+            let cache = cache.get()?;
+            cache.figures().ok().map(|store| cache.metrics().render_prometheus(&store))
+        });
+        crate::otel::export::start(otel, figures).map_err(|e| runtime(format!("starting a thread: {e}")))?;
+    }
     let p = prepare(config)?;
+    let _ = cache_for_metrics.set(p.cache.clone());
     let cache = p.cache.clone();
     std::thread::Builder::new()
         .name("signals".into())
@@ -172,6 +185,7 @@ pub fn run(config: &Config, signals: StopSignals) -> Result<(), Exit> {
             // are dropped: their temp files are removed at the next start, and nothing
             // unverified was ever under a final name.
             cache.stop();
+            crate::otel::export::flush(std::time::Duration::from_secs(2));
             crate::logging::flush();
             std::process::exit(0);
         })

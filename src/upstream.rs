@@ -540,12 +540,17 @@ impl Upstreams {
     ) -> Result<ureq::http::Response<ureq::Body>, UpstreamError> {
         let until = std::time::Instant::now() + deadline.min(LONGEST_DEADLINE);
         let mut current = url.to_string();
+        // W3C trace context: the upstream sees the span this request is made under.
+        let traceparent = crate::otel::current().map(|c| crate::otel::trace::traceparent(&c));
         for _ in 0..=MAX_REDIRECTS {
             let left = until.saturating_duration_since(std::time::Instant::now());
             if left.is_zero() {
                 return Err(UpstreamError::Deadline(deadline));
             }
             let mut req = self.agent.get(&current).config().timeout_global(Some(left)).build();
+            if let Some(t) = &traceparent {
+                req = req.header("traceparent", t);
+            }
             for (k, v) in headers {
                 req = req.header(*k, *v);
             }
@@ -631,7 +636,7 @@ fn decode(
 /// no CA package still works and a LAN with its own CA (added to the system store) works too.
 /// `SSL_CERT_FILE`, when set, names the bundle to add instead of the system's, as it does for
 /// the Go ncps (and OpenSSL, curl, Nix): a private CA need not be installed system-wide.
-fn root_certs() -> Vec<ureq::tls::Certificate<'static>> {
+pub(crate) fn root_certs() -> Vec<ureq::tls::Certificate<'static>> {
     let mut certs: Vec<ureq::tls::Certificate<'static>> = webpki_root_certs::TLS_SERVER_ROOT_CERTS
         .iter()
         .map(|c| ureq::tls::Certificate::from_der(c.as_ref()))

@@ -175,6 +175,8 @@ struct Job {
     first: Option<(String, NarBody)>,
     /// No narinfo points at it: recorded on its own once verified.
     by_name: bool,
+    /// The span to run under, named by the request that started it.
+    span: Option<crate::otel::trace::Handoff>,
 }
 
 /// How [`Cache::start_download`] went.
@@ -269,6 +271,7 @@ impl Cache {
             return Ok(Answer::NotFound);
         }
         if let Some(d) = lock(&self.downloads.running).get(name) {
+            joined(d);
             return Ok(Answer::Miss(Body::Growing(Box::new(d.reader())), Arc::from("")));
         }
         let mut tally = Tally::default();
@@ -396,6 +399,7 @@ impl Cache {
         let name = &record.name;
         let mut running = lock(&self.downloads.running);
         if let Some(d) = running.get(name) {
+            joined(d);
             return Ok(Started::Joined(d.reader()));
         }
         // A download may have finished between the first look and taking the lock.
@@ -419,7 +423,10 @@ impl Cache {
             }
             Err(e) => return Err(e.into()),
         };
-        let download = Arc::new(Download::new(file, record.file_size, self.settings.stall_limit));
+        let span = crate::otel::trace::handoff();
+        let download = Arc::new(
+            Download::new(file, record.file_size, self.settings.stall_limit).traced(span.map(|h| h.context)),
+        );
         running.insert(name.clone(), download.clone());
         self.metrics.download_started();
         drop(running);
@@ -428,7 +435,7 @@ impl Cache {
         let first_reader = download.reader();
         let (tx, opened) = mpsc::sync_channel(1);
         let name = name.clone();
-        let job = Job { record, temp, download, opening: Opening(Some(tx)), first, by_name };
+        let job = Job { record, temp, download, opening: Opening(Some(tx)), first, by_name, span };
         let cache = Arc::clone(self);
         std::thread::Builder::new()
             .name("download".into())
@@ -472,12 +479,26 @@ impl Cache {
     }
 
     fn run_download(&self, job: Job) {
-        let Job { record, mut temp, download, mut opening, first, by_name } = job;
+        let Job { record, mut temp, download, mut opening, first, by_name, span } = job;
+        let span = crate::otel::trace::span_from(span, "nar download", crate::otel::SpanKind::Internal);
+        span.set("ncps.nar", record.name.to_string());
+        span.set("ncps.nar.size", record.file_size);
         let name = record.name.clone();
         let started = Instant::now();
         let fetched = self.fetch_nar(&record, &mut temp, &download, &mut opening, first);
         let from = fetched.as_ref().ok().and_then(|(url, _)| self.metrics.upstream_for_url(url));
         self.metrics.nar_fetched(name.as_str(), from, record.file_size, started.elapsed(), fetched.is_ok());
+        match &fetched {
+            Ok((url, _)) => {
+                span.set("ncps.upstream", crate::otel::shown_url(trust::origin(url)));
+                span.set("url.full", crate::otel::shown_url(url));
+                span.set("ncps.verification", "ok");
+            }
+            Err((e, _)) => {
+                span.set("ncps.verification", e.to_string());
+                span.fail(e);
+            }
+        }
         match fetched {
             Ok((url, Spilled(spilled))) if spilled || temp.is_none() => {
                 download.finish(Ok(()));
@@ -543,6 +564,9 @@ impl Cache {
 
     /// Gives a verified NAR its final name and accounts for it.
     fn keep_nar(&self, temp: TempFile, name: &NarName, size: u64, file_hash: &Hash) -> Result<(), CacheError> {
+        let span = crate::otel::span("store write", crate::otel::SpanKind::Internal);
+        span.set("ncps.store.kind", "nar");
+        span.set("ncps.store.bytes", size);
         let _writing = self.writing();
         // A NAR the index says is stored but whose file went (deleted behind ncps's back, then
         // fetched again) is counted already: counting it again would make the evictor remove
@@ -617,8 +641,19 @@ impl Cache {
                 }
             }
             let started = Instant::now();
+            let span = crate::otel::span("upstream nar", crate::otel::SpanKind::Client);
+            span.set("ncps.upstream", crate::otel::shown_url(trust::origin(url)));
+            span.set("url.full", crate::otel::shown_url(url));
             let attempt = Attempted { url, upstream, started, resume: resume_order(&candidates, k) };
             let (result, by) = self.fetch_nar_from(attempt, opened, record, temp, download, opening);
+            match &result {
+                Ok(_) => span.set("ncps.bytes", record.file_size),
+                Err((e, written)) => {
+                    span.set("ncps.bytes", *written);
+                    span.set("ncps.sources", crate::otel::shown_url(&by.sources));
+                    span.fail(e);
+                }
+            }
             // What is reported is about the upstream that sent last (a resume may have moved on).
             if let Some(i) = by.upstream {
                 self.metrics.upstream_request(i, Kind::Nar, by.started.elapsed(), result.is_ok());
@@ -765,6 +800,14 @@ struct SentBy {
     upstream: Option<usize>,
     started: Instant,
     used: Vec<String>,
+}
+
+/// A request joins a download in flight: its span links to the download's.
+fn joined(d: &Download) {
+    if let Some(c) = d.span {
+        crate::otel::link(c);
+        crate::otel::attr("ncps.download.joined", true);
+    }
 }
 
 /// The ETag goes only with an answer that carries the NAR's bytes (or their length).

@@ -147,6 +147,9 @@ impl Cache {
     /// Removes entries until the store holds at most `target` bytes.
     pub fn evict_to(&self, target: u64, pass: Pass) -> Result<Evicted, CacheError> {
         let _one_at_a_time = super::lock(&self.space.evicting);
+        let span = crate::otel::span("eviction", crate::otel::SpanKind::Internal);
+        span.set("ncps.eviction.pass", if pass == Pass::Thorough { "thorough" } else { "quick" });
+        span.set("ncps.eviction.target_bytes", target);
         let started = Instant::now();
         // Hits since the last flush must count, or an entry in use could look old.
         self.flush_access_times()?;
@@ -183,6 +186,9 @@ impl Cache {
         if pass == Pass::Quick && self.space.usage() > target {
             self.evict_unreferenced(target, &mut evicted)?;
         }
+        span.set("ncps.eviction.narinfos", evicted.narinfos);
+        span.set("ncps.eviction.nars", evicted.nars);
+        span.set("ncps.eviction.bytes", evicted.bytes);
         if evicted.narinfos + evicted.nars > 0 {
             self.metrics.evicted(evicted.narinfos, evicted.nars, evicted.bytes);
             let secs = started.elapsed().as_secs_f64();

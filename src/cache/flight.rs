@@ -235,6 +235,8 @@ pub struct Download {
     /// Readers give up when nothing has been written for this long (the writer has its own,
     /// shorter, upstream timeouts; this is the backstop).
     stall_limit: Duration,
+    /// The span of the download (OpenTelemetry): requests that join it link to it.
+    pub span: Option<crate::otel::SpanContext>,
 }
 
 struct State {
@@ -279,7 +281,14 @@ impl Download {
             }),
             changed: Condvar::new(),
             stall_limit,
+            span: None,
         }
+    }
+
+    /// The same, with the span the download will run under.
+    pub fn traced(mut self, span: Option<crate::otel::SpanContext>) -> Download {
+        self.span = span;
+        self
     }
 
     /// Writer: this many bytes are now in the file.

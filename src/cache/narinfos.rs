@@ -160,6 +160,9 @@ impl Cache {
                 continue;
             }
             let started = Instant::now();
+            let span = crate::otel::span("upstream narinfo", crate::otel::SpanKind::Client);
+            span.set("ncps.upstream", crate::otel::shown_url(&upstream.url));
+            span.set("ncps.narinfo", hash.to_string());
             let (result, head) = self.upstreams.narinfo_timed(upstream, hash, abandoned);
             if let Err(crate::upstream::UpstreamError::Abandoned) = result {
                 log::info!("narinfo {hash}: every client left; lookup at {} stopped", upstream.url);
@@ -172,14 +175,19 @@ impl Cache {
             let bytes = match result {
                 Ok(Some(b)) => {
                     self.health.succeeded(i);
+                    span.set("http.response.status_code", 200u16);
                     b
                 }
                 Ok(None) => {
                     self.health.succeeded(i);
+                    span.set("http.response.status_code", 404u16);
+                    span.set("ncps.result", "absent");
                     tally.add(shown, Attempt::Absent, "not found");
                     continue;
                 }
                 Err(e) => {
+                    span.set("ncps.result", "error");
+                    span.fail(&e);
                     log::warn!("upstream {}: narinfo {hash}: {e}; trying the next", upstream.url);
                     self.metrics.upstream_error_detail(i, &e.to_string());
                     let attempt = self.upstream_failed(i, &e);
@@ -196,6 +204,7 @@ impl Cache {
                         tally.add(shown, Attempt::Refused, "refused: its NAR name stands for other bytes here");
                         continue;
                     };
+                    span.set("ncps.result", "found");
                     log::info!(
                         "narinfo {hash}: from {} in {:.1}ms",
                         upstream.url,
@@ -205,6 +214,8 @@ impl Cache {
                     return Ok((Arc::from(upstream.url.as_str()), Arc::new(served)));
                 }
                 Err(why) => {
+                    span.set("ncps.result", "refused");
+                    span.fail(&why);
                     log::warn!("upstream {}: narinfo {hash} refused: {why}; trying the next", upstream.url);
                     tally.add(shown, Attempt::Refused, format_args!("refused: {why}"));
                 }
@@ -253,6 +264,9 @@ impl Cache {
         record: &NarRecord,
     ) -> Result<Vec<u8>, CacheError> {
         let served = info.to_string().into_bytes();
+        let span = crate::otel::span("store write", crate::otel::SpanKind::Internal);
+        span.set("ncps.store.kind", "narinfo");
+        span.set("ncps.store.bytes", served.len());
         let _writing = self.writing();
         // Index first, blob second: a crash between the two leaves an index entry without a
         // blob, which the store check drops, never a served narinfo whose NAR nobody can find.

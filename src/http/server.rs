@@ -522,6 +522,7 @@ fn dispatch(mut w: Waiting, pools: &Pools, handler: &dyn Handler, config: &Serve
         let simple = req.content_length == 0 && !req.chunked;
         // A panic here would take down the poll loop and with it the server: a worker retries
         // the request instead, where a second panic costs only that request (a 500).
+        let span = crate::otel::request_span(req.header("traceparent"));
         let answered = if simple {
             std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| handler.fast(&req))).unwrap_or_else(|_| {
                 log::error!("{} {}: internal error (panic) in the fast path", req.method_text, req.target);
@@ -531,6 +532,8 @@ fn dispatch(mut w: Waiting, pools: &Pools, handler: &dyn Handler, config: &Serve
             None
         };
         let Some(resp) = answered else {
+            // Not answered here: the worker's span is the request's (this one is not sent).
+            span.discard();
             if w.stream.set_nonblocking(false).is_err() {
                 return Dispatch::Refused;
             }
@@ -543,6 +546,7 @@ fn dispatch(mut w: Waiting, pools: &Pools, handler: &dyn Handler, config: &Serve
         let mut resp = resp;
         let status = resp.status;
         let note = resp.log_note();
+        let otel_note = (resp.note, resp.upstream.clone());
         let body = if req.method == Method::Head { 0 } else { resp.body.len() };
         if let Some(on_sent) = resp.on_sent.take() {
             // Counted as sent: if the socket cannot take it all now, a worker finishes it.
@@ -560,6 +564,8 @@ fn dispatch(mut w: Waiting, pools: &Pools, handler: &dyn Handler, config: &Serve
             "{} {} {} {status} {body}B {:.1}ms {note}",
             req.peer.ip(), req.method_text, req.target, start.elapsed().as_secs_f64() * 1000.0
         );
+        crate::otel::request_done(&span, &req.method_text, req.path(), req.peer.ip(), status, body, otel_note.0, otel_note.1.as_deref());
+        drop(span);
         match sent {
             Err(_) => return Dispatch::Refused,
             Ok(n) if n < bytes.len() => {
@@ -726,6 +732,7 @@ fn run(job: Job, lane: Lane, pools: &Pools, handler: &dyn Handler, config: &Serv
 /// Answers one request. Returns the bytes read past it if the connection may carry another.
 fn answer(stream: &mut TcpStream, req: &Request, rest: Vec<u8>, handler: &dyn Handler, config: &ServerConfig) -> Option<Vec<u8>> {
     let start = Instant::now();
+    let span = crate::otel::request_span(req.header("traceparent"));
     let (resp, body_left, leftover) = if req.chunked {
         (Response::text(411, "chunked request bodies are not supported; send Content-Length\n"), 1, Vec::new())
     } else {
@@ -757,6 +764,7 @@ fn answer(stream: &mut TcpStream, req: &Request, rest: Vec<u8>, handler: &dyn Ha
         Part::Unsatisfiable => 416,
     };
     let note = resp.log_note();
+    let otel_note = (resp.note, resp.upstream.clone());
     let on_sent = resp.on_sent.take();
     let planned = if req.method == Method::Head { 0 } else { part.span(resp.body.len()).1 };
     let result = write_response(stream, resp, part, req.method == Method::Head, keep_alive, config.min_send_rate);
@@ -778,6 +786,11 @@ fn answer(stream: &mut TcpStream, req: &Request, rest: Vec<u8>, handler: &dyn Ha
             "{} {} {} {status} aborted after {ms:.1}ms {note}: {e}",
             req.peer.ip(), req.method_text, req.target
         ),
+    }
+    let (sent_status, sent_bytes) = result.as_ref().map_or((status, 0), |s| (s.status, s.bytes));
+    crate::otel::request_done(&span, &req.method_text, req.path(), req.peer.ip(), sent_status, sent_bytes, otel_note.0, otel_note.1.as_deref());
+    if let Err(e) = &result {
+        span.fail(format!("aborted: {e}"));
     }
     (result.is_ok() && keep_alive).then_some(leftover)
 }

@@ -11,6 +11,7 @@
 //! | [`lifecycle`] | the size limit and eviction, uploads, DELETE, `ncps fsck` |
 //! | [`concurrency`] | many clients at once: one upstream download per miss, streaming, floods |
 //! | [`isolation`] | no slow, greedy or hostile peer takes the cache from the others: minimum rates, fair shares of connections and workers, misses apart from hits |
+//! | [`otel`] | OpenTelemetry: traces, metrics and logs at a real collector (Rotel), over HTTP and gRPC; a collector that is down |
 //! | [`outages`] | upstreams that fail: honest 5xx, marked down and probed back, removed ones never asked |
 //! | [`resume`] | NAR bodies that break off upstream, finished with Range requests while clients stream |
 //! | [`ranges`] | byte ranges on NARs: resuming a cut transfer, ETags, edge cases, HEAD |
@@ -33,6 +34,7 @@ mod concurrency;
 mod integrity;
 mod isolation;
 mod lifecycle;
+mod otel;
 mod outages;
 mod proxy;
 mod isolation_edges;

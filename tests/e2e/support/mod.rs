@@ -10,12 +10,14 @@
 //! | [`ncps`] | the ncps process under test ([`Ncps`]), its command line and scrubbed environment |
 //! | [`http`] | a tiny HTTP client, raw connections that show exactly how a body ended, free ports |
 //! | [`narinfo`] | narinfo parsing, fingerprints and store path hashes |
+//! | [`collector`] | a real OpenTelemetry collector (Rotel, installed by tests/rotel.sh) and what it received |
 //! | [`crypto`] | SHA-256, nix32, keys and signatures |
 //! | [`process`] | commands with a deadline, and waiting for a condition |
 //!
 //! Everything here uses std (plus crates that are already dependencies of the
 //! package), and only loopback addresses.
 
+pub mod collector;
 pub mod crypto;
 pub mod dirs;
 pub mod fixture;
@@ -26,6 +28,7 @@ pub mod nix;
 pub mod process;
 pub mod upstream;
 
+pub use collector::*;
 pub use crypto::*;
 pub use dirs::*;
 pub use fixture::*;

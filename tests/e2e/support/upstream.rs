@@ -608,6 +608,20 @@ pub struct TlsFront {
 impl TlsFront {
     /// Errors when the `openssl` command is missing or fails.
     pub fn new(backend_port: u16) -> Result<TlsFront, String> {
+        TlsFront::with_relay(backend_port, relay_tls, false)
+    }
+
+    /// A TLS front that relays bytes both ways for as long as the connection lasts, with ALPN
+    /// `h2`: for HTTP/2 (a gRPC collector) behind it.
+    pub fn for_h2(backend_port: u16) -> Result<TlsFront, String> {
+        TlsFront::with_relay(backend_port, relay_both_ways, true)
+    }
+
+    fn with_relay(
+        backend_port: u16,
+        relay: fn(Arc<rustls::ServerConfig>, TcpStream, u16) -> io::Result<()>,
+        h2: bool,
+    ) -> Result<TlsFront, String> {
         let dir = TempDir::new("tls-front");
         let openssl = |args: &[&str]| -> Result<(), String> {
             let out = Command::new("openssl")
@@ -635,10 +649,13 @@ impl TlsFront {
         let read = |f: &str| fs::read(dir.join(f)).map_err(|e| format!("{f}: {e}"));
         let cert = rustls::pki_types::CertificateDer::from(read("leaf.der")?);
         let key = rustls::pki_types::PrivateKeyDer::Pkcs8(read("leaf.key.der")?.into());
-        let config = rustls::ServerConfig::builder()
+        let mut config = rustls::ServerConfig::builder()
             .with_no_client_auth()
             .with_single_cert(vec![cert], key)
             .map_err(|e| format!("TLS server config: {e}"))?;
+        if h2 {
+            config.alpn_protocols = vec![b"h2".to_vec()];
+        }
         let config = Arc::new(config);
         let listener = TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
         let port = listener.local_addr().map_err(|e| e.to_string())?.port();
@@ -652,7 +669,7 @@ impl TlsFront {
                 let Ok(conn) = conn else { continue };
                 let config = config.clone();
                 thread::spawn(move || {
-                    let _ = relay_tls(config, conn, backend_port);
+                    let _ = relay(config, conn, backend_port);
                 });
             }
         });
@@ -678,6 +695,39 @@ impl Drop for TlsFront {
 
 /// One request per connection (the test upstream always closes): read its head over TLS,
 /// send it on in the clear, relay the answer back.
+/// Relays bytes both ways between the TLS client and the backend until either side closes:
+/// one thread, both sockets polled with a short read timeout.
+fn relay_both_ways(config: Arc<rustls::ServerConfig>, conn: TcpStream, backend_port: u16) -> io::Result<()> {
+    let tick = Some(Duration::from_millis(5));
+    conn.set_read_timeout(tick)?;
+    let server = rustls::ServerConnection::new(config).map_err(io::Error::other)?;
+    let mut tls = rustls::StreamOwned::new(server, conn);
+    let mut back = TcpStream::connect(("127.0.0.1", backend_port))?;
+    back.set_read_timeout(tick)?;
+    let mut buf = vec![0u8; 64 * 1024];
+    let idle = |e: &io::Error| matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut);
+    loop {
+        match tls.read(&mut buf) {
+            Ok(0) => return Ok(()),
+            Ok(n) => back.write_all(&buf[..n])?,
+            Err(e) if idle(&e) => {}
+            Err(e) => return Err(e),
+        }
+        match back.read(&mut buf) {
+            Ok(0) => {
+                tls.conn.send_close_notify();
+                return tls.flush();
+            }
+            Ok(n) => {
+                tls.write_all(&buf[..n])?;
+                tls.flush()?;
+            }
+            Err(e) if idle(&e) => {}
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 fn relay_tls(config: Arc<rustls::ServerConfig>, conn: TcpStream, backend_port: u16) -> io::Result<()> {
     conn.set_read_timeout(Some(Duration::from_secs(30)))?;
     let server = rustls::ServerConnection::new(config).map_err(io::Error::other)?;

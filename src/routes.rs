@@ -298,7 +298,7 @@ impl Routes {
             Route::Narinfo(hash) if upload => self.answer(self.cache.narinfo_local(&hash), Kind::Narinfo, req),
             Route::Narinfo(hash) => self.answer(self.cache.narinfo(&hash, &crate::http::client_gone), Kind::Narinfo, req),
             Route::Nar(name) => {
-                let (answer, file_hash) = match self.cache.nar(&name, req.method == Method::Head) {
+                let (answer, file_hash) = match self.cache.nar(&name, req.method == Method::Head, req.peer.ip()) {
                     Ok((answer, file_hash)) => (Ok(answer), file_hash),
                     Err(e) => (Err(e), None),
                 };

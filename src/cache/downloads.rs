@@ -19,6 +19,7 @@ use super::resume::{resume_order, Resuming};
 use super::verify::{copy_hashed, CopyError};
 use super::{lock, sources, trust, Answer, Cache, CacheError};
 use crate::http::Body;
+use std::net::IpAddr;
 use crate::index::NarRecord;
 use crate::metrics::Kind;
 use crate::nix::{Hash, NarName};
@@ -36,6 +37,32 @@ const FAILED_URL_MEMORY: Duration = Duration::from_secs(300);
 /// than half of `--upstream-nar-min-rate` in it, its slot goes back (long enough that one
 /// slow patch of a good upstream does not count, short enough against a 60 s base deadline).
 const PROGRESS_WINDOW: Duration = Duration::from_secs(10);
+
+/// Whether a client that holds `of_client` of the `running` downloads may start another,
+/// with `max` slots in all: no address may hold more than its share
+/// ([`crate::http::per_host_cap`], the rule for workers: all but a quarter, kept for the
+/// others), so one host starting misses as fast as it can leaves slots to everyone else.
+/// Joining a download in flight takes no slot and is always allowed.
+pub fn slot_verdict(running: usize, of_client: usize, max: usize) -> Slot {
+    if running >= max {
+        return Slot::PoolFull;
+    }
+    let share = crate::http::per_host_cap(max);
+    if of_client >= share {
+        return Slot::ClientFull(share);
+    }
+    Slot::Free
+}
+
+/// What [`slot_verdict`] says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Slot {
+    Free,
+    /// Every slot is taken.
+    PoolFull,
+    /// This client holds its share (the number).
+    ClientFull(usize),
+}
 
 /// The stand-in file of a download the disk could not stage: readers never read it (every
 /// byte comes from memory), but a [`Download`] holds one.
@@ -188,6 +215,8 @@ enum Started {
     /// A new download: its first reader, and where the thread says how opening went.
     New(DownloadBody, mpsc::Receiver<Opened>),
     Busy,
+    /// This client address holds its whole share of the slots; others may still start one.
+    HostBusy(String),
 }
 
 impl Cache {
@@ -212,7 +241,9 @@ impl Cache {
         Ok(Some((body_of(blob), tag)))
     }
 
-    pub fn nar(self: &Arc<Self>, name: &NarName, head_only: bool) -> Result<(Answer, Option<Hash>), CacheError> {
+    /// `client` is the address that asked: one address gets a fair share of the download
+    /// slots ([`slot_verdict`]), not all of them.
+    pub fn nar(self: &Arc<Self>, name: &NarName, head_only: bool, client: IpAddr) -> Result<(Answer, Option<Hash>), CacheError> {
         if let Some(blob) = self.blobs.nar(name)? {
             self.touch_nar(name);
             let tag = self.stored_file_hash(name, &blob);
@@ -223,7 +254,7 @@ impl Cache {
             None => lock(&self.unindexed).get(name).cloned(),
         };
         let Some(record) = record else {
-            return self.nar_by_name(name, head_only);
+            return self.nar_by_name(name, head_only, client);
         };
         if record.file_size == 0 {
             // Recorded before empty NARs were refused: no body could be verified, and an
@@ -237,10 +268,11 @@ impl Cache {
             return Ok((Answer::Length(record.file_size), tag));
         }
         let recorded = || Arc::from(trust::origin(&record.upstream_url));
-        let answer = match self.start_download(record.clone(), None, false)? {
+        let answer = match self.start_download(record.clone(), None, false, client)? {
             Started::Hit(body) => Answer::Hit(body),
             Started::Joined(reader) => Answer::Miss(Body::Growing(Box::new(reader)), recorded()),
             Started::Busy => Answer::Busy,
+            Started::HostBusy(reason) => Answer::Unavailable { status: 503, reason },
             // Wait for an upstream to start sending: the head of the answer waits for its
             // first bytes anyway, and a miss that no upstream delivers is then answered with
             // what they said, not a 502 for everything.
@@ -257,15 +289,21 @@ impl Cache {
     /// A NAR no narinfo here points at: fetched by the same name from the configured
     /// upstreams, checked against the hash in its name. A name that is not a content hash
     /// is a 404 without asking anyone; so is a HEAD (it fetches nothing).
-    fn nar_by_name(self: &Arc<Self>, name: &NarName, head_only: bool) -> Result<(Answer, Option<Hash>), CacheError> {
+    fn nar_by_name(self: &Arc<Self>, name: &NarName, head_only: bool, client: IpAddr) -> Result<(Answer, Option<Hash>), CacheError> {
         let Some(file_hash) = trust::name_hash(name) else {
             log::debug!("nar {name}: no narinfo points at it, and its name is not a content hash");
             return Ok((Answer::NotFound, None));
         };
-        Ok(tagged(self.nar_by_name_hash(name, file_hash, head_only)?, Some(file_hash)))
+        Ok(tagged(self.nar_by_name_hash(name, file_hash, head_only, client)?, Some(file_hash)))
     }
 
-    fn nar_by_name_hash(self: &Arc<Self>, name: &NarName, file_hash: Hash, head_only: bool) -> Result<Answer, CacheError> {
+    fn nar_by_name_hash(
+        self: &Arc<Self>,
+        name: &NarName,
+        file_hash: Hash,
+        head_only: bool,
+        client: IpAddr,
+    ) -> Result<Answer, CacheError> {
         if head_only {
             log::debug!("nar {name}: no narinfo points at it (a HEAD fetches nothing)");
             return Ok(Answer::NotFound);
@@ -316,10 +354,11 @@ impl Cache {
             // that finds it missing (no narinfo needs it).
             let record = NarRecord { name: name.clone(), file_hash, file_size: len, upstream_url: String::new(), stored: false };
             let from = Arc::from(trust::origin(&url));
-            return Ok(match self.start_download(record, Some((url, body)), true)? {
+            return Ok(match self.start_download(record, Some((url, body)), true, client)? {
                 Started::Hit(body) => Answer::Hit(body),
                 Started::Joined(reader) | Started::New(reader, _) => Answer::Miss(Body::Growing(Box::new(reader)), from),
                 Started::Busy => Answer::Busy,
+                Started::HostBusy(reason) => Answer::Unavailable { status: 503, reason },
             });
         }
         let missed = tally.missed();
@@ -395,6 +434,7 @@ impl Cache {
         record: NarRecord,
         first: Option<(String, NarBody)>,
         by_name: bool,
+        client: IpAddr,
     ) -> Result<Started, CacheError> {
         let name = &record.name;
         let mut running = lock(&self.downloads.running);
@@ -406,9 +446,22 @@ impl Cache {
         if let Some(blob) = self.blobs.nar(name)? {
             return Ok(Started::Hit(body_of(blob)));
         }
-        if running.len() >= self.settings.max_downloads {
-            log::warn!("nar {name}: {} downloads already running; answered 503", running.len());
-            return Ok(Started::Busy);
+        let of_client = running.values().filter(|d| d.started_by == Some(client)).count();
+        match slot_verdict(running.len(), of_client, self.settings.max_downloads) {
+            Slot::Free => {}
+            Slot::PoolFull => {
+                log::warn!("nar {name}: {} downloads already running; answered 503", running.len());
+                return Ok(Started::Busy);
+            }
+            Slot::ClientFull(share) => {
+                log::warn!(
+                    "nar {name}: {client} already runs {of_client} of the {} download slots (its share); answered 503",
+                    self.settings.max_downloads
+                );
+                return Ok(Started::HostBusy(format!(
+                    "this client already runs {of_client} downloads, its share of {share}; the rest are kept for others"
+                )));
+            }
         }
         // A data directory that takes no new files (full, read-only, no permission) degrades
         // as a full disk does: the download is relayed from memory, verified, and not kept.
@@ -425,7 +478,9 @@ impl Cache {
         };
         let span = crate::otel::trace::handoff();
         let download = Arc::new(
-            Download::new(file, record.file_size, self.settings.stall_limit).traced(span.map(|h| h.context)),
+            Download::new(file, record.file_size, self.settings.stall_limit)
+                .traced(span.map(|h| h.context))
+                .started_by(client),
         );
         running.insert(name.clone(), download.clone());
         self.metrics.download_started();
@@ -815,5 +870,27 @@ fn tagged(answer: Answer, tag: Option<Hash>) -> (Answer, Option<Hash>) {
     match answer {
         Answer::Hit(_) | Answer::Miss(..) | Answer::Length(_) => (answer, tag),
         other => (other, None),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{slot_verdict, Slot};
+
+    #[test]
+    fn one_client_may_hold_all_but_a_quarter_of_the_download_slots() {
+        // 16 slots: a host may run 12, the other 4 stay for everyone else.
+        assert_eq!(slot_verdict(11, 11, 16), Slot::Free);
+        assert_eq!(slot_verdict(12, 12, 16), Slot::ClientFull(12));
+        // Another host still starts one while the busy host holds its share.
+        assert_eq!(slot_verdict(12, 0, 16), Slot::Free);
+        assert_eq!(slot_verdict(16, 0, 16), Slot::PoolFull);
+    }
+
+    #[test]
+    fn a_pool_under_four_slots_keeps_no_reserve() {
+        assert_eq!(slot_verdict(2, 2, 3), Slot::Free);
+        assert_eq!(slot_verdict(3, 3, 3), Slot::PoolFull);
+        assert_eq!(slot_verdict(0, 0, 1), Slot::Free);
     }
 }

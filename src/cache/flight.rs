@@ -237,6 +237,8 @@ pub struct Download {
     stall_limit: Duration,
     /// The span of the download (OpenTelemetry): requests that join it link to it.
     pub span: Option<crate::otel::SpanContext>,
+    /// The client address whose request started it (its share of the download slots).
+    pub started_by: Option<std::net::IpAddr>,
 }
 
 struct State {
@@ -282,12 +284,19 @@ impl Download {
             changed: Condvar::new(),
             stall_limit,
             span: None,
+            started_by: None,
         }
     }
 
     /// The same, with the span the download will run under.
     pub fn traced(mut self, span: Option<crate::otel::SpanContext>) -> Download {
         self.span = span;
+        self
+    }
+
+    /// Records the client address that started this download.
+    pub fn started_by(mut self, client: std::net::IpAddr) -> Download {
+        self.started_by = Some(client);
         self
     }
 

@@ -16,7 +16,7 @@ mod server;
 pub use body::{client_gone, send_file, MinRate, Sent, FAST_FILE_MAX};
 
 pub use request::{Method, Request};
-pub use server::{serve, Handler, Lane, ServerConfig};
+pub use server::{per_host_cap, serve, Handler, Lane, ServerConfig};
 
 use std::fs::File;
 

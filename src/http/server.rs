@@ -188,7 +188,7 @@ fn fair_pick(queued: impl Iterator<Item = IpAddr>, running: &HashMap<IpAddr, usi
 /// kept for the other addresses (so 80 slow readers from one host leave 16 of 64 workers to
 /// everyone else until the minimum send rate cuts them off). Pools under 4 keep none: there,
 /// a reserve would halve what a lone client gets.
-fn per_host_cap(workers: usize) -> usize {
+pub fn per_host_cap(workers: usize) -> usize {
     if workers < 4 {
         workers.max(1)
     } else {

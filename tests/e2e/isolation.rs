@@ -284,3 +284,71 @@ fn narinfos_an_upstream_drips_do_not_hold_the_workers_that_serve_hits() {
         d.join().unwrap();
     }
 }
+
+#[test]
+fn one_host_cannot_take_every_download_slot() {
+    let Some(fx) = fixture_or_skip() else { return };
+    let up = Upstream::for_cache(fx, Compression::Xz);
+    // 4 workers: 4 download slots, of which one host may hold 3.
+    let ncps = Ncps::for_upstreams_with(&[up.url()], &[&fx.up1_public_key], &["--server-workers", "4", "--prometheus-enabled"]);
+    let nars: Vec<String> = fx.many.iter().take(5).map(|p| ncps_nar_path(&ncps, p).0).collect();
+    assert_eq!(nars.len(), 5, "the fixture has five small paths");
+    up.set_mode_for(Mode::Drip(Duration::from_millis(500)), Target::Nar);
+    // This host starts three misses whose upstream drips: its whole share.
+    let mut held = Vec::new();
+    for nar in &nars[..3] {
+        let mut c = RawConn::connect(ncps.addr, Duration::from_secs(20)).unwrap();
+        c.send(&get_request(nar)).unwrap();
+        held.push(c);
+    }
+    assert!(
+        wait_until(Duration::from_secs(10), || metric(&metrics(&ncps), "ncps_downloads_in_flight") == Some(3.0)),
+        "three downloads run"
+    );
+    // A fourth from the same host is refused with a reason, at once...
+    let r = ncps.get(&nars[3]);
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert!(r.text().contains("share"), "{}", r.text());
+    ncps.wait_for_log(0, "(its share); answered 503", Duration::from_secs(2));
+    // ...while another host still gets its miss started (the dripping upstream would take
+    // minutes to send even the head of its answer, so the running downloads are counted).
+    let s = connect_from(second_host(), ncps.addr, None).unwrap();
+    let mut other = RawConn::from_stream(s, Duration::from_secs(20)).unwrap();
+    other.send(&get_request(&nars[4])).unwrap();
+    assert!(
+        wait_until(Duration::from_secs(10), || metric(&metrics(&ncps), "ncps_downloads_in_flight") == Some(4.0)),
+        "the other host's download runs beside the three: {}",
+        ncps.log()
+    );
+    assert_eq!(ncps.log().matches("(its share); answered 503").count(), 1, "only the busy host was refused");
+    drop((held, other));
+}
+
+#[test]
+fn nix_substitutes_a_closure_while_another_host_holds_stalled_readers() {
+    let Some(fx) = fixture_or_skip() else { return };
+    let up = Upstream::for_cache(fx, Compression::Xz);
+    let ncps = Ncps::for_upstreams_with(&[up.url()], &[&fx.up1_public_key], &["--server-workers", "4"]);
+    let key = format!("{} {}", ncps.pubkey(), fx.up1_public_key);
+    // The closure is stored first: what follows are hits.
+    NixClient::Nix2_8.copy_from(&ncps.url(), &[&fx.top], &key).expect("the first nix copy");
+    ncps.wait_for_stored_nars(fx.top_closure.len());
+    let (big, _) = ncps_nar_path(&ncps, &fx.big);
+    // Another host asks for the big NAR on six connections and never reads: more than the
+    // workers. Each would hold one for its whole write timeout without the minimum rate
+    // and the share of workers per host.
+    let hogs: Vec<TcpStream> = (0..6)
+        .map(|_| {
+            let mut s = connect_from(second_host(), ncps.addr, Some(4096)).unwrap();
+            s.write_all(&get_request(&big)).unwrap();
+            s
+        })
+        .collect();
+    thread::sleep(Duration::from_millis(500));
+    let t = Instant::now();
+    NixClient::Nix2_8
+        .copy_from_timeout(&ncps.url(), &[&fx.top], &key, Duration::from_secs(45))
+        .expect("nix copy of the closure while the hogs hold their connections");
+    eprintln!("nix copy beside six stalled readers took {:?}", t.elapsed());
+    drop(hogs);
+}

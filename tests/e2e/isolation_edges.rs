@@ -15,15 +15,6 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-/// The value of an unlabelled sample in a Prometheus text page.
-fn metric(page: &str, name: &str) -> Option<f64> {
-    page.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
-}
-
-fn metrics(ncps: &Ncps) -> String {
-    ncps.get("/metrics").text()
-}
-
 /// Times one GET (panics if it fails at the transport level).
 fn timed_get(ncps: &Ncps, path: &str) -> (u16, Duration) {
     let t = Instant::now();
@@ -64,13 +55,13 @@ fn a_dripping_upstream_narinfo_is_abandoned_at_its_deadline_and_the_next_upstrea
         std::thread::spawn(move || http_get(&format!("{url}{path}")).map(|r| r.status))
     }).collect();
     std::thread::sleep(Duration::from_millis(500));
-    // Meanwhile /healthz and a NAR hit are answered: at the latest when a lookup's deadline
-    // frees its worker (the front keeps hits apart from lookups; this bounds the worst case).
+    // Meanwhile /healthz and a NAR hit are answered at once: lookups run in the pool of
+    // upstream workers, not in the one that serves hits (1 ms measured; 4.5 s before).
     let (health, health_took) = timed_get(&ncps, "/healthz");
     let (hit, hit_took) = timed_get(&ncps, &hit_path);
     eprintln!("while dripping: /healthz {health} in {health_took:?}, NAR hit {hit} in {hit_took:?}");
     assert_eq!((health, hit), (200, 200));
-    assert!(health_took < Duration::from_secs(7) && hit_took < Duration::from_secs(7), "{health_took:?} {hit_took:?}");
+    assert!(health_took < Duration::from_secs(2) && hit_took < Duration::from_secs(2), "{health_took:?} {hit_took:?}");
 
     copy.join().unwrap().expect("nix copy gets the closure from the good upstream");
     let took = started.elapsed();

@@ -227,6 +227,13 @@ impl RawConn {
         })
     }
 
+    /// A connection already made (for instance from another source address, [`connect_from`]).
+    pub fn from_stream(stream: TcpStream, read_timeout: Duration) -> io::Result<RawConn> {
+        stream.set_read_timeout(Some(read_timeout))?;
+        stream.set_write_timeout(Some(Duration::from_secs(10)))?;
+        Ok(RawConn { stream, pending: Vec::new() })
+    }
+
     pub fn send(&mut self, bytes: &[u8]) -> io::Result<()> {
         self.stream.write_all(bytes)?;
         self.stream.flush()

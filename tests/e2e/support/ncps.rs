@@ -464,3 +464,13 @@ pub fn ncps_with_empty_upstream(extra: &[&str]) -> (TempDir, Upstream, Ncps) {
     let ncps = Ncps::for_upstreams_with(&[up.url()], &[SOME_VALID_PUBLIC_KEY], extra);
     (dir, up, ncps)
 }
+
+/// The value of an unlabelled sample in a Prometheus text page.
+pub fn metric(page: &str, name: &str) -> Option<f64> {
+    page.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+/// ncps's `/metrics` page (`--prometheus-enabled`).
+pub fn metrics(ncps: &Ncps) -> String {
+    ncps.get("/metrics").text()
+}

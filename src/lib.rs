@@ -18,6 +18,7 @@ pub mod index;
 pub mod logging;
 pub mod memo;
 pub mod metrics;
+pub mod migrate_go;
 pub mod nix;
 pub mod otel;
 pub mod routes;

@@ -57,6 +57,13 @@ pub fn prepare(config: &Config) -> Result<Prepared, Exit> {
     std::fs::create_dir_all(&config.data_path).map_err(|e| {
         ConfigError::new("cache-data-path", format!("cannot create {}: {e}", config.data_path.display()))
     })?;
+    // A Go ncps cache is switched in place (migrate_go): its store is moved aside before ours
+    // is opened, its database is left as it is and ours lives beside it.
+    let go = crate::migrate_go::prepare(&config.database_path, &config.data_path).map_err(runtime)?;
+    let database_path = match &go {
+        Some(g) => crate::migrate_go::index_path(&g.database),
+        None => config.database_path.clone(),
+    };
     let blobs = LocalStore::open(&config.data_path)
         .map_err(|e| ConfigError::new("cache-data-path", format!("not writable: {e}")))?;
     let staging = Staging::open(&config.temp_path).map_err(|e| {
@@ -65,7 +72,7 @@ pub fn prepare(config: &Config) -> Result<Prepared, Exit> {
     })?;
     // The store check removes blobs the index does not vouch for: with no index at all, that
     // would be every blob. Nothing here may cost a user their cache.
-    let db_exists = std::fs::metadata(&config.database_path).is_ok_and(|m| m.len() > 0);
+    let db_exists = go.is_some() || std::fs::metadata(&database_path).is_ok_and(|m| m.len() > 0);
     if !db_exists && blobs.holds_anything().unwrap_or(true) {
         return Err(ConfigError::new(
             "cache-database-url",
@@ -79,12 +86,27 @@ pub fn prepare(config: &Config) -> Result<Prepared, Exit> {
         )
         .into());
     }
-    let index = SqliteIndex::open(&config.database_path).map_err(|e| match e {
+    let index = SqliteIndex::open(&database_path).map_err(|e| match e {
         IndexError::Foreign(_) => {
-            ConfigError::new("cache-database-url", format!("{}: {e}", config.database_path.display())).into()
+            ConfigError::new("cache-database-url", format!("{}: {e}", database_path.display())).into()
         }
-        e => runtime(format!("database {}: {e}", config.database_path.display())),
+        e => runtime(format!("database {}: {e}", database_path.display())),
     })?;
+    let mut go_public = None;
+    if let Some(text) = go.as_ref().and_then(|g| g.secret_key.as_deref()) {
+        let ours = config.data_path.join("secret-key");
+        match SecretKey::parse(text) {
+            Ok(k) => {
+                go_public = Some(k.public());
+                if config.secret_key_path.is_none() && !ours.exists() {
+                    write_private(&ours, k.to_file_text().as_bytes())
+                        .map_err(|e| runtime(format!("storing Go ncps's key in {}: {e}", ours.display())))?;
+                    log::info!("go import: Go ncps's signing key {} is this cache's key now", k.name());
+                }
+            }
+            Err(e) => log::warn!("go import: Go ncps's stored key does not parse ({e}); not imported"),
+        }
+    }
     let key = load_key(config)?;
 
     let listener = bind(&config.server_addr)?;
@@ -113,7 +135,14 @@ pub fn prepare(config: &Config) -> Result<Prepared, Exit> {
         },
     };
     let parts = Parts { blobs: Arc::new(blobs), index: Arc::new(index), staging };
+    let own_public = key.public();
     let cache = Arc::new(Cache::new(settings, parts, upstreams, key));
+    if let Some(g) = &go {
+        let mut trusted = config.upstream_keys.clone();
+        trusted.extend(go_public);
+        trusted.push(own_public);
+        crate::migrate_go::import(&cache, g, &trusted).map_err(|e| runtime(format!("importing the Go ncps cache: {e}")))?;
+    }
     cache.start().map_err(|e| runtime(format!("checking the store at start-up: {e}")))?;
 
     log::info!("ncps {} listening on {}", env!("CARGO_PKG_VERSION"), describe(&listener));

@@ -84,4 +84,44 @@ impl Cache {
         self.forget_missing(hash);
         Ok(())
     }
+
+    /// One entry of a Go ncps cache being imported (`crate::migrate_go`): held to the upload
+    /// rules, minus who may upload. The narinfo must describe `hash` and carry a signature by
+    /// one of `trusted` (the upstream keys and the Go cache's own key, which signed what it
+    /// served); its NAR must hash to its name and be as long as the narinfo says. Then both
+    /// are stored through the seams as an upload would be, and signed by this cache's key
+    /// (the Go cache's own, imported, so clients see the signature they already trust).
+    pub fn import_entry(
+        &self,
+        hash: &StorePathHash,
+        narinfo: &[u8],
+        nar: &mut dyn Read,
+        trusted: &[crate::nix::PublicKey],
+    ) -> Result<(), UploadError> {
+        let mut claimed = trust::claimed_by_upload(hash, narinfo)?;
+        if !claimed.info.verify(trusted) {
+            return Err(UploadError::Untrusted);
+        }
+        if self.index.narinfo_nar(hash)?.is_none() {
+            self.put_nar(&claimed.nar, nar, claimed.file_size)?;
+        }
+        let record = match self.index.nar(&claimed.nar)? {
+            Some(r) if r.stored && r.file_hash == claimed.file_hash && r.file_size == claimed.file_size => r,
+            Some(r) => {
+                return Err(UploadError::NarDiffers {
+                    name: claimed.nar,
+                    stored: (r.file_size, r.file_hash),
+                    claimed: (claimed.file_size, claimed.file_hash),
+                })
+            }
+            None => return Err(UploadError::NarMissing(claimed.nar)),
+        };
+        let ours = format!("{}:", self.key.name());
+        claimed.info.sigs.retain(|s| !s.starts_with(&ours));
+        if let Some(key) = self.signer() {
+            claimed.info.sign(key);
+        }
+        self.store_narinfo(hash, &claimed.info, &record)?;
+        Ok(())
+    }
 }

@@ -8,6 +8,7 @@
 //! | [`access`] | who may read and write, what an upload may be, upstream credentials and redirects |
 //! | [`proxy`] | ncps as a read-through proxy: fetching, fallback between upstreams, HTTPS, configuration, the harness itself |
 //! | [`integrity`] | what ncps refuses to pass on or keep: bad signatures, corrupt or truncated NARs, crashes, hostile clients |
+//! | [`gomigrate`] | switching from Go ncps in place: its cache and key imported, its database untouched |
 //! | [`lifecycle`] | the size limit and eviction, uploads, DELETE, `ncps fsck` |
 //! | [`concurrency`] | many clients at once: one upstream download per miss, streaming, floods |
 //! | [`isolation`] | no slow, greedy or hostile peer takes the cache from the others: minimum rates, fair shares of connections and workers, misses apart from hits |
@@ -31,6 +32,7 @@ mod support;
 
 mod access;
 mod concurrency;
+mod gomigrate;
 mod integrity;
 mod isolation;
 mod lifecycle;

@@ -151,7 +151,15 @@ impl Ncps {
     }
 
     fn start_limited(args: Vec<String>, envs: Vec<(String, String)>, nofile: Option<u64>) -> Ncps {
-        let data = TempDir::new("ncps-data");
+        Ncps::start_in(TempDir::new("ncps-data"), args, envs, nofile)
+    }
+
+    /// As [`Ncps::start`], on a data directory prepared beforehand (a Go ncps cache, say).
+    pub fn start_on(data: TempDir, extra: &[&str]) -> Ncps {
+        Ncps::start_in(data, Ncps::args_for(HOSTNAME, extra), Vec::new(), None)
+    }
+
+    fn start_in(data: TempDir, args: Vec<String>, envs: Vec<(String, String)>, nofile: Option<u64>) -> Ncps {
         let mut n = Ncps {
             child: None,
             addr: SocketAddr::from(([127, 0, 0, 1], free_port())),

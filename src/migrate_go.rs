@@ -70,13 +70,23 @@ fn columns(conn: &Connection, table: &str) -> rusqlite::Result<Vec<String>> {
     Ok(names)
 }
 
-/// The schema of a Go ncps database, judged from its tables alone (pure on the names).
+/// The schema of a Go ncps database, judged from its table and `narinfos` column names (pure).
+///
+/// Our own index also has tables named `narinfos`, `nars` and `config`, so the names alone
+/// are not enough: Go's `narinfos` has an integer `id` and a `last_accessed_at` column, ours
+/// has neither (its key is the hash, it keeps `nar_name` and `accessed_at`) and has `totals`.
+/// Anything that looks like ours in any of these ways is never taken for Go's: mistaking our
+/// index for Go's would move our store aside.
 pub fn schema_of(tables: &[String], narinfo_columns: &[String]) -> Option<GoSchema> {
     let has = |t: &str| tables.iter().any(|n| n == t);
-    if !has("narinfos") {
+    let col = |c: &str| narinfo_columns.iter().any(|n| n == c);
+    if !has("narinfos") || has("totals") || col("nar_name") || col("accessed_at") {
         return None;
     }
-    if has("nar_files") && narinfo_columns.iter().any(|c| c == "store_path") {
+    if !col("id") || !col("last_accessed_at") {
+        return None;
+    }
+    if has("nar_files") && col("store_path") {
         Some(GoSchema::Current)
     } else if has("nars") {
         Some(GoSchema::Old)
@@ -328,10 +338,23 @@ mod tests {
     #[test]
     fn the_schema_is_told_by_its_tables() {
         let cur = s(&["narinfos", "nar_files", "narinfo_nar_files", "config"]);
-        assert_eq!(schema_of(&cur, &s(&["id", "hash", "store_path"])), Some(GoSchema::Current));
-        assert_eq!(schema_of(&s(&["narinfos", "nars"]), &s(&["id", "hash"])), Some(GoSchema::Old));
-        assert_eq!(schema_of(&s(&["narinfo", "nar", "meta"]), &[]), None, "ours is not Go's");
+        let go_cols = s(&["id", "hash", "store_path", "last_accessed_at"]);
+        assert_eq!(schema_of(&cur, &go_cols), Some(GoSchema::Current));
+        let old = s(&["narinfos", "nars"]);
+        assert_eq!(schema_of(&old, &s(&["id", "hash", "last_accessed_at"])), Some(GoSchema::Old));
+        assert_eq!(schema_of(&old, &s(&["hash"])), None, "a narinfos table without Go's columns");
         assert_eq!(schema_of(&[], &[]), None);
+    }
+
+    #[test]
+    fn our_own_index_is_never_taken_for_a_go_database() {
+        let dir = std::env::temp_dir().join(format!("ncps-go-detect-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let db = dir.join("db.sqlite");
+        drop(crate::index::sqlite::SqliteIndex::open(&db).unwrap());
+        let found = detect(&db);
+        let _ = std::fs::remove_dir_all(&dir);
+        assert_eq!(found, None, "mistaking it would move our own store aside");
     }
 
     #[test]

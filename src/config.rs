@@ -70,6 +70,10 @@ pub const FLAGS: &[Flag] = &[
     flag!(["upstream-public-key", "cache-upstream-public-key"], ["CACHE_UPSTREAM_PUBLIC_KEYS", "UPSTREAM_PUBLIC_KEYS"],
         ["cache.upstream.public-keys"], List, None,
         "Trusted upstream key, name:base64; repeatable"),
+    flag!(["cache-zstd-responses"], ["CACHE_ZSTD_RESPONSES"],
+        ["cache.zstd-responses"], Bool, Some("true"),
+        "Send NARs stored uncompressed zstd-encoded to clients whose Accept-Encoding names zstd \
+         (a copy made once, in the background, counted against --cache-max-size)"),
     flag!(["cache-sign-narinfo"], ["CACHE_SIGN_NARINFO"],
         ["cache.sign-narinfo"], Bool, Some("true"),
         "Add this cache's signature to served narinfos"),
@@ -256,6 +260,8 @@ pub struct Config {
     pub upstreams: Vec<UpstreamConfig>,
     pub upstream_keys: Vec<PublicKey>,
     pub sign_narinfo: bool,
+    /// `--cache-zstd-responses`.
+    pub zstd_responses: bool,
     pub secret_key_path: Option<PathBuf>,
     pub negative_ttl: Duration,
     pub server_addr: String,
@@ -596,6 +602,7 @@ impl Config {
         }
 
         let sign_narinfo = raw.bool("cache-sign-narinfo")?;
+        let zstd_responses = raw.bool("cache-zstd-responses")?;
         let max_size = match raw.one("cache-max-size") {
             None => None,
             Some(v) => Some(parse_size(v).ok_or_else(|| {
@@ -652,6 +659,7 @@ impl Config {
             upstreams,
             upstream_keys,
             sign_narinfo,
+            zstd_responses,
             secret_key_path: raw.one("cache-secret-key-path").map(PathBuf::from),
             negative_ttl: raw.duration("cache-negative-ttl")?,
             server_addr,

@@ -298,11 +298,19 @@ impl Routes {
             Route::Narinfo(hash) if upload => self.answer(self.cache.narinfo_local(&hash), Kind::Narinfo, req),
             Route::Narinfo(hash) => self.answer(self.cache.narinfo(&hash, &crate::http::client_gone), Kind::Narinfo, req),
             Route::Nar(name) => {
-                let (answer, file_hash) = match self.cache.nar(&name, req.method == Method::Head, req.peer.ip()) {
+                // zstd only for a whole body: a range is of the plain bytes.
+                let zstd = req.header("Range").is_none() && crate::http::accepts_zstd(req.header("Accept-Encoding"));
+                let (answer, file_hash) = match self.cache.nar(&name, req.method == Method::Head, req.peer.ip(), zstd) {
                     Ok((answer, file_hash)) => (Ok(answer), file_hash),
                     Err(e) => (Err(e), None),
                 };
-                nar_ranges(self.answer(answer, Kind::Nar, req), file_hash)
+                let resp = nar_ranges(self.answer(answer, Kind::Nar, req), file_hash);
+                if self.cache.zstd_responses() && crate::cache::zstd_copies::is_plain(&name) {
+                    // The body depends on Accept-Encoding: caches in between must know.
+                    resp.with_header("Vary", "Accept-Encoding")
+                } else {
+                    resp
+                }
             }
             Route::NotFound | Route::Bad(_) => Response::not_found(),
         }
@@ -343,6 +351,10 @@ impl Routes {
         let upstreams_failed = matches!(result, Ok(Answer::Unavailable { .. }));
         let (outcome, resp) = match result {
             Ok(Answer::Hit(body)) => (Outcome::Hit, Response::new(200, content_type, body).with_note("hit")),
+            Ok(Answer::HitZstd(body)) => (
+                Outcome::Hit,
+                Response::new(200, content_type, body).with_header("Content-Encoding", "zstd").with_note("hit (zstd)"),
+            ),
             Ok(Answer::Miss(body, from)) => {
                 (Outcome::Miss, Response::new(200, content_type, body).with_note("miss").with_upstream(from))
             }

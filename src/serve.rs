@@ -133,6 +133,7 @@ pub fn prepare(config: &Config) -> Result<Prepared, Exit> {
             require_trusted_signature: config.access.require_trusted_signature,
             may_shadow: config.access.upload_may_shadow,
         },
+        zstd_responses: config.zstd_responses,
     };
     let parts = Parts { blobs: Arc::new(blobs), index: Arc::new(index), staging };
     let own_public = key.public();

@@ -243,11 +243,28 @@ impl Cache {
 
     /// `client` is the address that asked: one address gets a fair share of the download
     /// slots ([`slot_verdict`]), not all of them.
-    pub fn nar(self: &Arc<Self>, name: &NarName, head_only: bool, client: IpAddr) -> Result<(Answer, Option<Hash>), CacheError> {
+    /// `zstd`: the client accepts `Content-Encoding: zstd` and asked for no range; a stored
+    /// plain NAR then goes as its zstd copy once there is one (`zstd_copies`).
+    pub fn nar(
+        self: &Arc<Self>,
+        name: &NarName,
+        head_only: bool,
+        client: IpAddr,
+        zstd: bool,
+    ) -> Result<(Answer, Option<Hash>), CacheError> {
         if let Some(blob) = self.blobs.nar(name)? {
             self.touch_nar(name);
+            if zstd && self.settings.zstd_responses && super::zstd_copies::is_plain(name) {
+                if let Some(copy) = self.zstd_copy(name)? {
+                    return Ok((Answer::HitZstd(body_of(copy)), None));
+                }
+            }
             let tag = self.stored_file_hash(name, &blob);
             return Ok((Answer::Hit(body_of(blob)), tag));
+        }
+        if zstd && !head_only && self.settings.zstd_responses && super::zstd_copies::is_plain(name) {
+            // Its copy is made once the download below has stored it.
+            self.want_zstd(name);
         }
         let record = match self.index.nar(name)? {
             Some(r) => Some(r),
@@ -533,7 +550,7 @@ impl Cache {
         (record.file_size == len).then_some(record.file_hash)
     }
 
-    fn run_download(&self, job: Job) {
+    fn run_download(self: &Arc<Self>, job: Job) {
         let Job { record, mut temp, download, mut opening, first, by_name, span } = job;
         let span = crate::otel::trace::span_from(span, "nar download", crate::otel::SpanKind::Internal);
         span.set("ncps.nar", record.name.to_string());
@@ -581,10 +598,13 @@ impl Cache {
                         self.keep_nar(temp, &name, record.file_size, &record.file_hash)
                     };
                     match kept {
-                        Ok(()) => log::info!(
-                            "nar {name}: {} bytes from {url} verified and stored in {secs:.1}s",
-                            record.file_size
-                        ),
+                        Ok(()) => {
+                            log::info!(
+                                "nar {name}: {} bytes from {url} verified and stored in {secs:.1}s",
+                                record.file_size
+                            );
+                            self.zstd_after_kept(&name);
+                        }
                         Err(e) => log::error!("nar {name}: verified but not kept: {e}"),
                     }
                 }

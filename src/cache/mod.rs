@@ -40,6 +40,7 @@ mod startup;
 pub mod trust;
 mod uploads;
 pub mod verify;
+pub mod zstd_copies;
 
 pub use error::{CacheError, UploadError};
 pub use eviction::{Evicted, Pass};
@@ -63,6 +64,8 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 pub enum Answer {
     /// Served from the store.
     Hit(Body),
+    /// Served from the store, zstd-encoded (`Content-Encoding: zstd`).
+    HitZstd(Body),
     /// Fetched (or being fetched) from upstream: the body and where it comes from, for the log.
     Miss(Body, Arc<str>),
     /// Only the length is known (a HEAD for a NAR not fetched yet).
@@ -97,6 +100,8 @@ pub struct CacheSettings {
     pub clean_marker: PathBuf,
     /// What uploads may be.
     pub uploads: trust::UploadPolicy,
+    /// `--cache-zstd-responses`: plain NARs go zstd-encoded to clients that ask.
+    pub zstd_responses: bool,
 }
 
 /// Where the cache keeps things: the two seams and the local staging directory.
@@ -116,6 +121,7 @@ pub struct Cache {
     narinfos: narinfos::State,
     downloads: downloads::State,
     space: eviction::Space,
+    zstd: zstd_copies::State,
     access: access::Touched,
     /// NARs of narinfos that were served but could not be indexed (a full disk).
     unindexed: Mutex<HashMap<NarName, NarRecord>>,
@@ -140,12 +146,18 @@ impl Cache {
             key,
             narinfos: narinfos::State::new(),
             downloads: downloads::State::new(),
+            zstd: zstd_copies::State::default(),
             access: access::Touched::default(),
             unindexed: Mutex::new(HashMap::new()),
             health: health::Board::new(&urls, metrics.clone()),
             metrics,
             writes: RwLock::new(()),
         }
+    }
+
+    /// `--cache-zstd-responses`.
+    pub fn zstd_responses(&self) -> bool {
+        self.settings.zstd_responses
     }
 
     /// Figures about the store, for metrics and the status page (constant time).

@@ -86,6 +86,16 @@ impl Cache {
             for s in &strays {
                 self.blobs.remove_stray(s)?;
             }
+            {
+                // A crash may have left a copy its row does not count, or a row whose copy is
+                // gone; copies are an optimisation, made again when asked, so all go.
+                let _no_writes = self.writes.write().unwrap_or_else(|p| p.into_inner());
+                let rows = self.index.forget_nar_zstd()?;
+                let files = self.blobs.remove_all_nar_zstd()?;
+                if rows + files > 0 {
+                    log::info!("start-up check: removed {files} zstd cop(y/ies) ({rows} counted); made again when asked");
+                }
+            }
             for shard in shards() {
                 let f = self.check_shard(&shard)?;
                 fixed.removed += f.removed;

@@ -149,7 +149,13 @@ impl Response {
     }
 
     /// Lets a `GET` ask for a part of the body; `etag` is its strong tag (quoted), if known.
+    /// Never for a body with a `Content-Encoding`: a range would be of the encoded bytes,
+    /// which clients (and Nix) take to be of the plain ones; such a response keeps neither
+    /// `Accept-Ranges` nor an ETag.
     pub fn with_ranges(mut self, etag: Option<String>) -> Response {
+        if self.header("Content-Encoding").is_some() {
+            return self;
+        }
         self.ranges = true;
         if let Some(tag) = etag {
             self.headers.push(("ETag", tag));
@@ -205,5 +211,46 @@ pub fn reason(status: u16) -> &'static str {
         504 => "Gateway Timeout",
         505 => "HTTP Version Not Supported",
         _ => "Unknown",
+    }
+}
+
+/// Whether an `Accept-Encoding` header (RFC 9110 12.5.3) takes `zstd`: named, or `*`, with a
+/// q-value above 0 (`zstd;q=0` refuses it, as `*;q=0` refuses everything not named).
+pub fn accepts_zstd(header: Option<&str>) -> bool {
+    let Some(h) = header else { return false };
+    let mut star = None;
+    for item in h.split(',') {
+        let mut parts = item.split(';');
+        let coding = parts.next().unwrap_or("").trim();
+        let q = parts
+            .filter_map(|p| p.trim().strip_prefix("q=").or_else(|| p.trim().strip_prefix("Q=")))
+            .filter_map(|v| v.trim().parse::<f32>().ok())
+            .next()
+            .unwrap_or(1.0);
+        if coding.eq_ignore_ascii_case("zstd") {
+            return q > 0.0;
+        }
+        if coding == "*" {
+            star = Some(q > 0.0);
+        }
+    }
+    star.unwrap_or(false)
+}
+
+#[cfg(test)]
+mod encoding_tests {
+    use super::accepts_zstd;
+
+    #[test]
+    fn zstd_is_taken_when_named_or_starred_with_a_q_above_zero() {
+        assert!(accepts_zstd(Some("zstd, br, gzip, deflate, bzip2, xz")), "Nix 2.14-2.33");
+        assert!(accepts_zstd(Some("gzip;q=0.5, ZSTD;q=0.8")));
+        assert!(accepts_zstd(Some("*")));
+        assert!(!accepts_zstd(None), "Nix 2.8 sends none");
+        assert!(!accepts_zstd(Some("gzip, br")));
+        assert!(!accepts_zstd(Some("zstd;q=0, *")), "named and refused");
+        assert!(!accepts_zstd(Some("*;q=0")));
+        assert!(!accepts_zstd(Some("identity")));
+        assert!(!accepts_zstd(Some("")));
     }
 }

@@ -27,6 +27,7 @@ pub fn every_rule(index: &dyn Index) {
     pending_narinfos_are_spared_until_their_grace_ends(index);
     shard_listings_return_exactly_their_keys(index);
     unreferenced_nars_are_listed(index);
+    a_zstd_copy_counts_while_its_nar_is_stored_and_goes_with_it(index);
 }
 
 fn empty(index: &dyn Index) {
@@ -151,5 +152,30 @@ fn unreferenced_nars_are_listed(index: &dyn Index) {
     index.put_narinfo(&hash('f'), "/nix/store/e", &nar, 1).unwrap();
     assert!(index.unreferenced_nars(10).unwrap().is_empty());
     index.remove_narinfos(&[hash('f')]).unwrap();
+    empty(index);
+}
+
+fn a_zstd_copy_counts_while_its_nar_is_stored_and_goes_with_it(index: &dyn Index) {
+    let nar = record('3', false);
+    index.put_nar(&nar).unwrap();
+    assert!(!index.set_nar_zstd(&nar.name, 2).unwrap(), "no copy of a NAR not stored");
+    index.set_nar_stored(&nar.name, true).unwrap();
+    assert!(index.set_nar_zstd(&nar.name, 2).unwrap());
+    assert_eq!(index.totals().unwrap(), Totals { narinfos: 0, narinfo_bytes: 0, nars: 1, nar_bytes: 5 }, "3 + its copy's 2");
+    index.set_nar_stored(&nar.name, false).unwrap();
+    assert_eq!(index.totals().unwrap(), Totals::default(), "a NAR not stored has no copy");
+    index.set_nar_stored(&nar.name, true).unwrap();
+    index.set_nar_zstd(&nar.name, 2).unwrap();
+    let removed = index.remove_nar(&nar.name).unwrap().expect("removed");
+    assert_eq!(removed.nar, Some((nar.name.clone(), Some(5))), "what removal frees includes the copy");
+    empty(index);
+
+    index.put_nar(&nar).unwrap();
+    index.set_nar_stored(&nar.name, true).unwrap();
+    index.set_nar_zstd(&nar.name, 2).unwrap();
+    assert_eq!(index.forget_nar_zstd().unwrap(), 1, "after an unclean stop every copy is forgotten");
+    assert_eq!(index.totals().unwrap().nar_bytes, 3, "and no longer counted");
+    assert_eq!(index.forget_nar_zstd().unwrap(), 0);
+    index.remove_nar(&nar.name).unwrap();
     empty(index);
 }

@@ -125,6 +125,12 @@ pub trait Index: Send + Sync {
     /// Marks a NAR's blob as present (or not). `false` if the index no longer knows the NAR
     /// (deleted or evicted meanwhile): then the blob must not be kept.
     fn set_nar_stored(&self, name: &NarName, stored: bool) -> Result<bool, IndexError>;
+    /// Records that stored NAR `name` has a zstd copy of `size` bytes (0: none), counted in
+    /// [`Totals::nar_bytes`] while the NAR is stored. False if no stored NAR has that name.
+    fn set_nar_zstd(&self, name: &NarName, size: u64) -> Result<bool, IndexError>;
+    /// Forgets every zstd copy (sizes to 0), as [`crate::storage::BlobStore::remove_all_nar_zstd`]
+    /// removes them after an unclean stop. Returns how many rows had one.
+    fn forget_nar_zstd(&self) -> Result<u64, IndexError>;
     fn totals(&self) -> Result<Totals, IndexError>;
     /// Up to `limit` narinfos to evict, least recently used first (a NAR's use counts as a use
     /// of every narinfo pointing at it). Only entries whose NAR is stored qualify, plus those

@@ -81,6 +81,17 @@ const MIGRATIONS: &[&str] = &[
     DROP INDEX narinfos_accessed_at;
     CREATE INDEX narinfos_lru ON narinfos(accessed_at, created_at);
 ",
+    // 3: the size of a NAR's zstd copy (served to clients that ask), counted in nar_bytes.
+    "
+    ALTER TABLE nars ADD COLUMN zstd_size INTEGER NOT NULL DEFAULT 0;
+    DROP TRIGGER nars_removed;
+    CREATE TRIGGER nars_removed AFTER DELETE ON nars WHEN OLD.stored BEGIN
+        UPDATE totals SET nars = nars - 1, nar_bytes = nar_bytes - OLD.file_size - OLD.zstd_size WHERE id = 0;
+    END;
+    CREATE TRIGGER nars_zstd_resized AFTER UPDATE OF stored, zstd_size ON nars WHEN OLD.stored OR NEW.stored BEGIN
+        UPDATE totals SET nar_bytes = nar_bytes - OLD.stored * OLD.zstd_size + NEW.stored * NEW.zstd_size WHERE id = 0;
+    END;
+",
 ];
 
 pub const SCHEMA_VERSION: u32 = MIGRATIONS.len() as u32;
@@ -257,7 +268,7 @@ impl SqliteIndex {
 fn remove_nar_row(tx: &rusqlite::Transaction<'_>, name: &str) -> Result<Option<(NarName, Option<u64>)>, IndexError> {
     const CTX: &str = "removing a nar";
     let row: Option<(i64, bool)> = tx
-        .prepare_cached("SELECT file_size, stored FROM nars WHERE name = ?1")
+        .prepare_cached("SELECT file_size + zstd_size, stored FROM nars WHERE name = ?1")
         .context(CTX)?
         .query_row([name], |r| Ok((r.get(0)?, r.get(1)?)))
         .optional()
@@ -360,9 +371,29 @@ impl super::Index for SqliteIndex {
     fn set_nar_stored(&self, name: &NarName, stored: bool) -> Result<bool, IndexError> {
         let n = self
             .conn()?
-            .execute("UPDATE nars SET stored = ?2 WHERE name = ?1", params![name.as_str(), stored])
+            .execute(
+                // A NAR no longer stored has no zstd copy either.
+                "UPDATE nars SET stored = ?2, zstd_size = CASE WHEN ?2 THEN zstd_size ELSE 0 END WHERE name = ?1",
+                params![name.as_str(), stored],
+            )
             .context("marking a nar stored")?;
         Ok(n > 0)
+    }
+
+    fn set_nar_zstd(&self, name: &NarName, size: u64) -> Result<bool, IndexError> {
+        let n = self
+            .conn()?
+            .execute("UPDATE nars SET zstd_size = ?2 WHERE name = ?1 AND stored", params![name.as_str(), size as i64])
+            .context("recording a nar's zstd copy")?;
+        Ok(n > 0)
+    }
+
+    fn forget_nar_zstd(&self) -> Result<u64, IndexError> {
+        let n = self
+            .conn()?
+            .execute("UPDATE nars SET zstd_size = 0 WHERE zstd_size != 0", [])
+            .context("forgetting the zstd copies")?;
+        Ok(n as u64)
     }
 
     fn totals(&self) -> Result<Totals, IndexError> {

@@ -22,6 +22,7 @@ pub fn every_rule(store: &dyn BlobStore, staging: &Staging) {
     a_dropped_staged_nar_leaves_nothing(store, staging);
     removing_is_idempotent(store, staging);
     listing_by_shard_finds_each_blob_once(store, staging);
+    a_zstd_copy_appears_whole_is_never_listed_as_a_nar_and_goes_with_its_nar(store, staging);
 }
 
 fn a_blob_is_absent_until_put_then_whole(store: &dyn BlobStore, staging: &Staging) {
@@ -177,4 +178,28 @@ fn a_store_that_takes_no_new_files_is_told_apart_from_other_failures() {
     assert!(!os(libc::EROFS).is_no_space());
     assert!(!os(libc::EIO).is_unwritable(), "a failing disk is an error, not a full one");
     assert!(!e(io::ErrorKind::NotFound).is_unwritable());
+}
+
+fn a_zstd_copy_appears_whole_is_never_listed_as_a_nar_and_goes_with_its_nar(store: &dyn BlobStore, staging: &Staging) {
+    let n = NarName::parse(&format!("{}.nar", "4".repeat(52))).expect("valid NAR name");
+    store.put_nar(&n, staging.temp_with(b"plain bytes").unwrap(), &Hash::of(b"plain bytes")).unwrap();
+    assert!(store.nar_zstd(&n).unwrap().is_none());
+    store.put_nar_zstd(&n, staging.temp_with(b"zstd").unwrap()).unwrap();
+    if let Some(copy) = store.nar_zstd(&n).unwrap() {
+        assert_eq!(bytes_of(Some(copy)).as_deref(), Some(&b"zstd"[..]));
+        let listed = store.list_nars(&n.as_str()[..2]).unwrap();
+        assert_eq!((listed.entries.len(), listed.strays.len()), (1, 0), "the copy is not a NAR of its own");
+    }
+    store.remove_nars(std::slice::from_ref(&n)).unwrap();
+    assert!(store.nar(&n).unwrap().is_none() && store.nar_zstd(&n).unwrap().is_none(), "gone with its NAR");
+
+    // After an unclean stop every copy goes; the NARs stay.
+    store.put_nar(&n, staging.temp_with(b"plain bytes").unwrap(), &Hash::of(b"plain bytes")).unwrap();
+    store.put_nar_zstd(&n, staging.temp_with(b"zstd").unwrap()).unwrap();
+    let kept = store.nar_zstd(&n).unwrap().is_some();
+    assert_eq!(store.remove_all_nar_zstd().unwrap(), u64::from(kept));
+    assert!(store.nar_zstd(&n).unwrap().is_none() && store.nar(&n).unwrap().is_some());
+    store.put_nar_zstd(&n, staging.temp_with(b"zstd").unwrap()).unwrap();
+    assert_eq!(store.nar_zstd(&n).unwrap().is_some(), kept, "copies are made again after");
+    store.remove_nars(std::slice::from_ref(&n)).unwrap();
 }

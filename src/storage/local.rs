@@ -22,6 +22,10 @@ pub struct LocalStore {
     narinfo_dir_fd: std::os::fd::OwnedFd,
     /// `nar_dir`, open: NARs are opened below it, following no symlink.
     nar_dir_fd: std::os::fd::OwnedFd,
+    /// zstd copies of `Compression: none` NARs: `store/nar-zstd/<c1>/<c1c2>/<name>.zst`, apart
+    /// from the NARs so that listings (the start-up check, fsck) never take one for a NAR.
+    zstd_dir: PathBuf,
+    zstd_dir_fd: std::os::fd::OwnedFd,
 }
 
 /// Narinfos up to this size are read whole by a hit (one `read`, no `fstat`); larger ones are
@@ -236,6 +240,19 @@ fn read_small(dir: &std::os::fd::OwnedFd, relative: &str, full: &Path) -> Result
 }
 
 /// Lists a directory; a directory that does not exist (or is a file) lists as empty.
+/// Files under `dir`, symlinks not followed (for a log line; unreadable parts count 0).
+fn count_files(dir: &Path) -> u64 {
+    fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| match e.file_type() {
+            Ok(t) if t.is_dir() => count_files(&e.path()),
+            _ => 1,
+        })
+        .sum()
+}
+
 fn read_dir(dir: &Path) -> Result<Vec<fs::DirEntry>, StorageError> {
     let err = |e| StorageError::io("listing", dir.to_path_buf(), e);
     match fs::read_dir(dir) {
@@ -263,17 +280,22 @@ impl LocalStore {
     /// Opens (creating if needed) the store under `data_path`.
     pub fn open(data_path: &Path) -> Result<LocalStore, StorageError> {
         let root = data_path.join("store");
-        let (nar_dir, narinfo_dir) = (root.join("nar"), root.join("narinfo"));
-        for dir in [&nar_dir, &narinfo_dir] {
+        let (nar_dir, narinfo_dir, zstd_dir) = (root.join("nar"), root.join("narinfo"), root.join("nar-zstd"));
+        for dir in [&nar_dir, &narinfo_dir, &zstd_dir] {
             fs::create_dir_all(dir).map_err(|e| StorageError::io("creating", dir.clone(), e))?;
         }
         let narinfo_dir_fd = open_dir(&narinfo_dir)?;
         let nar_dir_fd = open_dir(&nar_dir)?;
-        Ok(LocalStore { nar_dir, narinfo_dir, root, narinfo_dir_fd, nar_dir_fd })
+        let zstd_dir_fd = open_dir(&zstd_dir)?;
+        Ok(LocalStore { nar_dir, narinfo_dir, root, narinfo_dir_fd, nar_dir_fd, zstd_dir, zstd_dir_fd })
     }
 
     fn nar_path(&self, name: &NarName) -> PathBuf {
         sharded(&self.nar_dir, name.as_str())
+    }
+
+    fn zstd_path(&self, name: &NarName) -> PathBuf {
+        sharded(&self.zstd_dir, &format!("{name}.zst"))
     }
 
     fn narinfo_path(&self, hash: &StorePathHash) -> PathBuf {
@@ -373,6 +395,41 @@ impl BlobStore for LocalStore {
         staged.commit(&path)
     }
 
+    fn nar_zstd(&self, name: &NarName) -> Result<Option<Blob>, StorageError> {
+        let file = format!("{name}.zst");
+        let found = open_existing(&self.zstd_dir_fd, &file, &self.zstd_path(name))?;
+        Ok(found.map(|(file, len)| Blob::File { file, len }))
+    }
+
+    fn put_nar_zstd(&self, name: &NarName, staged: TempFile) -> Result<(), StorageError> {
+        let path = self.zstd_path(name);
+        self.make_parent(&path)?;
+        staged.commit(&path)
+    }
+
+    fn remove_nar_zstd(&self, name: &NarName) -> Result<(), StorageError> {
+        remove_file(&self.zstd_path(name))
+    }
+
+    fn remove_all_nar_zstd(&self) -> Result<u64, StorageError> {
+        // The shard directories go, not `nar-zstd/` itself: its descriptor stays valid.
+        let err = |p: &Path, e| StorageError::io("removing zstd copies", p.to_path_buf(), e);
+        let mut removed = 0;
+        for entry in fs::read_dir(&self.zstd_dir).map_err(|e| err(&self.zstd_dir, e))? {
+            let entry = entry.map_err(|e| err(&self.zstd_dir, e))?;
+            let path = entry.path();
+            // file_type does not follow a symlink: one is removed, never what it points at.
+            if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                removed += count_files(&path);
+                fs::remove_dir_all(&path).map_err(|e| err(&path, e))?;
+            } else {
+                removed += 1;
+                fs::remove_file(&path).map_err(|e| err(&path, e))?;
+            }
+        }
+        Ok(removed)
+    }
+
     fn nar_file_hash(&self, blob: &Blob) -> Option<Hash> {
         match blob {
             Blob::File { file, .. } => recorded_file_hash(file),
@@ -385,7 +442,8 @@ impl BlobStore for LocalStore {
     }
 
     fn remove_nar(&self, name: &NarName) -> Result<(), StorageError> {
-        remove_file(&self.nar_path(name))
+        remove_file(&self.nar_path(name))?;
+        self.remove_nar_zstd(name)
     }
 
     fn remove_narinfos(&self, hashes: &[StorePathHash]) -> Result<(), StorageError> {
@@ -393,7 +451,10 @@ impl BlobStore for LocalStore {
     }
 
     fn remove_nars(&self, names: &[NarName]) -> Result<(), StorageError> {
-        remove_concurrently(names, |n| self.nar_path(n))
+        remove_concurrently(names, |n| self.nar_path(n))?;
+        // Only NARs stored plain have a copy; trying the others costs a failed lookup each.
+        let plain: Vec<NarName> = names.iter().filter(|n| n.as_str().ends_with(".nar")).cloned().collect();
+        remove_concurrently(&plain, |n| self.zstd_path(n))
     }
 
     fn list_narinfos(&self, shard: &str) -> Result<Shard<StorePathHash>, StorageError> {

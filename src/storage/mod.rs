@@ -120,6 +120,26 @@ pub trait BlobStore: Send + Sync {
     fn put_narinfo(&self, hash: &StorePathHash, bytes: &[u8], staging: &Staging) -> Result<(), StorageError>;
     /// Stores a verified NAR from its staged file, with the FileHash it was verified against.
     fn put_nar(&self, name: &NarName, staged: TempFile, file_hash: &Hash) -> Result<(), StorageError>;
+    /// The zstd-encoded copy of a `Compression: none` NAR, if one is kept (sent to clients
+    /// whose Accept-Encoding names zstd). Same promises as NARs: it appears whole or not at
+    /// all. A store that keeps none answers `None`.
+    fn nar_zstd(&self, _name: &NarName) -> Result<Option<Blob>, StorageError> {
+        Ok(None)
+    }
+    /// Keeps `staged` (complete, written by the caller) as the zstd copy of NAR `name`.
+    fn put_nar_zstd(&self, _name: &NarName, _staged: TempFile) -> Result<(), StorageError> {
+        Ok(())
+    }
+    /// Removes the zstd copy of NAR `name` (idempotent). [`BlobStore::remove_nar`] and
+    /// [`BlobStore::remove_nars`] remove it too.
+    fn remove_nar_zstd(&self, _name: &NarName) -> Result<(), StorageError> {
+        Ok(())
+    }
+    /// Removes every zstd copy: after an unclean stop a copy may not be what the index counts
+    /// (copies are made again when asked). Returns how many were removed.
+    fn remove_all_nar_zstd(&self) -> Result<u64, StorageError> {
+        Ok(0)
+    }
     /// The FileHash stored with the NAR `blob` (which [`BlobStore::nar`] returned), if kept.
     fn nar_file_hash(&self, blob: &Blob) -> Option<Hash>;
     fn remove_narinfo(&self, hash: &StorePathHash) -> Result<(), StorageError>;

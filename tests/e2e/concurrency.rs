@@ -214,7 +214,11 @@ fn downloads_left_running_by_departed_clients_are_bounded_and_the_next_gets_503(
         .collect();
     for (i, nar) in nars[..4].iter().enumerate() {
         // Ask, then leave once the download has started: it goes on for the cache's sake.
-        let mut c = RawConn::connect(ncps.addr, Duration::from_secs(10)).unwrap();
+        // Each from another host (127.0.0.10-13): one host may start only its share of the
+        // slots (isolation::one_host_cannot_take_every_download_slot).
+        let src = std::net::IpAddr::from([127, 0, 0, 10 + i as u8]);
+        let stream = connect_from(src, ncps.addr, None).unwrap();
+        let mut c = RawConn::from_stream(stream, Duration::from_secs(10)).unwrap();
         c.send(&get_request(nar)).unwrap();
         assert!(
             wait_until(Duration::from_secs(5), || up.hits_where(|p| p.starts_with("/nar/")) > i as u64),

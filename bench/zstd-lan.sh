@@ -17,6 +17,12 @@
 #    sendfile at line rate; the client is `curl -o /dev/null` for the plain NAR and
 #    `curl | zstd -dc > /dev/null` for the compressed one (decoding included, as Nix does).
 #    Median of $BENCH_ZSTD_REPS runs, bytes and seconds.
+# 3. ncps itself (what was built on these numbers): the NAR behind ncps as a `Compression: none`
+#    entry of an upstream (the same nginx), fetched once by the client with Accept-Encoding:
+#    zstd (a miss, served plain; ncps then makes its copy), then timed as a hit: plain (no
+#    Accept-Encoding, like Nix 2.8) against `Content-Encoding: zstd` decoded by the client
+#    (like Nix 2.14+), and ncps's own time and CPU for making the copy. $NCPS (default
+#    target/release/ncps) is the binary.
 #
 # Knobs (env): BENCH_ZSTD_TREE, BENCH_ZSTD_LEVELS ("1 3"; 9 takes a minute), BENCH_ZSTD_REPS (3),
 #   BENCH_ZSTD_RATE (1000mbit), BENCH_ZSTD_PORT (19190), BENCH_KEEP=1,
@@ -38,8 +44,11 @@ done
 WORK=$(mktemp -d /tmp/ncps-bench-zstd.XXXXXX)
 NS=ncpsbz$$
 NGINX_PID=""
+NCPS_PID=""
+NCPS=${NCPS:-$HERE/../target/release/ncps}
 cleanup() {
   [ -n "$NGINX_PID" ] && { kill "$NGINX_PID" 2>/dev/null || true; wait "$NGINX_PID" 2>/dev/null || true; }
+  [ -n "$NCPS_PID" ] && { kill "$NCPS_PID" 2>/dev/null || true; wait "$NCPS_PID" 2>/dev/null || true; }
   ip netns del "$NS" 2>/dev/null || true
   ip link del "vz$$h" 2>/dev/null || true
   [ "${BENCH_KEEP:-}" = 1 ] && echo "kept $WORK" || rm -rf "$WORK"
@@ -71,6 +80,16 @@ for l in $LEVELS; do
       l, 100 * z / n, n / z, n / 1048576 / w, (u + s) / g, n / 1048576 / d}'
 done
 
+# The upstream of part 3: the same NAR as an uncompressed binary cache entry (unsigned; ncps
+# runs without upstream keys, so it passes the narinfo on and signs nothing).
+mkdir -p "$WORK/up/nar"
+NARHASH=$(nix-hash --type sha256 --flat --base32 "$WORK/www/nar")
+ln "$WORK/www/nar" "$WORK/up/nar/$NARHASH.nar"
+SPH=$( (LC_ALL=C tr -dc '0123456789abcdfghijklmnpqrsvwxyz' < /dev/urandom || true) | head -c 32)
+printf 'StoreDir: /nix/store\nWantMassQuery: 1\nPriority: 40\n' > "$WORK/up/nix-cache-info"
+printf 'StorePath: /nix/store/%s-bench-zstd\nURL: nar/%s.nar\nCompression: none\nFileHash: sha256:%s\nFileSize: %d\nNarHash: sha256:%s\nNarSize: %d\nReferences: \n' \
+  "$SPH" "$NARHASH" "$NARHASH" "$NAR_BYTES" "$NARHASH" "$NAR_BYTES" > "$WORK/up/$SPH.narinfo"
+
 echo "== 2. a $RATE client (netns + veth, tc tbf rate $RATE both ways)"
 H=vz$$h; C=vz$$c
 ip netns add "$NS"
@@ -97,6 +116,7 @@ http {
   sendfile on;
   tcp_nopush on;
   server { listen $SRV:$PORT; root $WORK/www; }
+  server { listen $SRV:$((PORT + 1)); root $WORK/up; }
 }
 EOF
 nginx -p "$WORK" -c "$WORK/nginx.conf" > "$WORK/nginx.out" 2>&1 &
@@ -120,3 +140,42 @@ for l in $LEVELS; do
   awk -v l="$l" -v z="${ZBYTES[$l]}" -v e="$E" -v p="$P" -v n="$NAR_BYTES" \
     'BEGIN {printf "zstd -%s: %d bytes in %.2f s (%.0f MiB/s of NAR), %.2fx faster than plain\n", l, z, e, n / 1048576 / e, p / e}'
 done
+
+echo "== 3. ncps: the same NAR as a plain hit and as its zstd copy"
+if [ ! -x "$NCPS" ]; then
+  echo "skipped: no ncps binary at $NCPS (cargo build --release, or NCPS=...)"
+  exit 0
+fi
+NPORT=$((PORT + 2))
+mkdir -p "$WORK/ncps"
+"$NCPS" serve --cache-hostname bench-zstd --cache-data-path "$WORK/ncps" \
+  --upstream-cache "http://$SRV:$((PORT + 1))" --server-addr "$SRV:$NPORT" > "$WORK/ncps.log" 2>&1 &
+NCPS_PID=$!
+for _ in $(seq 100); do curl -s -o /dev/null "http://$SRV:$NPORT/nix-cache-info" && break; sleep 0.1; done
+ZACCEPT='Accept-Encoding: zstd, br, gzip, deflate, bzip2, xz'
+ip netns exec "$NS" curl -s -f -o /dev/null "http://$SRV:$NPORT/$SPH.narinfo"
+ip netns exec "$NS" curl -s -f -o /dev/null -H "$ZACCEPT" "http://$SRV:$NPORT/nar/$NARHASH.nar"
+cpu0=$(awk '{print $14 + $15}' "/proc/$NCPS_PID/stat")
+for _ in $(seq 600); do grep -q "zstd copy kept\|no zstd copy\|not worth a copy" "$WORK/ncps.log" && break; sleep 0.5; done
+cpu1=$(awk '{print $14 + $15}' "/proc/$NCPS_PID/stat")
+grep -o "zstd copy kept.*\|no zstd copy.*\|not worth a copy.*" "$WORK/ncps.log" | head -1 | sed 's/^/ncps: /'
+awk -v a="$cpu0" -v b="$cpu1" -v g="$GIB" -v t="$(getconf CLK_TCK)" \
+  'BEGIN {printf "ncps CPU while making the copy: %.1f s (%.2f s per GiB of NAR)\n", (b - a) / t, (b - a) / t / g}'
+nplain() {
+  ip netns exec "$NS" curl -s -f -o /dev/null -w '%{time_total}\n' "http://$SRV:$NPORT/nar/$NARHASH.nar"
+}
+nzstd() {
+  local t0 t1
+  t0=$(now)
+  ip netns exec "$NS" sh -c "curl -s -f -H '$ZACCEPT' http://$SRV:$NPORT/nar/$NARHASH.nar | zstd -q -dc > /dev/null"
+  t1=$(now)
+  awk -v a="$t0" -v b="$t1" 'BEGIN {print b - a}'
+}
+ZB=$(ip netns exec "$NS" curl -s -f -H "$ZACCEPT" -o /dev/null -w '%{size_download} %header{content-encoding}\n' "http://$SRV:$NPORT/nar/$NARHASH.nar")
+echo "ncps zstd answer: $ZB (bytes, Content-Encoding)"
+NP=$(for _ in $(seq "$REPS"); do nplain; done | median)
+NZ=$(for _ in $(seq "$REPS"); do nzstd; done | median)
+awk -v p="$NP" -v z="$NZ" -v n="$NAR_BYTES" -v q="$P" \
+  'BEGIN {printf "ncps plain hit: %.2f s (%.0f MiB/s; nginx plain %.2f s); ncps zstd hit, decoded: %.2f s (%.0f MiB/s of NAR), %.2fx faster than plain\n",
+    p, n / 1048576 / p, q, z, n / 1048576 / z, p / z}'
+if grep -q "hit (zstd)" "$WORK/ncps.log"; then echo "ncps log: hit (zstd) seen"; else echo "ncps log: no zstd hit!"; fi

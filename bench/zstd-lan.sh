@@ -126,12 +126,16 @@ for _ in $(seq 50); do curl -s -o /dev/null "http://$SRV:$PORT/nar" && break; sl
 plain() {
   ip netns exec "$NS" curl -s -o /dev/null -w '%{time_total}\n' "http://$SRV:$PORT/nar"
 }
-encoded() {
+# Seconds a client pipeline (a shell command in the client's namespace) takes.
+client_secs() {
   local t0 t1
   t0=$(now)
-  ip netns exec "$NS" sh -c "curl -s http://$SRV:$PORT/nar.$1.zst | zstd -q -dc > /dev/null"
+  ip netns exec "$NS" sh -c "$1"
   t1=$(now)
   awk -v a="$t0" -v b="$t1" 'BEGIN {print b - a}'
+}
+encoded() {
+  client_secs "curl -s http://$SRV:$PORT/nar.$1.zst | zstd -q -dc > /dev/null"
 }
 P=$(for _ in $(seq "$REPS"); do plain; done | median)
 printf 'plain:   %d bytes in %.2f s (%.0f MiB/s of NAR)\n' "$NAR_BYTES" "$P" "$(awk -v n="$NAR_BYTES" -v t="$P" 'BEGIN {print n / 1048576 / t}')"
@@ -165,11 +169,7 @@ nplain() {
   ip netns exec "$NS" curl -s -f -o /dev/null -w '%{time_total}\n' "http://$SRV:$NPORT/nar/$NARHASH.nar"
 }
 nzstd() {
-  local t0 t1
-  t0=$(now)
-  ip netns exec "$NS" sh -c "curl -s -f -H '$ZACCEPT' http://$SRV:$NPORT/nar/$NARHASH.nar | zstd -q -dc > /dev/null"
-  t1=$(now)
-  awk -v a="$t0" -v b="$t1" 'BEGIN {print b - a}'
+  client_secs "curl -s -f -H '$ZACCEPT' http://$SRV:$NPORT/nar/$NARHASH.nar | zstd -q -dc > /dev/null"
 }
 ZB=$(ip netns exec "$NS" curl -s -f -H "$ZACCEPT" -o /dev/null -w '%{size_download} %header{content-encoding}\n' "http://$SRV:$NPORT/nar/$NARHASH.nar")
 echo "ncps zstd answer: $ZB (bytes, Content-Encoding)"

@@ -48,6 +48,9 @@ pub enum Blob {
     File { file: File, len: u64 },
     /// The bytes themselves.
     Bytes(Vec<u8>),
+    /// `len` bytes read from a stream (an object store's answer), with the FileHash the store
+    /// kept with it, if any (see [`BlobStore::nar_file_hash`]).
+    Reader { reader: Box<dyn crate::http::Streamed>, len: u64, file_hash: Option<Hash> },
 }
 
 impl Blob {
@@ -55,6 +58,7 @@ impl Blob {
         match self {
             Blob::File { len, .. } => *len,
             Blob::Bytes(b) => b.len() as u64,
+            Blob::Reader { len, .. } => *len,
         }
     }
 
@@ -72,6 +76,21 @@ impl Blob {
                     .map_err(|e| StorageError::io("reading", PathBuf::new(), e))?;
                 Ok(bytes)
             }
+            Blob::Reader { reader, len, .. } => {
+                let mut bytes = Vec::with_capacity(len.min(1 << 20) as usize);
+                io::Read::read_to_end(&mut io::Read::take(reader, len), &mut bytes)
+                    .map_err(|e| StorageError::io("reading", PathBuf::new(), e))?;
+                Ok(bytes)
+            }
+        }
+    }
+
+    /// The blob as a reader of its bytes.
+    pub fn into_reader(self) -> Box<dyn io::Read + Send> {
+        match self {
+            Blob::File { file, len } => Box::new(io::Read::take(file, len)),
+            Blob::Bytes(b) => Box::new(io::Cursor::new(b)),
+            Blob::Reader { reader, len, .. } => Box::new(io::Read::take(reader, len)),
         }
     }
 }

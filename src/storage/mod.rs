@@ -27,6 +27,8 @@
 //! deployment: readers that join a download follow that file as it grows.
 
 pub mod local;
+#[cfg(feature = "s3")]
+pub mod s3;
 mod staging;
 
 #[cfg(test)]
@@ -208,6 +210,9 @@ pub(crate) fn joined(result: std::thread::Result<Result<(), StorageError>>, acti
 pub enum StorageError {
     /// A file system call failed: what was being done, to which path.
     Io { action: &'static str, path: PathBuf, source: io::Error },
+    /// A request to an object store failed: what was being done, to which key (or which
+    /// store), and why (the store's answer, or the connection's failure).
+    Remote { action: &'static str, key: String, source: Box<dyn std::error::Error + Send + Sync> },
 }
 
 impl StorageError {
@@ -221,6 +226,7 @@ impl StorageError {
             StorageError::Io { source, .. } => {
                 matches!(source.kind(), io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded)
             }
+            StorageError::Remote { .. } => false,
         }
     }
 
@@ -235,6 +241,9 @@ impl StorageError {
                     || source.kind() == io::ErrorKind::PermissionDenied
                     || matches!(source.raw_os_error(), Some(libc::EROFS | libc::EACCES | libc::EPERM))
             }
+            // An object store that refuses a write (a quota, a read-only key) says so per
+            // request; such a write fails like any other, and the next one tries again.
+            StorageError::Remote { .. } => false,
         }
     }
 }
@@ -246,6 +255,7 @@ impl fmt::Display for StorageError {
                 write!(f, "{action}: {source}")
             }
             StorageError::Io { action, path, source } => write!(f, "{action} {}: {source}", path.display()),
+            StorageError::Remote { action, key, source } => write!(f, "{action} {key}: {source}"),
         }
     }
 }
@@ -254,6 +264,7 @@ impl std::error::Error for StorageError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
             StorageError::Io { source, .. } => Some(source),
+            StorageError::Remote { source, .. } => Some(source.as_ref()),
         }
     }
 }

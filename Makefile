@@ -47,7 +47,9 @@ run: build
 # on a fresh machine, done while cargo compiles; instant later. If it cannot be built, make test
 # stops before the tests; NCPS_TEST_SKIP_NIX226=1 skips it and the Nix 2.26 tests.
 # Rotel, the OpenTelemetry collector the otel tests send to, is installed from PyPI into the
-# same cache (tests/rotel.sh; seconds, once).
+# same cache (tests/rotel.sh; seconds, once). s3s-fs, the S3 server the S3 blob store is tested
+# against (feature s3: its contract tests and tests/e2e/s3.rs), is built from crates.io into the
+# same cache (tests/s3s.sh; a few minutes, once); those tests then take seconds.
 test: deps
 	@mkdir -p target; pid=; \
 	if [ -n "$$NCPS_TEST_SKIP_NIX226" ]; then echo "NCPS_TEST_SKIP_NIX226 is set: the Nix 2.26 tests are skipped"; \
@@ -59,6 +61,9 @@ test: deps
 	bash tests/rotel.sh >target/rotel.out || { echo "FAIL: Rotel (the OpenTelemetry collector of tests/e2e/otel.rs) could not be installed"; exit 1; }
 	$(CARGO) test --all-targets
 	$(CARGO) test --doc
+	bash tests/s3s.sh >target/s3s.out || { echo "FAIL: s3s-fs (the S3 server of the S3 tests) could not be installed"; exit 1; }
+	NCPS_TEST_S3S_FS=$$(cat target/s3s.out) $(CARGO) test --features s3 --lib storage::
+	NCPS_TEST_S3S_FS=$$(cat target/s3s.out) $(CARGO) test --features s3 --test e2e s3::
 	bash tests/systemd.sh
 	bash tests/metrics_check.sh
 	bash tests/status_page.sh "" target/status-page.png

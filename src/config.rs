@@ -56,6 +56,26 @@ pub const FLAGS: &[Flag] = &[
     flag!(["cache-data-path", "cache-storage-local"], ["CACHE_STORAGE_LOCAL", "CACHE_DATA_PATH"],
         ["cache.storage.local", "cache.data-path"],
         Value, None, "Directory for the cached NARs, narinfos, database and key (required)"),
+    flag!(["cache-storage-s3-bucket"], ["CACHE_STORAGE_S3_BUCKET"],
+        ["cache.storage.s3.bucket"], Value, None,
+        "S3 bucket for the NARs and narinfos instead of the data path (the index, key and downloads \
+         in progress stay there); needs a build with `--features s3`"),
+    flag!(["cache-storage-s3-endpoint"], ["CACHE_STORAGE_S3_ENDPOINT"],
+        ["cache.storage.s3.endpoint"], Value, None,
+        "S3 endpoint URL with its scheme, e.g. https://s3.amazonaws.com or http://minio:9000 \
+         (required with a bucket)"),
+    flag!(["cache-storage-s3-region"], ["CACHE_STORAGE_S3_REGION"],
+        ["cache.storage.s3.region"], Value, Some("us-east-1"),
+        "S3 region (any value for most self-hosted servers)"),
+    flag!(["cache-storage-s3-access-key-id"], ["CACHE_STORAGE_S3_ACCESS_KEY_ID"],
+        ["cache.storage.s3.access-key-id"], Value, None,
+        "S3 access key ID (required with a bucket)"),
+    flag!(["cache-storage-s3-secret-access-key"], ["CACHE_STORAGE_S3_SECRET_ACCESS_KEY"],
+        ["cache.storage.s3.secret-access-key"], Value, None,
+        "S3 secret access key (required with a bucket; never logged)"),
+    flag!(["cache-storage-s3-force-path-style"], ["CACHE_STORAGE_S3_FORCE_PATH_STYLE"],
+        ["cache.storage.s3.force-path-style"], Bool, None,
+        "Path-style S3 addressing (endpoint/bucket/key), as MinIO and Garage need"),
     flag!(["cache-database-url"], ["CACHE_DATABASE_URL"],
         ["cache.database-url"], Value, None,
         "Database, as sqlite:PATH [default: sqlite:<data-path>/db.sqlite]"),
@@ -290,6 +310,56 @@ pub struct Config {
     /// `--otel-enabled` and where to: `None` when telemetry is off.
     pub otel: Option<crate::otel::OtelSettings>,
     pub access: AccessConfig,
+    /// `--cache-storage-s3-*`: `None` when the blobs stay under the data path.
+    pub s3: Option<S3Config>,
+}
+
+/// Where the blobs go when they go to S3 (`--cache-storage-s3-*`), checked for form only;
+/// `serve::prepare` connects. Its `Debug` never shows the secret.
+#[derive(Debug, Clone)]
+pub struct S3Config {
+    pub bucket: String,
+    pub endpoint: String,
+    pub region: String,
+    pub access_key_id: String,
+    pub secret_access_key: Secret,
+    pub force_path_style: bool,
+}
+
+/// `--cache-storage-s3-*`: `None` without a bucket. A build without the `s3` feature refuses
+/// a bucket here, so that it never starts with its blobs somewhere the user did not ask.
+fn s3_from_raw(raw: &RawValues) -> Result<Option<S3Config>, ConfigError> {
+    let Some(bucket) = raw.one("cache-storage-s3-bucket") else { return Ok(None) };
+    if !cfg!(feature = "s3") {
+        return Err(ConfigError::new(
+            "cache-storage-s3-bucket",
+            "this ncps was built without S3 support; build it with `cargo build --release --features s3`",
+        ));
+    }
+    let required = |flag: &'static str, env: &str| {
+        raw.one(flag).filter(|v| !v.is_empty()).ok_or_else(|| {
+            ConfigError::new(flag, format!("is required with --cache-storage-s3-bucket (env {env})"))
+        })
+    };
+    let endpoint = required("cache-storage-s3-endpoint", "CACHE_STORAGE_S3_ENDPOINT")?;
+    if !(endpoint.starts_with("http://") || endpoint.starts_with("https://")) {
+        return Err(ConfigError::new(
+            "cache-storage-s3-endpoint",
+            format!("{endpoint:?}: expected a URL with its scheme, e.g. https://s3.amazonaws.com"),
+        ));
+    }
+    let access_key_id = required("cache-storage-s3-access-key-id", "CACHE_STORAGE_S3_ACCESS_KEY_ID")?;
+    let secret = required("cache-storage-s3-secret-access-key", "CACHE_STORAGE_S3_SECRET_ACCESS_KEY")?;
+    let secret_access_key =
+        Secret::new(secret).map_err(|why| ConfigError::new("cache-storage-s3-secret-access-key", why))?;
+    Ok(Some(S3Config {
+        bucket: bucket.to_string(),
+        endpoint: endpoint.trim_end_matches('/').to_string(),
+        region: raw.one("cache-storage-s3-region").unwrap_or("us-east-1").to_string(),
+        access_key_id: access_key_id.to_string(),
+        secret_access_key,
+        force_path_style: raw.bool("cache-storage-s3-force-path-style")?,
+    }))
 }
 
 /// Who may read and write, and what uploads may be (checked against each other here; the
@@ -319,10 +389,10 @@ pub struct RawValues {
     file: Option<String>,
 }
 
-/// Settings of the Go ncps that this ncps does not have (S3, Redis, locks, ...):
+/// Settings of the Go ncps that this ncps does not have (Redis, locks, ...):
 /// named as such when a Go ncps config file holds them, rather than as typos.
 const GO_ONLY_KEY_PREFIXES: &[&str] = &[
-    "cache.storage.s3", "cache.redis", "cache.lock", "cache.database.pool", "cache.cdc",
+    "cache.storage.s3.use-ssl", "cache.redis", "cache.lock", "cache.database.pool", "cache.cdc",
     "cache.download", "analytics", "xz-binary-path", "use-xz-binary",
 ];
 
@@ -534,6 +604,11 @@ impl StoragePaths {
 }
 
 impl RawValues {
+    /// `--cache-storage-s3-bucket`, if given (`fsck` refuses it: it checks a local store).
+    pub fn s3_bucket(&self) -> Option<&str> {
+        self.one("cache-storage-s3-bucket")
+    }
+
     fn all(&self, name: &str) -> &[String] {
         self.values.get(name).map(|v| v.as_slice()).unwrap_or(&[])
     }
@@ -692,6 +767,7 @@ impl Config {
             allow_delete,
             prometheus: raw.bool("prometheus-enabled")?,
             otel: otel_from_raw(raw)?,
+            s3: s3_from_raw(raw)?,
         })
     }
 }
@@ -997,6 +1073,51 @@ mod tests {
         "--upstream-cache",
         "https://cache.nixos.org",
     ];
+
+    fn with_s3(extra: &[&'static str]) -> Vec<&'static str> {
+        let mut args = MINIMAL.to_vec();
+        args.extend(["--cache-storage-s3-bucket", "nars", "--cache-storage-s3-endpoint", "http://127.0.0.1:9000/"]);
+        args.extend(extra);
+        args
+    }
+
+    #[test]
+    #[cfg(not(feature = "s3"))]
+    fn a_build_without_s3_refuses_a_bucket_naming_the_flag_and_the_feature() {
+        let e = parse(&with_s3(&[]), &[]).unwrap_err();
+        assert_eq!(e.flag, "cache-storage-s3-bucket");
+        assert!(e.to_string().contains("--features s3"), "{e}");
+        assert!(!e.to_string().contains('\n'), "one line: {e}");
+    }
+
+    #[test]
+    #[cfg(feature = "s3")]
+    fn s3_flags_env_and_file_keys_are_go_ncps_ones_and_credentials_are_required() {
+        let e = parse(&with_s3(&["--cache-storage-s3-access-key-id", "AK"]), &[]).unwrap_err();
+        assert_eq!(e.flag, "cache-storage-s3-secret-access-key");
+        assert!(e.to_string().contains("CACHE_STORAGE_S3_SECRET_ACCESS_KEY"), "{e}");
+        let e = parse(&with_s3(&[]), &[]).unwrap_err();
+        assert_eq!(e.flag, "cache-storage-s3-access-key-id");
+        let env = [
+            ("CACHE_STORAGE_S3_ACCESS_KEY_ID", "AK"),
+            ("CACHE_STORAGE_S3_SECRET_ACCESS_KEY", "s3cr3t-value"),
+            ("CACHE_STORAGE_S3_FORCE_PATH_STYLE", "true"),
+            ("CACHE_STORAGE_S3_REGION", "eu-west-1"),
+        ];
+        let c = parse(&with_s3(&[]), &env).unwrap();
+        let s3 = c.s3.clone().unwrap();
+        assert_eq!((s3.bucket.as_str(), s3.endpoint.as_str(), s3.region.as_str()), ("nars", "http://127.0.0.1:9000", "eu-west-1"));
+        assert!(s3.force_path_style);
+        assert_eq!(s3.secret_access_key.expose(), "s3cr3t-value");
+        assert!(!format!("{c:?}").contains("s3cr3t-value"), "the secret never prints");
+        let e = parse(&with_s3(&["--cache-storage-s3-endpoint", "minio:9000"]), &env).unwrap_err();
+        assert_eq!(e.flag, "cache-storage-s3-endpoint");
+        assert!(parse(MINIMAL, &[]).unwrap().s3.is_none(), "no bucket, no S3");
+        for key in ["bucket", "endpoint", "region", "access-key-id", "secret-access-key", "force-path-style"] {
+            let key = format!("cache.storage.s3.{key}");
+            assert!(find_key(&key).is_some(), "{key}");
+        }
+    }
 
     #[test]
     fn defaults_match_ncps() {

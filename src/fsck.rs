@@ -181,6 +181,7 @@ fn hash_blob(blob: crate::storage::Blob) -> Result<(crate::nix::Hash, u64), Copy
             copy_hashed(&mut reader, u64::MAX, &mut |_, _| Ok(()))
         }
         crate::storage::Blob::Bytes(b) => copy_hashed(&mut &b[..], u64::MAX, &mut |_, _| Ok(())),
+        blob => copy_hashed(&mut blob.into_reader(), u64::MAX, &mut |_, _| Ok(())),
     }
 }
 

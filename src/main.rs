@@ -24,6 +24,14 @@ fn run() -> Result<(), Exit> {
         }
         Command::Fsck { mut raw, repair } => {
             read_config_file(&mut raw)?;
+            if raw.s3_bucket().is_some() {
+                return Err(Exit {
+                    code: 2,
+                    message: "--cache-storage-s3-bucket: `ncps fsck` checks a local store only; the S3 store is \
+                              checked at start after an unclean stop"
+                        .into(),
+                });
+            }
             let paths = config::StoragePaths::from_raw(&raw)?;
             ncps::logging::init(log::LevelFilter::Warn);
             match ncps::fsck::run(&paths, repair) {

@@ -49,6 +49,40 @@ pub struct Prepared {
     pub lru_zone: crate::tz::Zone,
 }
 
+/// The blob store: the bucket of `--cache-storage-s3-bucket` (checked to answer now, with
+/// these credentials), else files under the data path.
+fn open_blobs(config: &Config) -> Result<Arc<dyn BlobStore>, Exit> {
+    if let Some(s3) = &config.s3 {
+        return open_s3(s3);
+    }
+    let local = LocalStore::open(&config.data_path)
+        .map_err(|e| ConfigError::new("cache-data-path", format!("not writable: {e}")))?;
+    Ok(Arc::new(local))
+}
+
+#[cfg(feature = "s3")]
+fn open_s3(s3: &crate::config::S3Config) -> Result<Arc<dyn BlobStore>, Exit> {
+    use crate::storage::s3::{Retry, S3Settings, S3Store};
+    let settings = S3Settings {
+        endpoint: s3.endpoint.clone(),
+        bucket: s3.bucket.clone(),
+        region: s3.region.clone(),
+        access_key_id: s3.access_key_id.clone(),
+        secret_access_key: s3.secret_access_key.expose().to_string(),
+        force_path_style: s3.force_path_style,
+        retry: Retry::default(),
+    };
+    let store = S3Store::open(&settings).map_err(|e| runtime(format!("--cache-storage-s3-bucket: {e}")))?;
+    log::info!("blobs in {} (the index, key and downloads in progress stay under the data path)", store.describe());
+    Ok(Arc::new(store))
+}
+
+/// Never reached: the configuration refuses a bucket in a build without the `s3` feature.
+#[cfg(not(feature = "s3"))]
+fn open_s3(_: &crate::config::S3Config) -> Result<Arc<dyn BlobStore>, Exit> {
+    Err(ConfigError::new("cache-storage-s3-bucket", "this ncps was built without S3 support (`--features s3`)").into())
+}
+
 pub fn prepare(config: &Config) -> Result<Prepared, Exit> {
     // Files named by flags are read before anything is created or changed.
     let upstream_auth = upstream_credentials(config)?;
@@ -64,8 +98,7 @@ pub fn prepare(config: &Config) -> Result<Prepared, Exit> {
         Some(g) => crate::migrate_go::index_path(&g.database),
         None => config.database_path.clone(),
     };
-    let blobs = LocalStore::open(&config.data_path)
-        .map_err(|e| ConfigError::new("cache-data-path", format!("not writable: {e}")))?;
+    let blobs = open_blobs(config)?;
     let staging = Staging::open(&config.temp_path).map_err(|e| {
         let flag = if config.temp_path.starts_with(&config.data_path) { "cache-data-path" } else { "cache-temp-path" };
         ConfigError::new(flag, format!("not writable: {e}"))
@@ -135,7 +168,7 @@ pub fn prepare(config: &Config) -> Result<Prepared, Exit> {
         },
         zstd_responses: config.zstd_responses,
     };
-    let parts = Parts { blobs: Arc::new(blobs), index: Arc::new(index), staging };
+    let parts = Parts { blobs, index: Arc::new(index), staging };
     let own_public = key.public();
     let cache = Arc::new(Cache::new(settings, parts, upstreams, key));
     if let Some(g) = &go {

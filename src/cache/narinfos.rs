@@ -294,10 +294,11 @@ impl Cache {
     }
 }
 
-/// A blob as an HTTP body: a local file goes out with `sendfile`.
+/// A blob as an HTTP body: a local file goes out with `sendfile`, a stream in chunks.
 pub(super) fn body_of(blob: Blob) -> Body {
     match blob {
         Blob::File { file, len } => Body::File { file, len },
         Blob::Bytes(b) => Body::Bytes(b),
+        Blob::Reader { reader, len, .. } => Body::Stream { reader, len },
     }
 }

@@ -15,7 +15,7 @@ use super::{Cache, CacheError};
 use crate::nix::NarName;
 use crate::storage::Blob;
 use std::collections::HashSet;
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
 use std::sync::mpsc::{sync_channel, SyncSender};
 use std::sync::{Arc, Mutex, OnceLock};
 
@@ -114,12 +114,7 @@ impl Cache {
     fn compress(&self, name: &NarName) -> Result<(), CacheError> {
         let Some(blob) = self.blobs.nar(name)? else { return Ok(()) };
         let len = blob.len();
-        let mut reader: Box<dyn Read> = match blob {
-            Blob::File { file, len } => Box::new(file.take(len)),
-            Blob::Bytes(b) => Box::new(io::Cursor::new(b)),
-            #[allow(unreachable_patterns)]
-            _ => return Ok(()),
-        };
+        let mut reader = blob.into_reader();
         let mut temp = self.staging.temp_file()?;
         let started = std::time::Instant::now();
         let written = {

@@ -1,9 +1,9 @@
 //! Writing responses to a socket: heads, byte bodies, and file bodies by `sendfile(2)`.
 
 use super::range::{self, Part};
-use super::{reason, Body, Chunk, Interrupted, Method, Request, Response};
+use super::{reason, Body, Chunk, Interrupted, Method, Request, Response, Streamed};
 use std::fs::File;
-use std::io::{self, Write};
+use std::io::{self, Read, Write};
 use std::net::TcpStream;
 use std::os::fd::AsRawFd;
 
@@ -246,6 +246,11 @@ fn render(resp: Response, plan: &Plan) -> io::Result<Vec<u8>> {
             out.resize(at + len, 0);
             read_exact_at(&file, &mut out[at..], plan.start)?;
         }
+        Body::Stream { reader, .. } if plan.len <= INLINE_FILE_BYTES => {
+            let at = out.len();
+            out.resize(at + len, 0);
+            stream_from(reader, plan.start)?.read_exact(&mut out[at..])?;
+        }
         _ => return Err(io::Error::other("not a small response")),
     }
     Ok(out)
@@ -285,7 +290,7 @@ pub fn part_for(req: &Request, resp: &Response) -> Part {
 /// with `TimedOut`.
 pub fn write_response(
     sock: &mut TcpStream,
-    resp: Response,
+    mut resp: Response,
     part: Part,
     head_only: bool,
     keep_alive: bool,
@@ -309,7 +314,7 @@ pub fn write_response(
     let plan = Plan { status, start, len, content_range: range::content_range(part, full), head_only, keep_alive };
     let small = match &resp.body {
         Body::Empty | Body::Bytes(_) => true,
-        Body::File { .. } => len <= INLINE_FILE_BYTES,
+        Body::File { .. } | Body::Stream { .. } => len <= INLINE_FILE_BYTES,
         _ => false,
     };
     if small || head_only {
@@ -320,6 +325,19 @@ pub fn write_response(
         Body::File { ref file, .. } => {
             send_more(sock, &head(&resp, &plan)?)?;
             send_file_paced(sock, file, start, len, &mut pace)?;
+        }
+        Body::Stream { .. } => {
+            let Body::Stream { reader, .. } = std::mem::replace(&mut resp.body, Body::Declared(full)) else {
+                return Err(io::Error::other("a stream body changed kind"));
+            };
+            // Opened before the head goes out: a store that cannot give the range now is a
+            // 500 from the caller's error, not a 200 cut off at byte 0.
+            let mut reader = stream_from(reader, start)?;
+            send_more(sock, &head(&resp, &plan)?)?;
+            if let Err(e) = copy_stream(&mut reader, sock, len, &mut pace) {
+                abort(sock);
+                return Err(e);
+            }
         }
         Body::Declared(_) | Body::Empty | Body::Bytes(_) => {
             // A length-only body answering a GET is a handler bug: the head would promise
@@ -369,6 +387,38 @@ pub fn write_response(
         }
     }
     Ok(Sent { status, bytes: len, replaced_because: None })
+}
+
+/// How much of a [`Body::Stream`] is read before it is written: large enough that a write
+/// is one or two TCP windows, small enough that a thousand hits in flight hold 256 MiB at most.
+const STREAM_CHUNK: usize = 256 << 10;
+
+/// `stream` from `start` (itself when 0).
+fn stream_from(stream: Box<dyn Streamed>, start: u64) -> io::Result<Box<dyn io::Read + Send>> {
+    if start == 0 {
+        Ok(Box::new(stream))
+    } else {
+        stream.from_offset(start)
+    }
+}
+
+/// Sends `len` bytes of `reader`, a chunk in memory at a time; a stream that ends early is an
+/// error (the head promised `len`).
+fn copy_stream(reader: &mut dyn io::Read, sock: &TcpStream, len: u64, pace: &mut Pace) -> io::Result<()> {
+    let mut buf = vec![0u8; STREAM_CHUNK.min(len as usize)];
+    let mut left = len;
+    while left > 0 {
+        let want = buf.len().min(left as usize);
+        let n = match reader.read(&mut buf[..want]) {
+            Ok(0) => return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "stored blob shorter than announced")),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        write_all_paced(sock, &buf[..n], pace)?;
+        left -= n as u64;
+    }
+    Ok(())
 }
 
 /// Writes all of `bytes` with `MSG_MORE`: they wait (at most ~200 ms, in practice until the
@@ -529,6 +579,88 @@ mod tests {
 
     fn nar(body: &[u8]) -> Response {
         Response::new(200, "application/x-nix-nar", Body::Bytes(body.to_vec())).with_ranges(Some("\"t\"".into()))
+    }
+
+    /// A stream over bytes that says where it was started from.
+    struct Streaming {
+        bytes: std::io::Cursor<Vec<u8>>,
+        started_at: std::sync::Arc<std::sync::Mutex<Option<u64>>>,
+    }
+
+    impl std::io::Read for Streaming {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            self.bytes.read(buf)
+        }
+    }
+
+    impl crate::http::Streamed for Streaming {
+        fn from_offset(mut self: Box<Self>, start: u64) -> std::io::Result<Box<dyn std::io::Read + Send>> {
+            *self.started_at.lock().unwrap() = Some(start);
+            self.bytes.set_position(start);
+            Ok(self)
+        }
+    }
+
+    fn streamed(bytes: &[u8]) -> (Response, std::sync::Arc<std::sync::Mutex<Option<u64>>>) {
+        let started_at = std::sync::Arc::new(std::sync::Mutex::new(None));
+        let reader = Box::new(Streaming { bytes: std::io::Cursor::new(bytes.to_vec()), started_at: started_at.clone() });
+        let body = Body::Stream { reader, len: bytes.len() as u64 };
+        (Response::new(200, "application/x-nix-nar", body).with_ranges(Some("\"t\"".into())), started_at)
+    }
+
+    /// What a client reading on another thread gets for `resp` asked for by `req`: what was
+    /// sent, the body bytes, and whether the connection ended cleanly.
+    fn exchange_bytes(req: &Request, resp: Response) -> (std::io::Result<Sent>, Vec<u8>, bool) {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut client = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (mut server, _) = l.accept().unwrap();
+        let reading = std::thread::spawn(move || {
+            let mut raw = Vec::new();
+            let clean = client.read_to_end(&mut raw).is_ok();
+            (raw, clean)
+        });
+        let part = part_for(req, &resp);
+        let sent = write_response(&mut server, resp, part, false, false, MinRate::OFF);
+        drop(server);
+        let (raw, clean) = reading.join().unwrap();
+        let body = match raw.windows(4).position(|w| w == b"\r\n\r\n") {
+            Some(at) => raw[at + 4..].to_vec(),
+            None => Vec::new(),
+        };
+        (sent, body, clean)
+    }
+
+    #[test]
+    fn a_stream_body_is_sent_whole_with_its_length_and_a_range_of_it_starts_the_stream_at_the_offset() {
+        let big: Vec<u8> = (0..(3 * STREAM_CHUNK + 7)).map(|i| (i % 251) as u8).collect();
+        let (resp, started_at) = streamed(&big);
+        let (sent, body, clean) = exchange_bytes(&get_with(""), resp);
+        assert_eq!((sent.unwrap().status, body.len(), clean), (200, big.len(), true));
+        assert!(body == big);
+        assert_eq!(*started_at.lock().unwrap(), None, "read from the start, not reopened");
+        let (resp, started_at) = streamed(&big);
+        let req = get_with(&format!("Range: bytes={}-\r\n", STREAM_CHUNK + 1));
+        let (sent, body, _) = exchange_bytes(&req, resp);
+        assert_eq!(sent.unwrap().status, 206);
+        assert!(body == big[STREAM_CHUNK + 1..]);
+        assert_eq!(*started_at.lock().unwrap(), Some(STREAM_CHUNK as u64 + 1), "the range was asked of the stream");
+        // Small ones go out with their head in one write, ranges too.
+        let (resp, _) = streamed(b"0123456789");
+        let got = exchange(&get_with("Range: bytes=2-4\r\n"), resp);
+        assert!(got.starts_with("HTTP/1.1 206") && got.ends_with("\r\n\r\n234"), "{got}");
+    }
+
+    #[test]
+    fn a_stream_that_ends_before_its_announced_length_resets_the_connection() {
+        let (mut resp, _) = streamed(&vec![b'x'; 100_000]);
+        resp.body = match resp.body {
+            Body::Stream { reader, .. } => Body::Stream { reader, len: 200_000 },
+            other => other,
+        };
+        let (sent, body, clean) = exchange_bytes(&get_with(""), resp);
+        assert!(sent.is_err());
+        assert!(!clean || body.len() < 200_000, "never a clean, complete-looking end");
+        assert!(!clean, "the client sees a reset");
     }
 
     #[test]

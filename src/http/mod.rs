@@ -67,6 +67,14 @@ impl std::error::Error for Interrupted {
     }
 }
 
+/// The bytes of a [`Body::Stream`]: read from the start, or, for a range, started again at an
+/// offset. An object store answers that with a ranged request, so a resumed 60 MiB NAR does
+/// not read the 59 MiB before it.
+pub trait Streamed: std::io::Read + Send {
+    /// The bytes from `start` on, instead of from 0 (this stream has not been read).
+    fn from_offset(self: Box<Self>, start: u64) -> std::io::Result<Box<dyn std::io::Read + Send>>;
+}
+
 /// The next part of a [`Growing`] body.
 pub enum Chunk {
     /// The file holds the bytes up to this offset: send them from it.
@@ -81,6 +89,8 @@ pub enum Body {
     /// `len` bytes of `file` from its start.
     File { file: File, len: u64 },
     Growing(Box<dyn Growing>),
+    /// `len` bytes read from a stream (a blob of an object store), sent in chunks.
+    Stream { reader: Box<dyn Streamed>, len: u64 },
     /// Only a length: valid for answers to HEAD, where no body is sent.
     Declared(u64),
 }
@@ -92,6 +102,7 @@ impl Body {
             Body::Bytes(b) => b.len() as u64,
             Body::File { len, .. } => *len,
             Body::Growing(g) => g.len(),
+            Body::Stream { len, .. } => *len,
             Body::Declared(n) => *n,
         }
     }

@@ -203,3 +203,127 @@ fn a_zstd_copy_appears_whole_is_never_listed_as_a_nar_and_goes_with_its_nar(stor
     assert_eq!(store.nar_zstd(&n).unwrap().is_some(), kept, "copies are made again after");
     store.remove_nars(std::slice::from_ref(&n)).unwrap();
 }
+
+#[cfg(feature = "s3")]
+mod s3 {
+    use super::*;
+    use crate::storage::s3::test_server::{self, S3sFs};
+    use crate::storage::s3::{Retry, S3Store, SINGLE_PUT_MAX};
+    use std::time::Duration;
+
+    fn staging(label: &str) -> (std::path::PathBuf, Staging) {
+        let dir = std::env::temp_dir().join(format!("ncps-s3-staging-{label}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let staging = Staging::open(&dir).unwrap();
+        (dir, staging)
+    }
+
+    #[test]
+    fn the_s3_store_keeps_the_contract_against_a_real_s3_server() {
+        let Some(server) = S3sFs::start("contract") else { return };
+        let store = S3Store::open(&server.settings()).unwrap();
+        let (dir, staging) = staging("contract");
+        every_rule(&store, &staging);
+        // The FileHash comes back from the object's metadata.
+        let n = nar_name('5');
+        store.put_nar(&n, staging.temp_with(b"x").unwrap(), &Hash::of(b"x")).unwrap();
+        let blob = store.nar(&n).unwrap().unwrap();
+        assert_eq!(store.nar_file_hash(&blob), Some(Hash::of(b"x")));
+        // Keys where they belong, strays found and removable, never outside the cache's keys.
+        assert!(server.root.join(test_server::BUCKET).join(format!("nar/{n}")).is_file());
+        std::fs::write(server.root.join(test_server::BUCKET).join("nar/55junk"), b"j").unwrap();
+        std::fs::create_dir_all(server.root.join(test_server::BUCKET).join("narinfo")).unwrap();
+        std::fs::write(server.root.join(test_server::BUCKET).join("narinfo/_stray"), b"j").unwrap();
+        let strays = store.list_nars("55").unwrap().strays;
+        assert_eq!(strays, vec![Stray("nar/55junk".into())]);
+        let outside = store.strays_outside_shards().unwrap();
+        assert_eq!(outside, vec![Stray("narinfo/_stray".into())]);
+        for s in strays.iter().chain(&outside) {
+            store.remove_stray(s).unwrap();
+        }
+        assert!(store.remove_stray(&Stray("elsewhere/x".into())).is_err(), "never a key outside the cache's");
+        assert!(store.list_nars("55").unwrap().strays.is_empty());
+        // A listing goes on page after page (continuation tokens), each key once.
+        let hashes: Vec<StorePathHash> =
+            (0..5).map(|i| StorePathHash::parse(&format!("dd{}", i.to_string().repeat(30))).unwrap()).collect();
+        for h in &hashes {
+            store.put_narinfo(h, b"x", &staging).unwrap();
+        }
+        assert_eq!(store.keys_paged("narinfo/dd", 2).unwrap().len(), 5);
+        assert_eq!(store.list_narinfos("dd").unwrap().entries.len(), 5);
+        store.remove_narinfos(&hashes).unwrap();
+        assert!(store.list_narinfos("dd").unwrap().entries.is_empty());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_nar_above_the_single_put_size_goes_up_in_parts_and_comes_back_whole_with_ranges_from_the_store() {
+        let Some(server) = S3sFs::start("multipart") else { return };
+        let store = S3Store::open(&server.settings()).unwrap();
+        let (dir, staging) = staging("multipart");
+        let len = SINGLE_PUT_MAX as usize + (3 << 20) + 17;
+        let bytes: Vec<u8> = (0..len).map(|i| (i * 7 % 251) as u8).collect();
+        let n = nar_name('m');
+        let hash = Hash::of(&bytes);
+        store.put_nar(&n, staging.temp_with(&bytes).unwrap(), &hash).unwrap();
+        assert_eq!(store.nar_len(&n).unwrap(), Some(len as u64));
+        let blob = store.nar(&n).unwrap().unwrap();
+        assert_eq!((blob.len(), store.nar_file_hash(&blob)), (len as u64, Some(hash)));
+        assert!(blob.into_bytes().unwrap() == bytes, "the same bytes back");
+        // A range is a ranged GET of the object.
+        let Some(Blob::Reader { reader, .. }) = store.nar(&n).unwrap() else { panic!("a stream") };
+        let mut rest = Vec::new();
+        reader.from_offset(SINGLE_PUT_MAX + 5).unwrap().read_to_end(&mut rest).unwrap();
+        assert!(rest == bytes[SINGLE_PUT_MAX as usize + 5..]);
+        assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 0, "the staged file is gone once uploaded");
+        store.remove_nar(&n).unwrap();
+        assert!(store.nar(&n).unwrap().is_none());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn opening_the_s3_store_fails_with_a_wrong_secret_or_bucket_and_the_error_never_shows_the_secret() {
+        let Some(server) = S3sFs::start("refused") else { return };
+        let mut wrong = server.settings();
+        wrong.secret_access_key = "not-the-secret-at-all".into();
+        let e = S3Store::open(&wrong).err().expect("a wrong secret is refused").to_string();
+        assert!(e.contains("403"), "{e}");
+        assert!(!e.contains("not-the-secret-at-all") && !e.contains(test_server::SECRET_KEY), "{e}");
+        let mut missing = server.settings();
+        missing.bucket = "no-such-bucket".into();
+        let e = S3Store::open(&missing).err().expect("a missing bucket is refused").to_string();
+        assert!(e.contains("404"), "{e}");
+    }
+
+    #[test]
+    fn an_unreachable_s3_endpoint_fails_after_a_few_tries_and_a_server_that_comes_up_meanwhile_is_used() {
+        let Some(bin) = test_server::binary() else { return };
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let root = std::env::temp_dir().join(format!("ncps-s3s-late-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        std::fs::create_dir_all(root.join(test_server::BUCKET)).unwrap();
+        let settings = crate::storage::s3::S3Settings {
+            endpoint: format!("http://127.0.0.1:{port}"),
+            bucket: test_server::BUCKET.into(),
+            region: "us-east-1".into(),
+            access_key_id: test_server::ACCESS_KEY.into(),
+            secret_access_key: test_server::SECRET_KEY.into(),
+            force_path_style: true,
+            retry: Retry { attempts: 2, first_pause: Duration::from_millis(10) },
+        };
+        let started = std::time::Instant::now();
+        let e = S3Store::open(&settings).err().expect("nothing listens").to_string();
+        assert!(started.elapsed() < Duration::from_secs(5), "bounded: {:?}", started.elapsed());
+        assert!(e.contains(&format!("127.0.0.1:{port}")), "names the store: {e}");
+        // The server comes up while the tries go on: the open succeeds.
+        let patient = crate::storage::s3::S3Settings { retry: Retry { attempts: 6, first_pause: Duration::from_millis(200) }, ..settings };
+        let opening = std::thread::spawn(move || S3Store::open(&patient).map(|_| ()).map_err(|e| e.to_string()));
+        std::thread::sleep(Duration::from_millis(300));
+        let mut child = test_server::spawn(&bin, &root, port);
+        let opened = opening.join().unwrap();
+        let _ = child.kill();
+        let _ = child.wait();
+        let _ = std::fs::remove_dir_all(&root);
+        opened.expect("retried until the server answered");
+    }
+}

@@ -433,7 +433,7 @@ impl BlobStore for LocalStore {
     fn nar_file_hash(&self, blob: &Blob) -> Option<Hash> {
         match blob {
             Blob::File { file, .. } => recorded_file_hash(file),
-            Blob::Bytes(_) => None,
+            Blob::Bytes(_) | Blob::Reader { .. } => None,
         }
     }
 

@@ -27,6 +27,8 @@
 //! deployment: readers that join a download follow that file as it grows.
 
 pub mod local;
+#[cfg(feature = "s3")]
+pub mod s3;
 mod staging;
 
 #[cfg(test)]
@@ -48,6 +50,9 @@ pub enum Blob {
     File { file: File, len: u64 },
     /// The bytes themselves.
     Bytes(Vec<u8>),
+    /// `len` bytes read from a stream (an object store's answer), with the FileHash the store
+    /// kept with it, if any (see [`BlobStore::nar_file_hash`]).
+    Reader { reader: Box<dyn crate::http::Streamed>, len: u64, file_hash: Option<Hash> },
 }
 
 impl Blob {
@@ -55,6 +60,7 @@ impl Blob {
         match self {
             Blob::File { len, .. } => *len,
             Blob::Bytes(b) => b.len() as u64,
+            Blob::Reader { len, .. } => *len,
         }
     }
 
@@ -72,6 +78,21 @@ impl Blob {
                     .map_err(|e| StorageError::io("reading", PathBuf::new(), e))?;
                 Ok(bytes)
             }
+            Blob::Reader { reader, len, .. } => {
+                let mut bytes = Vec::with_capacity(len.min(1 << 20) as usize);
+                io::Read::read_to_end(&mut io::Read::take(reader, len), &mut bytes)
+                    .map_err(|e| StorageError::io("reading", PathBuf::new(), e))?;
+                Ok(bytes)
+            }
+        }
+    }
+
+    /// The blob as a reader of its bytes.
+    pub fn into_reader(self) -> Box<dyn io::Read + Send> {
+        match self {
+            Blob::File { file, len } => Box::new(io::Read::take(file, len)),
+            Blob::Bytes(b) => Box::new(io::Cursor::new(b)),
+            Blob::Reader { reader, len, .. } => Box::new(io::Read::take(reader, len)),
         }
     }
 }
@@ -189,6 +210,9 @@ pub(crate) fn joined(result: std::thread::Result<Result<(), StorageError>>, acti
 pub enum StorageError {
     /// A file system call failed: what was being done, to which path.
     Io { action: &'static str, path: PathBuf, source: io::Error },
+    /// A request to an object store failed: what was being done, to which key (or which
+    /// store), and why (the store's answer, or the connection's failure).
+    Remote { action: &'static str, key: String, source: Box<dyn std::error::Error + Send + Sync> },
 }
 
 impl StorageError {
@@ -202,6 +226,7 @@ impl StorageError {
             StorageError::Io { source, .. } => {
                 matches!(source.kind(), io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded)
             }
+            StorageError::Remote { .. } => false,
         }
     }
 
@@ -216,6 +241,9 @@ impl StorageError {
                     || source.kind() == io::ErrorKind::PermissionDenied
                     || matches!(source.raw_os_error(), Some(libc::EROFS | libc::EACCES | libc::EPERM))
             }
+            // An object store that refuses a write (a quota, a read-only key) says so per
+            // request; such a write fails like any other, and the next one tries again.
+            StorageError::Remote { .. } => false,
         }
     }
 }
@@ -227,6 +255,7 @@ impl fmt::Display for StorageError {
                 write!(f, "{action}: {source}")
             }
             StorageError::Io { action, path, source } => write!(f, "{action} {}: {source}", path.display()),
+            StorageError::Remote { action, key, source } => write!(f, "{action} {key}: {source}"),
         }
     }
 }
@@ -235,6 +264,7 @@ impl std::error::Error for StorageError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
             StorageError::Io { source, .. } => Some(source),
+            StorageError::Remote { source, .. } => Some(source.as_ref()),
         }
     }
 }

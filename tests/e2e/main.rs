@@ -16,6 +16,7 @@
 //! | [`outages`] | upstreams that fail: honest 5xx, marked down and probed back, removed ones never asked |
 //! | [`resume`] | NAR bodies that break off upstream, finished with Range requests while clients stream |
 //! | [`ranges`] | byte ranges on NARs: resuming a cut transfer, ETags, edge cases, HEAD |
+//! | `s3` | blobs in S3 (feature `s3`, a real S3 server: s3s-fs): a closure lands in the bucket, a restart serves it from there with the upstream down, the secret never logged |
 //! | [`zstd`] | plain NARs sent zstd-encoded to clients that ask, from a copy made once; ranges and Nix 2.8 get plain bytes |
 //! | [`isolation_edges`] | deadlines for dripping upstreams, lookups nobody waits for, unwritable or tampered stores |
 //! | [`support`] | the helpers they are built from (fixture, upstream, ncps handle, HTTP, hashes) |
@@ -43,4 +44,6 @@ mod proxy;
 mod isolation_edges;
 mod resume;
 mod ranges;
+#[cfg(feature = "s3")]
+mod s3;
 mod zstd;

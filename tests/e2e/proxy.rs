@@ -954,3 +954,18 @@ fn after_nix_copy_the_status_page_lists_each_miss_by_store_path_name_with_size_a
     assert!(latency.starts_with(|c: char| c.is_ascii_digit()) && latency.contains(" ms / "), "{row}");
     assert!(row.contains("/s</td>"), "throughput shown apart: {row}");
 }
+
+#[test]
+#[cfg(not(feature = "s3"))]
+fn a_build_without_s3_given_a_bucket_stops_with_one_line_naming_the_flag_and_the_feature() {
+    let data = TempDir::new("no-s3");
+    let data_path = data.path().to_string_lossy().into_owned();
+    let args = [
+        "serve", "--cache-hostname", "cache.test", "--cache-data-path", &data_path, "--server-addr", "{addr}",
+        "--upstream-cache", "http://127.0.0.1:9", "--cache-storage-s3-bucket", "nars",
+    ];
+    let (code, stderr) = run_ncps_expecting_failure(&args, &[]);
+    assert_eq!(code, Some(2), "{stderr}");
+    let line = stderr.trim();
+    assert!(!line.contains('\n') && line.contains("--cache-storage-s3-bucket") && line.contains("--features s3"), "{stderr}");
+}

@@ -13,6 +13,7 @@
 //! | [`collector`] | a real OpenTelemetry collector (Rotel, installed by tests/rotel.sh) and what it received |
 //! | [`crypto`] | SHA-256, nix32, keys and signatures |
 //! | [`process`] | commands with a deadline, and waiting for a condition |
+//! | `s3s` | a real S3 server (s3s-fs, installed by tests/s3s.sh) for the S3 tests (feature `s3`) |
 //!
 //! Everything here uses std (plus crates that are already dependencies of the
 //! package), and only loopback addresses.
@@ -26,6 +27,8 @@ pub mod narinfo;
 pub mod ncps;
 pub mod nix;
 pub mod process;
+#[cfg(feature = "s3")]
+pub mod s3s;
 pub mod upstream;
 
 pub use collector::*;
@@ -37,4 +40,6 @@ pub use narinfo::*;
 pub use ncps::*;
 pub use nix::*;
 pub use process::*;
+#[cfg(feature = "s3")]
+pub use s3s::*;
 pub use upstream::*;

@@ -1,0 +1,78 @@
+//! Blobs in S3 (`--cache-storage-s3-*`, a build with `--features s3`), against a real S3
+//! server (s3s-fs) and the real Nix 2.8 client: what is fetched through ncps lands in the
+//! bucket and nowhere on the data path, a restarted ncps serves it from the bucket with its
+//! upstream down (ranges too), and the secret key never reaches the log.
+
+use crate::support::*;
+
+fn s3_args(s3: &S3sFs) -> Vec<String> {
+    s3.flags()
+}
+
+#[test]
+fn a_closure_fetched_through_ncps_lands_in_the_bucket_and_a_restart_serves_it_from_s3_with_the_upstream_down() {
+    let Some(fx) = fixture_or_skip() else { return };
+    let Some(s3) = S3sFs::start() else { return };
+    let mut up = Upstream::for_cache(fx, Compression::Xz);
+    let flags = s3_args(&s3);
+    let extra: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let mut ncps = Ncps::for_upstreams_with(&[up.url()], &[&fx.up1_public_key], &extra);
+    NixClient::Nix2_8.copy_from(&ncps.url(), &[&fx.top], &ncps.pubkey()).expect("nix copy through ncps");
+
+    // Every narinfo and NAR of the closure is an object of the bucket, none a file of the data path.
+    let narinfos = s3.objects("narinfo");
+    for p in &fx.top_closure {
+        let key = format!("{}.narinfo", store_hash(p));
+        assert!(narinfos.iter().any(|f| f.ends_with(&key)), "{key} in the bucket: {narinfos:?}");
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let nar_objects = |s3: &S3sFs| s3.objects("nar").into_iter().filter(|f| f.to_string_lossy().contains(".nar")).count();
+    while nar_objects(&s3) < fx.top_closure.len() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert!(nar_objects(&s3) >= fx.top_closure.len(), "a NAR object for each path: {:?}", s3.objects("nar"));
+    assert!(ncps.stored_nar_files().is_empty() && ncps.stored_narinfo_files().is_empty(), "nothing stored locally");
+    assert!(ncps.partial_files().is_empty(), "staged files are gone once uploaded");
+
+    // The upstream goes away; a restarted ncps has only the bucket (and its index) to serve from.
+    up.reset_hits();
+    up.stop();
+    ncps.restart();
+    let since = ncps.log_len();
+    NixClient::Nix2_8.copy_from(&ncps.url(), &[&fx.top], &ncps.pubkey()).expect("nix copy of hits from S3");
+    assert_eq!(up.total_hits(), 0, "the upstream is down, nothing asked of it");
+    // A range of a hit is a range of the object.
+    let (nar_path, size) = ncps_nar_path(&ncps, &fx.top);
+    let whole = ncps.get(&nar_path);
+    assert_eq!((whole.status, whole.body.len() as u64), (200, size));
+    assert!(whole.header("etag").is_some(), "the FileHash from the object's metadata is the ETag");
+    let ranged = http_request_with("GET", &format!("{}{nar_path}", ncps.url()), &[("Range", "bytes=3-")]).unwrap();
+    assert_eq!(ranged.status, 206);
+    assert!(ranged.body == whole.body[3..], "the range is the bytes from 3 on");
+    let log = ncps.log();
+    assert!(log[since..].contains("hit"), "served as hits: {}", &log[since..]);
+    assert!(!log.contains(S3_SECRET_KEY), "the secret key is in ncps's log");
+    assert!(log.contains("s3://"), "the log says where the blobs are");
+}
+
+#[test]
+fn a_wrong_s3_secret_or_an_unreachable_endpoint_stops_the_start_with_one_line_that_never_shows_the_secret() {
+    let Some(s3) = S3sFs::start() else { return };
+    let data = TempDir::new("s3-refused");
+    let data_path = data.path().to_string_lossy().into_owned();
+    let endpoint = format!("http://127.0.0.1:{}", s3.port);
+    let dead = format!("http://127.0.0.1:{}", free_port());
+    for (endpoint, secret, says) in [(&endpoint, "wrong-secret-Hh4kQ9", "403"), (&dead, S3_SECRET_KEY, "127.0.0.1")] {
+        let args = [
+            "serve", "--cache-hostname", "cache.test", "--cache-data-path", &data_path, "--server-addr", "{addr}",
+            "--upstream-cache", "http://127.0.0.1:9", "--cache-storage-s3-bucket", S3_BUCKET,
+            "--cache-storage-s3-endpoint", endpoint, "--cache-storage-s3-force-path-style",
+            "--cache-storage-s3-access-key-id", S3_ACCESS_KEY,
+        ];
+        let (code, stderr) = run_ncps_expecting_failure(&args, &[("CACHE_STORAGE_S3_SECRET_ACCESS_KEY", secret)]);
+        assert_eq!(code, Some(1), "{stderr}");
+        let last = stderr.trim().lines().last().unwrap_or_default();
+        assert!(last.contains("--cache-storage-s3-bucket") && last.contains(says), "{stderr}");
+        assert!(!stderr.contains(secret), "the secret is in the output: {stderr}");
+    }
+}

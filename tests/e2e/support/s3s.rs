@@ -1,0 +1,95 @@
+//! A real S3 server for the S3 tests: s3s-fs (installed by tests/s3s.sh), on a loopback port,
+//! storing its bucket in a temp directory the tests can look into. Killed on drop.
+
+use super::dirs::TempDir;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub const S3_ACCESS_KEY: &str = "ncps-e2e-access";
+/// Long and unlike anything else, so that finding it in a log means it leaked.
+pub const S3_SECRET_KEY: &str = "e2e-secret-Zq7WvK3pLx9RtY2m";
+pub const S3_BUCKET: &str = "ncps-e2e";
+
+/// The s3s-fs binary: `NCPS_TEST_S3S_FS`, else what tests/s3s.sh installed (running it, which
+/// installs it, under CI). `None`, after saying why, outside CI when it is not installed.
+pub fn s3s_fs_or_skip() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("NCPS_TEST_S3S_FS").filter(|p| !p.is_empty()) {
+        return Some(PathBuf::from(p));
+    }
+    let cache = std::env::var_os("NCPS_TEST_CACHE").map(PathBuf::from).unwrap_or_else(|| "/var/cache/ncps-test".into());
+    let version = std::env::var("NCPS_TEST_S3S_FS_VERSION").unwrap_or_else(|_| "0.14.1".into());
+    let installed = cache.join(format!("s3s-fs-{version}/bin/s3s-fs"));
+    if cache.join(format!("s3s-fs-{version}.complete")).exists() && installed.exists() {
+        return Some(installed);
+    }
+    if std::env::var_os("CI").is_none_or(|v| v.is_empty()) {
+        eprintln!("[e2e] s3s-fs is not installed (bash tests/s3s.sh installs it): S3 test skipped");
+        return None;
+    }
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/s3s.sh");
+    let out = Command::new("bash").arg(script).stderr(Stdio::inherit()).output().expect("running tests/s3s.sh");
+    assert!(out.status.success(), "CI is set and tests/s3s.sh could not install s3s-fs");
+    Some(PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()))
+}
+
+pub struct S3sFs {
+    child: Child,
+    root: TempDir,
+    pub port: u16,
+}
+
+impl S3sFs {
+    /// s3s-fs with the empty bucket [`S3_BUCKET`]; `None` when the test must skip.
+    pub fn start() -> Option<S3sFs> {
+        let bin = s3s_fs_or_skip()?;
+        let root = TempDir::new("s3s-fs");
+        std::fs::create_dir_all(root.join(S3_BUCKET)).expect("creating the bucket directory");
+        let port = super::http::free_port();
+        let child = Command::new(&bin)
+            .args(["--host", "127.0.0.1", "--port", &port.to_string(), "--access-key", S3_ACCESS_KEY, "--secret-key", S3_SECRET_KEY])
+            .arg(root.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("starting s3s-fs");
+        let mut s = S3sFs { child, root, port };
+        let until = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < until, "s3s-fs did not listen on {port}");
+            assert!(s.child.try_wait().ok().flatten().is_none(), "s3s-fs exited at start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Some(s)
+    }
+
+    /// The ncps flags that put its blobs in this server's bucket.
+    pub fn flags(&self) -> Vec<String> {
+        [
+            "--cache-storage-s3-bucket",
+            S3_BUCKET,
+            "--cache-storage-s3-endpoint",
+            &format!("http://127.0.0.1:{}", self.port),
+            "--cache-storage-s3-access-key-id",
+            S3_ACCESS_KEY,
+            "--cache-storage-s3-secret-access-key",
+            S3_SECRET_KEY,
+            "--cache-storage-s3-force-path-style",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    }
+
+    /// The objects under `prefix` (`nar/`, `narinfo/`) in the bucket, as s3s-fs keeps them.
+    pub fn objects(&self, prefix: &str) -> Vec<PathBuf> {
+        super::dirs::files_under(&self.root.join(S3_BUCKET).join(prefix))
+    }
+}
+
+impl Drop for S3sFs {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

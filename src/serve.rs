@@ -53,7 +53,7 @@ pub struct Prepared {
 /// these credentials), else files under the data path.
 fn open_blobs(config: &Config) -> Result<Arc<dyn BlobStore>, Exit> {
     if let Some(s3) = &config.s3 {
-        return open_s3(s3);
+        return open_s3(s3, &config.data_path);
     }
     let local = LocalStore::open(&config.data_path)
         .map_err(|e| ConfigError::new("cache-data-path", format!("not writable: {e}")))?;
@@ -61,7 +61,7 @@ fn open_blobs(config: &Config) -> Result<Arc<dyn BlobStore>, Exit> {
 }
 
 #[cfg(feature = "s3")]
-fn open_s3(s3: &crate::config::S3Config) -> Result<Arc<dyn BlobStore>, Exit> {
+fn open_s3(s3: &crate::config::S3Config, data_path: &std::path::Path) -> Result<Arc<dyn BlobStore>, Exit> {
     use crate::storage::s3::{Retry, S3Settings, S3Store};
     let settings = S3Settings {
         endpoint: s3.endpoint.clone(),
@@ -73,13 +73,54 @@ fn open_s3(s3: &crate::config::S3Config) -> Result<Arc<dyn BlobStore>, Exit> {
         retry: Retry::default(),
     };
     let store = S3Store::open(&settings).map_err(|e| runtime(format!("--cache-storage-s3-bucket: {e}")))?;
+    let owner = s3_owner(data_path).map_err(runtime)?;
+    match store.claim(&owner) {
+        Ok(None) => {}
+        Ok(Some(other)) => {
+            return Err(ConfigError::new(
+                "cache-storage-s3-bucket",
+                format!(
+                    "{} is used by another ncps ({}): one ncps per bucket, since each keeps its own index \
+                     and would remove the other's entries; if that ncps is gone for good, delete the \
+                     object {} and start again",
+                    store.describe(),
+                    other.split_whitespace().collect::<Vec<_>>().join(" "),
+                    crate::storage::s3::OWNER_KEY
+                ),
+            )
+            .into())
+        }
+        Err(e) => return Err(runtime(format!("--cache-storage-s3-bucket: {e}"))),
+    }
     log::info!("blobs in {} (the index, key and downloads in progress stay under the data path)", store.describe());
     Ok(Arc::new(store))
 }
 
+/// Who this ncps is, for the bucket's owner object: an id made once and kept in the data path
+/// (`s3-owner-id`), then the host and data path (for the message another ncps prints).
+#[cfg(feature = "s3")]
+fn s3_owner(data_path: &std::path::Path) -> Result<String, String> {
+    use std::io::Read;
+    let file = data_path.join("s3-owner-id");
+    let id = match std::fs::read_to_string(&file) {
+        Ok(id) if !id.trim().is_empty() => id.trim().to_string(),
+        _ => {
+            let mut bytes = [0u8; 16];
+            std::fs::File::open("/dev/urandom")
+                .and_then(|mut f| f.read_exact(&mut bytes))
+                .map_err(|e| format!("reading /dev/urandom: {e}"))?;
+            let id: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+            std::fs::write(&file, format!("{id}\n")).map_err(|e| format!("writing {}: {e}", file.display()))?;
+            id
+        }
+    };
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    Ok(format!("{id}\nhost {}\ndata path {}\n", host.trim(), data_path.display()))
+}
+
 /// Never reached: the configuration refuses a bucket in a build without the `s3` feature.
 #[cfg(not(feature = "s3"))]
-fn open_s3(_: &crate::config::S3Config) -> Result<Arc<dyn BlobStore>, Exit> {
+fn open_s3(_: &crate::config::S3Config, _: &std::path::Path) -> Result<Arc<dyn BlobStore>, Exit> {
     Err(ConfigError::new("cache-storage-s3-bucket", "this ncps was built without S3 support (`--features s3`)").into())
 }
 

@@ -62,6 +62,8 @@ const FILE_HASH_HEADER: &str = "x-amz-meta-file-hash";
 const NAR_PREFIX: &str = "nar/";
 const NARINFO_PREFIX: &str = "narinfo/";
 const ZSTD_PREFIX: &str = "nar-zstd/";
+/// The object naming the one ncps that uses the bucket ([`S3Store::claim`]).
+pub const OWNER_KEY: &str = "ncps-owner";
 
 /// Where the store is and who ncps is there (from `--cache-storage-s3-*`).
 #[derive(Clone)]
@@ -464,6 +466,29 @@ impl S3Store {
             404 => Err(remote("opening", &describe, S3Error::Status { status: 404, code: Some("NoSuchBucket".into()) })),
             _ => Err(inner.refused("opening", &describe, answer)),
         }
+    }
+
+    /// Claims the bucket for the ncps whose owner text is `owner` (its id first, then where it
+    /// runs, for the message): the object `ncps-owner` is written if absent. `Ok(None)` when
+    /// the bucket is ours (now or already); `Ok(Some(text))` when another ncps holds it.
+    ///
+    /// Why: each ncps keeps its own index and removes objects its index does not vouch for
+    /// after an unclean stop, so two on one bucket would remove each other's entries. Two
+    /// starting in the same second can both see no owner (S3 has no portable create-if-absent);
+    /// the claim guards the common mistake, a second replica pointed at the same bucket.
+    pub fn claim(&self, owner: &str) -> Result<Option<String>, StorageError> {
+        let id = |t: &str| t.lines().next().unwrap_or("").trim().to_string();
+        if let Some(mut answer) = self.inner.get_object("reading", OWNER_KEY, None)? {
+            let text = answer
+                .body_mut()
+                .with_config()
+                .limit(64 << 10)
+                .read_to_string()
+                .map_err(|e| remote("reading", OWNER_KEY, S3Error::Read(io::Error::other(e))))?;
+            return Ok(if id(&text) == id(owner) { None } else { Some(text) });
+        }
+        self.inner.put_object("claiming", OWNER_KEY, owner.as_bytes(), None)?;
+        Ok(None)
     }
 
     /// Every key under `prefix`, listed `page` keys a request (for the tests of paging).

@@ -76,3 +76,32 @@ fn a_wrong_s3_secret_or_an_unreachable_endpoint_stops_the_start_with_one_line_th
         assert!(!stderr.contains(secret), "the secret is in the output: {stderr}");
     }
 }
+
+#[test]
+fn a_second_ncps_on_a_bucket_another_uses_stops_at_start_naming_the_owner_and_the_first_restarts_fine() {
+    let Some(fx) = fixture_or_skip() else { return };
+    let Some(s3) = S3sFs::start() else { return };
+    let up = Upstream::for_cache(fx, Compression::Xz);
+    let flags = s3_args(&s3);
+    let extra: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let mut first = Ncps::for_upstreams_with(&[up.url()], &[&fx.up1_public_key], &extra);
+    assert_eq!(first.get(&format!("/{}.narinfo", store_hash(&fx.top))).status, 200);
+
+    let other = TempDir::new("s3-second");
+    let data_path = other.path().to_string_lossy().into_owned();
+    let upstream = up.url();
+    let mut args = vec![
+        "serve", "--cache-hostname", "cache.test", "--cache-data-path", &data_path, "--server-addr", "{addr}",
+        "--upstream-cache", &upstream,
+    ];
+    args.extend(extra.iter().copied());
+    let (code, stderr) = run_ncps_expecting_failure(&args, &[]);
+    assert_eq!(code, Some(2), "{stderr}");
+    let last = stderr.trim().lines().last().unwrap_or_default();
+    assert!(last.contains("--cache-storage-s3-bucket") && last.contains("another ncps"), "{stderr}");
+    assert!(last.contains(&first.data_dir().display().to_string()), "it names where the owner runs: {stderr}");
+    assert!(!stderr.contains(S3_SECRET_KEY));
+
+    first.restart();
+    assert_eq!(first.get(&format!("/{}.narinfo", store_hash(&fx.top))).status, 200, "the owner itself starts again");
+}

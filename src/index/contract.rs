@@ -17,6 +17,12 @@ fn record(c: char, stored: bool) -> NarRecord {
     }
 }
 
+/// A NAR record for tests outside the contract.
+#[cfg_attr(not(feature = "postgres"), allow(dead_code))]
+pub fn some_nar() -> NarRecord {
+    record('9', false)
+}
+
 /// Runs every rule; each leaves the index empty again.
 pub fn every_rule(index: &dyn Index) {
     a_narinfo_records_its_nar_and_rerecording_keeps_the_stored_flag(index);

@@ -181,6 +181,22 @@ impl Cluster {
         Ok(self.url(&name))
     }
 
+    /// Runs `sql` with psql in the database of `url` (one [`Cluster::create_database`] made)
+    /// and returns what it printed, unaligned, one row a line.
+    pub fn psql(&self, url: &str, sql: &str) -> Result<String, String> {
+        let name = url.rsplit('/').next().unwrap_or_default();
+        let socket_dir = self.dir.to_string_lossy().into_owned();
+        let port = self.port.to_string();
+        let out = self
+            .command("psql")
+            .args(["-h", &socket_dir, "-p", &port, "-U", USER, "-d", name, "-X", "-At", "-v", "ON_ERROR_STOP=1", "-c", sql])
+            .output();
+        match out {
+            Ok(o) if o.status.success() => Ok(String::from_utf8_lossy(&o.stdout).trim().to_string()),
+            other => succeeded("psql", other).map(|_| String::new()),
+        }
+    }
+
     /// `postgresql://ncps:PASSWORD@127.0.0.1:PORT/name`.
     pub fn url(&self, database: &str) -> String {
         format!("postgresql://{USER}:{PASSWORD}@127.0.0.1:{}/{database}", self.port)

@@ -11,7 +11,9 @@ ADDR ?= :8501
 
 # debootstrap: the end-to-end tests also run a current Nix (Debian 13's) in a chroot.
 # python3-venv: for Rotel, the OpenTelemetry collector of the otel tests (tests/rotel.sh).
-APT_PACKAGES := nix-bin curl xz-utils ca-certificates build-essential tzdata debootstrap python3-venv
+# postgresql: the server the PostgreSQL index is tested against (src/index/pg_cluster.rs starts
+# throwaway clusters from its binaries; the Debian service itself is not used).
+APT_PACKAGES := nix-bin curl xz-utils ca-certificates build-essential tzdata debootstrap python3-venv postgresql
 
 .PHONY: all build run test test-static test-image image deps bench bench-deps bench-scale bench-outage bench-isolation bench-zstd static fuzz clean
 
@@ -48,16 +50,20 @@ run: build
 # stops before the tests; NCPS_TEST_SKIP_NIX226=1 skips it and the Nix 2.26 tests.
 # Rotel, the OpenTelemetry collector the otel tests send to, is installed from PyPI into the
 # same cache (tests/rotel.sh; seconds, once).
+# Everything is built with --features postgres, so the PostgreSQL index's tests (unit tests
+# and e2e postgres::, against throwaway PostgreSQL servers, ~15 s) always run; the unit tests
+# run once more without it, for what a default build does (it refuses a PostgreSQL URL).
 test: deps
 	@mkdir -p target; pid=; \
 	if [ -n "$$NCPS_TEST_SKIP_NIX226" ]; then echo "NCPS_TEST_SKIP_NIX226 is set: the Nix 2.26 tests are skipped"; \
 	else bash tests/nix-chroot.sh >target/nix-chroot.out 2>target/nix-chroot.err & pid=$$!; fi; \
-	$(CARGO) test --all-targets --no-run || { [ -z "$$pid" ] || wait $$pid; exit 1; }; \
+	$(CARGO) test --all-targets --features postgres --no-run || { [ -z "$$pid" ] || wait $$pid; exit 1; }; \
 	[ -z "$$pid" ] && exit 0; \
 	if wait $$pid; then cat target/nix-chroot.err; echo "Nix 2.26 chroot: $$(cat target/nix-chroot.out)"; \
 	else cat target/nix-chroot.err; echo "FAIL: the chroot with Nix 2.26 could not be built (NCPS_TEST_SKIP_NIX226=1 skips it and its tests)"; exit 1; fi
 	bash tests/rotel.sh >target/rotel.out || { echo "FAIL: Rotel (the OpenTelemetry collector of tests/e2e/otel.rs) could not be installed"; exit 1; }
-	$(CARGO) test --all-targets
+	$(CARGO) test --all-targets --features postgres
+	$(CARGO) test --lib
 	$(CARGO) test --doc
 	bash tests/systemd.sh
 	bash tests/metrics_check.sh

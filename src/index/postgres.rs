@@ -23,8 +23,9 @@
 //!   database's locale. Migrations are embedded and applied at open, in one transaction under
 //!   the same lock (so two ncps starting at once do not both migrate), with the version in a
 //!   `schema_version` table.
-//! - **Prepared statements are cached per connection**, so a call costs one round trip per
-//!   statement (plus `BEGIN` and `COMMIT`), not two.
+//! - **Prepared statements are cached per connection**, so a statement costs one round trip,
+//!   not two. Reads are single statements, atomic by themselves, so they run outside a
+//!   transaction: one round trip. Writes add `BEGIN`, the lock and `COMMIT`.
 //! - The URL's password is never logged: what is shown is [`crate::config::redact_url`]'s.
 //!
 //! The server's TLS is not supported yet (`NoTls`): a server that requires it refuses the
@@ -34,7 +35,7 @@ use super::{shard_range, IndexError, IndexedNar, IndexedNarinfo, NarRecord, Reco
 use crate::config::redact_url;
 use crate::nix::{Hash, NarName, StorePathHash};
 use postgres::types::{FromSql, ToSql};
-use postgres::{Client, NoTls, Row, Statement, Transaction};
+use postgres::{Client, GenericClient, NoTls, Row, Statement, Transaction};
 use std::collections::HashMap;
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::Duration;
@@ -218,45 +219,55 @@ impl Pool {
     }
 }
 
-/// A transaction on a pooled session, with that session's prepared statements.
-struct Tx<'a> {
-    tx: Transaction<'a>,
+/// A transaction (writes) or the bare connection (reads, each one statement and so atomic by
+/// itself, one round trip), with the session's prepared statements.
+struct Tx<'a, C: GenericClient> {
+    c: &'a mut C,
     statements: &'a mut HashMap<&'static str, Statement>,
     action: &'static str,
 }
 
 type Params<'p> = &'p [&'p (dyn ToSql + Sync)];
 
-impl Tx<'_> {
+impl<C: GenericClient> Tx<'_, C> {
     fn prepared(&mut self, sql: &'static str) -> Result<Statement, IndexError> {
         if let Some(s) = self.statements.get(sql) {
             return Ok(s.clone());
         }
-        let s = self.tx.prepare(sql).map_err(backend(self.action))?;
+        let s = self.c.prepare(sql).map_err(backend(self.action))?;
         self.statements.insert(sql, s.clone());
         Ok(s)
     }
 
     fn query(&mut self, sql: &'static str, params: Params<'_>) -> Result<Vec<Row>, IndexError> {
         let s = self.prepared(sql)?;
-        self.tx.query(&s, params).map_err(backend(self.action))
+        self.c.query(&s, params).map_err(backend(self.action))
     }
 
     fn opt(&mut self, sql: &'static str, params: Params<'_>) -> Result<Option<Row>, IndexError> {
         let s = self.prepared(sql)?;
-        self.tx.query_opt(&s, params).map_err(backend(self.action))
+        self.c.query_opt(&s, params).map_err(backend(self.action))
     }
 
     fn one(&mut self, sql: &'static str, params: Params<'_>) -> Result<Row, IndexError> {
         let s = self.prepared(sql)?;
-        self.tx.query_one(&s, params).map_err(backend(self.action))
+        self.c.query_one(&s, params).map_err(backend(self.action))
     }
 
     fn exec(&mut self, sql: &'static str, params: Params<'_>) -> Result<u64, IndexError> {
         let s = self.prepared(sql)?;
-        self.tx.execute(&s, params).map_err(backend(self.action))
+        self.c.execute(&s, params).map_err(backend(self.action))
+    }
+
+    fn batch(&mut self, sql: &str) -> Result<(), IndexError> {
+        self.c.batch_execute(sql).map_err(backend(self.action))
     }
 }
+
+/// A write transaction.
+type Wtx<'a, 'b> = Tx<'a, Transaction<'b>>;
+/// A read on the bare connection.
+type Rd<'a> = Tx<'a, Client>;
 
 /// Column `i` of `row`, or an error that says which action read it.
 fn col<'r, T: FromSql<'r>>(row: &'r Row, i: usize, action: &'static str) -> Result<T, IndexError> {
@@ -298,7 +309,7 @@ impl PostgresIndex {
     fn migrate(&self, may_create: bool) -> Result<(), IndexError> {
         const CTX: &str = "migrating the database";
         let shown = self.pool.shown.clone();
-        self.run(CTX, true, |tx| {
+        self.write(CTX, |tx| {
             let known: bool = col(&tx.one("SELECT to_regclass('schema_version') IS NOT NULL", &[])?, 0, CTX)?;
             if !known {
                 // Creating our tables next to someone else's would fail half-way or, worse,
@@ -315,9 +326,7 @@ impl PostgresIndex {
                 if !may_create {
                     return Err(IndexError::NotCreated { database: shown.clone() });
                 }
-                tx.tx
-                    .batch_execute("CREATE TABLE schema_version (version INTEGER NOT NULL); INSERT INTO schema_version VALUES (0);")
-                    .map_err(backend(CTX))?;
+                tx.batch("CREATE TABLE schema_version (version INTEGER NOT NULL); INSERT INTO schema_version VALUES (0);")?;
             }
             let found: i32 = col(&tx.one("SELECT version FROM schema_version", &[])?, 0, CTX)?;
             let found = found.max(0) as u32;
@@ -325,7 +334,7 @@ impl PostgresIndex {
                 return Err(IndexError::NewerSchema { found, supported: SCHEMA_VERSION });
             }
             for (i, sql) in MIGRATIONS.iter().enumerate().skip(found as usize) {
-                tx.tx.batch_execute(sql).map_err(backend(CTX))?;
+                tx.batch(sql)?;
                 let version = (i + 1) as i32;
                 tx.exec("UPDATE schema_version SET version = $1", &[&version])?;
                 if found > 0 {
@@ -336,23 +345,20 @@ impl PostgresIndex {
         })
     }
 
-    /// Runs `f` in a transaction on a pooled connection (a write: under the write lock),
-    /// trying again on a new connection when the one it had turns out closed before anything
-    /// was committed.
+    /// Runs `once` on a pooled session, trying again on a new connection when the one it had
+    /// turns out closed and nothing can have been committed.
     fn run<T>(
         &self,
         action: &'static str,
-        write: bool,
-        mut f: impl FnMut(&mut Tx<'_>) -> Result<T, IndexError>,
+        mut once: impl FnMut(&mut Session) -> Result<T, (IndexError, Retry)>,
     ) -> Result<T, IndexError> {
         let mut attempt = 1;
         loop {
             let mut conn = self.pool.get()?;
-            let outcome = match conn.session.as_mut() {
-                Some(session) => Self::attempt(session, action, write, &mut f),
-                None => return Err(IndexError::Corrupt("a pooled connection went missing".into())),
+            let Some(session) = conn.session.as_mut() else {
+                return Err(IndexError::Corrupt(format!("{action}: a pooled connection went missing")));
             };
-            let (err, retry) = match outcome {
+            let (err, retry) = match once(session) {
                 Ok(out) => return Ok(out),
                 Err(failed) => failed,
             };
@@ -370,33 +376,35 @@ impl PostgresIndex {
         }
     }
 
-    fn attempt<T>(
-        session: &mut Session,
+    /// One statement on the bare connection (atomic by itself).
+    fn read<T>(&self, action: &'static str, mut f: impl FnMut(&mut Rd<'_>) -> Result<T, IndexError>) -> Result<T, IndexError> {
+        self.run(action, |session| {
+            let Session { client, statements } = session;
+            f(&mut Tx { c: client, statements, action }).map_err(|e| (e, Retry::Safe))
+        })
+    }
+
+    /// A transaction under the write lock.
+    fn write<T>(
+        &self,
         action: &'static str,
-        write: bool,
-        f: &mut impl FnMut(&mut Tx<'_>) -> Result<T, IndexError>,
-    ) -> Result<T, (IndexError, Retry)> {
-        let Session { client, statements } = session;
-        let tx = client.transaction().map_err(|e| (backend(action)(e), Retry::Safe))?;
-        let mut tx = Tx { tx, statements, action };
-        if write {
-            tx.tx.batch_execute(WRITE_LOCK).map_err(|e| (backend(action)(e), Retry::Safe))?;
-        }
-        let out = f(&mut tx).map_err(|e| (e, Retry::Safe))?;
-        tx.tx.commit().map_err(|e| (backend(action)(e), Retry::Unsafe))?;
-        Ok(out)
-    }
-
-    fn read<T>(&self, action: &'static str, f: impl FnMut(&mut Tx<'_>) -> Result<T, IndexError>) -> Result<T, IndexError> {
-        self.run(action, false, f)
-    }
-
-    fn write<T>(&self, action: &'static str, f: impl FnMut(&mut Tx<'_>) -> Result<T, IndexError>) -> Result<T, IndexError> {
-        self.run(action, true, f)
+        mut f: impl FnMut(&mut Wtx<'_, '_>) -> Result<T, IndexError>,
+    ) -> Result<T, IndexError> {
+        self.run(action, |session| {
+            let Session { client, statements } = session;
+            let mut tx = client.transaction().map_err(|e| (backend(action)(e), Retry::Safe))?;
+            let out = {
+                let mut t = Tx { c: &mut tx, statements, action };
+                t.batch(WRITE_LOCK).map_err(|e| (e, Retry::Safe))?;
+                f(&mut t).map_err(|e| (e, Retry::Safe))?
+            };
+            tx.commit().map_err(|e| (backend(action)(e), Retry::Unsafe))?;
+            Ok(out)
+        })
     }
 }
 
-fn remove_nar_row(tx: &mut Tx<'_>, name: &str) -> Result<Option<(NarName, Option<u64>)>, IndexError> {
+fn remove_nar_row(tx: &mut Wtx<'_, '_>, name: &str) -> Result<Option<(NarName, Option<u64>)>, IndexError> {
     let row = tx.opt("DELETE FROM nars WHERE name = $1 RETURNING file_size + zstd_size, stored", &[&name])?;
     let Some(row) = row else { return Ok(None) };
     let size: i64 = col(&row, 0, tx.action)?;
@@ -719,9 +727,8 @@ mod tests {
         (url, index)
     }
 
-    fn psql(url: &str, sql: &str) {
-        let mut c = postgres::Client::connect(url, NoTls).expect("connects");
-        c.batch_execute(sql).expect("runs");
+    fn psql(url: &str, sql: &str) -> String {
+        pg_cluster::shared().psql(url, sql).expect("psql")
     }
 
     #[test]
@@ -751,12 +758,10 @@ mod tests {
     #[test]
     fn a_database_with_another_programs_tables_is_refused_untouched() {
         let url = pg_cluster::shared().create_database("foreign").unwrap();
-        psql(&url, "CREATE TABLE schema_migrations (version TEXT); CREATE TABLE narinfos (id INTEGER);");
+        psql(&url, "CREATE TABLE schema_migrations (version TEXT); CREATE TABLE narinfos (id INTEGER)");
         let err = PostgresIndex::open(&url, true).err().expect("refused");
         assert!(matches!(&err, IndexError::Foreign(t) if t.contains(&"schema_migrations".to_string())), "{err}");
-        let mut c = postgres::Client::connect(&url, NoTls).unwrap();
-        let ours: bool = c.query_one("SELECT to_regclass('schema_version') IS NOT NULL", &[]).unwrap().get(0);
-        assert!(!ours, "nothing was created");
+        assert_eq!(psql(&url, "SELECT to_regclass('schema_version') IS NULL"), "t", "nothing was created");
     }
 
     #[test]
@@ -853,5 +858,75 @@ mod tests {
         assert!(!err.to_string().contains(pg_cluster::PASSWORD), "{err}");
         cluster.start_server().unwrap();
         assert_eq!(index.totals().expect("back once the server is").nars, 0);
+    }
+}
+
+/// What the index's calls cost, PostgreSQL (a local server over TCP) beside SQLite (a file):
+/// `cargo test --release --lib --features postgres index_call_costs -- --ignored --nocapture`
+/// (DESIGN.md, "PostgreSQL index").
+#[cfg(test)]
+mod costs {
+    use super::*;
+    use crate::index::{pg_cluster, Index, SqliteIndex};
+    use std::time::Instant;
+
+    fn entry(i: u32) -> (StorePathHash, NarRecord) {
+        let digits = |i: u32, n: usize| {
+            let alphabet = b"0123456789abcdfghijklmnpqrsvwxyz";
+            let mut v = i;
+            let mut s = String::new();
+            for _ in 0..n {
+                s.push(char::from(alphabet[(v % 32) as usize]));
+                v /= 32;
+            }
+            s
+        };
+        let hash = StorePathHash::parse(&format!("{}{}", digits(i, 4), "0".repeat(28))).expect("hash");
+        let name = NarName::parse(&format!("{}{}.nar.xz", digits(i, 4), "0".repeat(48))).expect("name");
+        (hash, NarRecord { name, file_hash: Hash::of(&i.to_le_bytes()), file_size: 1000, upstream_url: String::new(), stored: false })
+    }
+
+    fn measure(label: &str, index: &dyn Index) {
+        const N: u32 = 2000;
+        let each = |what: &str, started: Instant, n: u32| {
+            println!("{label:>10} {what:<28} {:>8.1} µs", started.elapsed().as_secs_f64() * 1e6 / f64::from(n));
+        };
+        let t = Instant::now();
+        for i in 0..N {
+            let (h, nar) = entry(i);
+            index.put_narinfo(&h, "/nix/store/x", &nar, 500).expect("put");
+            index.set_nar_stored(&nar.name, true).expect("stored");
+        }
+        each("put_narinfo + set_nar_stored", t, N);
+        let t = Instant::now();
+        for i in 0..N {
+            index.nar(&entry(i).1.name).expect("nar");
+        }
+        each("nar", t, N);
+        let t = Instant::now();
+        for _ in 0..N {
+            index.totals().expect("totals");
+        }
+        each("totals", t, N);
+        let batch: Vec<_> = (0..N).map(|i| (entry(i).0, crate::index::now() + i64::from(i))).collect();
+        let t = Instant::now();
+        index.touch(&batch, &[]).expect("touch");
+        each("touch (per entry, one batch)", t, N);
+        let t = Instant::now();
+        for _ in 0..100 {
+            index.least_recently_used(100, 0).expect("lru");
+        }
+        each("least_recently_used(100)", t, 100);
+    }
+
+    #[test]
+    #[ignore]
+    fn index_call_costs() {
+        let dir = std::env::temp_dir().join(format!("ncps-costs-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        measure("sqlite", &SqliteIndex::open(&dir.join("db.sqlite")).expect("sqlite"));
+        let url = pg_cluster::shared().create_database("costs").expect("database");
+        measure("postgresql", &PostgresIndex::open(&url, true).expect("postgres"));
+        let _ = std::fs::remove_dir_all(dir);
     }
 }

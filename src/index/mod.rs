@@ -158,6 +158,13 @@ pub trait Index: Send + Sync {
     fn touch(&self, narinfos: &[(StorePathHash, i64)], nars: &[(NarName, i64)]) -> Result<(), IndexError>;
     fn narinfos_in_shard(&self, shard: &str) -> Result<Vec<IndexedNarinfo>, IndexError>;
     fn nars_in_shard(&self, shard: &str) -> Result<Vec<IndexedNar>, IndexError>;
+    /// Takes the lease on `key` (a download, say) for `holder` until `now + ttl` seconds, or
+    /// renews it if `holder` has it; `false`, and nothing changed, while another holder's
+    /// lease has not expired (its end is not after `now`). For replicas sharing one index, so
+    /// that one downloads while the others wait; not used by the cache yet.
+    fn take_lease(&self, key: &str, holder: &str, now: i64, ttl: i64) -> Result<bool, IndexError>;
+    /// Gives up `holder`'s lease on `key`; `false` if it did not have it (expired and taken).
+    fn release_lease(&self, key: &str, holder: &str) -> Result<bool, IndexError>;
 }
 
 /// Why the index failed.

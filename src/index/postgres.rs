@@ -41,7 +41,7 @@ use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
 /// Each entry moves the schema from version `index` to `index + 1`. Version 1 is SQLite's
-/// schema version 3 at once.
+/// schema version 3 at once, version 2 its 4.
 const MIGRATIONS: &[&str] = &[r#"
     CREATE TABLE config (key TEXT PRIMARY KEY, value TEXT NOT NULL);
     CREATE TABLE nars (
@@ -104,7 +104,10 @@ const MIGRATIONS: &[&str] = &[r#"
     END $$;
     CREATE TRIGGER nars_totals AFTER INSERT OR DELETE OR UPDATE OF stored, file_size, zstd_size ON nars
         FOR EACH ROW EXECUTE FUNCTION ncps_nars_totals();
-"#];
+"#,
+    // 2: leases with an expiry (Index::take_lease), as SQLite's version 4.
+    "CREATE TABLE leases (key TEXT PRIMARY KEY, holder TEXT NOT NULL, expires_at BIGINT NOT NULL);",
+];
 
 pub const SCHEMA_VERSION: u32 = MIGRATIONS.len() as u32;
 
@@ -113,6 +116,11 @@ const POOL_MAX: usize = 8;
 
 /// How long a connection attempt may take when the URL does not say (`connect_timeout`).
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// SQLite's lease statement with PostgreSQL's placeholders (`?N` is `$N`).
+const LEASE_TAKE: &str = "INSERT INTO leases(key, holder, expires_at) VALUES ($1, $2, $4)
+     ON CONFLICT (key) DO UPDATE SET holder = excluded.holder, expires_at = excluded.expires_at
+     WHERE leases.holder = excluded.holder OR leases.expires_at <= $3";
 
 /// The advisory lock every write transaction takes: "ncps" in ASCII.
 const WRITE_LOCK: &str = "SELECT pg_advisory_xact_lock(1852010611)";
@@ -666,6 +674,20 @@ impl super::Index for PostgresIndex {
         })
     }
 
+    fn take_lease(&self, key: &str, holder: &str, now: i64, ttl: i64) -> Result<bool, IndexError> {
+        let ends = now.saturating_add(ttl);
+        // The upsert is atomic under concurrent takers, so it needs no write lock; and it is
+        // idempotent for its holder, so trying it again after a closed connection is safe.
+        self.read("taking a lease", |tx| Ok(tx.exec(LEASE_TAKE, &[&key, &holder, &now, &ends])? == 1))
+    }
+
+    fn release_lease(&self, key: &str, holder: &str) -> Result<bool, IndexError> {
+        // A transaction, so that a lost connection is retried only when nothing was committed.
+        self.write("releasing a lease", |tx| {
+            Ok(tx.exec("DELETE FROM leases WHERE key = $1 AND holder = $2", &[&key, &holder])? == 1)
+        })
+    }
+
     fn narinfos_in_shard(&self, shard: &str) -> Result<Vec<IndexedNarinfo>, IndexError> {
         const CTX: &str = "listing narinfos";
         let (low, high) = shard_range(shard);
@@ -771,6 +793,16 @@ mod tests {
         assert!(matches!(err, IndexError::NotCreated { .. }), "{err}");
         assert!(!err.to_string().contains(pg_cluster::PASSWORD), "{err}");
         PostgresIndex::open(&url, true).expect("created when allowed");
+    }
+
+    #[test]
+    fn a_version_1_database_is_migrated_to_leases_at_open() {
+        let (url, index) = fresh("v1");
+        drop(index);
+        psql(&url, "DROP TABLE leases; UPDATE schema_version SET version = 1");
+        let index = PostgresIndex::open(&url, false).expect("migrated");
+        assert!(index.take_lease("k", "me", 0, 10).unwrap());
+        assert_eq!(psql(&url, "SELECT version FROM schema_version"), SCHEMA_VERSION.to_string());
     }
 
     #[test]

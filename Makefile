@@ -11,7 +11,9 @@ ADDR ?= :8501
 
 # debootstrap: the end-to-end tests also run a current Nix (Debian 13's) in a chroot.
 # python3-venv: for Rotel, the OpenTelemetry collector of the otel tests (tests/rotel.sh).
-APT_PACKAGES := nix-bin curl xz-utils ca-certificates build-essential tzdata debootstrap python3-venv
+# postgresql: the server the PostgreSQL index is tested against (src/index/pg_cluster.rs starts
+# throwaway clusters from its binaries; the Debian service itself is not used).
+APT_PACKAGES := nix-bin curl xz-utils ca-certificates build-essential tzdata debootstrap python3-venv postgresql
 
 .PHONY: all build run test test-static test-image image deps bench bench-deps bench-scale bench-outage bench-isolation bench-zstd static fuzz clean
 
@@ -48,22 +50,28 @@ run: build
 # stops before the tests; NCPS_TEST_SKIP_NIX226=1 skips it and the Nix 2.26 tests.
 # Rotel, the OpenTelemetry collector the otel tests send to, is installed from PyPI into the
 # same cache (tests/rotel.sh; seconds, once). s3s-fs, the S3 server the S3 blob store is tested
-# against (feature s3: its contract tests and tests/e2e/s3.rs), is built from crates.io into the
-# same cache (tests/s3s.sh; a few minutes, once); those tests then take seconds.
+# against, is built from crates.io into the same cache (tests/s3s.sh; about 4 minutes, once).
+# The suite is built with both optional features (s3, postgres), so the S3 store's tests
+# (contract tests and e2e s3:: against s3s-fs) and the PostgreSQL index's (unit tests and e2e
+# postgres::, against throwaway PostgreSQL servers) always run, ~30 s together; then the
+# default build's unit tests, and its e2e tests of the refusals (a bucket or a PostgreSQL URL
+# given to a build without the feature).
+TEST_FEATURES := s3,postgres
+
 test: deps
 	@mkdir -p target; pid=; \
 	if [ -n "$$NCPS_TEST_SKIP_NIX226" ]; then echo "NCPS_TEST_SKIP_NIX226 is set: the Nix 2.26 tests are skipped"; \
 	else bash tests/nix-chroot.sh >target/nix-chroot.out 2>target/nix-chroot.err & pid=$$!; fi; \
-	$(CARGO) test --all-targets --no-run || { [ -z "$$pid" ] || wait $$pid; exit 1; }; \
+	$(CARGO) test --all-targets --features $(TEST_FEATURES) --no-run || { [ -z "$$pid" ] || wait $$pid; exit 1; }; \
 	[ -z "$$pid" ] && exit 0; \
 	if wait $$pid; then cat target/nix-chroot.err; echo "Nix 2.26 chroot: $$(cat target/nix-chroot.out)"; \
 	else cat target/nix-chroot.err; echo "FAIL: the chroot with Nix 2.26 could not be built (NCPS_TEST_SKIP_NIX226=1 skips it and its tests)"; exit 1; fi
 	bash tests/rotel.sh >target/rotel.out || { echo "FAIL: Rotel (the OpenTelemetry collector of tests/e2e/otel.rs) could not be installed"; exit 1; }
-	$(CARGO) test --all-targets
-	$(CARGO) test --doc
 	bash tests/s3s.sh >target/s3s.out || { echo "FAIL: s3s-fs (the S3 server of the S3 tests) could not be installed"; exit 1; }
-	NCPS_TEST_S3S_FS=$$(cat target/s3s.out) $(CARGO) test --features s3 --lib storage::
-	NCPS_TEST_S3S_FS=$$(cat target/s3s.out) $(CARGO) test --features s3 --test e2e s3::
+	NCPS_TEST_S3S_FS=$$(cat target/s3s.out) $(CARGO) test --all-targets --features $(TEST_FEATURES)
+	$(CARGO) test --lib
+	$(CARGO) test --test e2e -- proxy::a_build_without_s3 postgres::
+	$(CARGO) test --doc
 	bash tests/systemd.sh
 	bash tests/metrics_check.sh
 	bash tests/status_page.sh "" target/status-page.png

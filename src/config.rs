@@ -78,7 +78,8 @@ pub const FLAGS: &[Flag] = &[
         "Path-style S3 addressing (endpoint/bucket/key), as MinIO and Garage need"),
     flag!(["cache-database-url"], ["CACHE_DATABASE_URL"],
         ["cache.database-url"], Value, None,
-        "Database, as sqlite:PATH [default: sqlite:<data-path>/db.sqlite]"),
+        "Database, as sqlite:PATH, or postgresql://USER:PASSWORD@HOST:PORT/DB in a build with \
+         PostgreSQL (--features postgres) [default: sqlite:<data-path>/db.sqlite]"),
     flag!(["cache-temp-path"], ["CACHE_TEMP_PATH"],
         ["cache.temp-path"], Value, None,
         "Directory for downloads in progress; keep it on the data path's filesystem \
@@ -275,7 +276,7 @@ pub struct UpstreamConfig {
 pub struct Config {
     pub hostname: String,
     pub data_path: PathBuf,
-    pub database_path: PathBuf,
+    pub database: Database,
     pub temp_path: PathBuf,
     pub upstreams: Vec<UpstreamConfig>,
     pub upstream_keys: Vec<PublicKey>,
@@ -569,8 +570,86 @@ pub fn parse_args(
 #[derive(Debug, Clone)]
 pub struct StoragePaths {
     pub data_path: PathBuf,
-    pub database_path: PathBuf,
+    pub database: Database,
     pub temp_path: PathBuf,
+}
+
+/// Where the index lives (`--cache-database-url`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Database {
+    /// `sqlite:PATH` (the default, `<data-path>/db.sqlite`).
+    Sqlite(PathBuf),
+    /// A `postgresql://` or `postgres://` URL as given. It may hold a password: show it only
+    /// through [`redact_url`]. Only a build with the `postgres` feature accepts one.
+    Postgres(String),
+}
+
+impl fmt::Display for Database {
+    /// The database as logs and errors may show it: a path, or the URL without its password.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Database::Sqlite(p) => write!(f, "{}", p.display()),
+            Database::Postgres(url) => f.write_str(&redact_url(url)),
+        }
+    }
+}
+
+/// `url` with its password replaced by `***`, wherever the URL carries one: in the user
+/// information (`postgresql://user:secret@host/db`) or as a `password=` query parameter.
+pub fn redact_url(url: &str) -> String {
+    let mut out = url.to_string();
+    if let Some(scheme_end) = out.find("://") {
+        let rest = scheme_end + 3;
+        // The authority ends at the first '/', '?' or '#'; its user information at the last '@'.
+        let authority_end = out[rest..].find(['/', '?', '#']).map_or(out.len(), |i| rest + i);
+        if let Some(at) = out[rest..authority_end].rfind('@').map(|i| rest + i) {
+            if let Some(colon) = out[rest..at].find(':').map(|i| rest + i) {
+                out.replace_range(colon + 1..at, "***");
+            }
+        }
+    }
+    if let Some(q) = out.find('?') {
+        let (head, query) = out.split_at(q + 1);
+        let params: Vec<String> = query
+            .split('&')
+            .map(|kv| match kv.split_once('=') {
+                Some((k, _)) if k.eq_ignore_ascii_case("password") => format!("{k}=***"),
+                _ => kv.to_string(),
+            })
+            .collect();
+        out = format!("{head}{}", params.join("&"));
+    }
+    out
+}
+
+fn parse_database_url(url: &str) -> Result<Database, ConfigError> {
+    const FLAG: &str = "cache-database-url";
+    if let Some(p) = url.strip_prefix("sqlite://").or_else(|| url.strip_prefix("sqlite:")) {
+        if p.is_empty() {
+            return Err(ConfigError::new(FLAG, format!("{url:?}: sqlite: needs a path (sqlite:PATH)")));
+        }
+        return Ok(Database::Sqlite(PathBuf::from(p)));
+    }
+    if url.starts_with("postgresql://") || url.starts_with("postgres://") {
+        #[cfg(feature = "postgres")]
+        return match url.parse::<postgres::Config>() {
+            Ok(_) => Ok(Database::Postgres(url.to_string())),
+            Err(e) => Err(ConfigError::new(FLAG, format!("{}: {e}", redact_url(url)))),
+        };
+        #[cfg(not(feature = "postgres"))]
+        return Err(ConfigError::new(
+            FLAG,
+            format!(
+                "{}: this ncps was built without PostgreSQL support; build it with \
+                 `cargo build --release --features postgres`, or use sqlite:PATH",
+                redact_url(url)
+            ),
+        ));
+    }
+    Err(ConfigError::new(
+        FLAG,
+        format!("{:?}: expected sqlite:PATH or postgresql://USER:PASSWORD@HOST:PORT/DB", redact_url(url)),
+    ))
 }
 
 impl StoragePaths {
@@ -582,24 +661,13 @@ impl StoragePaths {
         let data_path = PathBuf::from(raw.one("cache-data-path").ok_or_else(|| {
             ConfigError::new("cache-data-path", "is required (env CACHE_DATA_PATH)")
         })?);
-        let database_path = match raw.one("cache-database-url") {
-            None => data_path.join("db.sqlite"),
-            Some(url) => {
-                let path = url.strip_prefix("sqlite://").or_else(|| url.strip_prefix("sqlite:"));
-                match path {
-                    Some(p) if !p.is_empty() => PathBuf::from(p),
-                    _ => {
-                        return Err(ConfigError::new(
-                            "cache-database-url",
-                            format!("{url:?}: only sqlite:PATH is supported"),
-                        ))
-                    }
-                }
-            }
+        let database = match raw.one("cache-database-url") {
+            None => Database::Sqlite(data_path.join("db.sqlite")),
+            Some(url) => parse_database_url(url)?,
         };
         let temp_path =
             raw.one("cache-temp-path").map(PathBuf::from).unwrap_or_else(|| data_path.join("tmp"));
-        Ok(StoragePaths { data_path, database_path, temp_path })
+        Ok(StoragePaths { data_path, database, temp_path })
     }
 }
 
@@ -654,7 +722,7 @@ impl Config {
         if hostname.is_empty() || hostname.contains(|c: char| c.is_whitespace() || c == ':') {
             return Err(ConfigError::new("cache-hostname", "must be a name without spaces or ':'"));
         }
-        let StoragePaths { data_path, database_path, temp_path } = StoragePaths::from_raw_here(raw)?;
+        let StoragePaths { data_path, database, temp_path } = StoragePaths::from_raw_here(raw)?;
 
         let mut upstreams = Vec::new();
         for u in raw.all("upstream-cache") {
@@ -729,7 +797,7 @@ impl Config {
             access,
             hostname,
             data_path,
-            database_path,
+            database,
             temp_path,
             upstreams,
             upstream_keys,
@@ -1123,7 +1191,7 @@ mod tests {
     fn defaults_match_ncps() {
         let c = parse(MINIMAL, &[]).unwrap();
         assert_eq!(c.server_addr, ":8501");
-        assert_eq!(c.database_path, PathBuf::from("/var/lib/ncps/db.sqlite"));
+        assert_eq!(c.database, Database::Sqlite(PathBuf::from("/var/lib/ncps/db.sqlite")));
         assert_eq!(c.temp_path, PathBuf::from("/var/lib/ncps/tmp"));
         assert!(c.sign_narinfo);
         assert_eq!(c.dial_timeout, Duration::from_secs(3));
@@ -1482,6 +1550,55 @@ workers = 8
         assert!(parse_upstream_url("http://:80").is_err());
         assert!(parse_upstream_url("http://h:notaport").is_err());
         assert_eq!(parse_listen_addr("[::1]:80").unwrap(), ("::1".to_string(), 80));
+    }
+
+    #[test]
+    fn a_database_url_is_shown_without_its_password() {
+        assert_eq!(redact_url("postgresql://ncps:s3cr@t@db.lan:5432/ncps"), "postgresql://ncps:***@db.lan:5432/ncps");
+        assert_eq!(redact_url("postgres://ncps@db.lan/ncps"), "postgres://ncps@db.lan/ncps");
+        assert_eq!(
+            redact_url("postgresql://db.lan/ncps?user=ncps&password=hunter2&sslmode=disable"),
+            "postgresql://db.lan/ncps?user=ncps&password=***&sslmode=disable"
+        );
+        assert_eq!(redact_url("sqlite:/var/lib/ncps/db.sqlite"), "sqlite:/var/lib/ncps/db.sqlite");
+        let shown = Database::Postgres("postgresql://u:pw@h/d".into()).to_string();
+        assert_eq!(shown, "postgresql://u:***@h/d");
+    }
+
+    #[test]
+    fn database_urls_select_sqlite_or_postgresql() {
+        let with = |url: &str| {
+            let mut args = MINIMAL.to_vec();
+            args.extend(["--cache-database-url", url]);
+            parse(&args, &[]).map(|c| c.database)
+        };
+        assert_eq!(with("sqlite:/tmp/x.db").unwrap(), Database::Sqlite("/tmp/x.db".into()));
+        assert_eq!(with("sqlite:///tmp/x.db").unwrap(), Database::Sqlite("/tmp/x.db".into()));
+        let err = with("mysql://u:pw@h/d").unwrap_err().to_string();
+        assert!(err.starts_with("--cache-database-url: ") && !err.contains("pw@"), "{err}");
+        for url in ["postgresql://u:pw@h:5432/d", "postgres://u:pw@h/d"] {
+            let got = with(url);
+            #[cfg(feature = "postgres")]
+            assert_eq!(got.unwrap(), Database::Postgres(url.into()));
+            #[cfg(not(feature = "postgres"))]
+            {
+                let err = got.unwrap_err().to_string();
+                assert!(err.starts_with("--cache-database-url: "), "names the flag: {err}");
+                assert!(err.contains("--features postgres"), "says how to get it: {err}");
+                assert!(!err.contains("pw@") && !err.contains('\n'), "one line, no password: {err}");
+            }
+        }
+        let env = [("CACHE_DATABASE_URL", "postgresql://u:pw@h/d")];
+        assert_eq!(parse(MINIMAL, &env).is_ok(), cfg!(feature = "postgres"), "the variable too");
+    }
+
+    #[cfg(feature = "postgres")]
+    #[test]
+    fn a_postgresql_url_that_does_not_parse_is_a_config_error_without_its_password() {
+        let mut args = MINIMAL.to_vec();
+        args.extend(["--cache-database-url", "postgresql://u:pw@h:notaport/d"]);
+        let err = parse(&args, &[]).unwrap_err().to_string();
+        assert!(err.starts_with("--cache-database-url: ") && !err.contains("pw@"), "{err}");
     }
 }
 

@@ -12,6 +12,7 @@
 use crate::cache::check::{self, Problem};
 use crate::cache::verify::{copy_hashed, CopyError};
 use crate::cache::CacheError;
+use crate::config::Database;
 use crate::index::{Index, IndexError, SqliteIndex};
 use crate::nix::NarInfo;
 use crate::storage::{shards, BlobStore, LocalStore, StorageError};
@@ -22,8 +23,9 @@ use std::time::{Duration, Instant};
 #[derive(Debug)]
 #[non_exhaustive]
 pub enum FsckError {
-    /// The store holds files but there is no database to check them against.
-    NoDatabase(std::path::PathBuf),
+    /// The store holds files but there is no database to check them against (the database
+    /// as it may be shown: a path, or a URL without its password).
+    NoDatabase(String),
     Index(IndexError),
     Storage(StorageError),
     /// A repair failed.
@@ -35,8 +37,7 @@ impl fmt::Display for FsckError {
         match self {
             FsckError::NoDatabase(p) => write!(
                 f,
-                "database {} does not exist, but the store holds files: nothing to check them against",
-                p.display()
+                "database {p} does not exist, but the store holds files: nothing to check them against"
             ),
             FsckError::Index(e) => write!(f, "index: {e}"),
             FsckError::Storage(e) => write!(f, "store: {e}"),
@@ -185,17 +186,38 @@ fn hash_blob(blob: crate::storage::Blob) -> Result<(crate::nix::Hash, u64), Copy
     }
 }
 
+/// Opens the index to check the store against. Without its database every cached file looks
+/// orphaned, and --repair would remove them all: a missing one is refused.
+fn open_index(database: &Database, blobs: &LocalStore) -> Result<Box<dyn Index>, FsckError> {
+    let holds_files = blobs.holds_anything().unwrap_or(true);
+    match database {
+        Database::Sqlite(path) => {
+            let db_exists = std::fs::metadata(path).is_ok_and(|m| m.len() > 0);
+            if !db_exists && holds_files {
+                return Err(FsckError::NoDatabase(path.display().to_string()));
+            }
+            Ok(Box::new(SqliteIndex::open(path)?))
+        }
+        #[cfg(feature = "postgres")]
+        Database::Postgres(url) => match crate::index::PostgresIndex::open(url, !holds_files) {
+            Err(IndexError::NotCreated { .. }) => Err(FsckError::NoDatabase(database.to_string())),
+            opened => Ok(Box::new(opened?)),
+        },
+        #[cfg(not(feature = "postgres"))]
+        Database::Postgres(_) => Err(FsckError::Index(IndexError::Backend {
+            action: "opening the database",
+            source: "this ncps was built without PostgreSQL support (--features postgres)".into(),
+        })),
+    }
+}
+
 /// The `fsck` command. Returns the exit status: 0 when the store is sound (or was repaired),
 /// 1 when problems were found and left alone.
 pub fn run(paths: &crate::config::StoragePaths, repair_it: bool) -> Result<i32, FsckError> {
     let blobs = LocalStore::open(&paths.data_path)?;
-    // Without its database every cached file looks orphaned, and --repair would remove them all.
-    let db_exists = std::fs::metadata(&paths.database_path).is_ok_and(|m| m.len() > 0);
-    if !db_exists && blobs.holds_anything().unwrap_or(true) {
-        return Err(FsckError::NoDatabase(paths.database_path.clone()));
-    }
-    let index = SqliteIndex::open(&paths.database_path)?;
+    let index = open_index(&paths.database, &blobs)?;
     index.check_integrity()?;
+    let index = index.as_ref();
     let started = Instant::now();
     let mut last = Instant::now();
     let mut progress = |done: usize, all: usize, r: &Report| {
@@ -214,11 +236,11 @@ pub fn run(paths: &crate::config::StoragePaths, repair_it: bool) -> Result<i32, 
     let mut found = |p: &Problem| -> Result<(), FsckError> {
         println!("{p}");
         if repair_it {
-            crate::cache::check::repair(&blobs, &index, p).map_err(FsckError::Repair)?;
+            crate::cache::check::repair(&blobs, index, p).map_err(FsckError::Repair)?;
         }
         Ok(())
     };
-    let report = check(&blobs, &index, &mut found, &mut progress)?;
+    let report = check(&blobs, index, &mut found, &mut progress)?;
     println!("fsck: {report}");
     if report.problems() == 0 {
         return Ok(0);

@@ -19,7 +19,13 @@ fn run() -> Result<(), Exit> {
             Ok(())
         }
         Command::Version => {
-            println!("ncps {}", env!("CARGO_PKG_VERSION"));
+            // The optional parts built in, so that a script (and the e2e suite) can tell.
+            let features: &[&str] = &[#[cfg(feature = "postgres")] "postgres", #[cfg(feature = "s3")] "s3"];
+            if features.is_empty() {
+                println!("ncps {}", env!("CARGO_PKG_VERSION"));
+            } else {
+                println!("ncps {} (features: {})", env!("CARGO_PKG_VERSION"), features.join(", "));
+            }
             Ok(())
         }
         Command::Fsck { mut raw, repair } => {

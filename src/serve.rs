@@ -4,9 +4,9 @@
 //! the port is bound, and reported as one line naming the flag, with exit status 2.
 
 use crate::cache::{Cache, CacheSettings, Parts};
-use crate::config::{parse_listen_addr, Config, ConfigError};
+use crate::config::{parse_listen_addr, Config, ConfigError, Database};
 use crate::http::{self, ServerConfig};
-use crate::index::{IndexError, SqliteIndex};
+use crate::index::{Index, IndexError, SqliteIndex};
 use crate::nix::SecretKey;
 use crate::routes::{RouteSettings, Routes};
 use crate::storage::{BlobStore, LocalStore, Staging};
@@ -124,6 +124,71 @@ fn open_s3(_: &crate::config::S3Config, _: &std::path::Path) -> Result<Arc<dyn B
     Err(ConfigError::new("cache-storage-s3-bucket", "this ncps was built without S3 support (`--features s3`)").into())
 }
 
+/// The store check removes blobs the index does not vouch for: with no index at all, that
+/// would be every blob. Nothing here may cost a user their cache.
+fn refuse_missing_index(database: &str, blobs: &dyn BlobStore) -> ConfigError {
+    ConfigError::new(
+        "cache-database-url",
+        format!(
+            "{database} does not exist, but {} already holds cached files (a cache made by Go ncps, \
+             or one whose database was removed); ncps-rs will not delete them: move that \
+             folder away (or give another --cache-data-path) to start with an empty cache",
+            blobs.describe()
+        ),
+    )
+}
+
+/// Opens the index `--cache-database-url` names (for SQLite, the one beside a Go ncps
+/// database being switched from).
+fn open_index(
+    config: &Config,
+    go: Option<&crate::migrate_go::GoCache>,
+    blobs: &dyn BlobStore,
+) -> Result<Arc<dyn Index>, Exit> {
+    let database_path = match &config.database {
+        Database::Sqlite(p) => p,
+        Database::Postgres(url) => return open_postgres(url, blobs),
+    };
+    let path = match go {
+        Some(g) => crate::migrate_go::index_path(&g.database),
+        None => database_path.clone(),
+    };
+    let db_exists = go.is_some() || std::fs::metadata(&path).is_ok_and(|m| m.len() > 0);
+    if !db_exists && blobs.holds_anything().unwrap_or(true) {
+        return Err(refuse_missing_index(&database_path.display().to_string(), blobs).into());
+    }
+    let index = SqliteIndex::open(&path).map_err(|e| match e {
+        IndexError::Foreign(_) => ConfigError::new("cache-database-url", format!("{}: {e}", path.display())).into(),
+        e => runtime(format!("database {}: {e}", path.display())),
+    })?;
+    Ok(Arc::new(index))
+}
+
+#[cfg(feature = "postgres")]
+fn open_postgres(url: &str, blobs: &dyn BlobStore) -> Result<Arc<dyn Index>, Exit> {
+    let shown = crate::config::redact_url(url);
+    // An empty database next to a store that holds files: as with a missing SQLite file, the
+    // schema is not created, or the next start would take the store for orphans.
+    let may_create = !blobs.holds_anything().unwrap_or(true);
+    let index = crate::index::PostgresIndex::open(url, may_create).map_err(|e| match e {
+        IndexError::NotCreated { .. } => refuse_missing_index(&format!("the ncps schema in {shown}"), blobs).into(),
+        IndexError::Foreign(_) => ConfigError::new("cache-database-url", format!("{shown}: {e}")).into(),
+        e => runtime(format!("database {shown}: {e}")),
+    })?;
+    log::info!("index: PostgreSQL {shown}");
+    Ok(Arc::new(index))
+}
+
+#[cfg(not(feature = "postgres"))]
+fn open_postgres(url: &str, _: &dyn BlobStore) -> Result<Arc<dyn Index>, Exit> {
+    // The configuration refuses such a URL in this build; this is a second line of defence.
+    Err(ConfigError::new(
+        "cache-database-url",
+        format!("{}: this ncps was built without PostgreSQL support (--features postgres)", crate::config::redact_url(url)),
+    )
+    .into())
+}
+
 pub fn prepare(config: &Config) -> Result<Prepared, Exit> {
     // Files named by flags are read before anything is created or changed.
     let upstream_auth = upstream_credentials(config)?;
@@ -133,39 +198,18 @@ pub fn prepare(config: &Config) -> Result<Prepared, Exit> {
         ConfigError::new("cache-data-path", format!("cannot create {}: {e}", config.data_path.display()))
     })?;
     // A Go ncps cache is switched in place (migrate_go): its store is moved aside before ours
-    // is opened, its database is left as it is and ours lives beside it.
-    let go = crate::migrate_go::prepare(&config.database_path, &config.data_path).map_err(runtime)?;
-    let database_path = match &go {
-        Some(g) => crate::migrate_go::index_path(&g.database),
-        None => config.database_path.clone(),
+    // is opened, its database is left as it is and ours lives beside it. Only SQLite: Go ncps
+    // on PostgreSQL is not imported.
+    let go = match &config.database {
+        Database::Sqlite(path) => crate::migrate_go::prepare(path, &config.data_path).map_err(runtime)?,
+        Database::Postgres(_) => None,
     };
     let blobs = open_blobs(config)?;
     let staging = Staging::open(&config.temp_path).map_err(|e| {
         let flag = if config.temp_path.starts_with(&config.data_path) { "cache-data-path" } else { "cache-temp-path" };
         ConfigError::new(flag, format!("not writable: {e}"))
     })?;
-    // The store check removes blobs the index does not vouch for: with no index at all, that
-    // would be every blob. Nothing here may cost a user their cache.
-    let db_exists = go.is_some() || std::fs::metadata(&database_path).is_ok_and(|m| m.len() > 0);
-    if !db_exists && blobs.holds_anything().unwrap_or(true) {
-        return Err(ConfigError::new(
-            "cache-database-url",
-            format!(
-                "{} does not exist, but {} already holds cached files (a cache made by Go ncps, \
-                 or one whose database was removed); ncps-rs will not delete them: move that \
-                 folder away (or give another --cache-data-path) to start with an empty cache",
-                config.database_path.display(),
-                blobs.describe()
-            ),
-        )
-        .into());
-    }
-    let index = SqliteIndex::open(&database_path).map_err(|e| match e {
-        IndexError::Foreign(_) => {
-            ConfigError::new("cache-database-url", format!("{}: {e}", database_path.display())).into()
-        }
-        e => runtime(format!("database {}: {e}", database_path.display())),
-    })?;
+    let index = open_index(config, go.as_ref(), &*blobs)?;
     let mut go_public = None;
     if let Some(text) = go.as_ref().and_then(|g| g.secret_key.as_deref()) {
         let ours = config.data_path.join("secret-key");
@@ -209,7 +253,7 @@ pub fn prepare(config: &Config) -> Result<Prepared, Exit> {
         },
         zstd_responses: config.zstd_responses,
     };
-    let parts = Parts { blobs, index: Arc::new(index), staging };
+    let parts = Parts { blobs, index, staging };
     let own_public = key.public();
     let cache = Arc::new(Cache::new(settings, parts, upstreams, key));
     if let Some(g) = &go {

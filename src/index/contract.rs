@@ -17,6 +17,12 @@ fn record(c: char, stored: bool) -> NarRecord {
     }
 }
 
+/// A NAR record for tests outside the contract.
+#[cfg_attr(not(feature = "postgres"), allow(dead_code))]
+pub fn some_nar() -> NarRecord {
+    record('9', false)
+}
+
 /// Runs every rule; each leaves the index empty again.
 pub fn every_rule(index: &dyn Index) {
     a_narinfo_records_its_nar_and_rerecording_keeps_the_stored_flag(index);
@@ -28,6 +34,7 @@ pub fn every_rule(index: &dyn Index) {
     shard_listings_return_exactly_their_keys(index);
     unreferenced_nars_are_listed(index);
     a_zstd_copy_counts_while_its_nar_is_stored_and_goes_with_it(index);
+    a_lease_has_one_holder_until_it_expires_or_is_released(index);
 }
 
 fn empty(index: &dyn Index) {
@@ -177,5 +184,20 @@ fn a_zstd_copy_counts_while_its_nar_is_stored_and_goes_with_it(index: &dyn Index
     assert_eq!(index.totals().unwrap().nar_bytes, 3, "and no longer counted");
     assert_eq!(index.forget_nar_zstd().unwrap(), 0);
     index.remove_nar(&nar.name).unwrap();
+    empty(index);
+}
+
+fn a_lease_has_one_holder_until_it_expires_or_is_released(index: &dyn Index) {
+    let (key, t) = ("nar/1111.nar.xz", 1_000);
+    assert!(index.take_lease(key, "replica-a", t, 30).unwrap(), "a free lease is taken");
+    assert!(!index.take_lease(key, "replica-b", t + 10, 30).unwrap(), "not while another holds it");
+    assert!(index.take_lease(key, "replica-a", t + 20, 30).unwrap(), "its holder renews it");
+    assert!(!index.take_lease(key, "replica-b", t + 49, 30).unwrap(), "the renewal counts from t + 20");
+    assert!(index.take_lease(key, "replica-b", t + 50, 30).unwrap(), "an expired lease is taken over");
+    assert!(!index.release_lease(key, "replica-a").unwrap(), "a holder that lost it cannot release it");
+    assert!(index.take_lease("other", "replica-a", t, 30).unwrap(), "leases are per key");
+    assert!(index.release_lease(key, "replica-b").unwrap());
+    assert!(index.take_lease(key, "replica-a", t + 51, 30).unwrap(), "a released lease is free at once");
+    assert!(index.release_lease(key, "replica-a").unwrap() && index.release_lease("other", "replica-a").unwrap());
     empty(index);
 }

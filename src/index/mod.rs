@@ -3,9 +3,10 @@
 //! The blob store is the truth for serving (a blob under its final name is complete and
 //! verified); the index says what each entry is: which NAR a narinfo points at, where that NAR
 //! came from, the hash and size it must have, when each was last used, and how many bytes the
-//! store holds. Today's implementation is [`sqlite::SqliteIndex`] (embedded, the default); a
-//! server database is a second implementation of [`Index`], held to the same contract
-//! (`contract` tests run against every implementation).
+//! store holds. [`sqlite::SqliteIndex`] is embedded and the default; `PostgresIndex` (the
+//! `postgres` feature, off by default so small builds do not carry a database client) keeps
+//! the index in a PostgreSQL server. Both are held to the same contract (`contract` tests run
+//! against every implementation, PostgreSQL's against a real server).
 //!
 //! # What every implementation promises
 //! - **Atomic operations.** Each method is one transaction: a crash leaves it done or not done.
@@ -16,17 +17,23 @@
 //! - **Shard listings** ([`Index::narinfos_in_shard`], [`Index::nars_in_shard`]) return the rows
 //!   whose key starts with the two given characters, so a check holds one shard at a time.
 //! - **Concurrency.** Methods may be called from many threads at once; reads do not wait for a
-//!   long write (SQLite: WAL and a pool of connections).
+//!   long write (SQLite: WAL and a pool of connections; PostgreSQL: MVCC and a pool).
 //! - **Refusal of what is not ours.** A schema newer than this build, a corrupt database, or
 //!   another program's tables are refused at open with an [`IndexError`] that says so, and
 //!   nothing is changed.
 
 pub mod sqlite;
+#[cfg(feature = "postgres")]
+pub mod postgres;
+#[cfg(all(test, feature = "postgres"))]
+pub(crate) mod pg_cluster;
 
 #[cfg(test)]
 mod contract;
 
 pub use sqlite::SqliteIndex;
+#[cfg(feature = "postgres")]
+pub use self::postgres::PostgresIndex;
 
 use crate::nix::{Hash, NarName, StorePathHash};
 use std::fmt;
@@ -151,6 +158,13 @@ pub trait Index: Send + Sync {
     fn touch(&self, narinfos: &[(StorePathHash, i64)], nars: &[(NarName, i64)]) -> Result<(), IndexError>;
     fn narinfos_in_shard(&self, shard: &str) -> Result<Vec<IndexedNarinfo>, IndexError>;
     fn nars_in_shard(&self, shard: &str) -> Result<Vec<IndexedNar>, IndexError>;
+    /// Takes the lease on `key` (a download, say) for `holder` until `now + ttl` seconds, or
+    /// renews it if `holder` has it; `false`, and nothing changed, while another holder's
+    /// lease has not expired (its end is not after `now`). For replicas sharing one index, so
+    /// that one downloads while the others wait; not used by the cache yet.
+    fn take_lease(&self, key: &str, holder: &str, now: i64, ttl: i64) -> Result<bool, IndexError>;
+    /// Gives up `holder`'s lease on `key`; `false` if it did not have it (expired and taken).
+    fn release_lease(&self, key: &str, holder: &str) -> Result<bool, IndexError>;
 }
 
 /// Why the index failed.
@@ -165,6 +179,12 @@ pub enum IndexError {
     Corrupt(String),
     /// Tables but no schema version of ours: another program's database (Go ncps's, typically).
     Foreign(Vec<String>),
+    /// The database server could not be reached or refused the login: which server (its URL
+    /// without the password), and why.
+    Unreachable { database: String, source: Box<dyn std::error::Error + Send + Sync> },
+    /// The database holds no ncps schema and the caller did not let it be created (the store
+    /// beside it already holds files that an empty index would disown).
+    NotCreated { database: String },
 }
 
 impl fmt::Display for IndexError {
@@ -181,9 +201,13 @@ impl fmt::Display for IndexError {
                 f,
                 "the database holds tables ({}) but no ncps-rs schema version: it belongs to another \
                  program (Go ncps keeps a schema_migrations table); ncps-rs keeps its own index, so \
-                 point --cache-database-url at a new file",
+                 point --cache-database-url at a new file or database",
                 tables.join(", ")
             ),
+            IndexError::Unreachable { database, source } => {
+                write!(f, "cannot reach the database {database}: {source}")
+            }
+            IndexError::NotCreated { database } => write!(f, "the database {database} holds no ncps schema yet"),
         }
     }
 }
@@ -191,7 +215,7 @@ impl fmt::Display for IndexError {
 impl std::error::Error for IndexError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
-            IndexError::Backend { source, .. } => Some(source.as_ref()),
+            IndexError::Backend { source, .. } | IndexError::Unreachable { source, .. } => Some(source.as_ref()),
             _ => None,
         }
     }

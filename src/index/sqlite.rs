@@ -92,9 +92,19 @@ const MIGRATIONS: &[&str] = &[
         UPDATE totals SET nar_bytes = nar_bytes - OLD.stored * OLD.zstd_size + NEW.stored * NEW.zstd_size WHERE id = 0;
     END;
 ",
+    // 4: leases with an expiry (Index::take_lease), for replicas sharing an index.
+    "
+    CREATE TABLE leases (key TEXT PRIMARY KEY, holder TEXT NOT NULL, expires_at INTEGER NOT NULL);
+",
 ];
 
 pub const SCHEMA_VERSION: u32 = MIGRATIONS.len() as u32;
+
+/// Takes a lease if it is free, expired, or already the holder's (renewing it): one statement,
+/// so two takers cannot both win. The same SQL in PostgreSQL.
+pub(crate) const LEASE_TAKE: &str = "INSERT INTO leases(key, holder, expires_at) VALUES (?1, ?2, ?4)
+     ON CONFLICT(key) DO UPDATE SET holder = excluded.holder, expires_at = excluded.expires_at
+     WHERE leases.holder = excluded.holder OR leases.expires_at <= ?3";
 
 /// Connections in the pool at most: the worker threads rarely need the index at once (hits
 /// never do), and each connection keeps its own page cache.
@@ -539,6 +549,23 @@ impl super::Index for SqliteIndex {
             }
             Ok(())
         })
+    }
+
+    fn take_lease(&self, key: &str, holder: &str, now: i64, ttl: i64) -> Result<bool, IndexError> {
+        let n = self
+            .conn()?
+            .prepare_cached(LEASE_TAKE)
+            .and_then(|mut s| s.execute(params![key, holder, now, now.saturating_add(ttl)]))
+            .context("taking a lease")?;
+        Ok(n == 1)
+    }
+
+    fn release_lease(&self, key: &str, holder: &str) -> Result<bool, IndexError> {
+        let n = self
+            .conn()?
+            .execute("DELETE FROM leases WHERE key = ?1 AND holder = ?2", [key, holder])
+            .context("releasing a lease")?;
+        Ok(n == 1)
     }
 
     fn narinfos_in_shard(&self, shard: &str) -> Result<Vec<IndexedNarinfo>, IndexError> {

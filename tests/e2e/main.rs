@@ -12,6 +12,7 @@
 //! | [`lifecycle`] | the size limit and eviction, uploads, DELETE, `ncps fsck` |
 //! | [`concurrency`] | many clients at once: one upstream download per miss, streaming, floods |
 //! | [`isolation`] | no slow, greedy or hostile peer takes the cache from the others: minimum rates, fair shares of connections and workers, misses apart from hits |
+//! | [`postgres`] | the index in PostgreSQL (`--features postgres`): Nix 2.8 through it, ncps and PostgreSQL restarted |
 //! | [`otel`] | OpenTelemetry: traces, metrics and logs at a real collector (Rotel), over HTTP and gRPC; a collector that is down |
 //! | [`outages`] | upstreams that fail: honest 5xx, marked down and probed back, removed ones never asked |
 //! | [`resume`] | NAR bodies that break off upstream, finished with Range requests while clients stream |
@@ -21,8 +22,9 @@
 //! | [`isolation_edges`] | deadlines for dripping upstreams, lookups nobody waits for, unwritable or tampered stores |
 //! | [`support`] | the helpers they are built from (fixture, upstream, ncps handle, HTTP, hashes) |
 //!
-//! Run: `cargo test --test e2e` (add `-- --nocapture` for timings); one module:
-//! `cargo test --test e2e lifecycle::`. `NCPS_E2E_BIN=/path/to/ncps` runs the suite
+//! Run: `cargo test --features postgres --test e2e` (as `make test` does; without the feature
+//! the [`postgres`] tests only check that a PostgreSQL URL is refused, and say they skipped);
+//! add `-- --nocapture` for timings; one module: `cargo test --test e2e lifecycle::`. `NCPS_E2E_BIN=/path/to/ncps` runs the suite
 //! against another build (`make test-static`). Tests that need Nix skip (with a message)
 //! only when `nix` is not installed and `CI` is unset; under CI a missing `nix` fails them.
 //! The main scenarios run with Debian 12's Nix 2.8 and with Debian 13's Nix 2.26 (tests named
@@ -40,6 +42,7 @@ mod isolation;
 mod lifecycle;
 mod otel;
 mod outages;
+mod postgres;
 mod proxy;
 mod isolation_edges;
 mod resume;

@@ -26,6 +26,10 @@ pub mod http;
 pub mod narinfo;
 pub mod ncps;
 pub mod nix;
+/// The throwaway PostgreSQL server of the PostgreSQL index's own tests, shared as source.
+#[allow(dead_code)]
+#[path = "../../../src/index/pg_cluster.rs"]
+pub mod pg_cluster;
 pub mod process;
 #[cfg(feature = "s3")]
 pub mod s3s;

@@ -1,0 +1,245 @@
+//! A throwaway PostgreSQL server for tests: a real one, never a mock, because what the
+//! PostgreSQL index must get right (triggers, transactions, reconnecting after a restart) is
+//! the server's behaviour.
+//!
+//! [`Cluster::start`] runs `initdb` in a fresh directory under the system temp dir and starts
+//! the server with `pg_ctl` on a free loopback port, its socket in that directory; TCP logins
+//! need a password (SCRAM, so the URL's password is really used), the socket trusts. As root,
+//! both run as `nobody` (PostgreSQL refuses to run as root). Dropping the cluster stops it
+//! and removes its directory. [`shared`] is one cluster for a whole test process, stopped at
+//! exit; each test makes its own database there ([`Cluster::create_database`]), so tests run
+//! in parallel. A test that stops or restarts the server starts its own cluster.
+//!
+//! The binaries come from `NCPS_TEST_PG_BIN`, else the newest `/usr/lib/postgresql/*/bin`
+//! (Debian's `postgresql` package, which `make test` installs).
+//!
+//! The e2e suite includes this file too (`#[path]`), so it uses only std and libc.
+
+use std::fs;
+use std::net::TcpListener;
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::{Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::OnceLock;
+
+/// The role and password of every test cluster.
+pub const USER: &str = "ncps";
+pub const PASSWORD: &str = "pg-test-secret-5d1e";
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+pub struct Cluster {
+    dir: PathBuf,
+    bin: PathBuf,
+    pub port: u16,
+    /// uid and gid to run the server as (when this process is root).
+    as_user: Option<(u32, u32)>,
+}
+
+/// The directory of `initdb` and `pg_ctl`.
+fn bin_dir() -> Result<PathBuf, String> {
+    if let Ok(dir) = std::env::var("NCPS_TEST_PG_BIN") {
+        return Ok(PathBuf::from(dir));
+    }
+    let mut found: Vec<(u32, PathBuf)> = fs::read_dir("/usr/lib/postgresql")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let version = e.file_name().to_string_lossy().parse::<u32>().ok()?;
+            let bin = e.path().join("bin");
+            bin.join("initdb").exists().then_some((version, bin))
+        })
+        .collect();
+    found.sort();
+    found.pop().map(|(_, bin)| bin).ok_or_else(|| {
+        "no PostgreSQL server binaries in /usr/lib/postgresql/*/bin: apt-get install postgresql \
+         (make test does), or set NCPS_TEST_PG_BIN"
+            .to_string()
+    })
+}
+
+/// `nobody`'s uid and gid, from /etc/passwd.
+fn nobody() -> Result<(u32, u32), String> {
+    let passwd = fs::read_to_string("/etc/passwd").map_err(|e| format!("/etc/passwd: {e}"))?;
+    passwd
+        .lines()
+        .find_map(|l| {
+            let f: Vec<&str> = l.split(':').collect();
+            (f.len() > 3 && f[0] == "nobody").then(|| Some((f[2].parse().ok()?, f[3].parse().ok()?)))?
+        })
+        .ok_or_else(|| "no user nobody in /etc/passwd to run PostgreSQL as".to_string())
+}
+
+fn free_port() -> Result<u16, String> {
+    let l = TcpListener::bind("127.0.0.1:0").map_err(|e| format!("finding a free port: {e}"))?;
+    l.local_addr().map(|a| a.port()).map_err(|e| e.to_string())
+}
+
+fn succeeded(what: &str, out: std::io::Result<Output>) -> Result<(), String> {
+    match out {
+        Ok(o) if o.status.success() => Ok(()),
+        Ok(o) => Err(format!(
+            "{what}: {}\n{}{}",
+            o.status,
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        )),
+        Err(e) => Err(format!("{what}: {e}")),
+    }
+}
+
+impl Cluster {
+    /// initdb and start a new cluster.
+    pub fn start() -> Result<Cluster, String> {
+        let bin = bin_dir()?;
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        let root = unsafe { libc::geteuid() } == 0;
+        let as_user = if root { Some(nobody()?) } else { None };
+        let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+        // Short: the socket path (DIR/.s.PGSQL.PORT) must fit in 107 bytes.
+        let dir = std::env::temp_dir().join(format!("ncps-pg-{}-{n}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(dir.join("data")).map_err(|e| format!("{}: {e}", dir.display()))?;
+        let pwfile = dir.join("pw");
+        fs::write(&pwfile, PASSWORD).map_err(|e| e.to_string())?;
+        if let Some((uid, gid)) = as_user {
+            for p in [dir.as_path(), &dir.join("data"), &pwfile] {
+                std::os::unix::fs::chown(p, Some(uid), Some(gid)).map_err(|e| format!("chown {}: {e}", p.display()))?;
+            }
+        }
+        let cluster = Cluster { dir, bin, port: free_port()?, as_user };
+        let data = cluster.data_dir();
+        let out = cluster
+            .command("initdb")
+            .args(["-D", &data, "-U", USER, "--pwfile"])
+            .arg(&pwfile)
+            .args(["--auth-local=trust", "--auth-host=scram-sha-256", "--no-locale", "--encoding=UTF8", "--no-sync"])
+            .output();
+        succeeded("initdb", out)?;
+        cluster.start_server()?;
+        Ok(cluster)
+    }
+
+    fn data_dir(&self) -> String {
+        self.dir.join("data").to_string_lossy().into_owned()
+    }
+
+    fn command(&self, tool: &str) -> Command {
+        let mut cmd = Command::new(self.bin.join(tool));
+        cmd.stdin(Stdio::null()).env("LC_ALL", "C").env_remove("PGPASSWORD").env_remove("PGSERVICE");
+        if let Some((uid, gid)) = self.as_user {
+            cmd.uid(uid).gid(gid);
+        }
+        cmd
+    }
+
+    /// Starts the server (again, after [`Cluster::stop`]), waiting until it accepts logins.
+    pub fn start_server(&self) -> Result<(), String> {
+        let opts = format!(
+            "-k {} -p {} -c listen_addresses=127.0.0.1 -c fsync=off -c full_page_writes=off \
+             -c synchronous_commit=off -c max_connections=200",
+            self.dir.display(),
+            self.port
+        );
+        let log = self.dir.join("server.log");
+        let out = self
+            .command("pg_ctl")
+            .args(["-D", &self.data_dir(), "-o", &opts, "-l"])
+            .arg(&log)
+            .args(["-w", "-t", "30", "start"])
+            .output();
+        succeeded("pg_ctl start", out).map_err(|e| format!("{e}\nserver log:\n{}", self.log()))
+    }
+
+    /// Stops the server: `fast` closes every connection, as an operator's restart does.
+    pub fn stop(&self) -> Result<(), String> {
+        let out = self.command("pg_ctl").args(["-D", &self.data_dir(), "-m", "fast", "-w", "stop"]).output();
+        succeeded("pg_ctl stop", out)
+    }
+
+    /// Stops and starts the server on the same port and data.
+    pub fn restart(&self) -> Result<(), String> {
+        self.stop()?;
+        self.start_server()
+    }
+
+    /// The server's log so far.
+    pub fn log(&self) -> String {
+        fs::read_to_string(self.dir.join("server.log")).unwrap_or_default()
+    }
+
+    /// Makes a new, empty database and returns its URL (with the password).
+    pub fn create_database(&self, label: &str) -> Result<String, String> {
+        let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+        let name = format!("{label}_{n}");
+        let socket_dir = self.dir.to_string_lossy().into_owned();
+        let port = self.port.to_string();
+        let out = self.command("createdb").args(["-h", &socket_dir, "-p", &port, "-U", USER, &name]).output();
+        succeeded("createdb", out)?;
+        Ok(self.url(&name))
+    }
+
+    /// Runs `sql` with psql in the database of `url` (one [`Cluster::create_database`] made)
+    /// and returns what it printed, unaligned, one row a line.
+    pub fn psql(&self, url: &str, sql: &str) -> Result<String, String> {
+        let name = url.rsplit('/').next().unwrap_or_default();
+        let socket_dir = self.dir.to_string_lossy().into_owned();
+        let port = self.port.to_string();
+        let out = self
+            .command("psql")
+            .args(["-h", &socket_dir, "-p", &port, "-U", USER, "-d", name, "-X", "-At", "-v", "ON_ERROR_STOP=1", "-c", sql])
+            .output();
+        match out {
+            Ok(o) if o.status.success() => Ok(String::from_utf8_lossy(&o.stdout).trim().to_string()),
+            other => succeeded("psql", other).map(|_| String::new()),
+        }
+    }
+
+    /// `postgresql://ncps:PASSWORD@127.0.0.1:PORT/name`.
+    pub fn url(&self, database: &str) -> String {
+        format!("postgresql://{USER}:{PASSWORD}@127.0.0.1:{}/{database}", self.port)
+    }
+
+    fn stop_and_remove(&self) {
+        let out = self.command("pg_ctl").args(["-D", &self.data_dir(), "-m", "immediate", "-w", "stop"]).output();
+        drop(out);
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        self.stop_and_remove();
+    }
+}
+
+static SHARED: OnceLock<Result<Cluster, String>> = OnceLock::new();
+
+extern "C" fn stop_shared() {
+    if let Some(Ok(c)) = SHARED.get() {
+        c.stop_and_remove();
+    }
+}
+
+/// One cluster for the whole test process, started on first use and stopped at exit.
+/// Panics (failing the test) when PostgreSQL cannot be started.
+pub fn shared() -> &'static Cluster {
+    let cluster = SHARED.get_or_init(|| {
+        let c = Cluster::start();
+        if c.is_ok() {
+            // SAFETY: `stop_shared` is an `extern "C" fn()` that lives for the whole program;
+            // it runs a child process and removes a directory, and unwinds from nothing it
+            // calls (a failed stop is ignored). atexit merely records it.
+            unsafe {
+                libc::atexit(stop_shared);
+            }
+        }
+        c
+    });
+    match cluster {
+        Ok(c) => c,
+        Err(e) => panic!("cannot start a PostgreSQL server for the tests: {e}"),
+    }
+}

@@ -1,0 +1,98 @@
+//! The index in PostgreSQL (`--cache-database-url postgresql://…`, issue 18): the real ncps
+//! binary, built with `--features postgres`, against a real PostgreSQL server
+//! (support::pg_cluster: initdb and pg_ctl, a database per test), with the Nix 2.8 client.
+//!
+//! `make test` builds the suite with `--features postgres`, so these always run there. Against
+//! a binary built without the feature (`make test-static`), each test instead checks that
+//! such a URL is refused at start with one line that names the flag and the feature, and says
+//! it skipped the rest.
+//!
+//! Run: `cargo test --features postgres --test e2e postgres::`.
+
+use crate::support::pg_cluster::{self, Cluster};
+use crate::support::*;
+use std::process::Command;
+
+/// Whether the binary under test has the PostgreSQL index (`ncps --version` lists it). When
+/// it has not, checks that it refuses a PostgreSQL URL as it must, and says the test skipped.
+fn ncps_has_postgres(test: &str) -> bool {
+    let out = Command::new(ncps_bin()).arg("--version").output().expect("ncps --version runs");
+    let version = String::from_utf8_lossy(&out.stdout).into_owned();
+    if version.contains("postgres") {
+        return true;
+    }
+    let url = "postgresql://ncps:some-password-41@127.0.0.1:9/ncps";
+    let data = TempDir::new("pg-refused");
+    let data_path = data.path().to_string_lossy().into_owned();
+    let args = [
+        "serve", "--cache-hostname", HOSTNAME, "--cache-data-path", &data_path, "--server-addr", "{addr}",
+        "--upstream-cache", "http://127.0.0.1:9", "--cache-database-url", url,
+    ];
+    let (code, stderr) = run_ncps_expecting_failure(&args, &[]);
+    assert_eq!(code, Some(2), "a PostgreSQL URL is a configuration error without the feature: {stderr}");
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "one line: {stderr}");
+    assert!(lines[0].contains("--cache-database-url") && lines[0].contains("--features postgres"), "{stderr}");
+    assert!(!stderr.contains("some-password-41"), "the password is not shown: {stderr}");
+    eprintln!("[e2e] {test}: skipped: {} was built without --features postgres ({})", ncps_bin(), version.trim());
+    false
+}
+
+fn count(cluster: &Cluster, url: &str, sql: &str) -> u64 {
+    let out = cluster.psql(url, sql).unwrap_or_else(|e| panic!("{sql}: {e}"));
+    out.parse().unwrap_or_else(|_| panic!("{sql}: {out:?}"))
+}
+
+#[test]
+fn a_cache_indexed_in_postgresql_serves_nix_2_8_from_its_index_after_a_restart() {
+    let Some(fx) = fixture_or_skip() else { return };
+    if !ncps_has_postgres("postgres::a_cache_indexed_in_postgresql_serves_nix_2_8_from_its_index_after_a_restart") {
+        return;
+    }
+    let cluster = pg_cluster::shared();
+    let url = cluster.create_database("e2e").expect("a database");
+    let mut up = Upstream::for_cache(fx, Compression::Zstd);
+    let mut ncps = Ncps::for_upstreams_with(&[up.url()], &[&fx.up1_public_key], &["--cache-database-url", &url]);
+    let key = ncps.pubkey();
+    nix_copy_from(&ncps.url(), &[&fx.top], &key).expect("first fetch (fills the cache)");
+    let log = ncps.log();
+    assert!(log.contains("index: PostgreSQL postgresql://ncps:***@127.0.0.1:"), "the index is named: {log}");
+    assert!(!log.contains(pg_cluster::PASSWORD), "the password is never logged");
+    assert!(!ncps.data_dir().join("db.sqlite").exists(), "no SQLite index beside it");
+    let n = fx.top_closure.len() as u64;
+    assert_eq!(count(cluster, &url, "SELECT count(*) FROM narinfos"), n, "every narinfo is in PostgreSQL");
+    ncps.wait_for_stored_nars(n as usize);
+    assert_eq!(count(cluster, &url, "SELECT narinfos FROM totals"), n, "and counted");
+
+    up.stop();
+    ncps.restart();
+    assert_eq!(ncps.pubkey(), key);
+    nix_copy_from(&ncps.url(), &[&fx.top], &key)
+        .expect("after restarting ncps, upstream stopped: served from the store the index vouches for");
+    for path in &fx.top_closure {
+        let hash = store_hash(path);
+        assert_eq!(ncps.get(&format!("/{hash}.narinfo")).status, 200, "{path} is a hit");
+    }
+}
+
+#[test]
+fn ncps_keeps_serving_and_recording_across_a_postgresql_restart() {
+    let Some(fx) = fixture_or_skip() else { return };
+    if !ncps_has_postgres("postgres::ncps_keeps_serving_and_recording_across_a_postgresql_restart") {
+        return;
+    }
+    // A server of its own, since it is restarted.
+    let cluster = Cluster::start().expect("a PostgreSQL server");
+    let url = cluster.create_database("e2e_restart").expect("a database");
+    let up = Upstream::for_cache(fx, Compression::Xz);
+    let ncps = Ncps::for_upstreams_with(&[up.url()], &[&fx.up1_public_key], &["--cache-database-url", &url]);
+    let key = ncps.pubkey();
+    nix_copy_from(&ncps.url(), &[&fx.many[0]], &key).expect("a fetch before the PostgreSQL restart");
+    cluster.restart().expect("PostgreSQL restarted");
+    nix_copy_from(&ncps.url(), &[&fx.top], &key).expect("misses after the restart are fetched and recorded");
+    let recorded = count(&cluster, &url, "SELECT count(*) FROM narinfos");
+    assert_eq!(recorded, fx.top_closure.len() as u64 + 1, "recorded in the restarted server");
+    let log = ncps.log();
+    assert!(log.contains("was closed") && log.contains("reconnecting"), "the closed connections were replaced: {log}");
+    assert!(!log.contains(pg_cluster::PASSWORD), "the password is never logged");
+}

@@ -181,6 +181,10 @@ pub const FLAGS: &[Flag] = &[
     flag!(["server-addr"], ["SERVER_ADDR"],
         ["server.addr"], Value, Some(":8501"),
         "Address to listen on, host:port (:port for every interface)"),
+    flag!(["server-advertise-addr"], ["SERVER_ADVERTISE_ADDR"],
+        ["server.advertise-addr"], Value, None,
+        "host:port at which the other replicas reach this one (replicas sharing a PostgreSQL \
+         index): one downloads a NAR, the others stream it from there [default: no replicas]"),
     flag!(["server-workers"], ["SERVER_WORKERS"],
         ["server.workers"], Value, Some("64"),
         "Worker threads; each serves one request at a time"),
@@ -283,6 +287,8 @@ pub struct Config {
     pub sign_narinfo: bool,
     /// `--cache-zstd-responses`.
     pub zstd_responses: bool,
+    /// `--server-advertise-addr`, as `http://host:port`: this replica, for the others.
+    pub advertise: Option<String>,
     pub secret_key_path: Option<PathBuf>,
     pub negative_ttl: Duration,
     pub server_addr: String,
@@ -399,6 +405,17 @@ const GO_ONLY_KEY_PREFIXES: &[&str] = &[
 
 fn find_key(key: &str) -> Option<(&'static Flag, &'static str)> {
     FLAGS.iter().find_map(|f| f.keys.iter().find(|k| **k == key).map(|k| (f, *k)))
+}
+
+/// `host:port` (or `http://host:port`) to the base URL the other replicas use.
+fn advertise_url(v: &str) -> Result<String, String> {
+    let hostport = v.strip_prefix("http://").unwrap_or(v).trim_end_matches('/');
+    match hostport.rsplit_once(':') {
+        Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0) && !hostport.contains('/') => {
+            Ok(format!("http://{hostport}"))
+        }
+        _ => Err(format!("{v:?}: expected host:port, the address the other replicas reach this one at")),
+    }
 }
 
 impl RawValues {
@@ -785,6 +802,8 @@ impl Config {
         let min_receive_rate = rate("server-min-receive-rate")?;
         let server_addr = raw.one("server-addr").unwrap_or(":8501").to_string();
         parse_listen_addr(&server_addr).map_err(|m| ConfigError::new("server-addr", m))?;
+        let advertise = raw.one("server-advertise-addr").map(advertise_url).transpose()
+            .map_err(|m| ConfigError::new("server-advertise-addr", m))?;
         let level = raw.one("log-level").unwrap_or("info");
         let log_level = level.parse().map_err(|_| {
             ConfigError::new("log-level", format!("{level:?}: expected error, warn, info, debug or trace"))
@@ -806,6 +825,7 @@ impl Config {
             secret_key_path: raw.one("cache-secret-key-path").map(PathBuf::from),
             negative_ttl: raw.duration("cache-negative-ttl")?,
             server_addr,
+            advertise,
             workers,
             upstream_workers,
             min_send_rate,

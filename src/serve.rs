@@ -53,7 +53,7 @@ pub struct Prepared {
 /// these credentials), else files under the data path.
 fn open_blobs(config: &Config) -> Result<Arc<dyn BlobStore>, Exit> {
     if let Some(s3) = &config.s3 {
-        return open_s3(s3, &config.data_path);
+        return open_s3(s3, &config.data_path, &config.database);
     }
     let local = LocalStore::open(&config.data_path)
         .map_err(|e| ConfigError::new("cache-data-path", format!("not writable: {e}")))?;
@@ -61,7 +61,11 @@ fn open_blobs(config: &Config) -> Result<Arc<dyn BlobStore>, Exit> {
 }
 
 #[cfg(feature = "s3")]
-fn open_s3(s3: &crate::config::S3Config, data_path: &std::path::Path) -> Result<Arc<dyn BlobStore>, Exit> {
+fn open_s3(
+    s3: &crate::config::S3Config,
+    data_path: &std::path::Path,
+    database: &Database,
+) -> Result<Arc<dyn BlobStore>, Exit> {
     use crate::storage::s3::{Retry, S3Settings, S3Store};
     let settings = S3Settings {
         endpoint: s3.endpoint.clone(),
@@ -73,7 +77,7 @@ fn open_s3(s3: &crate::config::S3Config, data_path: &std::path::Path) -> Result<
         retry: Retry::default(),
     };
     let store = S3Store::open(&settings).map_err(|e| runtime(format!("--cache-storage-s3-bucket: {e}")))?;
-    let owner = s3_owner(data_path).map_err(runtime)?;
+    let owner = s3_owner(data_path, database).map_err(runtime)?;
     match store.claim(&owner) {
         Ok(None) => {}
         Ok(Some(other)) => {
@@ -96,11 +100,22 @@ fn open_s3(s3: &crate::config::S3Config, data_path: &std::path::Path) -> Result<
     Ok(Arc::new(store))
 }
 
-/// Who this ncps is, for the bucket's owner object: an id made once and kept in the data path
-/// (`s3-owner-id`), then the host and data path (for the message another ncps prints).
+/// Who this ncps is, for the bucket's owner object: with a PostgreSQL index, that database
+/// (replicas sharing it share the bucket too: the index vouches for every replica's objects);
+/// else an id made once and kept in the data path (`s3-owner-id`). Then the host and data
+/// path, for the message another ncps prints.
 #[cfg(feature = "s3")]
-fn s3_owner(data_path: &std::path::Path) -> Result<String, String> {
+fn s3_owner(data_path: &std::path::Path, database: &Database) -> Result<String, String> {
     use std::io::Read;
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    if let Database::Postgres(url) = database {
+        // Without the credentials: host, port and database name say which index it is.
+        let shown = crate::config::redact_url(url);
+        let rest = shown.split_once("://").map_or(shown.as_str(), |(_, r)| r);
+        let rest = rest.rsplit_once('@').map_or(rest, |(_, r)| r);
+        let rest = rest.split('?').next().unwrap_or(rest);
+        return Ok(format!("index postgresql://{rest}\nhost {} (one of its replicas)\n", host.trim()));
+    }
     let file = data_path.join("s3-owner-id");
     let id = match std::fs::read_to_string(&file) {
         Ok(id) if !id.trim().is_empty() => id.trim().to_string(),
@@ -114,13 +129,12 @@ fn s3_owner(data_path: &std::path::Path) -> Result<String, String> {
             id
         }
     };
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
     Ok(format!("{id}\nhost {}\ndata path {}\n", host.trim(), data_path.display()))
 }
 
 /// Never reached: the configuration refuses a bucket in a build without the `s3` feature.
 #[cfg(not(feature = "s3"))]
-fn open_s3(_: &crate::config::S3Config, _: &std::path::Path) -> Result<Arc<dyn BlobStore>, Exit> {
+fn open_s3(_: &crate::config::S3Config, _: &std::path::Path, _: &Database) -> Result<Arc<dyn BlobStore>, Exit> {
     Err(ConfigError::new("cache-storage-s3-bucket", "this ncps was built without S3 support (`--features s3`)").into())
 }
 
@@ -252,6 +266,7 @@ pub fn prepare(config: &Config) -> Result<Prepared, Exit> {
             may_shadow: config.access.upload_may_shadow,
         },
         zstd_responses: config.zstd_responses,
+        advertise: config.advertise.clone(),
     };
     let parts = Parts { blobs, index, staging };
     let own_public = key.public();

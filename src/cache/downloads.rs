@@ -204,6 +204,9 @@ struct Job {
     by_name: bool,
     /// The span to run under, named by the request that started it.
     span: Option<crate::otel::trace::Handoff>,
+    /// Another replica downloading it (`replicas`): asked first, and what it sends is not
+    /// stored here (it stores it).
+    peer: Option<String>,
 }
 
 /// How [`Cache::start_download`] went.
@@ -507,7 +510,10 @@ impl Cache {
         let first_reader = download.reader();
         let (tx, opened) = mpsc::sync_channel(1);
         let name = name.clone();
-        let job = Job { record, temp, download, opening: Opening(Some(tx)), first, by_name, span };
+        // Only now, once it is in `running`: a replica that sees the lease and asks this one
+        // for the NAR joins the download.
+        let peer = self.download_lease(&name);
+        let job = Job { record, temp, download, opening: Opening(Some(tx)), first, by_name, span, peer };
         let cache = Arc::clone(self);
         std::thread::Builder::new()
             .name("download".into())
@@ -518,6 +524,7 @@ impl Cache {
                 let run = std::panic::AssertUnwindSafe(|| cache.run_download(job));
                 if std::panic::catch_unwind(run).is_err() {
                     log::error!("nar {name}: internal error (panic) during download; nothing kept");
+                    cache.release_download_lease(&name);
                     cache.forget_download(&name, &download);
                     download.finish(outcome(FetchError::Internal));
                     cache.metrics.download_finished();
@@ -551,13 +558,13 @@ impl Cache {
     }
 
     fn run_download(self: &Arc<Self>, job: Job) {
-        let Job { record, mut temp, download, mut opening, first, by_name, span } = job;
+        let Job { record, mut temp, download, mut opening, first, by_name, span, peer } = job;
         let span = crate::otel::trace::span_from(span, "nar download", crate::otel::SpanKind::Internal);
         span.set("ncps.nar", record.name.to_string());
         span.set("ncps.nar.size", record.file_size);
         let name = record.name.clone();
         let started = Instant::now();
-        let fetched = self.fetch_nar(&record, &mut temp, &download, &mut opening, first);
+        let fetched = self.fetch_nar(&record, &mut temp, &download, &mut opening, first, peer.as_deref());
         let from = fetched.as_ref().ok().and_then(|(url, _)| self.metrics.upstream_for_url(url));
         self.metrics.nar_fetched(name.as_str(), from, record.file_size, started.elapsed(), fetched.is_ok());
         match &fetched {
@@ -577,6 +584,16 @@ impl Cache {
                 log::warn!(
                     "nar {name}: {} bytes from {url} verified and served, but not kept: the disk \
                      took no new bytes (see above)",
+                    record.file_size
+                );
+            }
+            // All of it from the replica that holds the lease: that one stores it. (If the
+            // peer broke off and an upstream sent the rest, `url` says "resumed from" and the
+            // NAR is kept here, as its holder may be gone.)
+            Ok((url, Spilled(_))) if peer.as_ref().is_some_and(|p| url.starts_with(p.as_str()) && !url.contains(", resumed from ")) => {
+                download.finish(Ok(()));
+                log::info!(
+                    "nar {name}: {} bytes streamed from replica {url} and verified; that replica stores it",
                     record.file_size
                 );
             }
@@ -624,6 +641,7 @@ impl Cache {
                 }
             }
         }
+        self.release_download_lease(&name);
         self.forget_download(&name, &download);
         self.metrics.download_finished();
     }
@@ -697,10 +715,16 @@ impl Cache {
         download: &Download,
         opening: &mut Opening,
         mut first: Option<(String, NarBody)>,
+        peer: Option<&str>,
     ) -> Result<(String, Spilled), (FetchError, Tally)> {
         let mut last_error = FetchError::Nowhere;
         let mut tally = Tally::default();
         let mut candidates = self.nar_candidates(&record.upstream_url, &record.name);
+        if let Some(p) = peer {
+            // The replica downloading it relays its download; the bytes are verified here
+            // against the same FileHash as from any upstream.
+            candidates.insert(0, format!("{p}/nar/{}", record.name));
+        }
         if let Some((url, _)) = &first {
             candidates.retain(|u| u != url);
             candidates.insert(0, url.clone());

@@ -41,6 +41,7 @@ pub mod trust;
 mod uploads;
 pub mod verify;
 pub mod zstd_copies;
+pub mod replicas;
 
 pub use error::{CacheError, UploadError};
 pub use eviction::{Evicted, Pass};
@@ -102,6 +103,8 @@ pub struct CacheSettings {
     pub uploads: trust::UploadPolicy,
     /// `--cache-zstd-responses`: plain NARs go zstd-encoded to clients that ask.
     pub zstd_responses: bool,
+    /// `--server-advertise-addr` (`http://host:port`): replicas share downloads (`replicas`).
+    pub advertise: Option<String>,
 }
 
 /// Where the cache keeps things: the two seams and the local staging directory.
@@ -122,6 +125,7 @@ pub struct Cache {
     downloads: downloads::State,
     space: eviction::Space,
     zstd: zstd_copies::State,
+    replicas: replicas::State,
     access: access::Touched,
     /// NARs of narinfos that were served but could not be indexed (a full disk).
     unindexed: Mutex<HashMap<NarName, NarRecord>>,
@@ -147,6 +151,7 @@ impl Cache {
             narinfos: narinfos::State::new(),
             downloads: downloads::State::new(),
             zstd: zstd_copies::State::default(),
+            replicas: replicas::State::default(),
             access: access::Touched::default(),
             unindexed: Mutex::new(HashMap::new()),
             health: health::Board::new(&urls, metrics.clone()),

@@ -191,6 +191,9 @@ fn a_lease_has_one_holder_until_it_expires_or_is_released(index: &dyn Index) {
     let (key, t) = ("nar/1111.nar.xz", 1_000);
     assert!(index.take_lease(key, "replica-a", t, 30).unwrap(), "a free lease is taken");
     assert!(!index.take_lease(key, "replica-b", t + 10, 30).unwrap(), "not while another holds it");
+    assert_eq!(index.lease_holder(key, t + 10).unwrap().as_deref(), Some("replica-a"), "who holds it is known");
+    assert_eq!(index.lease_holder(key, t + 30).unwrap(), None, "an expired lease is no one's");
+    assert_eq!(index.lease_holder("nobody", t).unwrap(), None);
     assert!(index.take_lease(key, "replica-a", t + 20, 30).unwrap(), "its holder renews it");
     assert!(!index.take_lease(key, "replica-b", t + 49, 30).unwrap(), "the renewal counts from t + 20");
     assert!(index.take_lease(key, "replica-b", t + 50, 30).unwrap(), "an expired lease is taken over");

@@ -161,10 +161,18 @@ pub trait Index: Send + Sync {
     /// Takes the lease on `key` (a download, say) for `holder` until `now + ttl` seconds, or
     /// renews it if `holder` has it; `false`, and nothing changed, while another holder's
     /// lease has not expired (its end is not after `now`). For replicas sharing one index, so
-    /// that one downloads while the others wait; not used by the cache yet.
+    /// that one downloads while the others stream from it (`cache::replicas`).
     fn take_lease(&self, key: &str, holder: &str, now: i64, ttl: i64) -> Result<bool, IndexError>;
     /// Gives up `holder`'s lease on `key`; `false` if it did not have it (expired and taken).
     fn release_lease(&self, key: &str, holder: &str) -> Result<bool, IndexError>;
+    /// Who holds the lease on `key` at `now`, if anyone (an expired lease is no one's).
+    fn lease_holder(&self, key: &str, now: i64) -> Result<Option<String>, IndexError>;
+    /// Whether other ncps may share this index (a database server): then the start-up check
+    /// must not take a blob the index does not vouch for *yet* for an orphan, since another
+    /// replica may be between writing a blob and recording it.
+    fn is_shared(&self) -> bool {
+        false
+    }
 }
 
 /// Why the index failed.

@@ -688,6 +688,18 @@ impl super::Index for PostgresIndex {
         })
     }
 
+    fn lease_holder(&self, key: &str, now: i64) -> Result<Option<String>, IndexError> {
+        const CTX: &str = "reading a lease";
+        self.read(CTX, |tx| match tx.opt("SELECT holder FROM leases WHERE key = $1 AND expires_at > $2", &[&key, &now])? {
+            Some(r) => col(&r, 0, CTX).map(Some),
+            None => Ok(None),
+        })
+    }
+
+    fn is_shared(&self) -> bool {
+        true
+    }
+
     fn narinfos_in_shard(&self, shard: &str) -> Result<Vec<IndexedNarinfo>, IndexError> {
         const CTX: &str = "listing narinfos";
         let (low, high) = shard_range(shard);

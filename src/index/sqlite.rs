@@ -568,6 +568,14 @@ impl super::Index for SqliteIndex {
         Ok(n == 1)
     }
 
+    fn lease_holder(&self, key: &str, now: i64) -> Result<Option<String>, IndexError> {
+        use rusqlite::OptionalExtension;
+        self.conn()?
+            .prepare_cached("SELECT holder FROM leases WHERE key = ?1 AND expires_at > ?2")
+            .and_then(|mut s| s.query_row(params![key, now], |r| r.get::<_, String>(0)).optional())
+            .context("reading a lease")
+    }
+
     fn narinfos_in_shard(&self, shard: &str) -> Result<Vec<IndexedNarinfo>, IndexError> {
         const CTX: &str = "listing narinfos";
         let (low, high) = shard_range(shard);

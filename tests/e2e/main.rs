@@ -12,6 +12,7 @@
 //! | [`lifecycle`] | the size limit and eviction, uploads, DELETE, `ncps fsck` |
 //! | [`concurrency`] | many clients at once: one upstream download per miss, streaming, floods |
 //! | [`isolation`] | no slow, greedy or hostile peer takes the cache from the others: minimum rates, fair shares of connections and workers, misses apart from hits |
+//! | [`replicas`] | several ncps on one bucket and one PostgreSQL (`--features s3,postgres`): one upstream fetch per NAR, the others stream it from the downloader, a killed downloader |
 //! | [`postgres`] | the index in PostgreSQL (`--features postgres`): Nix 2.8 through it, ncps and PostgreSQL restarted |
 //! | [`otel`] | OpenTelemetry: traces, metrics and logs at a real collector (Rotel), over HTTP and gRPC; a collector that is down |
 //! | [`outages`] | upstreams that fail: honest 5xx, marked down and probed back, removed ones never asked |
@@ -49,4 +50,6 @@ mod resume;
 mod ranges;
 #[cfg(feature = "s3")]
 mod s3;
+#[cfg(all(feature = "s3", feature = "postgres"))]
+mod replicas;
 mod zstd;

@@ -1,0 +1,103 @@
+//! Replicas sharing one index (PostgreSQL) and one bucket: one upstream download per NAR
+//! across all of them, and the others stream it from the replica that downloads it.
+//!
+//! Why leases in the index, not a lock service: the index is already the one thing every
+//! replica shares, and a lease with an expiry needs no process to stay alive to be released
+//! (a replica killed mid-download loses its lease within [`TTL`] seconds). Why stream from the
+//! downloader rather than wait for the object: a client's first byte then comes as soon as
+//! the upstream's does (the downloader relays its staged file as it grows, exactly as it does
+//! to its own clients), instead of after the whole NAR was fetched, verified and uploaded.
+//!
+//! The rules: a replica about to download a NAR takes the lease `nar/<name>` with its
+//! `--server-advertise-addr`; one that cannot sees who holds it and fetches the NAR from that
+//! replica first (`http://peer/nar/<name>`: the peer joins its running download), verifying
+//! the bytes against the FileHash as from any upstream, and does not store them (the holder
+//! does). If the peer fails (it died, its lease will expire), the configured upstreams are
+//! next, as for any failed source. Leases are renewed every [`RENEW`] while their download
+//! runs and released when it ends. Without `--server-advertise-addr` nothing here runs.
+
+use super::Cache;
+use crate::nix::NarName;
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+/// Seconds a lease lasts without renewal: how long a dead downloader holds a NAR up.
+pub const TTL: i64 = 15;
+/// How often held leases are renewed.
+const RENEW: Duration = Duration::from_secs(5);
+
+#[derive(Default)]
+pub(super) struct State {
+    held: Mutex<HashSet<NarName>>,
+    renewer: OnceLock<()>,
+}
+
+fn key(name: &NarName) -> String {
+    format!("nar/{name}")
+}
+
+impl Cache {
+    /// Before downloading `name`: `None` when this replica downloads it from the upstreams
+    /// (it holds the lease, or there are no replicas, or the index could not be asked);
+    /// `Some(base URL)` of the replica that is downloading it.
+    pub(super) fn download_lease(self: &Arc<Self>, name: &NarName) -> Option<String> {
+        let me = self.settings.advertise.as_deref()?;
+        let now = crate::index::now();
+        match self.index.take_lease(&key(name), me, now, TTL) {
+            Ok(true) => {
+                super::lock(&self.replicas.held).insert(name.clone());
+                self.start_renewer();
+                None
+            }
+            Ok(false) => match self.index.lease_holder(&key(name), now) {
+                Ok(Some(peer)) if peer != me => {
+                    log::info!("nar {name}: replica {peer} is downloading it; streaming it from there");
+                    Some(peer)
+                }
+                // Released or expired meanwhile: downloading it here is right.
+                Ok(_) => None,
+                Err(e) => {
+                    log::warn!("nar {name}: reading its lease: {e}; downloading it here");
+                    None
+                }
+            },
+            Err(e) => {
+                log::warn!("nar {name}: taking its lease: {e}; downloading it here");
+                None
+            }
+        }
+    }
+
+    /// The download of `name` ended: its lease, if this replica held it, is given back.
+    pub(super) fn release_download_lease(&self, name: &NarName) {
+        let (Some(me), true) = (self.settings.advertise.as_deref(), super::lock(&self.replicas.held).remove(name)) else {
+            return;
+        };
+        if let Err(e) = self.index.release_lease(&key(name), me) {
+            log::warn!("nar {name}: releasing its lease: {e}; it expires within {TTL} s");
+        }
+    }
+
+    fn start_renewer(self: &Arc<Self>) {
+        self.replicas.renewer.get_or_init(|| {
+            let cache = Arc::downgrade(self);
+            let spawned = std::thread::Builder::new().name("leases".into()).spawn(move || loop {
+                std::thread::sleep(RENEW);
+                let Some(cache) = cache.upgrade() else { break };
+                let Some(me) = cache.settings.advertise.clone() else { break };
+                let held: Vec<NarName> = super::lock(&cache.replicas.held).iter().cloned().collect();
+                for name in held {
+                    match cache.index.take_lease(&key(&name), &me, crate::index::now(), TTL) {
+                        Ok(true) => {}
+                        Ok(false) => log::warn!("nar {name}: its lease was taken over by another replica"),
+                        Err(e) => log::warn!("nar {name}: renewing its lease: {e}"),
+                    }
+                }
+            });
+            if let Err(e) = spawned {
+                log::error!("leases: cannot start their thread: {e}");
+            }
+        });
+    }
+}

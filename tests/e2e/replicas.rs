@@ -1,0 +1,139 @@
+//! Replicas (issue 18): several ncps on one bucket (s3s-fs) and one PostgreSQL index, each
+//! with `--server-advertise-addr`. One of them downloads a NAR from upstream (it holds the
+//! lease); the others stream it from that one as it grows, verify it and leave storing it to
+//! the holder; a replica killed mid-download is replaced by the upstream (the others' clients
+//! see a resumed stream). Needs a build with `--features s3,postgres` (`make test` has both).
+//!
+//! Run: `cargo test --features s3,postgres --test e2e replicas::`.
+
+use crate::support::pg_cluster;
+use crate::support::*;
+use std::path::PathBuf;
+use std::thread;
+use std::time::{Duration, Instant};
+
+struct Fleet {
+    up: Upstream,
+    replicas: Vec<Ncps>,
+    _s3: S3sFs,
+}
+
+/// `n` replicas sharing a bucket, a PostgreSQL database and one signing key, in front of an
+/// upstream that serves NARs at `rate` bytes per second.
+fn fleet(fx: &Fixture, n: usize, rate: u64) -> Option<Fleet> {
+    let s3 = S3sFs::start()?;
+    let url = pg_cluster::shared().create_database("replicas").expect("a database");
+    let up = Upstream::for_cache(fx, Compression::Xz);
+    up.set_ranges(true);
+    up.set_mode_for(Mode::Slow(rate), Target::Nar);
+    let mut flags = s3.flags();
+    flags.extend(["--cache-database-url".to_string(), url, "--server-advertise-addr".into(), "{addr}".into()]);
+    let mut replicas: Vec<Ncps> = Vec::new();
+    let mut key: Option<PathBuf> = None;
+    for _ in 0..n {
+        let mut extra: Vec<String> = flags.clone();
+        if let Some(k) = &key {
+            extra.extend(["--cache-secret-key-path".to_string(), k.display().to_string()]);
+        }
+        let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+        let r = Ncps::for_upstreams_with(&[up.url()], &[&fx.up1_public_key], &extra);
+        key.get_or_insert_with(|| r.data_dir().join("secret-key"));
+        replicas.push(r);
+    }
+    Some(Fleet { up, replicas, _s3: s3 })
+}
+
+fn has_features() -> bool {
+    let out = std::process::Command::new(ncps_bin()).arg("--version").output().expect("ncps --version");
+    let v = String::from_utf8_lossy(&out.stdout).into_owned();
+    let ok = v.contains("postgres") && v.contains("s3");
+    if !ok {
+        eprintln!("[e2e] replicas: skipped: {} was built without --features s3,postgres ({})", ncps_bin(), v.trim());
+    }
+    ok
+}
+
+#[test]
+fn three_replicas_fetch_a_nar_from_upstream_once_and_the_others_stream_it_from_the_one_that_downloads_it() {
+    let Some(fx) = fixture_or_skip() else { return };
+    if !has_features() {
+        return;
+    }
+    // 8 MiB at 2 MB/s: four seconds of download for the others to join.
+    let Some(f) = fleet(fx, 3, 2_000_000) else { return };
+    let upstream_nar = upstream_nar_path(fx, Compression::Xz, &fx.big);
+    let want = sha256(&std::fs::read(fx.cache_dir(Compression::Xz).join(upstream_nar.trim_start_matches('/'))).unwrap());
+    let (nar, size) = ncps_nar_path(&f.replicas[0], &fx.big);
+    for r in &f.replicas[1..] {
+        assert_eq!(ncps_nar_path(r, &fx.big).0, nar, "every replica points at the same NAR");
+    }
+
+    let t0 = Instant::now();
+    let mut clients = Vec::new();
+    for (i, r) in f.replicas.iter().enumerate() {
+        let (addr, nar) = (r.addr, nar.clone());
+        clients.push(thread::spawn(move || {
+            let got = raw_get_hashed(addr, &nar, Duration::from_secs(60)).expect("GET");
+            (i, got, t0.elapsed())
+        }));
+        // The first one starts the download; the others come while it runs.
+        thread::sleep(Duration::from_millis(if i == 0 { 500 } else { 100 }));
+    }
+    for c in clients {
+        let (i, got, took) = c.join().unwrap();
+        eprintln!("[e2e] replica {i}: {} bytes in {took:?}", got.len);
+        assert_eq!((got.status, got.len), (200, size), "replica {i}");
+        assert!(got.sha256 == want, "replica {i} sent the NAR, byte for byte");
+    }
+    assert_eq!(f.up.hits(&upstream_nar), 1, "one upstream fetch for the three replicas");
+    for r in &f.replicas[1..] {
+        // Logged once the bytes were checked, just after the client had them all.
+        let log = r.wait_for_log(0, "streamed from replica", Duration::from_secs(10));
+        assert!(log.contains("is downloading it; streaming it from there"), "the lease told who downloads it");
+        assert!(!log.contains("verified and stored"), "only the holder stores it");
+    }
+    f.replicas[0].wait_for_log(0, "verified and stored", Duration::from_secs(10));
+
+    // Hits afterwards come from the bucket on every replica, and Nix verifies the closure
+    // through any of them (one signing key for the fleet).
+    let key = f.replicas[0].pubkey();
+    assert_eq!(f.replicas[2].pubkey(), key);
+    nix_copy_from(&f.replicas[2].url(), &[&fx.top], &key).expect("nix copy through another replica");
+    assert_eq!(f.up.hits(&upstream_nar), 1, "still one");
+}
+
+#[test]
+fn a_replica_killed_mid_download_leaves_the_others_clients_a_resumed_stream_and_its_lease_expires() {
+    let Some(fx) = fixture_or_skip() else { return };
+    if !has_features() {
+        return;
+    }
+    // 8 MiB at 1 MB/s: eight seconds, killed after two.
+    let Some(mut f) = fleet(fx, 2, 1_000_000) else { return };
+    let upstream_nar = upstream_nar_path(fx, Compression::Xz, &fx.big);
+    let want = sha256(&std::fs::read(fx.cache_dir(Compression::Xz).join(upstream_nar.trim_start_matches('/'))).unwrap());
+    let (nar, size) = ncps_nar_path(&f.replicas[0], &fx.big);
+    let _ = ncps_nar_path(&f.replicas[1], &fx.big);
+
+    let a = f.replicas[0].addr;
+    let nar_a = nar.clone();
+    let first = thread::spawn(move || raw_get_hashed(a, &nar_a, Duration::from_secs(60)));
+    thread::sleep(Duration::from_millis(500));
+    let b = f.replicas[1].addr;
+    let nar_b = nar.clone();
+    let second = thread::spawn(move || raw_get_hashed(b, &nar_b, Duration::from_secs(60)));
+    thread::sleep(Duration::from_millis(1500));
+    f.replicas[0].kill9();
+    let _ = first.join();
+
+    let got = second.join().unwrap().expect("the other replica's client");
+    assert_eq!((got.status, got.len), (200, size));
+    assert!(got.sha256 == want, "a resumed stream, byte for byte");
+    let log = f.replicas[1].wait_for_log(0, "verified and stored", Duration::from_secs(20));
+    assert!(log.contains("resuming from"), "the rest came from the upstream, and this replica kept it");
+    // The dead holder's lease is gone within its 15 s: a fresh miss is downloaded at once.
+    assert!(
+        wait_until(Duration::from_secs(20), || f.replicas[1].get(&nar).status == 200),
+        "the NAR is a hit on the live replica"
+    );
+}

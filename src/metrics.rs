@@ -212,6 +212,9 @@ pub struct Metrics {
     recent_misses: Mutex<Misses>,
     /// The last 24 hours, minute by minute (a fixed 180 KiB ring).
     history: History,
+    /// `--server-advertise-addr` of a replica: every series gets a `replica` label, so that
+    /// the figures of replicas behind one Service stay apart.
+    replica: std::sync::OnceLock<String>,
 }
 
 /// What became of a miss on the status page.
@@ -432,6 +435,7 @@ impl Metrics {
         let start_time = process_start_time()
             .unwrap_or_else(|| SystemTime::now().duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64()));
         Metrics {
+            replica: std::sync::OnceLock::new(),
             started,
             start_time,
             served: Served::new(),
@@ -707,9 +711,14 @@ impl Metrics {
         }
     }
 
+    /// Labels every series with `replica="<addr>"` from now on.
+    pub fn set_replica(&self, replica: &str) {
+        let _ = self.replica.set(replica.to_string());
+    }
+
     /// The body of `GET /metrics` ([`CONTENT_TYPE`]).
     pub fn render_prometheus(&self, store: &StoreStats) -> String {
-        let mut out = Exposition(String::with_capacity(8192));
+        let mut out = Exposition(String::with_capacity(8192), self.replica.get().map(String::as_str));
         self.render_served(&mut out);
         self.render_upstreams(&mut out);
 
@@ -753,7 +762,7 @@ impl Metrics {
         out.0
     }
 
-    fn render_served(&self, out: &mut Exposition) {
+    fn render_served(&self, out: &mut Exposition<'_>) {
         // Go ncps's series: result says where the answer came from, status whether it worked.
         for kind in Kind::ALL {
             let name = format!("ncps_{}_served_total", kind.label());
@@ -808,7 +817,7 @@ impl Metrics {
         }
     }
 
-    fn render_upstreams(&self, out: &mut Exposition) {
+    fn render_upstreams(&self, out: &mut Exposition<'_>) {
         let name = "ncps_upstream_fetched_bytes_total";
         out.family(name, "counter", "Bytes received from each upstream cache.");
         for u in &self.upstreams {
@@ -901,7 +910,7 @@ fn host_and_path(url: &str) -> String {
 }
 
 /// What the OpenTelemetry exporter sent and lost (with `--otel-enabled`).
-fn render_otel(out: &mut Exposition) {
+fn render_otel(out: &mut Exposition<'_>) {
     let s = &crate::otel::export::STATS;
     for (name, help, series) in [
         (
@@ -924,10 +933,11 @@ fn render_otel(out: &mut Exposition) {
     out.sample("ncps_otel_export_failures_total", &[], s.failed_exports.load(Relaxed));
 }
 
-/// Writes the text exposition format.
-struct Exposition(String);
+/// Writes the text exposition format; the second field is the `replica` label every sample
+/// gets, if any.
+struct Exposition<'a>(String, Option<&'a str>);
 
-impl Exposition {
+impl Exposition<'_> {
     fn family(&mut self, name: &str, kind: &str, help: &str) {
         let help = help.replace('\\', "\\\\").replace('\n', "\\n");
         let _ = write!(self.0, "# HELP {name} {help}\n# TYPE {name} {kind}\n");
@@ -935,9 +945,10 @@ impl Exposition {
 
     fn sample(&mut self, name: &str, labels: &[(&str, &str)], value: impl Display) {
         self.0.push_str(name);
-        if !labels.is_empty() {
+        let replica = self.1.map(|r| ("replica", r));
+        if !labels.is_empty() || replica.is_some() {
             self.0.push('{');
-            for (i, (k, v)) in labels.iter().enumerate() {
+            for (i, (k, v)) in replica.iter().chain(labels.iter()).enumerate() {
                 if i > 0 {
                     self.0.push(',');
                 }
@@ -982,7 +993,7 @@ fn push_label_value(out: &mut String, v: &str) {
 
 /// Process metrics under the names every Prometheus client uses, read from `/proc`. A figure
 /// that cannot be read is left out rather than reported as 0.
-fn render_process(out: &mut Exposition, start_time: f64) {
+fn render_process(out: &mut Exposition<'_>, start_time: f64) {
     if let Some(rss) = resident_memory() {
         out.family("process_resident_memory_bytes", "gauge", "Resident memory size in bytes.");
         out.sample("process_resident_memory_bytes", &[], rss);
@@ -1173,6 +1184,17 @@ mod tests {
             ));
             assert!(v >= last);
             last = v;
+        }
+    }
+
+    #[test]
+    fn a_replicas_series_all_carry_its_replica_label_and_still_parse() {
+        let m = busy();
+        m.set_replica("10.0.0.5:8501");
+        let text = m.render_prometheus(&StoreStats::default());
+        parse(&text);
+        for line in text.lines().filter(|l| !l.starts_with('#') && !l.is_empty()) {
+            assert!(line.contains("{replica=\"10.0.0.5:8501\""), "{line}");
         }
     }
 

@@ -147,6 +147,8 @@ impl Cache {
     /// Removes entries until the store holds at most `target` bytes.
     pub fn evict_to(&self, target: u64, pass: Pass) -> Result<Evicted, CacheError> {
         let _one_at_a_time = super::lock(&self.space.evicting);
+        // Replicas sharing the index share its totals: one of them evicts for all.
+        let Some(evictor) = self.evictor_lease() else { return Ok(Evicted::default()) };
         let span = crate::otel::span("eviction", crate::otel::SpanKind::Internal);
         span.set("ncps.eviction.pass", if pass == Pass::Thorough { "thorough" } else { "quick" });
         span.set("ncps.eviction.target_bytes", target);
@@ -173,6 +175,11 @@ impl Cache {
                     break;
                 }
                 let before = evicted;
+                evictor.renew();
+                if self.index.is_shared() {
+                    // Other replicas keep adding meanwhile: the shared totals say how far to go.
+                    self.space.refresh(&*self.index);
+                }
                 let nars = self.evict_batch(&victims, target, &mut evicted)?;
                 finish(unlinking.take())?;
                 unlinking = Some(s.spawn(move || self.blobs.remove_nars(&nars)));

@@ -140,6 +140,9 @@ impl Cache {
     pub fn new(settings: CacheSettings, parts: Parts, upstreams: Upstreams, key: SecretKey) -> Cache {
         let urls: Vec<String> = upstreams.list().iter().map(|u| u.url.clone()).collect();
         let metrics = Arc::new(Metrics::new(&urls));
+        if let Some(me) = &settings.advertise {
+            metrics.set_replica(me.trim_start_matches("http://"));
+        }
         Cache {
             blobs: parts.blobs,
             index: parts.index,

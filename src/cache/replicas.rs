@@ -17,6 +17,7 @@
 //! runs and released when it ends. Without `--server-advertise-addr` nothing here runs.
 
 use super::Cache;
+use crate::index::Index;
 use crate::nix::NarName;
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -37,7 +38,58 @@ fn key(name: &NarName) -> String {
     format!("nar/{name}")
 }
 
+/// The key of the lease that lets one replica at a time run an eviction pass.
+const EVICTOR: &str = "evictor";
+/// Seconds the evictor's lease lasts; renewed at every batch (a batch takes well under this).
+const EVICTOR_TTL: i64 = 60;
+
+/// The evictor's lease while a pass runs; given back when dropped. Without replicas it is
+/// nobody's and costs nothing.
+pub(super) struct EvictorLease<'a> {
+    held: Option<(&'a dyn Index, &'a str)>,
+}
+
+impl EvictorLease<'_> {
+    /// Keeps it for another [`EVICTOR_TTL`] seconds (between batches).
+    pub(super) fn renew(&self) {
+        if let Some((index, me)) = self.held {
+            if let Err(e) = index.take_lease(EVICTOR, me, crate::index::now(), EVICTOR_TTL) {
+                log::warn!("eviction: renewing its lease: {e}");
+            }
+        }
+    }
+}
+
+impl Drop for EvictorLease<'_> {
+    fn drop(&mut self) {
+        if let Some((index, me)) = self.held {
+            if let Err(e) = index.release_lease(EVICTOR, me) {
+                log::warn!("eviction: releasing its lease: {e}; it expires within {EVICTOR_TTL} s");
+            }
+        }
+    }
+}
+
 impl Cache {
+    /// Before an eviction pass: the lease that makes this replica the only one evicting, or
+    /// `None` while another replica runs a pass (the totals are shared, so its pass is ours).
+    pub(super) fn evictor_lease(&self) -> Option<EvictorLease<'_>> {
+        let Some(me) = self.settings.advertise.as_deref() else { return Some(EvictorLease { held: None }) };
+        match self.index.take_lease(EVICTOR, me, crate::index::now(), EVICTOR_TTL) {
+            Ok(true) => Some(EvictorLease { held: Some((&*self.index, me)) }),
+            Ok(false) => {
+                log::info!("eviction: another replica is running a pass; not starting one here");
+                None
+            }
+            Err(e) => {
+                // Evicting without the lease risks two passes at once (each removes what it
+                // chose; neither removes a byte twice), not a wrong byte: go on.
+                log::warn!("eviction: taking its lease: {e}; evicting anyway");
+                Some(EvictorLease { held: None })
+            }
+        }
+    }
+
     /// Before downloading `name`: `None` when this replica downloads it from the upstreams
     /// (it holds the lease, or there are no replicas, or the index could not be asked);
     /// `Some(base URL)` of the replica that is downloading it.

@@ -26,9 +26,22 @@ const NEGATIVE_MAX: usize = 100_000;
 /// ncps serves and the upstream it came from, or why no upstream delivered it.
 type Found = Result<(Arc<str>, Arc<Vec<u8>>), Missed>;
 
+
+/// The holder of every shared negative-cache row.
+const ABSENT: &str = "absent";
+/// The shared negative cache's expired rows are deleted at every this many recorded misses.
+const PURGE_EVERY: u64 = 256;
+
+/// The lease key under which replicas sharing an index remember `hash` as absent.
+fn absent_key(hash: &StorePathHash) -> String {
+    format!("absent/{hash}")
+}
+
 pub(super) struct State {
     flights: SingleFlight<StorePathHash, Found>,
     negative: Mutex<HashMap<StorePathHash, Instant>>,
+    /// Misses recorded in the shared negative cache (to purge its expired rows now and then).
+    recorded_absent: std::sync::atomic::AtomicU64,
     /// Recently served narinfos, so a hit needs no store call.
     memo: Mutex<Memo>,
 }
@@ -38,6 +51,7 @@ impl State {
         State {
             flights: SingleFlight::new(),
             negative: Mutex::new(HashMap::new()),
+            recorded_absent: std::sync::atomic::AtomicU64::new(0),
             memo: Mutex::new(Memo::new(MEMO_BUDGET, Duration::from_secs(60))),
         }
     }
@@ -114,15 +128,25 @@ impl Cache {
     }
 
     fn is_known_missing(&self, hash: &StorePathHash) -> bool {
-        let mut negative = lock(&self.narinfos.negative);
-        match negative.get(hash) {
-            Some(t) if t.elapsed() < self.settings.negative_ttl => true,
-            Some(_) => {
-                negative.remove(hash);
-                false
+        {
+            let mut negative = lock(&self.narinfos.negative);
+            match negative.get(hash) {
+                Some(t) if t.elapsed() < self.settings.negative_ttl => return true,
+                Some(_) => {
+                    negative.remove(hash);
+                }
+                None => {}
             }
-            None => false,
         }
+        // Replicas sharing the index share what they found absent: a lease row named after
+        // the hash, expiring with the negative TTL (no table of its own).
+        if self.index.is_shared() && !self.settings.negative_ttl.is_zero() {
+            match self.index.lease_holder(&absent_key(hash), crate::index::now()) {
+                Ok(found) => return found.is_some(),
+                Err(e) => log::warn!("narinfo {hash}: reading the shared negative cache: {e}"),
+            }
+        }
+        false
     }
 
     fn remember_missing(&self, hash: &StorePathHash) {
@@ -130,19 +154,39 @@ impl Cache {
         if ttl.is_zero() {
             return;
         }
-        let mut negative = lock(&self.narinfos.negative);
-        if negative.len() >= NEGATIVE_MAX {
-            negative.retain(|_, t| t.elapsed() < ttl);
+        {
+            let mut negative = lock(&self.narinfos.negative);
             if negative.len() >= NEGATIVE_MAX {
-                negative.clear();
+                negative.retain(|_, t| t.elapsed() < ttl);
+                if negative.len() >= NEGATIVE_MAX {
+                    negative.clear();
+                }
+            }
+            negative.insert(*hash, Instant::now());
+        }
+        if self.index.is_shared() {
+            let now = crate::index::now();
+            let secs = i64::try_from(ttl.as_secs().max(1)).unwrap_or(i64::MAX);
+            if let Err(e) = self.index.take_lease(&absent_key(hash), ABSENT, now, secs) {
+                log::warn!("narinfo {hash}: recording it in the shared negative cache: {e}");
+            }
+            // Expired entries are cleared now and then, by whichever replica records one.
+            if self.narinfos.recorded_absent.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % PURGE_EVERY == 0 {
+                if let Err(e) = self.index.purge_expired_leases(now) {
+                    log::warn!("clearing expired entries of the shared negative cache: {e}");
+                }
             }
         }
-        negative.insert(*hash, Instant::now());
     }
 
     /// Forgets that `hash` was missing (an upload or a new upstream can make it exist).
     pub fn forget_missing(&self, hash: &StorePathHash) {
         lock(&self.narinfos.negative).remove(hash);
+        if self.index.is_shared() {
+            if let Err(e) = self.index.release_lease(&absent_key(hash), ABSENT) {
+                log::warn!("narinfo {hash}: clearing it from the shared negative cache: {e}");
+            }
+        }
     }
 
     /// Asks the upstreams in turn; stops (asking nobody else) once `abandoned` says every

@@ -194,6 +194,10 @@ fn a_lease_has_one_holder_until_it_expires_or_is_released(index: &dyn Index) {
     assert_eq!(index.lease_holder(key, t + 10).unwrap().as_deref(), Some("replica-a"), "who holds it is known");
     assert_eq!(index.lease_holder(key, t + 30).unwrap(), None, "an expired lease is no one's");
     assert_eq!(index.lease_holder("nobody", t).unwrap(), None);
+    assert!(index.take_lease("short", "replica-c", t, 5).unwrap());
+    assert_eq!(index.purge_expired_leases(t + 4).unwrap(), 0, "a live lease stays");
+    assert_eq!(index.purge_expired_leases(t + 5).unwrap(), 1, "an expired one goes");
+    assert_eq!(index.purge_expired_leases(t + 5).unwrap(), 0);
     assert!(index.take_lease(key, "replica-a", t + 20, 30).unwrap(), "its holder renews it");
     assert!(!index.take_lease(key, "replica-b", t + 49, 30).unwrap(), "the renewal counts from t + 20");
     assert!(index.take_lease(key, "replica-b", t + 50, 30).unwrap(), "an expired lease is taken over");

@@ -167,6 +167,8 @@ pub trait Index: Send + Sync {
     fn release_lease(&self, key: &str, holder: &str) -> Result<bool, IndexError>;
     /// Who holds the lease on `key` at `now`, if anyone (an expired lease is no one's).
     fn lease_holder(&self, key: &str, now: i64) -> Result<Option<String>, IndexError>;
+    /// Deletes the leases that expired by `now`; how many.
+    fn purge_expired_leases(&self, now: i64) -> Result<u64, IndexError>;
     /// Whether other ncps may share this index (a database server): then the start-up check
     /// must not take a blob the index does not vouch for *yet* for an orphan, since another
     /// replica may be between writing a blob and recording it.

@@ -688,6 +688,11 @@ impl super::Index for PostgresIndex {
         })
     }
 
+    fn purge_expired_leases(&self, now: i64) -> Result<u64, IndexError> {
+        // Idempotent, so it may be tried again on a new connection like a read.
+        self.read("clearing expired leases", |tx| tx.exec("DELETE FROM leases WHERE expires_at <= $1", &[&now]))
+    }
+
     fn lease_holder(&self, key: &str, now: i64) -> Result<Option<String>, IndexError> {
         const CTX: &str = "reading a lease";
         self.read(CTX, |tx| match tx.opt("SELECT holder FROM leases WHERE key = $1 AND expires_at > $2", &[&key, &now])? {

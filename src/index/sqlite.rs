@@ -568,6 +568,11 @@ impl super::Index for SqliteIndex {
         Ok(n == 1)
     }
 
+    fn purge_expired_leases(&self, now: i64) -> Result<u64, IndexError> {
+        let n = self.conn()?.execute("DELETE FROM leases WHERE expires_at <= ?1", [now]).context("clearing expired leases")?;
+        Ok(n as u64)
+    }
+
     fn lease_holder(&self, key: &str, now: i64) -> Result<Option<String>, IndexError> {
         use rusqlite::OptionalExtension;
         self.conn()?

@@ -137,3 +137,17 @@ fn a_replica_killed_mid_download_leaves_the_others_clients_a_resumed_stream_and_
         "the NAR is a hit on the live replica"
     );
 }
+
+#[test]
+fn a_path_one_replica_found_absent_is_not_asked_of_the_upstream_again_by_another_within_the_negative_ttl() {
+    let Some(fx) = fixture_or_skip() else { return };
+    if !has_features() {
+        return;
+    }
+    let Some(f) = fleet(fx, 2, 10_000_000) else { return };
+    let path = format!("/{}.narinfo", random_hash(std::process::id() as u64 + 77));
+    assert_eq!(f.replicas[0].get(&path).status, 404);
+    assert_eq!(f.up.hits(&path), 1);
+    assert_eq!(f.replicas[1].get(&path).status, 404, "the other replica knows it is absent");
+    assert_eq!(f.up.hits(&path), 1, "from the shared negative cache, without asking the upstream");
+}

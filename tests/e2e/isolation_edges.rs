@@ -300,6 +300,9 @@ fn a_nar_deleted_behind_ncps_back_and_fetched_again_is_counted_once() {
     let (nar, _) = ncps_nar_path(&ncps, &fx.top);
     assert_eq!(ncps.get(&nar).status, 200);
     let file = ncps.wait_for_stored_nars(1).remove(0);
+    // The file appears (renamed) a moment before the download ends and is recorded: deleting
+    // it in that moment would have the next GET join the ending download (CI saw it).
+    ncps.wait_for_log(0, "verified and stored", Duration::from_secs(5));
     let size = || metric(&metrics(&ncps), "ncps_store_total_size_bytes").unwrap_or(-1.0);
     let before = size();
     assert!(before > 0.0);
@@ -307,7 +310,7 @@ fn a_nar_deleted_behind_ncps_back_and_fetched_again_is_counted_once() {
         std::fs::remove_file(&file).unwrap();
         assert_eq!(ncps.get(&nar).status, 200, "fetched again ({round})");
         assert!(wait_until(Duration::from_secs(5), || file.is_file()), "stored again");
-        assert!(wait_until(Duration::from_secs(2), || ncps.log().matches("verified and stored").count() >= round + 2));
+        assert!(wait_until(Duration::from_secs(5), || ncps.log().matches("verified and stored").count() >= round + 2));
         assert_eq!(size(), before, "counted once after re-fetch {round}");
     }
 }

@@ -125,11 +125,16 @@ impl Cache {
     /// for a thousand entries): a write is never seen half-way between its row and its blob.
     fn check_shard(&self, shard: &str) -> Result<Fixed, CacheError> {
         let _no_writes = self.writes.write().unwrap_or_else(|p| p.into_inner());
+        // Rows first, then blobs: a blob is written before its row, so a row read here has
+        // its blob in the listing that follows, even while another replica sharing the index
+        // writes (the lock above is only this process's).
+        let indexed_narinfos = self.index.narinfos_in_shard(shard)?;
+        let indexed_nars = self.index.nars_in_shard(shard)?;
         let narinfos = self.blobs.list_narinfos(shard)?;
         let nars = self.blobs.list_nars(shard)?;
         let mut problems: Vec<Problem> = narinfos.strays.into_iter().chain(nars.strays).map(Problem::Stray).collect();
-        problems.extend(check::narinfo_shard(&narinfos.entries, &self.index.narinfos_in_shard(shard)?));
-        problems.extend(check::nar_shard(&nars.entries, &self.index.nars_in_shard(shard)?));
+        problems.extend(check::narinfo_shard(&narinfos.entries, &indexed_narinfos));
+        problems.extend(check::nar_shard(&nars.entries, &indexed_nars));
         if self.index.is_shared() {
             // Another replica may be between writing a blob and recording it: a blob the
             // index does not vouch for yet is left (it was verified before it was written);

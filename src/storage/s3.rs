@@ -225,17 +225,48 @@ fn unescape(text: &str) -> String {
 /// Reads the `<Contents>` (`<Key>`, `<Size>`) and `<NextContinuationToken>` of a listing, by
 /// hand: servers differ in what else they send (s3s-fs leaves out ETags, which the typed
 /// parser of rusty-s3 requires), and this is all the store needs.
+/// Decodes `%XX` escapes (and `+` as a space, as S3's url encoding type writes spaces);
+/// `None` for a malformed escape or bytes that are not UTF-8.
+fn percent_decode(s: &str) -> Option<String> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'%' => {
+                let hex = std::str::from_utf8(b.get(i + 1..i + 3)?).ok()?;
+                out.push(u8::from_str_radix(hex, 16).ok()?);
+                i += 3;
+            }
+            b'+' => {
+                out.push(b' ');
+                i += 1;
+            }
+            c => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
 fn parse_listing(xml: &str) -> Result<Listing, String> {
     if !xml.contains("<ListBucketResult") {
         return Err("not a ListBucketResult".into());
     }
+    // rusty-s3 asks for `encoding-type=url`; AWS and Garage then send every Key URL-encoded
+    // (`nar%2F1hv0....nar.xz`) and say so; s3s-fs ignores the request and sends them plain.
+    let url_encoded = element(xml, "EncodingType").is_some_and(|(t, _)| t.trim().eq_ignore_ascii_case("url"));
     let mut objects = Vec::new();
     let mut rest = xml;
     while let Some((contents, after)) = element(rest, "Contents") {
         let key = element(contents, "Key").ok_or("a <Contents> without <Key>")?.0;
         let size = element(contents, "Size").ok_or("a <Contents> without <Size>")?.0;
         let size = size.trim().parse().map_err(|_| format!("size {size:?}"))?;
-        objects.push((unescape(key), size));
+        let key = unescape(key);
+        let key = if url_encoded { percent_decode(&key).ok_or_else(|| format!("key {key:?}: bad URL encoding"))? } else { key };
+        objects.push((key, size));
         rest = after;
     }
     let truncated = element(xml, "IsTruncated").is_some_and(|(t, _)| t.trim() == "true");
@@ -815,6 +846,18 @@ mod tests {
         assert_eq!(parse_listing(&last).unwrap().next_continuation_token, None);
         assert!(parse_listing("<Error><Code>x</Code></Error>").is_err());
         assert_eq!(unescape("&#65;&#x42;&bogus;&"), "AB&bogus;&");
+    }
+
+    #[test]
+    fn url_encoded_keys_are_decoded_when_the_listing_says_so_as_garage_and_aws_send_them() {
+        let page = "<ListBucketResult><EncodingType>url</EncodingType><IsTruncated>false</IsTruncated>\
+            <Contents><Key>nar%2F1hv0abc.nar.xz</Key><Size>3</Size></Contents>\
+            <Contents><Key>narinfo%2Fa+b%25</Key><Size>1</Size></Contents></ListBucketResult>";
+        let listing = parse_listing(page).unwrap();
+        assert_eq!(listing.objects, vec![("nar/1hv0abc.nar.xz".to_string(), 3), ("narinfo/a b%".to_string(), 1)]);
+        let plain = page.replace("<EncodingType>url</EncodingType>", "");
+        assert_eq!(parse_listing(&plain).unwrap().objects[0].0, "nar%2F1hv0abc.nar.xz", "s3s-fs: sent as they are");
+        assert!(parse_listing(&page.replace("%2F1hv0", "%zz")).is_err(), "a malformed escape is an error, not a key");
     }
 
     #[test]

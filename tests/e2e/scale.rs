@@ -50,14 +50,15 @@ struct Fleet {
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Start {
     /// Fresh, as a new replica's: ncps counts that as an unclean stop and compares the bucket
-    /// with the index in the background (2 x 1,296 shard listings: about two minutes against
+    /// with the index in the background (2 x 1,296 shard listings: one to two minutes against
     /// this Garage cluster, while it serves).
     Fresh,
     /// With the clean-stop marker (`clean-shutdown`) in place, as after `systemctl restart`:
-    /// no background check. See the start-up check's race in DESIGN.md ("Replicas on
-    /// Garage"): a check on one replica can unmark a NAR another replica has just stored,
-    /// which costs a second upstream fetch; the test of one fetch per NAR is about the
-    /// replicas' coordination, so it starts them like this.
+    /// no background check. That check misreads Garage's listings today (the keys come back
+    /// URL-encoded, `nar%2F...`, and are taken for strays; DESIGN.md, "Replicas on Garage"),
+    /// so with a shared index it unmarks every stored NAR, which costs a second upstream fetch
+    /// of each; the test of one fetch per NAR is about the replicas' coordination, so it
+    /// starts them like this, and the known bug has its own (ignored) test.
     AfterCleanStop,
 }
 
@@ -166,6 +167,41 @@ fn three_replicas_on_garage_fetch_every_nar_from_upstream_once_whichever_replica
         assert_eq!(f.up.hits(&nar), 1, "{p}'s NAR still fetched once after every replica served it");
     }
     drop(f.garage);
+}
+
+/// Known bug (ignored until fixed): ncps lists with `encoding-type=url` (rusty-s3's default)
+/// and does not decode the keys of the answer, so against Garage (or AWS S3) every listed key
+/// (`nar%2F<name>`) is a stray to the start-up check and every stored row looks as if its
+/// blob were gone: with a shared index a fresh replica's check marks every stored NAR not
+/// stored and drops every narinfo row, and the fleet fetches them all from upstream again.
+#[test]
+#[ignore = "ncps bug: S3 listings asked with encoding-type=url are not URL-decoded (DESIGN.md, Replicas on Garage)"]
+fn a_replica_joining_with_a_start_up_check_leaves_every_nar_the_fleet_stored_a_hit() {
+    if !scale_enabled() {
+        return;
+    }
+    let Some(fx) = fixture_or_skip() else { return };
+    if !has_features() {
+        return;
+    }
+    let db = pg_cluster::shared().create_database("scale_join").expect("a database");
+    let Some(mut f) = fleet(fx, &db, 50_000_000, Start::AfterCleanStop) else { return };
+    let paths = all_paths(fx);
+    nix_copy_from(&f.replicas[0].url(), &paths, &f.key).expect("the fleet fills the bucket");
+    // Replica 2 crashes and comes back: an unclean stop, so its start-up check runs.
+    let offset = f.replicas[2].log_len();
+    f.replicas[2].kill9();
+    f.replicas[2].restart();
+    let t = Instant::now();
+    f.replicas[2].wait_for_log(offset, "start-up check: done", Duration::from_secs(600));
+    eprintln!("[e2e] scale: the start-up check on Garage took {:?}", t.elapsed());
+    let log = f.replicas[2].log_since(offset);
+    assert!(!log.contains("dropped"), "the check dropped rows whose blobs are there:\n{}", log.lines().filter(|l| l.contains("start-up check")).collect::<Vec<_>>().join("\n"));
+    nix_copy_from(&f.replicas[1].url(), &paths, &f.key).expect("through another replica");
+    for p in &paths {
+        let nar = upstream_nar_path(fx, Compression::Xz, p);
+        assert_eq!(f.up.hits(&nar), 1, "{p}'s NAR fetched once, before and after the check");
+    }
 }
 
 #[test]

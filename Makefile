@@ -15,7 +15,7 @@ ADDR ?= :8501
 # throwaway clusters from its binaries; the Debian service itself is not used).
 APT_PACKAGES := nix-bin curl xz-utils ca-certificates build-essential tzdata debootstrap python3-venv postgresql
 
-.PHONY: all build run test test-static test-image image deps bench bench-deps bench-scale bench-outage bench-isolation bench-zstd static fuzz clean
+.PHONY: all build run test test-scale test-static test-image image deps bench bench-deps bench-scale bench-outage bench-isolation bench-zstd static fuzz clean
 
 all: build
 
@@ -75,6 +75,15 @@ test: deps
 	bash tests/systemd.sh
 	bash tests/metrics_check.sh
 	bash tests/status_page.sh "" target/status-page.png
+
+# The scale tests (tests/e2e/scale.rs, issue 18): three replicas on a three-node Garage cluster
+# and one PostgreSQL, real Nix clients through each, a replica, a Garage node and PostgreSQL
+# restarted mid-run (about a minute). Garage is built from crates.io into $NCPS_TEST_CACHE once
+# (tests/garage.sh: about 11 minutes on 2 cores); later runs reuse it.
+test-scale: deps
+	@mkdir -p target
+	bash tests/garage.sh >target/garage.out || { echo "FAIL: Garage (the S3 cluster of the scale tests) could not be installed"; exit 1; }
+	NCPS_TEST_GARAGE=$$(cat target/garage.out) NCPS_TEST_SCALE=1 $(CARGO) test --features $(TEST_FEATURES) --test e2e scale::
 
 # The peers the benchmark compares against (nginx) and its load generator (wrk).
 BENCH_PACKAGES := nginx-light wrk procps iproute2 zstd time

@@ -13,6 +13,7 @@
 //! | [`concurrency`] | many clients at once: one upstream download per miss, streaming, floods |
 //! | [`isolation`] | no slow, greedy or hostile peer takes the cache from the others: minimum rates, fair shares of connections and workers, misses apart from hits |
 //! | [`replicas`] | several ncps on one bucket and one PostgreSQL (`--features s3,postgres`): one upstream fetch per NAR, the others stream it from the downloader, a killed downloader |
+//! | `scale` | three replicas on a three-node Garage cluster and one PostgreSQL serving many Nix clients at once, with a replica, a Garage node and PostgreSQL restarted mid-run (`NCPS_TEST_SCALE=1`, `make test-scale`) |
 //! | [`postgres`] | the index in PostgreSQL (`--features postgres`): Nix 2.8 through it, ncps and PostgreSQL restarted |
 //! | [`otel`] | OpenTelemetry: traces, metrics and logs at a real collector (Rotel), over HTTP and gRPC; a collector that is down |
 //! | [`outages`] | upstreams that fail: honest 5xx, marked down and probed back, removed ones never asked |
@@ -52,4 +53,6 @@ mod ranges;
 mod s3;
 #[cfg(all(feature = "s3", feature = "postgres"))]
 mod replicas;
+#[cfg(all(feature = "s3", feature = "postgres"))]
+mod scale;
 mod zstd;

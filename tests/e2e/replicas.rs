@@ -43,7 +43,7 @@ fn fleet(fx: &Fixture, n: usize, rate: u64) -> Option<Fleet> {
     Some(Fleet { up, replicas, _s3: s3 })
 }
 
-fn has_features() -> bool {
+pub(crate) fn has_features() -> bool {
     let out = std::process::Command::new(ncps_bin()).arg("--version").output().expect("ncps --version");
     let v = String::from_utf8_lossy(&out.stdout).into_owned();
     let ok = v.contains("postgres") && v.contains("s3");

@@ -13,6 +13,7 @@
 //! | [`collector`] | a real OpenTelemetry collector (Rotel, installed by tests/rotel.sh) and what it received |
 //! | [`crypto`] | SHA-256, nix32, keys and signatures |
 //! | [`process`] | commands with a deadline, and waiting for a condition |
+//! | `garage` | a three-node Garage cluster (installed by tests/garage.sh) for the scale tests (features `s3` and `postgres`) |
 //! | `s3s` | a real S3 server (s3s-fs, installed by tests/s3s.sh) for the S3 tests (feature `s3`) |
 //!
 //! Everything here uses std (plus crates that are already dependencies of the
@@ -22,6 +23,8 @@ pub mod collector;
 pub mod crypto;
 pub mod dirs;
 pub mod fixture;
+#[cfg(all(feature = "s3", feature = "postgres"))]
+pub mod garage;
 pub mod http;
 pub mod narinfo;
 pub mod ncps;
@@ -39,6 +42,8 @@ pub use collector::*;
 pub use crypto::*;
 pub use dirs::*;
 pub use fixture::*;
+#[cfg(all(feature = "s3", feature = "postgres"))]
+pub use garage::*;
 pub use http::*;
 pub use narinfo::*;
 pub use ncps::*;

@@ -15,7 +15,7 @@ ADDR ?= :8501
 # throwaway clusters from its binaries; the Debian service itself is not used).
 APT_PACKAGES := nix-bin curl xz-utils ca-certificates build-essential tzdata debootstrap python3-venv postgresql
 
-.PHONY: all build run test test-scale test-static test-image image deps bench bench-deps bench-scale bench-outage bench-isolation bench-zstd static fuzz clean
+.PHONY: all build run test test-scale test-static test-image image deps bench bench-deps bench-scale bench-outage bench-isolation bench-zstd bench-replicas static fuzz clean
 
 all: build
 
@@ -120,10 +120,16 @@ bench-outage: build
 bench-isolation: build bench-deps
 	NCPS=$(CURDIR)/target/release/ncps bash bench/isolation.sh
 
-# Whether zstd-encoding Compression: none NARs pays on a Gigabit LAN (bench/zstd-lan.sh;
-# issue 13 point 7). Root: a network namespace shaped with tc. Needs no ncps build.
-bench-zstd: bench-deps
-	bash bench/zstd-lan.sh
+# Whether zstd-encoding Compression: none NARs pays on a Gigabit LAN, and ncps's own zstd
+# answers (bench/zstd-lan.sh; issue 13 point 7). Root: a network namespace shaped with tc.
+bench-zstd: build bench-deps
+	NCPS=$(CURDIR)/target/release/ncps bash bench/zstd-lan.sh
+
+# Replicas on S3 and PostgreSQL (bench/replicas.sh; issue 18): hits from S3 against local
+# disk, 50 clients missing one NAR across 1-3 replicas, a miss streamed from the downloader.
+bench-replicas: deps bench-deps
+	$(CARGO) build --release --features s3,postgres
+	NCPS=$(CURDIR)/target/release/ncps bash bench/replicas.sh
 
 static:
 	bash build/static.sh

@@ -483,18 +483,33 @@ impl Cache {
                 )));
             }
         }
+        // Replicas: the lease is taken with `running` held, so a replica that sees it and asks
+        // this one for the NAR finds the download (it waits for the lock, then joins).
+        let peer = self.download_lease(name);
+        if peer.is_none() && self.settings.advertise.is_some() && self.index.nar(name).ok().flatten().is_some_and(|r| r.stored) {
+            // Another replica stored it after the look above and gave its lease back.
+            if let Some(blob) = self.blobs.nar(name)? {
+                self.release_download_lease(name);
+                return Ok(Started::Hit(body_of(blob)));
+            }
+        }
         // A data directory that takes no new files (full, read-only, no permission) degrades
         // as a full disk does: the download is relayed from memory, verified, and not kept.
-        let (temp, file) = match self.staging.temp_file() {
-            Ok(temp) => {
-                let file = temp.reopen()?;
-                (Some(temp), file)
-            }
+        let staged = match self.staging.temp_file() {
+            Ok(temp) => temp.reopen().map(|file| (Some(temp), file)).map_err(CacheError::from),
             Err(e) if e.is_unwritable() => {
                 log::error!("nar {name}: {e}; relaying it to waiting clients from memory, not keeping it");
-                (None, nowhere()?)
+                nowhere().map(|file| (None, file)).map_err(CacheError::from)
             }
-            Err(e) => return Err(e.into()),
+            Err(e) => Err(e.into()),
+        };
+        let (temp, file) = match staged {
+            Ok(staged) => staged,
+            Err(e) => {
+                // No download will run: its lease goes back at once.
+                self.release_download_lease(name);
+                return Err(e);
+            }
         };
         let span = crate::otel::trace::handoff();
         let download = Arc::new(
@@ -510,9 +525,6 @@ impl Cache {
         let first_reader = download.reader();
         let (tx, opened) = mpsc::sync_channel(1);
         let name = name.clone();
-        // Only now, once it is in `running`: a replica that sees the lease and asks this one
-        // for the NAR joins the download.
-        let peer = self.download_lease(&name);
         let job = Job { record, temp, download, opening: Opening(Some(tx)), first, by_name, span, peer };
         let cache = Arc::clone(self);
         std::thread::Builder::new()
@@ -532,6 +544,7 @@ impl Cache {
             })
             .map_err(|e| {
                 lock(&self.downloads.running).remove(&name);
+                self.release_download_lease(&name);
                 self.metrics.download_finished();
                 CacheError::Thread(e)
             })?;

@@ -499,7 +499,7 @@ impl Cache {
             Ok(temp) => temp.reopen().map(|file| (Some(temp), file)).map_err(CacheError::from),
             Err(e) if e.is_unwritable() => {
                 log::error!("nar {name}: {e}; relaying it to waiting clients from memory, not keeping it");
-                nowhere().map(|file| (None, file)).map_err(CacheError::from)
+                nowhere().map(|file| (None, file))
             }
             Err(e) => Err(e.into()),
         };

@@ -13,39 +13,6 @@
 # it does not starve the machine (tens of minutes of compiling on 2 cores, once); later runs only
 # print the path. The tests find the binary through NCPS_TEST_GARAGE or by running this script.
 set -euo pipefail
-
-VERSION=${NCPS_TEST_GARAGE_VERSION:-2.5.0}
-FEATURES=${NCPS_TEST_GARAGE_FEATURES:-bundled-libs,lmdb}
-CACHE=${NCPS_TEST_CACHE:-/var/cache/ncps-test}
-ROOT=$CACHE/garage-$VERSION
-STAMP=$ROOT.complete
-BIN=$ROOT/bin/garage
-
-say() { echo "garage: $*" >&2; }
-die() { say "$*"; exit 1; }
-
-if [[ -f $STAMP && -x $BIN ]]; then
-  echo "$BIN"
-  exit 0
-fi
-
-mkdir -p "$CACHE"
-exec 9>"$ROOT.lock"
-flock 9
-# Someone else may have installed it while this waited for the lock.
-if [[ -f $STAMP && -x $BIN ]]; then
-  echo "$BIN"
-  exit 0
-fi
-command -v cargo >/dev/null || die "cargo is needed to install garage"
-say "installing garage@$VERSION (features $FEATURES) from crates.io into $ROOT (tens of minutes, once)"
-start=$(date +%s)
-# Its own target dir, so this does not lock or dirty the project's.
-CARGO_TARGET_DIR=$ROOT.build nice -n 19 cargo install -q "garage@$VERSION" --locked \
-  --no-default-features --features "$FEATURES" --root "$ROOT" >&2 \
-  || die "cargo install garage@$VERSION failed"
-rm -rf "$ROOT.build"
-"$BIN" --help >/dev/null || die "$BIN does not run"
-say "installed in $(( $(date +%s) - start )) s"
-touch "$STAMP"
-echo "$BIN"
+. "$(dirname "$0")/cargo-install-once.sh"
+cargo_install_once garage garage "${NCPS_TEST_GARAGE_VERSION:-2.5.0}" garage "about 11 minutes here" \
+  --no-default-features --features "${NCPS_TEST_GARAGE_FEATURES:-bundled-libs,lmdb}"

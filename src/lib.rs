@@ -26,6 +26,10 @@ pub mod serve;
 pub mod status;
 pub mod storage;
 pub mod template;
+/// The installed test servers; Garage is used only by the e2e scale tests.
+#[cfg(all(test, feature = "s3"))]
+#[allow(dead_code)]
+pub(crate) mod test_tools;
 pub mod tz;
 pub mod upstream;
 pub mod url;

@@ -255,9 +255,10 @@ impl Cache {
         client: IpAddr,
         zstd: bool,
     ) -> Result<(Answer, Option<Hash>), CacheError> {
+        let zstd = zstd && self.settings.zstd_responses && super::zstd_copies::is_plain(name);
         if let Some(blob) = self.blobs.nar(name)? {
             self.touch_nar(name);
-            if zstd && self.settings.zstd_responses && super::zstd_copies::is_plain(name) {
+            if zstd {
                 if let Some(copy) = self.zstd_copy(name)? {
                     return Ok((Answer::HitZstd(body_of(copy)), None));
                 }
@@ -265,7 +266,7 @@ impl Cache {
             let tag = self.stored_file_hash(name, &blob);
             return Ok((Answer::Hit(body_of(blob)), tag));
         }
-        if zstd && !head_only && self.settings.zstd_responses && super::zstd_copies::is_plain(name) {
+        if zstd && !head_only {
             // Its copy is made once the download below has stored it.
             self.want_zstd(name);
         }

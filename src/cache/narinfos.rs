@@ -26,7 +26,6 @@ const NEGATIVE_MAX: usize = 100_000;
 /// ncps serves and the upstream it came from, or why no upstream delivered it.
 type Found = Result<(Arc<str>, Arc<Vec<u8>>), Missed>;
 
-
 /// The holder of every shared negative-cache row.
 const ABSENT: &str = "absent";
 /// The shared negative cache's expired rows are deleted at every this many recorded misses.

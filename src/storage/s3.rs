@@ -887,26 +887,9 @@ pub(crate) mod test_server {
     pub const SECRET_KEY: &str = "ncps-test-secret-9f8e7d6c5b4a";
     pub const BUCKET: &str = "ncps-test";
 
-    /// The s3s-fs binary: `NCPS_TEST_S3S_FS`, else the one tests/s3s.sh installed (installing
-    /// it first under CI). `None` (the caller skips) only outside CI.
+    /// The s3s-fs binary (`crate::test_tools`); `None` (the caller skips) only outside CI.
     pub fn binary() -> Option<PathBuf> {
-        if let Some(p) = std::env::var_os("NCPS_TEST_S3S_FS").filter(|p| !p.is_empty()) {
-            return Some(PathBuf::from(p));
-        }
-        let ci = std::env::var_os("CI").is_some_and(|v| !v.is_empty());
-        let cache = std::env::var_os("NCPS_TEST_CACHE").map(PathBuf::from).unwrap_or_else(|| "/var/cache/ncps-test".into());
-        let installed = cache.join("s3s-fs-0.14.1/bin/s3s-fs");
-        if cache.join("s3s-fs-0.14.1.complete").exists() && installed.exists() {
-            return Some(installed);
-        }
-        if !ci {
-            eprintln!("s3s-fs is not installed (bash tests/s3s.sh installs it): S3 test skipped");
-            return None;
-        }
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/s3s.sh");
-        let out = Command::new("bash").arg(script).stderr(Stdio::inherit()).output().expect("running tests/s3s.sh");
-        assert!(out.status.success(), "CI is set and tests/s3s.sh could not install s3s-fs");
-        Some(PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()))
+        crate::test_tools::installed(&crate::test_tools::S3S_FS)
     }
 
     pub struct S3sFs {

@@ -15,7 +15,7 @@ use super::http::free_port;
 use super::process::{run_with_timeout, wait_until};
 use std::fs;
 use std::net::TcpStream;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::thread;
 use std::time::Duration;
@@ -24,26 +24,10 @@ pub const GARAGE_BUCKET: &str = "ncps-scale";
 pub const GARAGE_REGION: &str = "garage";
 const KEY_NAME: &str = "ncps-scale-key";
 
-/// The garage binary: `NCPS_TEST_GARAGE`, else what tests/garage.sh installed (running it,
-/// which installs it, under CI). `None`, after saying why, outside CI when it is not installed.
+/// The garage binary (`support::test_tools`); `None`, after saying why, outside CI when it is
+/// not installed.
 pub fn garage_or_skip() -> Option<PathBuf> {
-    if let Some(p) = std::env::var_os("NCPS_TEST_GARAGE").filter(|p| !p.is_empty()) {
-        return Some(PathBuf::from(p));
-    }
-    let cache = std::env::var_os("NCPS_TEST_CACHE").map(PathBuf::from).unwrap_or_else(|| "/var/cache/ncps-test".into());
-    let version = std::env::var("NCPS_TEST_GARAGE_VERSION").unwrap_or_else(|_| "2.5.0".into());
-    let installed = cache.join(format!("garage-{version}/bin/garage"));
-    if cache.join(format!("garage-{version}.complete")).exists() && installed.exists() {
-        return Some(installed);
-    }
-    if std::env::var_os("CI").is_none_or(|v| v.is_empty()) {
-        eprintln!("[e2e] Garage is not installed (bash tests/garage.sh installs it): scale test skipped");
-        return None;
-    }
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/garage.sh");
-    let out = Command::new("bash").arg(script).stderr(Stdio::inherit()).output().expect("running tests/garage.sh");
-    assert!(out.status.success(), "CI is set and tests/garage.sh could not install Garage");
-    Some(PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()))
+    super::test_tools::installed(&super::test_tools::GARAGE)
 }
 
 struct Node {

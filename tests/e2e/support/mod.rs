@@ -36,6 +36,10 @@ pub mod pg_cluster;
 pub mod process;
 #[cfg(feature = "s3")]
 pub mod s3s;
+/// The installed test servers (s3s-fs, Garage), shared as source with the unit tests.
+#[allow(dead_code)]
+#[path = "../../../src/test_tools.rs"]
+pub mod test_tools;
 pub mod upstream;
 
 pub use collector::*;

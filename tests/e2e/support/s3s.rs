@@ -2,7 +2,7 @@
 //! storing its bucket in a temp directory the tests can look into. Killed on drop.
 
 use super::dirs::TempDir;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -11,26 +11,10 @@ pub const S3_ACCESS_KEY: &str = "ncps-e2e-access";
 pub const S3_SECRET_KEY: &str = "e2e-secret-Zq7WvK3pLx9RtY2m";
 pub const S3_BUCKET: &str = "ncps-e2e";
 
-/// The s3s-fs binary: `NCPS_TEST_S3S_FS`, else what tests/s3s.sh installed (running it, which
-/// installs it, under CI). `None`, after saying why, outside CI when it is not installed.
+/// The s3s-fs binary (`support::test_tools`); `None`, after saying why, outside CI when it is
+/// not installed.
 pub fn s3s_fs_or_skip() -> Option<PathBuf> {
-    if let Some(p) = std::env::var_os("NCPS_TEST_S3S_FS").filter(|p| !p.is_empty()) {
-        return Some(PathBuf::from(p));
-    }
-    let cache = std::env::var_os("NCPS_TEST_CACHE").map(PathBuf::from).unwrap_or_else(|| "/var/cache/ncps-test".into());
-    let version = std::env::var("NCPS_TEST_S3S_FS_VERSION").unwrap_or_else(|_| "0.14.1".into());
-    let installed = cache.join(format!("s3s-fs-{version}/bin/s3s-fs"));
-    if cache.join(format!("s3s-fs-{version}.complete")).exists() && installed.exists() {
-        return Some(installed);
-    }
-    if std::env::var_os("CI").is_none_or(|v| v.is_empty()) {
-        eprintln!("[e2e] s3s-fs is not installed (bash tests/s3s.sh installs it): S3 test skipped");
-        return None;
-    }
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/s3s.sh");
-    let out = Command::new("bash").arg(script).stderr(Stdio::inherit()).output().expect("running tests/s3s.sh");
-    assert!(out.status.success(), "CI is set and tests/s3s.sh could not install s3s-fs");
-    Some(PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()))
+    super::test_tools::installed(&super::test_tools::S3S_FS)
 }
 
 pub struct S3sFs {

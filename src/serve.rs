@@ -267,6 +267,7 @@ pub fn prepare(config: &Config) -> Result<Prepared, Exit> {
         },
         zstd_responses: config.zstd_responses,
         advertise: config.advertise.clone(),
+        peer_token: config.access.get_token.clone(),
     };
     let parts = Parts { blobs, index, staging };
     let own_public = key.public();

@@ -439,9 +439,29 @@ impl Upstreams {
     /// Starts receiving a NAR from an absolute URL, to be done within `deadline` (see
     /// [`Deadlines::nar`]). `Ok(None)` when it is not there.
     pub fn nar(&self, url: &str, deadline: Duration) -> Result<Option<NarBody>, UpstreamError> {
+        self.nar_with(url, deadline, None)
+    }
+
+    /// As [`Upstreams::nar`], from another replica (`url` is at its advertised address), which
+    /// is sent `token` (`--cache-get-token`, shared by the fleet) as a bearer token if set. The
+    /// upstreams' credentials never go to a replica: its origin is none of theirs.
+    pub fn nar_from_replica(
+        &self,
+        url: &str,
+        deadline: Duration,
+        token: Option<&crate::auth::Secret>,
+    ) -> Result<Option<NarBody>, UpstreamError> {
+        self.nar_with(url, deadline, bearer(token))
+    }
+
+    fn nar_with(&self, url: &str, deadline: Duration, auth: Option<String>) -> Result<Option<NarBody>, UpstreamError> {
         // Harmonia and others can compress the transfer; asking for zstd costs nothing here
         // (it is undone below, before hashing) and saves upstream bandwidth.
-        let resp = self.get(url, &[("Accept-Encoding", "zstd")], deadline)?;
+        let mut headers = vec![("Accept-Encoding", "zstd")];
+        if let Some(a) = &auth {
+            headers.push(("Authorization", a.as_str()));
+        }
+        let resp = self.get(url, &headers, deadline)?;
         match resp.status().as_u16() {
             200 => {}
             403 | 404 | 410 => return Ok(None),
@@ -468,9 +488,37 @@ impl Upstreams {
         total: u64,
         deadline: Duration,
     ) -> Result<Option<Box<dyn Read + Send>>, UpstreamError> {
+        self.nar_rest_with(url, from, total, deadline, None)
+    }
+
+    /// As [`Upstreams::nar_rest`], from another replica, sent `token` as
+    /// [`Upstreams::nar_from_replica`] does.
+    pub fn nar_rest_from_replica(
+        &self,
+        url: &str,
+        from: u64,
+        total: u64,
+        deadline: Duration,
+        token: Option<&crate::auth::Secret>,
+    ) -> Result<Option<Box<dyn Read + Send>>, UpstreamError> {
+        self.nar_rest_with(url, from, total, deadline, bearer(token))
+    }
+
+    fn nar_rest_with(
+        &self,
+        url: &str,
+        from: u64,
+        total: u64,
+        deadline: Duration,
+        auth: Option<String>,
+    ) -> Result<Option<Box<dyn Read + Send>>, UpstreamError> {
         // Through `get`, as every request: the origin's credentials, same-origin redirects only.
         let range = format!("bytes={from}-");
-        let resp = self.get(url, &[("Range", range.as_str()), ("Accept-Encoding", "identity")], deadline)?;
+        let mut headers = vec![("Range", range.as_str()), ("Accept-Encoding", "identity")];
+        if let Some(a) = &auth {
+            headers.push(("Authorization", a.as_str()));
+        }
+        let resp = self.get(url, &headers, deadline)?;
         let status = resp.status().as_u16();
         if matches!(status, 403 | 404 | 410) {
             return Ok(None);
@@ -554,7 +602,8 @@ impl Upstreams {
             for (k, v) in headers {
                 req = req.header(*k, *v);
             }
-            if let Some(auth) = self.auth.for_url(&current) {
+            let own = headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("authorization"));
+            if let Some(auth) = self.auth.for_url(&current).filter(|_| !own) {
                 req = req.header("Authorization", auth.expose());
             }
             let resp = req.call().map_err(|e| UpstreamError::from(e).at_deadline(deadline))?;
@@ -569,6 +618,11 @@ impl Upstreams {
         }
         Err(UpstreamError::BadRedirect("more than 3 redirects"))
     }
+}
+
+/// The `Authorization` value for a replica's `--cache-get-token`.
+fn bearer(token: Option<&crate::auth::Secret>) -> Option<String> {
+    token.map(|t| format!("Bearer {}", t.expose()))
 }
 
 /// Where a redirect from `from` to `location` leads, if ncps may follow it: only to the same

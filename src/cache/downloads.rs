@@ -734,10 +734,11 @@ impl Cache {
         let mut last_error = FetchError::Nowhere;
         let mut tally = Tally::default();
         let mut candidates = self.nar_candidates(&record.upstream_url, &record.name);
-        if let Some(p) = peer {
+        let from_replica = peer.map(|p| format!("{p}/nar/{}", record.name));
+        if let Some(u) = &from_replica {
             // The replica downloading it relays its download; the bytes are verified here
             // against the same FileHash as from any upstream.
-            candidates.insert(0, format!("{p}/nar/{}", record.name));
+            candidates.insert(0, u.clone());
         }
         if let Some((url, _)) = &first {
             candidates.retain(|u| u != url);
@@ -757,7 +758,8 @@ impl Cache {
             let span = crate::otel::span("upstream nar", crate::otel::SpanKind::Client);
             span.set("ncps.upstream", crate::otel::shown_url(trust::origin(url)));
             span.set("url.full", crate::otel::shown_url(url));
-            let attempt = Attempted { url, upstream, started, resume: resume_order(&candidates, k) };
+            let replica = from_replica.as_deref() == Some(url.as_str());
+            let attempt = Attempted { url, upstream, replica, started, resume: resume_order(&candidates, k) };
             let (result, by) = self.fetch_nar_from(attempt, opened, record, temp, download, opening);
             match &result {
                 Ok(_) => span.set("ncps.bytes", record.file_size),
@@ -816,7 +818,7 @@ impl Cache {
         download: &Download,
         opening: &mut Opening,
     ) -> (Result<Spilled, (FetchError, u64)>, SentBy) {
-        let Attempted { url, upstream, started, resume } = attempt;
+        let Attempted { url, upstream, replica, started, resume } = attempt;
         let sent_by = |s: &Resuming<'_>| SentBy {
             sources: s.sources(),
             upstream: s.upstream,
@@ -826,7 +828,11 @@ impl Cache {
         let alone = || SentBy { sources: url.to_string(), upstream, started, used: vec![url.to_string()] };
         let deadlines = &self.settings.deadlines;
         let deadline = deadlines.nar(record.file_size);
-        let body = match opened.map_or_else(|| self.upstreams.nar(url, deadline), |b| Ok(Some(b))) {
+        let open = || match replica {
+            true => self.upstreams.nar_from_replica(url, deadline, self.settings.peer_token.as_ref()),
+            false => self.upstreams.nar(url, deadline),
+        };
+        let body = match opened.map_or_else(open, |b| Ok(Some(b))) {
             Ok(Some(b)) => b,
             Ok(None) => return (Err((FetchError::NotFound, 0)), alone()),
             Err(e) => return (Err((FetchError::Upstream(e), 0)), alone()),
@@ -902,6 +908,8 @@ impl Cache {
 struct Attempted<'a> {
     url: &'a str,
     upstream: Option<usize>,
+    /// Whether `url` is another replica's (sent `--cache-get-token`, not upstream credentials).
+    replica: bool,
     started: Instant,
     resume: std::collections::VecDeque<String>,
 }

@@ -105,6 +105,9 @@ pub struct CacheSettings {
     pub zstd_responses: bool,
     /// `--server-advertise-addr` (`http://host:port`): replicas share downloads (`replicas`).
     pub advertise: Option<String>,
+    /// `--cache-get-token`: what this replica presents when it streams a NAR from another
+    /// (every replica serves reads only with it).
+    pub peer_token: Option<crate::auth::Secret>,
 }
 
 /// Where the cache keeps things: the two seams and the local staging directory.

@@ -117,7 +117,12 @@ impl<'a> Resuming<'a> {
             // Asking takes up to a connect and a header timeout: not a stall of this download.
             self.download.alive();
             let started = Instant::now();
-            match c.upstreams.nar_rest(&url, at, self.total, left) {
+            // A URL of no configured upstream is the replica that was relaying the download.
+            let rest = match i {
+                Some(_) => c.upstreams.nar_rest(&url, at, self.total, left),
+                None => c.upstreams.nar_rest_from_replica(&url, at, self.total, left, c.settings.peer_token.as_ref()),
+            };
+            match rest {
                 Ok(Some(body)) => {
                     log::info!(
                         "nar {name}: {} broke off after {at} of {} bytes ({why}); resuming from {} at byte {at}",

@@ -21,6 +21,11 @@ struct Fleet {
 /// `n` replicas sharing a bucket, a PostgreSQL database and one signing key, in front of an
 /// upstream that serves NARs at `rate` bytes per second.
 fn fleet(fx: &Fixture, n: usize, rate: u64) -> Option<Fleet> {
+    fleet_with(fx, n, rate, &[])
+}
+
+/// As [`fleet`], every replica started with `more` flags as well.
+fn fleet_with(fx: &Fixture, n: usize, rate: u64, more: &[&str]) -> Option<Fleet> {
     let s3 = S3sFs::start()?;
     let url = pg_cluster::shared().create_database("replicas").expect("a database");
     let up = Upstream::for_cache(fx, Compression::Xz);
@@ -28,6 +33,7 @@ fn fleet(fx: &Fixture, n: usize, rate: u64) -> Option<Fleet> {
     up.set_mode_for(Mode::Slow(rate), Target::Nar);
     let mut flags = s3.flags();
     flags.extend(["--cache-database-url".to_string(), url, "--server-advertise-addr".into(), "{addr}".into()]);
+    flags.extend(more.iter().map(|f| f.to_string()));
     let mut replicas: Vec<Ncps> = Vec::new();
     let mut key: Option<PathBuf> = None;
     for _ in 0..n {
@@ -150,4 +156,38 @@ fn a_path_one_replica_found_absent_is_not_asked_of_the_upstream_again_by_another
     assert_eq!(f.up.hits(&path), 1);
     assert_eq!(f.replicas[1].get(&path).status, 404, "the other replica knows it is absent");
     assert_eq!(f.up.hits(&path), 1, "from the shared negative cache, without asking the upstream");
+}
+
+#[test]
+fn with_a_read_token_a_replica_presents_it_to_the_one_downloading_and_the_nar_is_still_fetched_once() {
+    let Some(fx) = fixture_or_skip() else { return };
+    if !has_features() {
+        return;
+    }
+    const TOKEN: &str = "e2e-fleet-read-token-7f3a";
+    let Some(f) = fleet_with(fx, 2, 2_000_000, &["--cache-get-token", TOKEN]) else { return };
+    let bearer = format!("Bearer {TOKEN}");
+    let auth = [("Authorization", bearer.as_str())];
+    let upstream_nar = upstream_nar_path(fx, Compression::Xz, &fx.big);
+    let want = sha256(&std::fs::read(fx.cache_dir(Compression::Xz).join(upstream_nar.trim_start_matches('/'))).unwrap());
+    let (nar, size) = ncps_nar_path_with(&f.replicas[0], &fx.big, &auth);
+    assert_eq!(ncps_nar_path_with(&f.replicas[1], &fx.big, &auth).0, nar);
+    assert_eq!(raw_get_hashed(f.replicas[1].addr, &nar, Duration::from_secs(10)).unwrap().status, 401, "reads need the token");
+
+    let mut clients = Vec::new();
+    for (i, r) in f.replicas.iter().enumerate() {
+        let (addr, nar, bearer) = (r.addr, nar.clone(), bearer.clone());
+        clients.push(thread::spawn(move || {
+            (i, raw_get_hashed_with(addr, &nar, &[("Authorization", &bearer)], Duration::from_secs(60)).expect("GET"))
+        }));
+        thread::sleep(Duration::from_millis(500));
+    }
+    for c in clients {
+        let (i, got) = c.join().unwrap();
+        assert_eq!((got.status, got.len), (200, size), "replica {i}");
+        assert!(got.sha256 == want, "replica {i} sent the NAR, byte for byte");
+    }
+    // Without the token the holder would answer 401 and this replica would go to the upstream.
+    f.replicas[1].wait_for_log(0, "streamed from replica", Duration::from_secs(10));
+    assert_eq!(f.up.hits(&upstream_nar), 1, "one upstream fetch: the second replica did not fall back to the upstream");
 }

@@ -331,7 +331,13 @@ pub fn raw_request(
 
 /// `GET path` with `Connection: close`, as bytes.
 pub fn get_request(path: &str) -> Vec<u8> {
-    format!("GET {path} HTTP/1.1\r\nHost: ncps-e2e\r\nUser-Agent: ncps-e2e-raw\r\nConnection: close\r\n\r\n")
+    get_request_with(path, &[])
+}
+
+/// As [`get_request`], with more header lines.
+pub fn get_request_with(path: &str, headers: &[(&str, &str)]) -> Vec<u8> {
+    let more: String = headers.iter().map(|(k, v)| format!("{k}: {v}\r\n")).collect();
+    format!("GET {path} HTTP/1.1\r\nHost: ncps-e2e\r\nUser-Agent: ncps-e2e-raw\r\n{more}Connection: close\r\n\r\n")
         .into_bytes()
 }
 
@@ -344,8 +350,18 @@ pub struct HashedGet {
 }
 
 pub fn raw_get_hashed(addr: SocketAddr, path: &str, read_timeout: Duration) -> io::Result<HashedGet> {
+    raw_get_hashed_with(addr, path, &[], read_timeout)
+}
+
+/// As [`raw_get_hashed`], with more request headers.
+pub fn raw_get_hashed_with(
+    addr: SocketAddr,
+    path: &str,
+    headers: &[(&str, &str)],
+    read_timeout: Duration,
+) -> io::Result<HashedGet> {
     let mut c = RawConn::connect(addr, read_timeout)?;
-    c.send(&get_request(path))?;
+    c.send(&get_request_with(path, headers))?;
     let (status, _) = c.read_head()?;
     let mut h = Sha256::new();
     let (len, end) = c.drain_body(|b| h.update(b));

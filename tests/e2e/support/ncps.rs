@@ -10,7 +10,7 @@
 
 use super::crypto::SOME_VALID_PUBLIC_KEY;
 use super::dirs::{files_under, TempDir};
-use super::http::{free_port, http_get, http_head, Response};
+use super::http::{free_port, http_get, http_head, http_request_with, Response};
 use super::narinfo::{store_hash, NarInfo};
 use super::process::{run_with_timeout, wait_until};
 use super::upstream::Upstream;
@@ -447,7 +447,13 @@ pub fn run_ncps_expecting_failure(args: &[&str], envs: &[(&str, &str)]) -> (Opti
 /// ncps's narinfo for `store_path`: the NAR URL path (`/nar/...`) it points at, and its
 /// FileSize.
 pub fn ncps_nar_path(ncps: &Ncps, store_path: &str) -> (String, u64) {
-    let r = ncps.get(&format!("/{}.narinfo", store_hash(store_path)));
+    ncps_nar_path_with(ncps, store_path, &[])
+}
+
+/// As [`ncps_nar_path`], asking with `headers` (a token).
+pub fn ncps_nar_path_with(ncps: &Ncps, store_path: &str, headers: &[(&str, &str)]) -> (String, u64) {
+    let url = format!("{}/{}.narinfo", ncps.url(), store_hash(store_path));
+    let r = http_request_with("GET", &url, headers).unwrap_or_else(|e| panic!("GET {url}: {e}"));
     assert_eq!(r.status, 200, "narinfo of {store_path} through ncps");
     let ni = NarInfo::parse(&r.text());
     let url = ni.get("URL").expect("URL in served narinfo").to_string();

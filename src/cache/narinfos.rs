@@ -26,6 +26,8 @@ const NEGATIVE_MAX: usize = 100_000;
 /// ncps serves and the upstream it came from, or why no upstream delivered it.
 type Found = Result<(Arc<str>, Arc<Vec<u8>>), Missed>;
 
+/// Where a narinfo another replica looked up came from, for the log and the metrics.
+const REPLICA: &str = "another replica";
 /// The holder of every shared negative-cache row.
 const ABSENT: &str = "absent";
 /// The shared negative cache's expired rows are deleted at every this many recorded misses.
@@ -96,7 +98,7 @@ impl Cache {
         if self.is_known_missing(hash) {
             return Ok(Answer::NotFound);
         }
-        let flight = self.narinfos.flights.run_while(*hash, client_gone, |abandoned| self.fetch_narinfo(hash, abandoned));
+        let flight = self.narinfos.flights.run_while(*hash, client_gone, |abandoned| self.fetch_narinfo_once(hash, abandoned));
         let Ok((found, _)) = flight else {
             return Ok(Answer::Unavailable { status: 503, reason: "the client left before an upstream answered".into() });
         };
@@ -118,7 +120,7 @@ impl Cache {
         if self.is_known_missing(hash) {
             return trust::UpstreamSays::Absent;
         }
-        let (found, _) = self.narinfos.flights.run(*hash, || self.fetch_narinfo(hash, &|| false));
+        let (found, _) = self.narinfos.flights.run(*hash, || self.fetch_narinfo_once(hash, &|| false));
         match found {
             Ok((from, _)) => trust::UpstreamSays::Serves(from.to_string()),
             Err(m) if m.verdict == super::health::Verdict::Absent => trust::UpstreamSays::Absent,
@@ -186,6 +188,38 @@ impl Cache {
                 log::warn!("narinfo {hash}: clearing it from the shared negative cache: {e}");
             }
         }
+    }
+
+    /// [`Cache::fetch_narinfo`], by one replica at a time when replicas share the index
+    /// (`replicas`): the others answer from what its lookup stored or found absent.
+    fn fetch_narinfo_once(&self, hash: &StorePathHash, abandoned: &dyn Fn() -> bool) -> Found {
+        match self.narinfo_turn(hash, abandoned) {
+            super::replicas::NarinfoTurn::Alone => self.fetch_narinfo(hash, abandoned),
+            super::replicas::NarinfoTurn::Mine => {
+                let found = self.fetch_narinfo(hash, abandoned);
+                self.end_narinfo_turn(hash);
+                found
+            }
+            super::replicas::NarinfoTurn::Settled => match self.blobs.narinfo(hash).map(|b| b.map(Blob::into_bytes)) {
+                Ok(Some(Ok(bytes))) => {
+                    log::info!("narinfo {hash}: looked up by another replica");
+                    self.touch_narinfo(hash);
+                    Ok((Arc::from(REPLICA), Arc::new(bytes)))
+                }
+                _ if self.is_known_missing(hash) => {
+                    let mut tally = Tally::default();
+                    tally.add(REPLICA, Attempt::Absent, "not found");
+                    Err(tally.missed())
+                }
+                // Removed again, or unreadable: as if nobody had asked.
+                _ => self.fetch_narinfo(hash, abandoned),
+            },
+        }
+    }
+
+    /// Whether another replica's lookup of `hash` has settled it: stored, or found absent.
+    pub(super) fn settled_elsewhere(&self, hash: &StorePathHash) -> bool {
+        matches!(self.blobs.narinfo(hash), Ok(Some(_))) || self.is_known_missing(hash)
     }
 
     /// Asks the upstreams in turn; stops (asking nobody else) once `abandoned` says every

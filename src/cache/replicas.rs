@@ -15,10 +15,17 @@
 //! does). If the peer fails (it died, its lease will expire), the configured upstreams are
 //! next, as for any failed source. Leases are renewed every [`RENEW`] while their download
 //! runs and released when it ends. Without `--server-advertise-addr` nothing here runs.
+//!
+//! Narinfo lookups are shared the same way, more simply: the replica about to ask the
+//! upstreams for a narinfo takes the lease `narinfo/<hash>` ([`NARINFO_TTL`], not renewed: a
+//! lookup is one small request); another replica missing the same hash meanwhile waits,
+//! looking every [`NARINFO_POLL`] for the narinfo in the shared store or the hash in the shared
+//! negative cache, and answers from there. If the holder's lookup failed (an outage is not
+//! remembered as absence) or it died, the lease goes and the waiter asks the upstreams itself.
 
 use super::Cache;
 use crate::index::Index;
-use crate::nix::NarName;
+use crate::nix::{NarName, StorePathHash};
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
@@ -36,6 +43,27 @@ pub(super) struct State {
 
 fn key(name: &NarName) -> String {
     format!("nar/{name}")
+}
+
+/// Seconds the lease on a narinfo lookup lasts: longer than a lookup takes, short enough that
+/// a replica that died while asking holds nobody up for long.
+const NARINFO_TTL: i64 = 10;
+/// How often a replica waiting for another's narinfo lookup looks for its outcome.
+const NARINFO_POLL: Duration = Duration::from_millis(20);
+
+fn narinfo_key(hash: &StorePathHash) -> String {
+    format!("narinfo/{hash}")
+}
+
+/// Whose turn it is to ask the upstreams for a narinfo.
+pub(super) enum NarinfoTurn {
+    /// No replicas (or the index could not be asked): ask, as a single ncps does.
+    Alone,
+    /// This replica holds the lease: ask, then [`Cache::end_narinfo_turn`].
+    Mine,
+    /// Another replica's lookup ended with the narinfo stored or the hash found absent: look
+    /// again locally instead of asking.
+    Settled,
 }
 
 /// The key of the lease that lets one replica at a time run an eviction pass.
@@ -118,6 +146,45 @@ impl Cache {
                 log::warn!("nar {name}: taking its lease: {e}; downloading it here");
                 None
             }
+        }
+    }
+
+    /// Before asking the upstreams for `hash`: waits while another replica asks for it (see
+    /// the module doc), until its lookup settled it, its lease went, or `abandoned` says every
+    /// client left (then [`NarinfoTurn::Alone`]: the caller's own lookup stops at once).
+    pub(super) fn narinfo_turn(&self, hash: &StorePathHash, abandoned: &dyn Fn() -> bool) -> NarinfoTurn {
+        let Some(me) = self.settings.advertise.as_deref() else { return NarinfoTurn::Alone };
+        let key = narinfo_key(hash);
+        let mut waited = false;
+        loop {
+            match self.index.take_lease(&key, me, crate::index::now(), NARINFO_TTL) {
+                Ok(true) => return NarinfoTurn::Mine,
+                Ok(false) => {}
+                Err(e) => {
+                    log::warn!("narinfo {hash}: taking its lease: {e}; asking the upstreams");
+                    return NarinfoTurn::Alone;
+                }
+            }
+            if !waited {
+                log::debug!("narinfo {hash}: another replica is asking the upstreams for it; waiting");
+                waited = true;
+            }
+            std::thread::sleep(NARINFO_POLL);
+            if abandoned() {
+                return NarinfoTurn::Alone;
+            }
+            // The holder stores the narinfo (or records it absent) before it gives the lease back.
+            if self.settled_elsewhere(hash) {
+                return NarinfoTurn::Settled;
+            }
+        }
+    }
+
+    /// The lookup of `hash` this replica held the lease for ended.
+    pub(super) fn end_narinfo_turn(&self, hash: &StorePathHash) {
+        let Some(me) = self.settings.advertise.as_deref() else { return };
+        if let Err(e) = self.index.release_lease(&narinfo_key(hash), me) {
+            log::warn!("narinfo {hash}: releasing its lease: {e}; it expires within {NARINFO_TTL} s");
         }
     }
 

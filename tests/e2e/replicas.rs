@@ -191,3 +191,32 @@ fn with_a_read_token_a_replica_presents_it_to_the_one_downloading_and_the_nar_is
     f.replicas[1].wait_for_log(0, "streamed from replica", Duration::from_secs(10));
     assert_eq!(f.up.hits(&upstream_nar), 1, "one upstream fetch: the second replica did not fall back to the upstream");
 }
+
+#[test]
+fn two_replicas_missing_one_narinfo_at_once_ask_the_upstream_once_and_serve_the_same_signed_narinfo() {
+    let Some(fx) = fixture_or_skip() else { return };
+    if !has_features() {
+        return;
+    }
+    let Some(f) = fleet(fx, 2, 10_000_000) else { return };
+    // A narinfo of ~0.5 KB at 400 B/s: over a second of lookup for the second replica to join.
+    f.up.set_mode_for(Mode::Slow(400), Target::Narinfo);
+    let path = format!("/{}.narinfo", store_hash(&fx.top));
+    let t0 = Instant::now();
+    let mut clients = Vec::new();
+    for (i, r) in f.replicas.iter().enumerate() {
+        let url = format!("{}{path}", r.url());
+        clients.push(thread::spawn(move || (i, http_get(&url).expect("GET"), t0.elapsed())));
+        thread::sleep(Duration::from_millis(300));
+    }
+    let mut bodies = Vec::new();
+    for c in clients {
+        let (i, got, took) = c.join().unwrap();
+        eprintln!("[e2e] replica {i}: narinfo in {took:?}");
+        assert_eq!(got.status, 200, "replica {i}");
+        bodies.push(got.text());
+    }
+    assert_eq!(f.up.hits(&path), 1, "one upstream lookup for both replicas");
+    assert_eq!(bodies[0], bodies[1], "both serve the narinfo the first stored, signed by the fleet's key");
+    f.replicas[1].wait_for_log(0, "looked up by another replica", Duration::from_secs(5));
+}

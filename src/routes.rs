@@ -185,8 +185,8 @@ impl Handler for Routes {
         }
         let (path, upload) = strip_upload(req.path());
         match route(path) {
-            Route::Narinfo(hash) if !upload && !self.cache.holds_narinfo(&hash) => Lane::Upstream,
-            Route::Nar(name) if !self.cache.holds_nar(&name) => Lane::Upstream,
+            Route::Narinfo(hash) if !upload && !self.cache.holds_narinfo_now(&hash) => Lane::Upstream,
+            Route::Nar(name) if !self.cache.holds_nar_now(&name) => Lane::Upstream,
             _ => Lane::Local,
         }
     }
@@ -206,7 +206,7 @@ impl Routes {
         }
         match r {
             r @ (Route::NixCacheInfo | Route::PubKey) => Some(self.read(r, req, upload)),
-            Route::Narinfo(hash) => match self.cache.narinfo_hit(&hash) {
+            Route::Narinfo(hash) => match self.cache.narinfo_hit_fast(&hash) {
                 Ok(Some(body)) => Some(self.answer(Ok(Answer::Hit(body)), Kind::Narinfo, req)),
                 _ => None,
             },

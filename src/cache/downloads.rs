@@ -223,18 +223,20 @@ enum Started {
 }
 
 impl Cache {
-    /// `GET /nar/<name>` (or HEAD, with `head_only`), and the FileHash of the bytes it
-    /// answers with, if known: the NAR's ETag (see [`crate::http::range`]). It names the bytes
-    /// themselves, so it is the same for a download in progress and for the stored file.
     /// Whether this NAR is in the store (one `stat`), so that a request for it needs no
-    /// upstream: the HTTP front's choice of worker pool, as [`Cache::holds_narinfo`].
-    pub fn holds_nar(&self, name: &NarName) -> bool {
-        matches!(self.blobs.nar_len(name), Ok(Some(_)))
+    /// upstream: the HTTP front's choice of worker pool, as [`Cache::holds_narinfo_now`].
+    /// With an object store, "no" (its answer would be a network request on the poll loop).
+    pub fn holds_nar_now(&self, name: &NarName) -> bool {
+        self.blobs.reads_are_local() && matches!(self.blobs.nar_len(name), Ok(Some(_)))
     }
 
     /// A stored NAR of at most `max` bytes, for the HTTP poll loop to answer without a
     /// worker: never downloads and never waits. `None` when it is not stored or is larger.
+    /// With an object store, `None` always: the poll loop never waits for the network.
     pub fn small_nar_hit(&self, name: &NarName, max: u64) -> Result<Option<(Body, Option<Hash>)>, CacheError> {
+        if !self.blobs.reads_are_local() {
+            return Ok(None);
+        }
         let Some(blob) = self.blobs.nar(name)? else { return Ok(None) };
         if blob.len() > max {
             return Ok(None);
@@ -244,6 +246,9 @@ impl Cache {
         Ok(Some((body_of(blob), tag)))
     }
 
+    /// `GET /nar/<name>` (or HEAD, with `head_only`), and the FileHash of the bytes it
+    /// answers with, if known: the NAR's ETag (see [`crate::http::range`]). It names the bytes
+    /// themselves, so it is the same for a download in progress and for the stored file.
     /// `client` is the address that asked: one address gets a fair share of the download
     /// slots ([`slot_verdict`]), not all of them.
     /// `zstd`: the client accepts `Content-Encoding: zstd` and asked for no range; a stored

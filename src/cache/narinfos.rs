@@ -71,10 +71,35 @@ impl Cache {
         lock(&self.narinfos.memo).get(hash).is_some() || matches!(self.blobs.narinfo(hash), Ok(Some(_)))
     }
 
+    /// [`Cache::holds_narinfo`] without waiting, for the HTTP poll loop: with an object store
+    /// ([`crate::storage::BlobStore::reads_are_local`] false) only the memo is asked, since
+    /// nothing on the poll loop may wait for the network; "no" sends the request to the
+    /// upstream pool, where a miss belongs (a hit there is served all the same).
+    pub fn holds_narinfo_now(&self, hash: &StorePathHash) -> bool {
+        if self.blobs.reads_are_local() {
+            return self.holds_narinfo(hash);
+        }
+        lock(&self.narinfos.memo).get(hash).is_some()
+    }
+
+    /// [`Cache::narinfo_hit`] for the HTTP poll loop: from the memo, or from the store when
+    /// reading it is local; `None` sends the request to a worker.
+    pub fn narinfo_hit_fast(&self, hash: &StorePathHash) -> Result<Option<Body>, CacheError> {
+        if self.blobs.reads_are_local() {
+            return self.narinfo_hit(hash);
+        }
+        Ok(self.memo_hit(hash))
+    }
+
+    fn memo_hit(&self, hash: &StorePathHash) -> Option<Body> {
+        let bytes = lock(&self.narinfos.memo).get(hash)?;
+        self.touch_narinfo(hash);
+        Some(Body::Bytes(bytes.to_vec()))
+    }
+
     pub fn narinfo_hit(&self, hash: &StorePathHash) -> Result<Option<Body>, CacheError> {
-        if let Some(bytes) = lock(&self.narinfos.memo).get(hash) {
-            self.touch_narinfo(hash);
-            return Ok(Some(Body::Bytes(bytes.to_vec())));
+        if let Some(body) = self.memo_hit(hash) {
+            return Ok(Some(body));
         }
         let Some(blob) = self.blobs.narinfo(hash)? else {
             return Ok(None);

@@ -186,6 +186,13 @@ pub trait BlobStore: Send + Sync {
     fn holds_anything(&self) -> Result<bool, StorageError>;
     /// A description for logs and errors (`/var/lib/ncps/store`).
     fn describe(&self) -> String;
+    /// Whether reading a blob is a local file operation (microseconds, from the page cache
+    /// mostly), so that the HTTP poll loop may answer a hit itself. An object store's reads
+    /// are network requests (with retries): the poll loop must never wait for one, since every
+    /// connection waits with it; its hits go to a worker.
+    fn reads_are_local(&self) -> bool {
+        true
+    }
 }
 
 /// Runs every removal, then returns the first failure.

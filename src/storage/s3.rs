@@ -810,6 +810,10 @@ impl BlobStore for S3Store {
     fn describe(&self) -> String {
         self.describe.clone()
     }
+
+    fn reads_are_local(&self) -> bool {
+        false
+    }
 }
 
 #[cfg(test)]

@@ -105,3 +105,29 @@ fn a_second_ncps_on_a_bucket_another_uses_stops_at_start_naming_the_owner_and_th
     first.restart();
     assert_eq!(first.get(&format!("/{}.narinfo", store_hash(&fx.top))).status, 200, "the owner itself starts again");
 }
+
+#[test]
+fn an_object_store_that_hangs_holds_up_only_the_requests_that_need_it_never_the_poll_loop() {
+    let Some(fx) = fixture_or_skip() else { return };
+    let Some(s3) = S3sFs::start() else { return };
+    let up = Upstream::for_cache(fx, Compression::Xz);
+    let flags = s3_args(&s3);
+    let extra: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let mut ncps = Ncps::for_upstreams_with(&[up.url()], &[&fx.up1_public_key], &extra);
+    let path = format!("/{}.narinfo", store_hash(&fx.top));
+    assert_eq!(ncps.get(&path).status, 200, "fetched and stored in the bucket");
+    // A restart empties the memo: the next hit must come from the bucket.
+    ncps.restart();
+    s3.pause();
+    let url = format!("{}{path}", ncps.url());
+    let waiting = std::thread::spawn(move || http_get(&url).map(|r| r.status));
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    // With the hit's S3 request made on the poll loop, every connection would wait with it.
+    for _ in 0..5 {
+        let t = std::time::Instant::now();
+        assert_eq!(ncps.get("/nix-cache-info").status, 200);
+        assert!(t.elapsed() < std::time::Duration::from_millis(500), "answered in {:?} while S3 hangs", t.elapsed());
+    }
+    s3.resume();
+    assert_eq!(waiting.join().unwrap().expect("the hit, once S3 answers"), 200);
+}

@@ -65,6 +65,22 @@ impl S3sFs {
         .collect()
     }
 
+    /// Stops the server (SIGSTOP): connections are accepted by the kernel and never answered,
+    /// as from an object store that hangs. [`S3sFs::resume`] undoes it.
+    pub fn pause(&self) {
+        // SAFETY: kill(2) on our own child, not reaped yet (so its pid is not reused).
+        unsafe {
+            libc::kill(self.child.id() as libc::pid_t, libc::SIGSTOP);
+        }
+    }
+
+    pub fn resume(&self) {
+        // SAFETY: as in `pause`.
+        unsafe {
+            libc::kill(self.child.id() as libc::pid_t, libc::SIGCONT);
+        }
+    }
+
     /// The objects under `prefix` (`nar/`, `narinfo/`) in the bucket, as s3s-fs keeps them.
     pub fn objects(&self, prefix: &str) -> Vec<PathBuf> {
         super::dirs::files_under(&self.root.join(S3_BUCKET).join(prefix))
@@ -73,6 +89,7 @@ impl S3sFs {
 
 impl Drop for S3sFs {
     fn drop(&mut self) {
+        self.resume();
         let _ = self.child.kill();
         let _ = self.child.wait();
     }

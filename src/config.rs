@@ -76,6 +76,11 @@ pub const FLAGS: &[Flag] = &[
     flag!(["cache-storage-s3-force-path-style"], ["CACHE_STORAGE_S3_FORCE_PATH_STYLE"],
         ["cache.storage.s3.force-path-style"], Bool, None,
         "Path-style S3 addressing (endpoint/bucket/key), as MinIO and Garage need"),
+    flag!(["cache-storage-s3-redirect"], ["CACHE_STORAGE_S3_REDIRECT"],
+        ["cache.storage.s3.redirect"], Bool, None,
+        "Answer NAR hits with a redirect (307) to a presigned URL of the object, valid 10 minutes, \
+         instead of sending the bytes through ncps: for clients that can reach the S3 endpoint \
+         ncps uses (narinfos and misses still come from ncps)"),
     flag!(["cache-database-url"], ["CACHE_DATABASE_URL"],
         ["cache.database-url"], Value, None,
         "Database, as sqlite:PATH, or postgresql://USER:PASSWORD@HOST:PORT/DB in a build with \
@@ -331,12 +336,19 @@ pub struct S3Config {
     pub access_key_id: String,
     pub secret_access_key: Secret,
     pub force_path_style: bool,
+    /// `--cache-storage-s3-redirect`: NAR hits are redirects to presigned URLs.
+    pub redirect: bool,
 }
 
 /// `--cache-storage-s3-*`: `None` without a bucket. A build without the `s3` feature refuses
 /// a bucket here, so that it never starts with its blobs somewhere the user did not ask.
 fn s3_from_raw(raw: &RawValues) -> Result<Option<S3Config>, ConfigError> {
-    let Some(bucket) = raw.one("cache-storage-s3-bucket") else { return Ok(None) };
+    let Some(bucket) = raw.one("cache-storage-s3-bucket") else {
+        if raw.bool("cache-storage-s3-redirect")? {
+            return Err(ConfigError::new("cache-storage-s3-redirect", "redirects to presigned URLs need --cache-storage-s3-bucket"));
+        }
+        return Ok(None);
+    };
     if !cfg!(feature = "s3") {
         return Err(ConfigError::new(
             "cache-storage-s3-bucket",
@@ -366,6 +378,7 @@ fn s3_from_raw(raw: &RawValues) -> Result<Option<S3Config>, ConfigError> {
         access_key_id: access_key_id.to_string(),
         secret_access_key,
         force_path_style: raw.bool("cache-storage-s3-force-path-style")?,
+        redirect: raw.bool("cache-storage-s3-redirect")?,
     }))
 }
 
@@ -1196,12 +1209,18 @@ mod tests {
         let s3 = c.s3.clone().unwrap();
         assert_eq!((s3.bucket.as_str(), s3.endpoint.as_str(), s3.region.as_str()), ("nars", "http://127.0.0.1:9000", "eu-west-1"));
         assert!(s3.force_path_style);
+        assert!(!s3.redirect, "redirects are off unless asked for");
+        let mut with_redirect = env.to_vec();
+        with_redirect.push(("CACHE_STORAGE_S3_REDIRECT", "true"));
+        assert!(parse(&with_s3(&[]), &with_redirect).unwrap().s3.unwrap().redirect);
+        let e = parse(MINIMAL.iter().copied().chain(["--cache-storage-s3-redirect"]).collect::<Vec<_>>().as_slice(), &[]).unwrap_err();
+        assert_eq!(e.flag, "cache-storage-s3-redirect", "a redirect without a bucket is refused, not ignored");
         assert_eq!(s3.secret_access_key.expose(), "s3cr3t-value");
         assert!(!format!("{c:?}").contains("s3cr3t-value"), "the secret never prints");
         let e = parse(&with_s3(&["--cache-storage-s3-endpoint", "minio:9000"]), &env).unwrap_err();
         assert_eq!(e.flag, "cache-storage-s3-endpoint");
         assert!(parse(MINIMAL, &[]).unwrap().s3.is_none(), "no bucket, no S3");
-        for key in ["bucket", "endpoint", "region", "access-key-id", "secret-access-key", "force-path-style"] {
+        for key in ["bucket", "endpoint", "region", "access-key-id", "secret-access-key", "force-path-style", "redirect"] {
             let key = format!("cache.storage.s3.{key}");
             assert!(find_key(&key).is_some(), "{key}");
         }

@@ -355,6 +355,10 @@ impl Routes {
                 Outcome::Hit,
                 Response::new(200, content_type, body).with_header("Content-Encoding", "zstd").with_note("hit (zstd)"),
             ),
+            Ok(Answer::Redirect(url)) => (
+                Outcome::Hit,
+                Response::text(307, "Temporary Redirect\n").with_header("Location", url).with_note("hit (redirect)"),
+            ),
             Ok(Answer::Miss(body, from)) => {
                 (Outcome::Miss, Response::new(200, content_type, body).with_note("miss").with_upstream(from))
             }

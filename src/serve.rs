@@ -74,6 +74,7 @@ fn open_s3(
         access_key_id: s3.access_key_id.clone(),
         secret_access_key: s3.secret_access_key.expose().to_string(),
         force_path_style: s3.force_path_style,
+        redirect: s3.redirect,
         retry: Retry::default(),
     };
     let store = S3Store::open(&settings).map_err(|e| runtime(format!("--cache-storage-s3-bucket: {e}")))?;

@@ -261,6 +261,14 @@ impl Cache {
         zstd: bool,
     ) -> Result<(Answer, Option<Hash>), CacheError> {
         let zstd = zstd && self.settings.zstd_responses && super::zstd_copies::is_plain(name);
+        if let Some(url) = self.blobs.nar_redirect(name).filter(|_| !head_only) {
+            // One HEAD of the object: a redirect only to what is there (a miss is fetched
+            // and verified through ncps, as always).
+            if self.blobs.nar_len(name)?.is_some() {
+                self.touch_nar(name);
+                return Ok((Answer::Redirect(url), None));
+            }
+        }
         if let Some(blob) = self.blobs.nar(name)? {
             self.touch_nar(name);
             if zstd {

@@ -67,6 +67,8 @@ pub enum Answer {
     Hit(Body),
     /// Served from the store, zstd-encoded (`Content-Encoding: zstd`).
     HitZstd(Body),
+    /// Stored, and to be fetched by the client from this URL (`--cache-storage-s3-redirect`).
+    Redirect(String),
     /// Fetched (or being fetched) from upstream: the body and where it comes from, for the log.
     Miss(Body, Arc<str>),
     /// Only the length is known (a HEAD for a NAR not fetched yet).

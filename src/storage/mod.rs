@@ -193,6 +193,13 @@ pub trait BlobStore: Send + Sync {
     fn reads_are_local(&self) -> bool {
         true
     }
+    /// Where a client may fetch the stored NAR `name` itself, for a while (an object store's
+    /// presigned GET, when it was asked to hand those out: `--cache-storage-s3-redirect`), or
+    /// `None`: ncps sends the bytes. Says nothing about whether the NAR is there; the caller
+    /// checks that first.
+    fn nar_redirect(&self, _name: &NarName) -> Option<String> {
+        None
+    }
 }
 
 /// Runs every removal, then returns the first failure.

@@ -52,6 +52,10 @@ const MAX_PARTS: u64 = 10_000;
 /// How long a signed URL is valid. Each is used at once (and again on a retry), so this only
 /// has to outlast the retries of one request.
 const SIGNED_FOR: Duration = Duration::from_secs(15 * 60);
+/// How long a presigned URL handed to a client for a NAR hit works. The object store checks
+/// it when the request starts, so a slow download outlives it; a client that retries asks
+/// ncps again and gets a new one.
+pub const REDIRECT_VALID: Duration = Duration::from_secs(10 * 60);
 
 /// Narinfos are small; an object under `narinfo/` larger than this is not one of ours.
 const NARINFO_MAX: u64 = 1 << 20;
@@ -76,6 +80,8 @@ pub struct S3Settings {
     pub secret_access_key: String,
     /// `http://endpoint/bucket/key` rather than `http://bucket.endpoint/key` (MinIO, Garage).
     pub force_path_style: bool,
+    /// Hand out presigned URLs for NAR hits ([`BlobStore::nar_redirect`]).
+    pub redirect: bool,
     pub retry: Retry,
 }
 
@@ -88,6 +94,7 @@ impl fmt::Debug for S3Settings {
             .field("access_key_id", &self.access_key_id)
             .field("secret_access_key", &"<redacted>")
             .field("force_path_style", &self.force_path_style)
+            .field("redirect", &self.redirect)
             .finish()
     }
 }
@@ -280,6 +287,7 @@ struct Inner {
     credentials: Credentials,
     agent: ureq::Agent,
     retry: Retry,
+    redirect: bool,
 }
 
 type Answer = http::Response<ureq::Body>;
@@ -487,7 +495,7 @@ impl S3Store {
             .tls_config(tls)
             .build()
             .new_agent();
-        let inner = Arc::new(Inner { bucket, credentials, agent, retry: settings.retry });
+        let inner = Arc::new(Inner { bucket, credentials, agent, retry: settings.retry, redirect: settings.redirect });
         let url = HeadBucket::new(&inner.bucket, Some(&inner.credentials)).sign(SIGNED_FOR);
         let answer = inner.head("opening", &describe, url.as_str())?;
         match answer.status().as_u16() {
@@ -813,6 +821,11 @@ impl BlobStore for S3Store {
 
     fn reads_are_local(&self) -> bool {
         false
+    }
+
+    fn nar_redirect(&self, name: &NarName) -> Option<String> {
+        let key = Self::nar_key(name);
+        self.inner.redirect.then(|| GetObject::new(&self.inner.bucket, Some(&self.inner.credentials), &key).sign(REDIRECT_VALID).to_string())
     }
 }
 

@@ -131,3 +131,43 @@ fn an_object_store_that_hangs_holds_up_only_the_requests_that_need_it_never_the_
     s3.resume();
     assert_eq!(waiting.join().unwrap().expect("the hit, once S3 answers"), 200);
 }
+
+#[test]
+fn with_redirects_on_a_nar_hit_is_a_307_to_a_presigned_url_that_nix_follows_and_the_log_never_shows() {
+    let Some(fx) = fixture_or_skip() else { return };
+    let Some(s3) = S3sFs::start() else { return };
+    let up = Upstream::for_cache(fx, Compression::Xz);
+    let mut flags = s3_args(&s3);
+    flags.push("--cache-storage-s3-redirect".into());
+    let extra: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let ncps = Ncps::for_upstreams_with(&[up.url()], &[&fx.up1_public_key], &extra);
+    let key = ncps.pubkey();
+    // Misses go through ncps (fetched, verified, then stored in the bucket).
+    NixClient::Nix2_8.copy_from(&ncps.url(), &[&fx.top], &key).expect("nix copy of misses");
+    let (nar_path, size) = ncps_nar_path(&ncps, &fx.big);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let mut r = ncps.get(&nar_path);
+    while r.status != 307 && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        r = ncps.get(&nar_path);
+    }
+    assert_eq!(r.status, 307, "a stored NAR is a redirect");
+    let location = r.header("location").expect("a Location").to_string();
+    assert!(location.contains("X-Amz-Signature=") && location.contains(&format!("127.0.0.1:{}", s3.port)), "{location}");
+    let direct = http_get(&location).expect("GET of the presigned URL");
+    let upstream_nar = upstream_nar_path(fx, Compression::Xz, &fx.big);
+    let want = std::fs::read(fx.cache_dir(Compression::Xz).join(upstream_nar.trim_start_matches('/'))).unwrap();
+    assert_eq!((direct.status, direct.body.len() as u64), (200, size));
+    assert!(direct.body == want, "the presigned URL gives the NAR, byte for byte");
+    assert_eq!(ncps.head(&nar_path).status, 200, "a HEAD is answered by ncps (a presigned GET is for GET only)");
+
+    // A fresh Nix store fetches the closure again: every NAR by its redirect.
+    let since = ncps.log_len();
+    up.reset_hits();
+    NixClient::Nix2_8.copy_from(&ncps.url(), &[&fx.top], &key).expect("nix copy through the redirects");
+    assert_eq!(up.total_hits(), 0, "all hits");
+    let log = ncps.log();
+    assert!(log[since..].contains("307") && log[since..].contains("hit (redirect)"), "{}", &log[since..]);
+    let signature = location.split("X-Amz-Signature=").nth(1).unwrap();
+    assert!(!log.contains(signature), "the presigned URL is a credential for 10 minutes: never logged");
+}

@@ -649,7 +649,9 @@ fn parse_database_url(url: &str) -> Result<Database, ConfigError> {
     }
     if url.starts_with("postgresql://") || url.starts_with("postgres://") {
         #[cfg(feature = "postgres")]
-        return match url.parse::<postgres::Config>() {
+        // libpq's sslmode and sslrootcert too: an unknown mode or an unreadable CA file is
+        // refused here, at start, like any other mistake in a flag.
+        return match crate::index::pg_tls::settings(url) {
             Ok(_) => Ok(Database::Postgres(url.to_string())),
             Err(e) => Err(ConfigError::new(FLAG, format!("{}: {e}", redact_url(url)))),
         };

@@ -25,6 +25,8 @@
 pub mod sqlite;
 #[cfg(feature = "postgres")]
 pub mod postgres;
+#[cfg(feature = "postgres")]
+pub mod pg_tls;
 #[cfg(all(test, feature = "postgres"))]
 pub(crate) mod pg_cluster;
 
@@ -195,12 +197,16 @@ pub enum IndexError {
     /// The database holds no ncps schema and the caller did not let it be created (the store
     /// beside it already holds files that an empty index would disown).
     NotCreated { database: String },
+    /// The database URL cannot be used as it stands (an unknown `sslmode`, an `sslrootcert`
+    /// that cannot be read…): which database (without the password), and why. A mistake in
+    /// the configuration, found before anything is connected to.
+    BadUrl { database: String, source: Box<dyn std::error::Error + Send + Sync> },
 }
 
 impl fmt::Display for IndexError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            IndexError::Backend { action, source } => write!(f, "{action}: {source}"),
+            IndexError::Backend { action, source } => write!(f, "{action}: {}", with_causes(source.as_ref())),
             IndexError::NewerSchema { found, supported } => write!(
                 f,
                 "the database has schema version {found}, this ncps knows up to {supported}: \
@@ -215,17 +221,36 @@ impl fmt::Display for IndexError {
                 tables.join(", ")
             ),
             IndexError::Unreachable { database, source } => {
-                write!(f, "cannot reach the database {database}: {source}")
+                write!(f, "cannot reach the database {database}: {}", with_causes(source.as_ref()))
             }
             IndexError::NotCreated { database } => write!(f, "the database {database} holds no ncps schema yet"),
+            IndexError::BadUrl { database, source } => write!(f, "the database URL {database}: {source}"),
         }
     }
+}
+
+/// `e` and the errors under it, `: `-separated. The PostgreSQL driver's errors say only their
+/// kind ("error performing TLS handshake", "db error") and keep the reason in their source;
+/// a source whose text is already shown is not repeated.
+fn with_causes(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut shown = e.to_string();
+    let mut next = e.source();
+    while let Some(cause) = next {
+        let text = cause.to_string();
+        if !shown.contains(&text) {
+            shown = format!("{shown}: {text}");
+        }
+        next = cause.source();
+    }
+    shown
 }
 
 impl std::error::Error for IndexError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
-            IndexError::Backend { source, .. } | IndexError::Unreachable { source, .. } => Some(source.as_ref()),
+            IndexError::Backend { source, .. }
+            | IndexError::Unreachable { source, .. }
+            | IndexError::BadUrl { source, .. } => Some(source.as_ref()),
             _ => None,
         }
     }

@@ -867,6 +867,14 @@ mod tests {
     }
 
     #[test]
+    fn channel_binding_is_offered_over_tls_so_that_channel_binding_require_logs_in() {
+        // SCRAM-SHA-256-PLUS with tls-server-end-point: the hash our DER walk picks must be
+        // the server's, or the login fails.
+        let url = tls_url("binding", "sslmode=require&channel_binding=require");
+        assert!(ssl_in_use(&PostgresIndex::open(&url, true).expect("a channel-bound SCRAM login")));
+    }
+
+    #[test]
     fn prefer_the_default_uses_tls_when_the_server_offers_it_and_disable_does_not() {
         let url = pg_cluster::shared_tls().create_database("prefer_tls").unwrap();
         assert!(ssl_in_use(&PostgresIndex::open(&url, true).unwrap()), "no sslmode is prefer, as in libpq");

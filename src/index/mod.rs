@@ -206,7 +206,7 @@ pub enum IndexError {
 impl fmt::Display for IndexError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            IndexError::Backend { action, source } => write!(f, "{action}: {}", with_causes(source.as_ref())),
+            IndexError::Backend { action, source } => write!(f, "{action}: {source}"),
             IndexError::NewerSchema { found, supported } => write!(
                 f,
                 "the database has schema version {found}, this ncps knows up to {supported}: \
@@ -221,28 +221,12 @@ impl fmt::Display for IndexError {
                 tables.join(", ")
             ),
             IndexError::Unreachable { database, source } => {
-                write!(f, "cannot reach the database {database}: {}", with_causes(source.as_ref()))
+                write!(f, "cannot reach the database {database}: {source}")
             }
             IndexError::NotCreated { database } => write!(f, "the database {database} holds no ncps schema yet"),
             IndexError::BadUrl { database, source } => write!(f, "the database URL {database}: {source}"),
         }
     }
-}
-
-/// `e` and the errors under it, `: `-separated. The PostgreSQL driver's errors say only their
-/// kind ("error performing TLS handshake", "db error") and keep the reason in their source;
-/// a source whose text is already shown is not repeated.
-fn with_causes(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut shown = e.to_string();
-    let mut next = e.source();
-    while let Some(cause) = next {
-        let text = cause.to_string();
-        if !shown.contains(&text) {
-            shown = format!("{shown}: {text}");
-        }
-        next = cause.source();
-    }
-    shown
 }
 
 impl std::error::Error for IndexError {

@@ -131,7 +131,34 @@ const WRITE_LOCK: &str = "SELECT pg_advisory_xact_lock(1852010611)";
 const ATTEMPTS: usize = 3;
 
 fn backend(action: &'static str) -> impl FnOnce(postgres::Error) -> IndexError {
-    move |e| IndexError::Backend { action, source: Box::new(e) }
+    move |e| IndexError::Backend { action, source: Box::new(Driver(e)) }
+}
+
+/// A driver error shown with its reasons: tokio-postgres's own text is only its kind ("error
+/// performing TLS handshake", "db error"), the reason is in its `source()`. Those are added,
+/// `: `-separated, each unless its text is already shown.
+#[derive(Debug)]
+struct Driver(postgres::Error);
+
+impl std::fmt::Display for Driver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut shown = self.0.to_string();
+        let mut next = std::error::Error::source(&self.0);
+        while let Some(cause) = next {
+            let text = cause.to_string();
+            if !shown.contains(&text) {
+                shown = format!("{shown}: {text}");
+            }
+            next = cause.source();
+        }
+        f.write_str(&shown)
+    }
+}
+
+impl std::error::Error for Driver {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        std::error::Error::source(&self.0)
+    }
 }
 
 fn parse_hash(h: &str) -> Result<StorePathHash, IndexError> {
@@ -195,7 +222,7 @@ impl Pool {
             None => self.config.connect(NoTls),
             Some(tls) => self.config.connect(tls.clone()),
         }
-        .map_err(|e| IndexError::Unreachable { database: self.shown.clone(), source: Box::new(e) })?;
+        .map_err(|e| IndexError::Unreachable { database: self.shown.clone(), source: Box::new(Driver(e)) })?;
         Ok(Session { client, statements: HashMap::new() })
     }
 

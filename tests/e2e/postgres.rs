@@ -1,6 +1,9 @@
 //! The index in PostgreSQL (`--cache-database-url postgresql://…`, issue 18): the real ncps
 //! binary, built with `--features postgres`, against a real PostgreSQL server
 //! (support::pg_cluster: initdb and pg_ctl, a database per test), with the Nix 2.8 client.
+//! The TLS tests use a server with `ssl=on` and a test CA (`pg_cluster::shared_tls`): ncps over
+//! `sslmode=verify-full` (every session encrypted, as `pg_stat_ssl` says), a wrong CA refused
+//! at start with its cause, and URL mistakes refused as configuration errors.
 //!
 //! `make test` builds the suite with `--features postgres`, so these always run there. Against
 //! a binary built without the feature (`make test-static`), each test instead checks that

@@ -12,8 +12,9 @@ ADDR ?= :8501
 # debootstrap: the end-to-end tests also run a current Nix (Debian 13's) in a chroot.
 # python3-venv: for Rotel, the OpenTelemetry collector of the otel tests (tests/rotel.sh).
 # postgresql: the server the PostgreSQL index is tested against (src/index/pg_cluster.rs starts
-# throwaway clusters from its binaries; the Debian service itself is not used).
-APT_PACKAGES := nix-bin curl xz-utils ca-certificates build-essential tzdata debootstrap python3-venv postgresql
+# throwaway clusters from its binaries; the Debian service itself is not used). openssl: the
+# command that makes the certificates of the TLS test clusters (same file).
+APT_PACKAGES := nix-bin curl xz-utils ca-certificates build-essential tzdata debootstrap python3-venv postgresql openssl
 
 .PHONY: all build run test test-scale test-static test-image image deps bench bench-deps bench-scale bench-outage bench-isolation bench-zstd bench-replicas static fuzz clean
 

@@ -84,7 +84,8 @@ pub const FLAGS: &[Flag] = &[
     flag!(["cache-database-url"], ["CACHE_DATABASE_URL"],
         ["cache.database-url"], Value, None,
         "Database, as sqlite:PATH, or postgresql://USER:PASSWORD@HOST:PORT/DB in a build with \
-         PostgreSQL (--features postgres) [default: sqlite:<data-path>/db.sqlite]"),
+         PostgreSQL (--features postgres; TLS with libpq's ?sslmode=…&sslrootcert=…) \
+         [default: sqlite:<data-path>/db.sqlite]"),
     flag!(["cache-temp-path"], ["CACHE_TEMP_PATH"],
         ["cache.temp-path"], Value, None,
         "Directory for downloads in progress; keep it on the data path's filesystem \
@@ -662,7 +663,9 @@ fn parse_database_url(url: &str) -> Result<Database, ConfigError> {
     }
     if url.starts_with("postgresql://") || url.starts_with("postgres://") {
         #[cfg(feature = "postgres")]
-        return match url.parse::<postgres::Config>() {
+        // libpq's sslmode and sslrootcert too: an unknown mode or an unreadable CA file is
+        // refused here, at start, like any other mistake in a flag.
+        return match crate::index::pg_tls::settings(url) {
             Ok(_) => Ok(Database::Postgres(url.to_string())),
             Err(e) => Err(ConfigError::new(FLAG, format!("{}: {e}", redact_url(url)))),
         };
@@ -1638,6 +1641,26 @@ workers = 8
         args.extend(["--cache-database-url", "postgresql://u:pw@h:notaport/d"]);
         let err = parse(&args, &[]).unwrap_err().to_string();
         assert!(err.starts_with("--cache-database-url: ") && !err.contains("pw@"), "{err}");
+    }
+
+    #[cfg(feature = "postgres")]
+    #[test]
+    fn an_unknown_sslmode_an_unreadable_sslrootcert_or_a_client_certificate_is_a_config_error() {
+        for (query, says) in [
+            ("sslmode=allow", "sslmode=\"allow\" is not supported"),
+            ("sslmode=verify-ca&sslrootcert=/nonexistent/ca.pem", "sslrootcert=/nonexistent/ca.pem: cannot be read"),
+            ("sslmode=verify-full&sslcert=/etc/c.pem", "sslcert"),
+        ] {
+            let mut args = MINIMAL.to_vec();
+            let url = format!("postgresql://u:secret-pw@h/d?{query}");
+            args.extend(["--cache-database-url", &url]);
+            let err = parse(&args, &[]).unwrap_err().to_string();
+            assert!(err.starts_with("--cache-database-url: ") && err.contains(says), "{err}");
+            assert!(!err.contains("secret-pw"), "{err}");
+        }
+        let mut args = MINIMAL.to_vec();
+        args.extend(["--cache-database-url", "postgresql://u:pw@h/d?sslmode=verify-full&connect_timeout=2"]);
+        assert!(parse(&args, &[]).is_ok(), "libpq's modes and the driver's parameters together");
     }
 }
 

@@ -35,9 +35,7 @@ impl Logger {
 
 impl log::Log for Logger {
     fn enabled(&self, meta: &log::Metadata) -> bool {
-        // The HTTP client and TLS stack are chatty below info; their news is in our own lines.
-        let noisy = ["ureq", "rustls"].iter().any(|t| meta.target().starts_with(t));
-        meta.level() <= self.level && !(noisy && meta.level() > log::Level::Info)
+        meta.level() <= self.level && meta.level() <= ceiling(meta.target())
     }
 
     fn log(&self, record: &log::Record) {
@@ -60,6 +58,20 @@ impl log::Log for Logger {
     fn flush(&self) {
         let mut buf = self.buf.lock().unwrap_or_else(|p| p.into_inner());
         self.flush_now(&mut buf);
+    }
+}
+
+/// The most a crate of ours depends on may log, whatever `--log-level` says. The HTTP client
+/// and TLS stack are chatty below info; their news is in our own lines. The PostgreSQL driver
+/// (`postgres`, `tokio_postgres`, `postgres_protocol`…) logs every statement and its
+/// parameters at debug and its connection's chatter at info: only its warnings are kept, so
+/// that `--log-level debug` stays readable and shows no parameter values.
+fn ceiling(target: &str) -> log::Level {
+    let crate_name = target.split("::").next().unwrap_or(target);
+    match crate_name {
+        c if c.starts_with("ureq") || c.starts_with("rustls") => log::Level::Info,
+        c if c.starts_with("postgres") || c == "tokio_postgres" || c == "tokio_rustls" => log::Level::Warn,
+        _ => log::Level::Trace,
     }
 }
 
@@ -118,4 +130,23 @@ pub fn format_utc(secs: u64) -> String {
         rem % 3600 / 60,
         rem % 60
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ceiling;
+    use log::Level;
+
+    #[test]
+    fn the_postgresql_driver_logs_only_warnings_and_the_http_stack_up_to_info() {
+        for t in ["tokio_postgres::prepare", "tokio_postgres::query", "postgres", "postgres_protocol::x", "tokio_rustls"] {
+            assert_eq!(ceiling(t), Level::Warn, "{t}");
+        }
+        for t in ["ureq::unversioned::transport", "ureq_proto::client", "rustls::client::hs"] {
+            assert_eq!(ceiling(t), Level::Info, "{t}");
+        }
+        for t in ["ncps::index::postgres", "ncps::serve", "ncps"] {
+            assert_eq!(ceiling(t), Level::Trace, "our own lines are not capped: {t}");
+        }
+    }
 }

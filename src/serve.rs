@@ -188,6 +188,9 @@ fn open_postgres(url: &str, blobs: &dyn BlobStore) -> Result<Arc<dyn Index>, Exi
     let index = crate::index::PostgresIndex::open(url, may_create).map_err(|e| match e {
         IndexError::NotCreated { .. } => refuse_missing_index(&format!("the ncps schema in {shown}"), blobs).into(),
         IndexError::Foreign(_) => ConfigError::new("cache-database-url", format!("{shown}: {e}")).into(),
+        IndexError::BadUrl { source, .. } => ConfigError::new("cache-database-url", format!("{shown}: {source}")).into(),
+        // It names the database (without the password) itself.
+        e @ IndexError::Unreachable { .. } => runtime(e.to_string()),
         e => runtime(format!("database {shown}: {e}")),
     })?;
     log::info!("index: PostgreSQL {shown}");

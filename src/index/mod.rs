@@ -25,6 +25,8 @@
 pub mod sqlite;
 #[cfg(feature = "postgres")]
 pub mod postgres;
+#[cfg(feature = "postgres")]
+pub mod pg_tls;
 #[cfg(all(test, feature = "postgres"))]
 pub(crate) mod pg_cluster;
 
@@ -195,6 +197,10 @@ pub enum IndexError {
     /// The database holds no ncps schema and the caller did not let it be created (the store
     /// beside it already holds files that an empty index would disown).
     NotCreated { database: String },
+    /// The database URL cannot be used as it stands (an unknown `sslmode`, an `sslrootcert`
+    /// that cannot be read…): which database (without the password), and why. A mistake in
+    /// the configuration, found before anything is connected to.
+    BadUrl { database: String, source: Box<dyn std::error::Error + Send + Sync> },
 }
 
 impl fmt::Display for IndexError {
@@ -218,6 +224,7 @@ impl fmt::Display for IndexError {
                 write!(f, "cannot reach the database {database}: {source}")
             }
             IndexError::NotCreated { database } => write!(f, "the database {database} holds no ncps schema yet"),
+            IndexError::BadUrl { database, source } => write!(f, "the database URL {database}: {source}"),
         }
     }
 }
@@ -225,7 +232,9 @@ impl fmt::Display for IndexError {
 impl std::error::Error for IndexError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
-            IndexError::Backend { source, .. } | IndexError::Unreachable { source, .. } => Some(source.as_ref()),
+            IndexError::Backend { source, .. }
+            | IndexError::Unreachable { source, .. }
+            | IndexError::BadUrl { source, .. } => Some(source.as_ref()),
             _ => None,
         }
     }

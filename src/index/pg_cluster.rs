@@ -10,6 +10,12 @@
 //! exit; each test makes its own database there ([`Cluster::create_database`]), so tests run
 //! in parallel. A test that stops or restarts the server starts its own cluster.
 //!
+//! [`Cluster::start_tls`] starts one with `ssl=on` and a certificate made for the test with
+//! the `openssl` command line (installed with `make test`'s APT packages): a CA of its own
+//! ([`Cluster::ca_file`]) signs a server certificate for `localhost` and `127.0.0.1`, and a
+//! second CA that signed nothing ([`Cluster::other_ca_file`]) is there to be the wrong one.
+//! Both are EC P-256 and valid for two days. [`shared_tls`] is the shared one of those.
+//!
 //! The binaries come from `NCPS_TEST_PG_BIN`, else the newest `/usr/lib/postgresql/*/bin`
 //! (Debian's `postgresql` package, which `make test` installs).
 //!
@@ -35,6 +41,50 @@ pub struct Cluster {
     pub port: u16,
     /// uid and gid to run the server as (when this process is root).
     as_user: Option<(u32, u32)>,
+    /// Whether the server was given a certificate and `ssl=on`.
+    tls: bool,
+}
+
+/// The `openssl` configuration of a test CA and of the server certificate it signs.
+const OPENSSL_CNF: &str = "[req]\nprompt = no\ndistinguished_name = dn\n[dn]\nCN = ncps test\n\
+    [ca]\nbasicConstraints = critical, CA:TRUE\nkeyUsage = critical, keyCertSign, cRLSign\n\
+    subjectKeyIdentifier = hash\n\
+    [server]\nbasicConstraints = critical, CA:FALSE\nkeyUsage = critical, digitalSignature\n\
+    extendedKeyUsage = serverAuth\nsubjectAltName = DNS:localhost, IP:127.0.0.1\n\
+    authorityKeyIdentifier = keyid\n";
+
+fn openssl(dir: &std::path::Path, args: &[&str]) -> Result<(), String> {
+    let out = Command::new("openssl").current_dir(dir).args(args).stdin(Stdio::null()).output();
+    succeeded(&format!("openssl {}", args.join(" ")), out)
+        .map_err(|e| format!("{e}\n(the TLS tests make their certificates with the openssl command: apt-get install openssl)"))
+}
+
+/// Makes `ca.pem` (with `ca.key`), `other-ca.pem`, and `server.pem` / `server.key` signed by
+/// the first, in `dir`.
+fn make_certificates(dir: &std::path::Path) -> Result<(), String> {
+    fs::write(dir.join("openssl.cnf"), OPENSSL_CNF).map_err(|e| e.to_string())?;
+    let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
+    for ca in ["ca", "other-ca"] {
+        let (key, pem) = (format!("{ca}.key"), format!("{ca}.pem"));
+        let mut args = vec!["req", "-x509", "-config", "openssl.cnf", "-extensions", "ca", "-days", "2"];
+        args.extend(ec);
+        args.extend(["-subj", if ca == "ca" { "/CN=ncps test CA" } else { "/CN=ncps test other CA" }]);
+        args.extend(["-keyout", &key, "-out", &pem]);
+        openssl(dir, &args)?;
+    }
+    let mut args = vec!["req", "-new", "-config", "openssl.cnf", "-subj", "/CN=localhost"];
+    args.extend(ec);
+    args.extend(["-keyout", "server.key", "-out", "server.csr"]);
+    openssl(dir, &args)?;
+    openssl(
+        dir,
+        &[
+            "x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-set_serial", "2", "-days", "2",
+            "-extfile", "openssl.cnf", "-extensions", "server", "-out", "server.pem",
+        ],
+    )?;
+    // PostgreSQL refuses a key that others may read.
+    fs::set_permissions(dir.join("server.key"), std::os::unix::fs::PermissionsExt::from_mode(0o600)).map_err(|e| e.to_string())
 }
 
 /// The directory of `initdb` and `pg_ctl`.
@@ -93,6 +143,26 @@ fn succeeded(what: &str, out: std::io::Result<Output>) -> Result<(), String> {
 impl Cluster {
     /// initdb and start a new cluster.
     pub fn start() -> Result<Cluster, String> {
+        Cluster::start_with(false)
+    }
+
+    /// initdb and start a new cluster with `ssl=on` and a certificate for `localhost` and
+    /// `127.0.0.1` signed by [`Cluster::ca_file`].
+    pub fn start_tls() -> Result<Cluster, String> {
+        Cluster::start_with(true)
+    }
+
+    /// The CA that signed the server's certificate (a cluster from [`Cluster::start_tls`]).
+    pub fn ca_file(&self) -> PathBuf {
+        self.dir.join("ca.pem")
+    }
+
+    /// A CA that signed nothing the server has.
+    pub fn other_ca_file(&self) -> PathBuf {
+        self.dir.join("other-ca.pem")
+    }
+
+    fn start_with(tls: bool) -> Result<Cluster, String> {
         let bin = bin_dir()?;
         // SAFETY: geteuid has no preconditions and cannot fail.
         let root = unsafe { libc::geteuid() } == 0;
@@ -104,12 +174,19 @@ impl Cluster {
         fs::create_dir_all(dir.join("data")).map_err(|e| format!("{}: {e}", dir.display()))?;
         let pwfile = dir.join("pw");
         fs::write(&pwfile, PASSWORD).map_err(|e| e.to_string())?;
+        if tls {
+            make_certificates(&dir)?;
+        }
         if let Some((uid, gid)) = as_user {
-            for p in [dir.as_path(), &dir.join("data"), &pwfile] {
+            let mut owned = vec![dir.clone(), dir.join("data"), pwfile.clone()];
+            if tls {
+                owned.extend(["server.pem", "server.key"].map(|f| dir.join(f)));
+            }
+            for p in &owned {
                 std::os::unix::fs::chown(p, Some(uid), Some(gid)).map_err(|e| format!("chown {}: {e}", p.display()))?;
             }
         }
-        let cluster = Cluster { dir, bin, port: free_port()?, as_user };
+        let cluster = Cluster { dir, bin, port: free_port()?, as_user, tls };
         let data = cluster.data_dir();
         let out = cluster
             .command("initdb")
@@ -137,12 +214,16 @@ impl Cluster {
 
     /// Starts the server (again, after [`Cluster::stop`]), waiting until it accepts logins.
     pub fn start_server(&self) -> Result<(), String> {
-        let opts = format!(
+        let mut opts = format!(
             "-k {} -p {} -c listen_addresses=127.0.0.1 -c fsync=off -c full_page_writes=off \
              -c synchronous_commit=off -c max_connections=200",
             self.dir.display(),
             self.port
         );
+        if self.tls {
+            let (cert, key) = (self.dir.join("server.pem"), self.dir.join("server.key"));
+            opts += &format!(" -c ssl=on -c ssl_cert_file={} -c ssl_key_file={}", cert.display(), key.display());
+        }
         let log = self.dir.join("server.log");
         let out = self
             .command("pg_ctl")
@@ -216,25 +297,38 @@ impl Drop for Cluster {
 }
 
 static SHARED: OnceLock<Result<Cluster, String>> = OnceLock::new();
+static SHARED_TLS: OnceLock<Result<Cluster, String>> = OnceLock::new();
 
 extern "C" fn stop_shared() {
-    if let Some(Ok(c)) = SHARED.get() {
-        c.stop_and_remove();
+    for shared in [&SHARED, &SHARED_TLS] {
+        if let Some(Ok(c)) = shared.get() {
+            c.stop_and_remove();
+        }
     }
 }
 
 /// One cluster for the whole test process, started on first use and stopped at exit.
 /// Panics (failing the test) when PostgreSQL cannot be started.
 pub fn shared() -> &'static Cluster {
-    let cluster = SHARED.get_or_init(|| {
-        let c = Cluster::start();
+    shared_in(&SHARED, Cluster::start)
+}
+
+/// One cluster with TLS ([`Cluster::start_tls`]) for the whole test process, as [`shared`].
+pub fn shared_tls() -> &'static Cluster {
+    shared_in(&SHARED_TLS, Cluster::start_tls)
+}
+
+fn shared_in(shared: &'static OnceLock<Result<Cluster, String>>, start: fn() -> Result<Cluster, String>) -> &'static Cluster {
+    static AT_EXIT: std::sync::Once = std::sync::Once::new();
+    let cluster = shared.get_or_init(|| {
+        let c = start();
         if c.is_ok() {
             // SAFETY: `stop_shared` is an `extern "C" fn()` that lives for the whole program;
             // it runs a child process and removes a directory, and unwinds from nothing it
-            // calls (a failed stop is ignored). atexit merely records it.
-            unsafe {
+            // calls (a failed stop is ignored). atexit merely records it, once for both.
+            AT_EXIT.call_once(|| unsafe {
                 libc::atexit(stop_shared);
-            }
+            });
         }
         c
     });

@@ -27,14 +27,15 @@
 //!   not two. Reads are single statements, atomic by themselves, so they run outside a
 //!   transaction: one round trip. Writes add `BEGIN`, the lock and `COMMIT`.
 //! - The URL's password is never logged: what is shown is [`crate::config::redact_url`]'s.
-//!
-//! The server's TLS is not supported yet (`NoTls`): a server that requires it refuses the
-//! login, with its reason in the error.
+//! - **TLS as libpq does it**: `sslmode` (`disable`, `prefer` the default, `require`,
+//!   `verify-ca`, `verify-full`) and `sslrootcert` in the URL, over rustls
+//!   ([`super::pg_tls`], which says what each mode checks and why).
 
 use super::{shard_range, IndexError, IndexedNar, IndexedNarinfo, NarRecord, Recorded, Removed, Totals};
 use crate::config::redact_url;
 use crate::nix::{Hash, NarName, StorePathHash};
 use postgres::types::{FromSql, ToSql};
+use super::pg_tls::{self, MakeRustls};
 use postgres::{Client, GenericClient, NoTls, Row, Statement, Transaction};
 use std::collections::HashMap;
 use std::sync::{Condvar, Mutex, MutexGuard};
@@ -130,7 +131,34 @@ const WRITE_LOCK: &str = "SELECT pg_advisory_xact_lock(1852010611)";
 const ATTEMPTS: usize = 3;
 
 fn backend(action: &'static str) -> impl FnOnce(postgres::Error) -> IndexError {
-    move |e| IndexError::Backend { action, source: Box::new(e) }
+    move |e| IndexError::Backend { action, source: Box::new(Driver(e)) }
+}
+
+/// A driver error shown with its reasons: tokio-postgres's own text is only its kind ("error
+/// performing TLS handshake", "db error"), the reason is in its `source()`. Those are added,
+/// `: `-separated, each unless its text is already shown.
+#[derive(Debug)]
+struct Driver(postgres::Error);
+
+impl std::fmt::Display for Driver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut shown = self.0.to_string();
+        let mut next = std::error::Error::source(&self.0);
+        while let Some(cause) = next {
+            let text = cause.to_string();
+            if !shown.contains(&text) {
+                shown = format!("{shown}: {text}");
+            }
+            next = cause.source();
+        }
+        f.write_str(&shown)
+    }
+}
+
+impl std::error::Error for Driver {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        std::error::Error::source(&self.0)
+    }
 }
 
 fn parse_hash(h: &str) -> Result<StorePathHash, IndexError> {
@@ -159,6 +187,8 @@ struct Session {
 
 struct Pool {
     config: postgres::Config,
+    /// The TLS connector (none for `sslmode=disable`).
+    tls: Option<MakeRustls>,
     /// The URL as logs and errors show it (no password).
     shown: String,
     /// Idle sessions, and how many exist (idle or lent).
@@ -188,10 +218,11 @@ impl Drop for Conn<'_> {
 
 impl Pool {
     fn connect(&self) -> Result<Session, IndexError> {
-        let client = self
-            .config
-            .connect(NoTls)
-            .map_err(|e| IndexError::Unreachable { database: self.shown.clone(), source: Box::new(e) })?;
+        let client = match &self.tls {
+            None => self.config.connect(NoTls),
+            Some(tls) => self.config.connect(tls.clone()),
+        }
+        .map_err(|e| IndexError::Unreachable { database: self.shown.clone(), source: Box::new(Driver(e)) })?;
         Ok(Session { client, statements: HashMap::new() })
     }
 
@@ -299,16 +330,15 @@ impl PostgresIndex {
     /// a database without our schema is refused ([`IndexError::NotCreated`]) and left as it is.
     pub fn open(url: &str, may_create: bool) -> Result<PostgresIndex, IndexError> {
         let shown = redact_url(url);
-        let mut config: postgres::Config = url
-            .parse()
-            .map_err(|e| IndexError::Backend { action: "reading the database URL", source: Box::new(e) })?;
+        let pg_tls::Settings { mut config, tls, .. } =
+            pg_tls::settings(url).map_err(|e| IndexError::BadUrl { database: shown.clone(), source: Box::new(e) })?;
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(CONNECT_TIMEOUT);
         }
         if config.get_application_name().is_none() {
             config.application_name("ncps");
         }
-        let pool = Pool { config, shown, idle: Mutex::new((Vec::new(), 0)), returned: Condvar::new() };
+        let pool = Pool { config, tls, shown, idle: Mutex::new((Vec::new(), 0)), returned: Condvar::new() };
         let index = PostgresIndex { pool };
         index.migrate(may_create)?;
         Ok(index)
@@ -840,6 +870,116 @@ mod tests {
         let shown = err.to_string();
         assert!(shown.contains("ncps:***@127.0.0.1"), "{shown}");
         assert!(!shown.contains("not-the-password-8c2"), "{shown}");
+    }
+
+    /// Whether the session the pool lends is encrypted, as the server sees it.
+    fn ssl_in_use(index: &PostgresIndex) -> bool {
+        const CTX: &str = "asking the server about TLS";
+        index
+            .read(CTX, |tx| col(&tx.one("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()", &[])?, 0, CTX))
+            .expect("pg_stat_ssl")
+    }
+
+    /// A database on the shared TLS cluster, and its URL with `query` added.
+    fn tls_url(label: &str, query: &str) -> String {
+        let url = pg_cluster::shared_tls().create_database(label).expect("a database on the TLS server");
+        format!("{url}?{query}")
+    }
+
+    #[test]
+    fn sslmode_require_works_against_a_tls_server_and_the_session_is_encrypted() {
+        let index = PostgresIndex::open(&tls_url("require", "sslmode=require"), true).expect("opens over TLS");
+        assert!(ssl_in_use(&index), "the server sees TLS");
+        crate::index::contract::every_rule(&index);
+    }
+
+    #[test]
+    fn channel_binding_is_offered_over_tls_so_that_channel_binding_require_logs_in() {
+        // SCRAM-SHA-256-PLUS with tls-server-end-point: the hash our DER walk picks must be
+        // the server's, or the login fails.
+        let url = tls_url("binding", "sslmode=require&channel_binding=require");
+        assert!(ssl_in_use(&PostgresIndex::open(&url, true).expect("a channel-bound SCRAM login")));
+    }
+
+    #[test]
+    fn prefer_the_default_uses_tls_when_the_server_offers_it_and_disable_does_not() {
+        let url = pg_cluster::shared_tls().create_database("prefer_tls").unwrap();
+        assert!(ssl_in_use(&PostgresIndex::open(&url, true).unwrap()), "no sslmode is prefer, as in libpq");
+        assert!(ssl_in_use(&PostgresIndex::open(&format!("{url}?sslmode=prefer"), true).unwrap()));
+        assert!(!ssl_in_use(&PostgresIndex::open(&format!("{url}?sslmode=disable"), true).unwrap()));
+    }
+
+    #[test]
+    fn verify_full_with_the_servers_ca_as_sslrootcert_works_by_address_and_by_name() {
+        let cluster = pg_cluster::shared_tls();
+        let ca = cluster.ca_file();
+        let url = tls_url("verify_full", &format!("sslmode=verify-full&sslrootcert={}", ca.display()));
+        let index = PostgresIndex::open(&url, true).expect("the certificate is for 127.0.0.1 and signed by the CA");
+        assert!(ssl_in_use(&index));
+        drop(index);
+        let by_name = url.replace("@127.0.0.1:", "@localhost:");
+        assert!(ssl_in_use(&PostgresIndex::open(&by_name, true).expect("and for localhost")));
+        let ca_only = url.replace("verify-full", "verify-ca");
+        assert!(ssl_in_use(&PostgresIndex::open(&ca_only, true).expect("verify-ca")));
+    }
+
+    #[test]
+    fn verify_full_with_a_ca_that_did_not_sign_the_servers_certificate_is_refused_naming_the_cause() {
+        let other = pg_cluster::shared_tls().other_ca_file();
+        for mode in ["verify-full", "verify-ca", "require"] {
+            let url = tls_url("wrong_ca", &format!("sslmode={mode}&sslrootcert={}", other.display()));
+            let err = PostgresIndex::open(&url, true).err().expect("refused");
+            assert!(matches!(err, IndexError::Unreachable { .. }), "{err}");
+            let shown = err.to_string();
+            let cause = format!("the server's certificate is not signed by the CA in sslrootcert={}", other.display());
+            assert!(shown.contains(&cause), "{mode}: {shown}");
+            assert!(!shown.contains(pg_cluster::PASSWORD), "{shown}");
+        }
+    }
+
+    #[test]
+    fn verify_full_checks_the_host_name_and_verify_ca_does_not() {
+        let cluster = pg_cluster::shared_tls();
+        let ca = cluster.ca_file();
+        // TCP to 127.0.0.1 (hostaddr), but the certificate is checked against the host named.
+        let url = tls_url("hostname", &format!("hostaddr=127.0.0.1&sslmode=verify-full&sslrootcert={}", ca.display()))
+            .replace("@127.0.0.1:", "@db.invalid:");
+        let err = PostgresIndex::open(&url, true).err().expect("the certificate is not for db.invalid");
+        let shown = err.to_string();
+        assert!(shown.contains(r#"the server's certificate is not for the host "db.invalid""#), "{shown}");
+        let index = PostgresIndex::open(&url.replace("verify-full", "verify-ca"), true).expect("verify-ca checks no name");
+        assert!(ssl_in_use(&index));
+    }
+
+    #[test]
+    fn sslmode_require_against_a_server_without_tls_is_refused() {
+        let url = pg_cluster::shared().create_database("require_plain").unwrap();
+        let err = PostgresIndex::open(&format!("{url}?sslmode=require"), true).err().expect("refused");
+        assert!(matches!(err, IndexError::Unreachable { .. }), "{err}");
+        assert!(err.to_string().contains("server does not support TLS"), "{err}");
+        assert!(!err.to_string().contains(pg_cluster::PASSWORD), "{err}");
+    }
+
+    #[test]
+    fn sslmode_prefer_falls_back_to_plain_against_a_server_without_tls() {
+        let url = pg_cluster::shared().create_database("prefer_plain").unwrap();
+        let index = PostgresIndex::open(&format!("{url}?sslmode=prefer"), true).expect("plain, as libpq does");
+        assert!(!ssl_in_use(&index));
+        assert!(index.put_nar(&crate::index::contract::some_nar()).unwrap());
+    }
+
+    #[test]
+    fn a_bad_sslmode_is_a_configuration_error_found_before_connecting() {
+        // Port 9: nothing listens, so an attempt to connect would be an Unreachable error.
+        let url = format!("postgresql://ncps:{}@127.0.0.1:9/x?sslmode=verify-everything", pg_cluster::PASSWORD);
+        let err = PostgresIndex::open(&url, true).err().expect("refused");
+        assert!(matches!(err, IndexError::BadUrl { .. }), "{err}");
+        let shown = err.to_string();
+        assert!(shown.contains(r#"sslmode="verify-everything" is not supported"#), "{shown}");
+        assert!(!shown.contains(pg_cluster::PASSWORD), "{shown}");
+        let missing = url.replace("verify-everything", "verify-full&sslrootcert=/nonexistent/ca.pem");
+        let err = PostgresIndex::open(&missing, true).err().expect("refused");
+        assert!(matches!(err, IndexError::BadUrl { .. }) && err.to_string().contains("cannot be read"), "{err}");
     }
 
     #[test]

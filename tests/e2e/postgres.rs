@@ -1,6 +1,9 @@
 //! The index in PostgreSQL (`--cache-database-url postgresql://…`, issue 18): the real ncps
 //! binary, built with `--features postgres`, against a real PostgreSQL server
 //! (support::pg_cluster: initdb and pg_ctl, a database per test), with the Nix 2.8 client.
+//! The TLS tests use a server with `ssl=on` and a test CA (`pg_cluster::shared_tls`): ncps over
+//! `sslmode=verify-full` (every session encrypted, as `pg_stat_ssl` says), a wrong CA refused
+//! at start with its cause, and URL mistakes refused as configuration errors.
 //!
 //! `make test` builds the suite with `--features postgres`, so these always run there. Against
 //! a binary built without the feature (`make test-static`), each test instead checks that
@@ -95,4 +98,88 @@ fn ncps_keeps_serving_and_recording_across_a_postgresql_restart() {
     let log = ncps.log();
     assert!(log.contains("was closed") && log.contains("reconnecting"), "the closed connections were replaced: {log}");
     assert!(!log.contains(pg_cluster::PASSWORD), "the password is never logged");
+}
+
+/// Whether every connection ncps holds to `url`'s database is encrypted, and how many it holds,
+/// as the server sees them.
+fn ncps_sessions_over_tls(cluster: &Cluster, url: &str) -> (u64, u64) {
+    let name = url.rsplit('/').next().unwrap_or_default().split('?').next().unwrap_or_default();
+    let from = format!(
+        "FROM pg_stat_activity a JOIN pg_stat_ssl s USING (pid) WHERE a.application_name = 'ncps' AND a.datname = '{name}'"
+    );
+    (count(cluster, url, &format!("SELECT count(*) {from}")), count(cluster, url, &format!("SELECT count(*) {from} AND s.ssl")))
+}
+
+#[test]
+fn a_cache_indexed_over_verify_full_tls_serves_nix_and_every_session_is_encrypted() {
+    let Some(fx) = fixture_or_skip() else { return };
+    if !ncps_has_postgres("postgres::a_cache_indexed_over_verify_full_tls_serves_nix_and_every_session_is_encrypted") {
+        return;
+    }
+    let cluster = pg_cluster::shared_tls();
+    let plain = cluster.create_database("e2e_tls").expect("a database");
+    let url = format!("{plain}?sslmode=verify-full&sslrootcert={}", cluster.ca_file().display());
+    let up = Upstream::for_cache(fx, Compression::Zstd);
+    let ncps = Ncps::for_upstreams_with(&[up.url()], &[&fx.up1_public_key], &["--cache-database-url", &url]);
+    let key = ncps.pubkey();
+    nix_copy_from(&ncps.url(), &[&fx.top], &key).expect("a fetch through an index reached over TLS");
+    let n = fx.top_closure.len() as u64;
+    assert_eq!(count(cluster, &plain, "SELECT count(*) FROM narinfos"), n, "recorded");
+    let (sessions, encrypted) = ncps_sessions_over_tls(cluster, &plain);
+    assert!(sessions > 0 && encrypted == sessions, "{encrypted} of ncps's {sessions} sessions are TLS");
+    let log = ncps.log();
+    assert!(log.contains("sslmode=verify-full"), "the index is named with its sslmode: {log}");
+    assert!(!log.contains(pg_cluster::PASSWORD), "the password is never logged");
+    // ncps runs at --log-level debug here: the driver's lines (every statement) are not in it.
+    for chatter in ["executing statement", "preparing query", "tokio_postgres"] {
+        assert!(!log.contains(chatter), "no {chatter:?} at debug: {log}");
+    }
+}
+
+#[test]
+fn a_ca_that_did_not_sign_the_servers_certificate_stops_ncps_at_start_naming_the_cause() {
+    if !ncps_has_postgres("postgres::a_ca_that_did_not_sign_the_servers_certificate_stops_ncps_at_start_naming_the_cause") {
+        return;
+    }
+    let cluster = pg_cluster::shared_tls();
+    let plain = cluster.create_database("e2e_wrong_ca").expect("a database");
+    let other = cluster.other_ca_file();
+    let url = format!("{plain}?sslmode=verify-full&sslrootcert={}", other.display());
+    let data = TempDir::new("pg-wrong-ca");
+    let data_path = data.path().to_string_lossy().into_owned();
+    let args = [
+        "serve", "--cache-hostname", HOSTNAME, "--cache-data-path", &data_path, "--server-addr", "{addr}",
+        "--upstream-cache", "http://127.0.0.1:9", "--cache-database-url", &url,
+    ];
+    let (code, stderr) = run_ncps_expecting_failure(&args, &[]);
+    assert_ne!(code, Some(0), "{stderr}");
+    let cause = format!("the server's certificate is not signed by the CA in sslrootcert={}", other.display());
+    assert!(stderr.contains(&cause), "the cause is named: {stderr}");
+    assert!(!stderr.contains(pg_cluster::PASSWORD), "the password is not shown: {stderr}");
+}
+
+#[test]
+fn a_bad_sslmode_or_an_unreadable_sslrootcert_is_a_one_line_configuration_error() {
+    if !ncps_has_postgres("postgres::a_bad_sslmode_or_an_unreadable_sslrootcert_is_a_one_line_configuration_error") {
+        return;
+    }
+    let data = TempDir::new("pg-bad-sslmode");
+    let data_path = data.path().to_string_lossy().into_owned();
+    let base = format!("postgresql://ncps:{}@127.0.0.1:9/ncps", pg_cluster::PASSWORD);
+    for (query, says) in [
+        ("sslmode=verify-everything", "sslmode=\"verify-everything\" is not supported"),
+        ("sslmode=verify-full&sslrootcert=/nonexistent/ca.pem", "sslrootcert=/nonexistent/ca.pem: cannot be read"),
+    ] {
+        let url = format!("{base}?{query}");
+        let args = [
+            "serve", "--cache-hostname", HOSTNAME, "--cache-data-path", &data_path, "--server-addr", "{addr}",
+            "--upstream-cache", "http://127.0.0.1:9", "--cache-database-url", &url,
+        ];
+        let (code, stderr) = run_ncps_expecting_failure(&args, &[]);
+        assert_eq!(code, Some(2), "a configuration error: {stderr}");
+        let lines: Vec<&str> = stderr.lines().collect();
+        assert_eq!(lines.len(), 1, "one line: {stderr}");
+        assert!(lines[0].contains("--cache-database-url") && lines[0].contains(says), "{stderr}");
+        assert!(!stderr.contains(pg_cluster::PASSWORD), "the password is not shown: {stderr}");
+    }
 }

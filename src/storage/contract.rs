@@ -309,6 +309,7 @@ mod s3 {
             access_key_id: test_server::ACCESS_KEY.into(),
             secret_access_key: test_server::SECRET_KEY.into(),
             force_path_style: true,
+            redirect: false,
             retry: Retry { attempts: 2, first_pause: Duration::from_millis(10) },
         };
         let started = std::time::Instant::now();

@@ -886,6 +886,7 @@ mod tests {
             access_key_id: "AKID".into(),
             secret_access_key: "very-secret-value".into(),
             force_path_style: true,
+            redirect: false,
             retry: Retry::default(),
         };
         assert!(!format!("{s:?}").contains("very-secret-value"));
@@ -938,6 +939,7 @@ pub(crate) mod test_server {
                 access_key_id: ACCESS_KEY.into(),
                 secret_access_key: SECRET_KEY.into(),
                 force_path_style: true,
+                redirect: false,
                 retry: super::Retry { attempts: 3, first_pause: Duration::from_millis(50) },
             }
         }

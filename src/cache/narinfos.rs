@@ -225,26 +225,29 @@ impl Cache {
                 self.end_narinfo_turn(hash);
                 found
             }
-            super::replicas::NarinfoTurn::Settled => match self.blobs.narinfo(hash).map(|b| b.map(Blob::into_bytes)) {
-                Ok(Some(Ok(bytes))) => {
-                    log::info!("narinfo {hash}: looked up by another replica");
-                    self.touch_narinfo(hash);
-                    Ok((Arc::from(REPLICA), Arc::new(bytes)))
-                }
-                _ if self.is_known_missing(hash) => {
-                    let mut tally = Tally::default();
-                    tally.add(REPLICA, Attempt::Absent, "not found");
-                    Err(tally.missed())
-                }
-                // Removed again, or unreadable: as if nobody had asked.
-                _ => self.fetch_narinfo(hash, abandoned),
-            },
+            super::replicas::NarinfoTurn::Stored(bytes) => {
+                log::info!("narinfo {hash}: looked up by another replica");
+                self.touch_narinfo(hash);
+                Ok((Arc::from(REPLICA), Arc::new(bytes)))
+            }
+            super::replicas::NarinfoTurn::Absent => {
+                let mut tally = Tally::default();
+                tally.add(REPLICA, Attempt::Absent, "not found");
+                Err(tally.missed())
+            }
         }
     }
 
-    /// Whether another replica's lookup of `hash` has settled it: stored, or found absent.
-    pub(super) fn settled_elsewhere(&self, hash: &StorePathHash) -> bool {
-        matches!(self.blobs.narinfo(hash), Ok(Some(_))) || self.is_known_missing(hash)
+    /// What another replica's lookup of `hash` settled, if anything yet: the narinfo it stored
+    /// (read once, here), or that the hash is absent. An unreadable narinfo settles nothing.
+    pub(super) fn settled_elsewhere(&self, hash: &StorePathHash) -> Option<super::replicas::NarinfoTurn> {
+        if let Ok(Some(blob)) = self.blobs.narinfo(hash) {
+            match blob.into_bytes() {
+                Ok(bytes) => return Some(super::replicas::NarinfoTurn::Stored(bytes)),
+                Err(e) => log::warn!("narinfo {hash}: reading what another replica stored: {e}"),
+            }
+        }
+        self.is_known_missing(hash).then_some(super::replicas::NarinfoTurn::Absent)
     }
 
     /// Asks the upstreams in turn; stops (asking nobody else) once `abandoned` says every

@@ -61,9 +61,10 @@ pub(super) enum NarinfoTurn {
     Alone,
     /// This replica holds the lease: ask, then [`Cache::end_narinfo_turn`].
     Mine,
-    /// Another replica's lookup ended with the narinfo stored or the hash found absent: look
-    /// again locally instead of asking.
-    Settled,
+    /// Another replica's lookup stored these narinfo bytes: served without asking.
+    Stored(Vec<u8>),
+    /// Another replica's lookup found the hash absent (the shared negative cache says so).
+    Absent,
 }
 
 /// The key of the lease that lets one replica at a time run an eviction pass.
@@ -174,8 +175,8 @@ impl Cache {
                 return NarinfoTurn::Alone;
             }
             // The holder stores the narinfo (or records it absent) before it gives the lease back.
-            if self.settled_elsewhere(hash) {
-                return NarinfoTurn::Settled;
+            if let Some(settled) = self.settled_elsewhere(hash) {
+                return settled;
             }
         }
     }

@@ -689,9 +689,9 @@ impl StoragePaths {
 }
 
 impl RawValues {
-    /// `--cache-storage-s3-bucket`, if given (`fsck` refuses it: it checks a local store).
-    pub fn s3_bucket(&self) -> Option<&str> {
-        self.one("cache-storage-s3-bucket")
+    /// `--cache-storage-s3-*`, typed and checked as `serve` does (`fsck` checks the bucket).
+    pub fn s3(&self) -> Result<Option<S3Config>, ConfigError> {
+        s3_from_raw(self).map_err(|e| self.locate(e))
     }
 
     fn all(&self, name: &str) -> &[String] {

@@ -470,3 +470,144 @@ fn a_single_transient_500_on_an_upload_part_is_retried_with_back_off_and_the_upl
     assert_eq!(std::fs::read(s3.object_file(&key)).unwrap(), *nar, "the object is the whole NAR");
     assert!(s3.pending_uploads().is_empty(), "{:?}", s3.pending_uploads());
 }
+
+/// Fetches every path of `cache` through ncps (narinfo, then the whole NAR) and waits until
+/// each is an object of the bucket.
+fn fetch_all(ncps: &Ncps, cache: &SyntheticCache, s3: &S3sFs) {
+    for (store_hash, nar_path, nar) in &cache.paths {
+        assert_eq!(ncps.get(&format!("/{store_hash}.narinfo")).status, 200);
+        assert!(complete_or_clean_failure(ncps, nar_path, nar), "{nar_path} through ncps");
+        let key = format!("nar{}", nar_path.trim_start_matches("/nar"));
+        assert!(wait_until(Duration::from_secs(20), || s3.object_file(&key).exists()), "{key} in the bucket");
+    }
+}
+
+/// `ncps fsck [--repair]` of the data path `data` and the bucket `flags`: exit code, stdout
+/// and stderr.
+fn fsck_on_bucket(data: &std::path::Path, flags: &[String], repair: bool) -> (Option<i32>, String, String) {
+    let mut c = ncps_command();
+    c.arg("fsck");
+    if repair {
+        c.arg("--repair");
+    }
+    c.arg("--cache-data-path").arg(data).args(flags);
+    let out = run_with_timeout(c, Duration::from_secs(120)).expect("ncps fsck");
+    (out.status.code(), out.stdout, out.stderr)
+}
+
+fn summary_of(stdout: &str) -> &str {
+    stdout.lines().find(|l| l.starts_with("fsck: checked ")).unwrap_or_else(|| panic!("no summary in:\n{stdout}"))
+}
+
+#[test]
+fn fsck_on_the_bucket_hashes_every_object_finds_corrupt_missing_and_orphaned_ones_and_repair_lets_ncps_fetch_them_again() {
+    if must_skip_without_nix() {
+        return;
+    }
+    let Some(s3) = S3sFs::start() else { return };
+    let proxy = FaultProxy::start(s3.port);
+    let cache = SyntheticCache::new("s3-fsck", &[70_000, 80_000, 90_000]);
+    let up = Upstream::serve_dir(cache.dir.path());
+    let mut ncps = ncps_on_bucket(&up, &cache.public_key, &s3, None);
+    fetch_all(&ncps, &cache, &s3);
+    ncps.stop();
+    let data = ncps.data_dir().to_path_buf();
+    let flags = s3.flags();
+
+    let (code, out, err) = fsck_on_bucket(&data, &flags, false);
+    assert_eq!(code, Some(0), "fsck of a sound bucket:\n{out}{err}");
+    assert_eq!(summary_of(&out), "fsck: checked 3 narinfo(s) and 3 NAR(s): 0 missing, 0 orphaned, 0 corrupt");
+    assert!(err.contains("fsck: checking s3://"), "stderr says what is checked: {err}");
+    assert!(!format!("{out}{err}").contains(S3_SECRET_KEY), "the secret is in the output");
+
+    // Damage: one byte of an object flipped (same size), one object gone, one the index does not know.
+    let key = |i: usize| format!("nar{}", cache.paths[i].1.trim_start_matches("/nar"));
+    let flipped = s3.object_file(&key(0));
+    let mut bytes = std::fs::read(&flipped).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 1;
+    std::fs::write(&flipped, &bytes).unwrap();
+    std::fs::remove_file(s3.object_file(&key(1))).unwrap();
+    let orphan_name = format!("{}.nar", "1".repeat(52));
+    let orphan = s3.object_file(&format!("nar/{orphan_name}"));
+    std::fs::write(&orphan, b"nobody indexed this").unwrap();
+
+    let (code, out, err) = fsck_on_bucket(&data, &flags, false);
+    assert_eq!(code, Some(1), "fsck finding problems exits 1:\n{out}{err}");
+    assert_eq!(summary_of(&out), "fsck: checked 3 narinfo(s) and 3 NAR(s): 1 missing, 1 orphaned, 1 corrupt");
+    let line_with = |a: &str, b: &str| out.lines().any(|l| l.contains(a) && l.contains(b));
+    let stem = |i: usize| cache.paths[i].1.trim_start_matches("/nar/").trim_end_matches(".nar").to_string();
+    assert!(line_with("corrupt", &stem(0)) && line_with("sha256", &stem(0)), "the flipped object is corrupt:\n{out}");
+    assert!(line_with("missing", &stem(1)), "the removed object is missing:\n{out}");
+    assert!(line_with("orphan", &orphan_name), "the unknown object is an orphan:\n{out}");
+    assert!(orphan.exists() && flipped.exists(), "fsck without --repair changes nothing");
+
+    let (code, out, err) = fsck_on_bucket(&data, &flags, true);
+    assert_eq!(code, Some(0), "fsck --repair:\n{out}{err}");
+    assert!(!orphan.exists() && !flipped.exists(), "the orphan and the corrupt object are removed");
+    let (code, out, err) = fsck_on_bucket(&data, &flags, false);
+    assert_eq!(code, Some(0), "fsck after --repair:\n{out}{err}");
+    assert!(summary_of(&out).ends_with(": 0 missing, 0 orphaned, 0 corrupt"), "{out}");
+
+    // A NAR whose GET is reset every time is unreadable: reported, never repaired.
+    let reset_key = key(2);
+    proxy.set_rule(move |r| if r.method == "GET" && r.target.contains(&reset_key) { Fault::Reset } else { Fault::Pass });
+    let (code, out, err) = fsck_on_bucket(&data, &s3.flags_via(proxy.port), true);
+    assert_eq!(code, Some(1), "an unreadable NAR makes fsck exit 1, even with --repair:\n{out}{err}");
+    assert!(line_with_in(&out, "unreadable", &stem(2)), "the NAR is named unreadable:\n{out}");
+    assert!(summary_of(&out).ends_with("0 corrupt, 1 unreadable"), "{out}");
+    assert!(s3.object_file(&key(2)).exists(), "a failed request never removes an object");
+    proxy.set_rule(|_| Fault::Pass);
+
+    // Served again: the two broken NARs fetched (and verified) again, the sound one from S3.
+    ncps.restart();
+    for (i, (_, nar_path, nar)) in cache.paths.iter().enumerate() {
+        let before = up.hits(nar_path);
+        assert!(complete_or_clean_failure(&ncps, nar_path, nar), "{nar_path} after --repair");
+        assert_eq!(up.hits(nar_path) - before, u64::from(i < 2), "{nar_path}: from upstream only if it was repaired");
+    }
+}
+
+fn line_with_in(out: &str, a: &str, b: &str) -> bool {
+    out.lines().any(|l| l.contains(a) && l.contains(b))
+}
+
+#[test]
+fn the_start_up_check_rides_out_failed_listings_with_back_off_removes_nothing_for_a_failed_request_and_finishes() {
+    if must_skip_without_nix() {
+        return;
+    }
+    let Some(s3) = S3sFs::start() else { return };
+    let proxy = FaultProxy::start(s3.port);
+    let cache = SyntheticCache::new("s3-check", &[50_000, 60_000]);
+    let up = Upstream::serve_dir(cache.dir.path());
+    let mut ncps = ncps_on_bucket(&up, &cache.public_key, &s3, Some(proxy.port));
+    fetch_all(&ncps, &cache, &s3);
+    ncps.kill9();
+    let orphan = s3.object_file(&format!("nar/{}.nar", "1".repeat(52)));
+    std::fs::write(&orphan, b"nobody indexed this").unwrap();
+
+    // The check's listings (a thousand keys a page) fail: the first six with a 500, which is
+    // more than the store's own retries of one request; then the store answers again.
+    let failures = std::sync::atomic::AtomicU32::new(0);
+    proxy.set_rule(move |r| {
+        if r.is_listing() && r.query("max-keys") == Some("1000") && failures.fetch_add(1, std::sync::atomic::Ordering::SeqCst) < 6 {
+            return Fault::Status500;
+        }
+        Fault::Pass
+    });
+    let since = ncps.log_len();
+    ncps.restart();
+    let log = ncps.wait_for_log(since, "start-up check: done", Duration::from_secs(120));
+    assert!(log.contains("start-up check:") && log.contains("trying again in"), "the check waited and tried again:\n{log}");
+    assert!(!log.contains("start-up check: stopped"), "the check did not stop at the failure:\n{log}");
+    assert!(proxy.seen().iter().filter(|r| r.fault == Fault::Status500).count() == 6, "{:?}", proxy.seen());
+    assert!(!orphan.exists(), "the check went on to the end: the orphan is removed");
+    for (_, nar_path, nar) in &cache.paths {
+        let key = format!("nar{}", nar_path.trim_start_matches("/nar"));
+        assert!(s3.object_file(&key).exists(), "{key} is still in the bucket");
+        let before = up.hits(nar_path);
+        assert!(complete_or_clean_failure(&ncps, nar_path, nar));
+        assert_eq!(up.hits(nar_path), before, "{nar_path} is a hit from the bucket");
+    }
+}

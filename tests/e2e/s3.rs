@@ -611,3 +611,49 @@ fn the_start_up_check_rides_out_failed_listings_with_back_off_removes_nothing_fo
         assert_eq!(up.hits(nar_path), before, "{nar_path} is a hit from the bucket");
     }
 }
+
+/// With a PostgreSQL index other replicas share, an object the index does not vouch for may be
+/// one a replica has just written and not yet recorded: fsck leaves young ones alone, says so,
+/// and repairs only old ones.
+#[cfg(feature = "postgres")]
+#[test]
+fn fsck_with_a_shared_index_leaves_young_unindexed_objects_alone_and_says_so_but_removes_old_ones() {
+    if must_skip_without_nix() {
+        return;
+    }
+    let version = std::process::Command::new(ncps_bin()).arg("--version").output().expect("ncps --version");
+    if !String::from_utf8_lossy(&version.stdout).contains("postgres") {
+        eprintln!("[e2e] skipped: {} was built without --features postgres", ncps_bin());
+        return;
+    }
+    let Some(s3) = S3sFs::start() else { return };
+    let cluster = crate::support::pg_cluster::shared();
+    let url = cluster.create_database("s3fsck").expect("a database");
+    let cache = SyntheticCache::new("s3-fsck-shared", &[40_000]);
+    let up = Upstream::serve_dir(cache.dir.path());
+    let mut flags = s3.flags();
+    flags.extend(["--cache-database-url".to_string(), url.clone()]);
+    let extra: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let mut ncps = Ncps::for_upstreams_with(&[up.url()], &[&cache.public_key], &extra);
+    fetch_all(&ncps, &cache, &s3);
+    ncps.stop();
+
+    let young_name = format!("{}.nar", "1".repeat(52));
+    let old_name = format!("{}.nar", "2".repeat(52));
+    let young = s3.object_file(&format!("nar/{young_name}"));
+    let old = s3.object_file(&format!("nar/{old_name}"));
+    std::fs::write(&young, b"a replica is recording this").unwrap();
+    std::fs::write(&old, b"nobody indexed this").unwrap();
+    let two_hours_ago = std::time::SystemTime::now() - Duration::from_secs(2 * 3600);
+    std::fs::File::options().write(true).open(&old).unwrap().set_modified(two_hours_ago).unwrap();
+
+    let (code, out, err) = fsck_on_bucket(ncps.data_dir(), &flags, true);
+    assert_eq!(code, Some(0), "fsck --repair:\n{out}{err}");
+    assert!(err.contains("the index is shared"), "stderr says why young objects are spared: {err}");
+    assert!(line_with_in(&out, "left alone", &young_name), "the young object is named as left alone:\n{out}");
+    assert!(line_with_in(&out, "orphaned", &old_name), "the old one is an orphan:\n{out}");
+    assert!(summary_of(&out).ends_with(": 0 missing, 1 orphaned, 0 corrupt, 1 young left alone"), "{out}");
+    assert!(young.exists(), "a young object is never removed with a shared index");
+    assert!(!old.exists(), "an old orphan is removed");
+    assert!(!format!("{out}{err}").contains(crate::support::pg_cluster::PASSWORD), "the password is never shown");
+}

@@ -8,6 +8,15 @@
 //!
 //! It goes one shard at a time (what [`crate::cache::check`] compares), so memory stays flat
 //! at a million entries and the time is linear in the bytes stored; progress goes to stderr.
+//!
+//! It works through the [`BlobStore`] seam, so the local store and the S3 bucket
+//! (`--cache-storage-s3-*`) are checked by the same code: one shard's listing (paged, a
+//! thousand keys a request) and one NAR's stream at a time, hashed as it is read. What differs
+//! is only what a failure means. A local file that cannot be read is corrupt; an object
+//! whose stream fails is read again and, if it keeps failing, reported *unreadable* and left
+//! alone: a failed request is no evidence against the bytes. With a shared (PostgreSQL) index
+//! other replicas may be writing while fsck runs: rows are read before blobs, and blobs the
+//! index does not vouch for are left alone while younger than [`YOUNG`].
 
 use crate::cache::check::{self, Problem};
 use crate::cache::verify::{copy_hashed, CopyError};
@@ -136,7 +145,7 @@ pub const YOUNG: Duration = Duration::from_secs(3600);
 /// How often a NAR whose object stream failed is read again before it is called unreadable,
 /// and the first pause between (doubled each time).
 const READ_ATTEMPTS: u32 = 3;
-const READ_PAUSE: Duration = Duration::from_millis(500);
+const READ_PAUSE: Duration = Duration::from_millis(if cfg!(test) { 1 } else { 500 });
 
 /// Something `check` found, handed to its caller as it is found.
 #[derive(Debug)]
@@ -451,4 +460,140 @@ pub fn run(paths: &crate::config::StoragePaths, s3: Option<&S3Config>, repair_it
     }
     println!("fsck: run `ncps fsck --repair` to remove what is broken");
     Ok(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::{Shard, Staging, Stray, TempFile};
+    use std::io;
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    /// What the fake store's `nar` answers.
+    #[derive(Clone, Copy)]
+    enum Answer {
+        /// A stream declaring 10 bytes that ends after 5.
+        Short,
+        /// A stream that fails after 3 bytes (a reset connection).
+        Broken,
+        /// The bytes themselves (`abc`).
+        Whole,
+        Absent,
+        /// A file system error.
+        DiskError,
+    }
+
+    struct Fake {
+        answer: Answer,
+        calls: AtomicU32,
+    }
+
+    struct Stream(Box<dyn io::Read + Send>);
+    impl io::Read for Stream {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            self.0.read(buf)
+        }
+    }
+    impl crate::http::Streamed for Stream {
+        fn from_offset(self: Box<Self>, _: u64) -> io::Result<Box<dyn io::Read + Send>> {
+            Err(io::Error::other("not used"))
+        }
+    }
+
+    impl BlobStore for Fake {
+        fn narinfo(&self, _: &crate::nix::StorePathHash) -> Result<Option<Blob>, StorageError> {
+            Ok(None)
+        }
+        fn nar(&self, _: &NarName) -> Result<Option<Blob>, StorageError> {
+            self.calls.fetch_add(1, Ordering::SeqCst);
+            let reader = |r: Box<dyn io::Read + Send>, len| Blob::Reader { reader: Box::new(Stream(r)), len, file_hash: None };
+            match self.answer {
+                Answer::Short => Ok(Some(reader(Box::new(io::Cursor::new(vec![1u8; 5])), 10))),
+                Answer::Broken => {
+                    let failing = io::Read::chain(io::Cursor::new(vec![1u8; 3]), Failing);
+                    Ok(Some(reader(Box::new(failing), 10)))
+                }
+                Answer::Whole => Ok(Some(Blob::Bytes(b"abc".to_vec()))),
+                Answer::Absent => Ok(None),
+                Answer::DiskError => Err(StorageError::io("reading", "/x".into(), io::Error::other("EIO"))),
+            }
+        }
+        fn nar_len(&self, _: &NarName) -> Result<Option<u64>, StorageError> {
+            Ok(None)
+        }
+        fn put_narinfo(&self, _: &crate::nix::StorePathHash, _: &[u8], _: &Staging) -> Result<(), StorageError> {
+            Ok(())
+        }
+        fn put_nar(&self, _: &NarName, _: TempFile, _: &Hash) -> Result<(), StorageError> {
+            Ok(())
+        }
+        fn nar_file_hash(&self, _: &Blob) -> Option<Hash> {
+            None
+        }
+        fn remove_narinfo(&self, _: &crate::nix::StorePathHash) -> Result<(), StorageError> {
+            Ok(())
+        }
+        fn remove_nar(&self, _: &NarName) -> Result<(), StorageError> {
+            Ok(())
+        }
+        fn list_narinfos(&self, _: &str) -> Result<Shard<crate::nix::StorePathHash>, StorageError> {
+            Ok(Shard { entries: Vec::new(), strays: Vec::new() })
+        }
+        fn list_nars(&self, _: &str) -> Result<Shard<NarName>, StorageError> {
+            Ok(Shard { entries: Vec::new(), strays: Vec::new() })
+        }
+        fn strays_outside_shards(&self) -> Result<Vec<Stray>, StorageError> {
+            Ok(Vec::new())
+        }
+        fn remove_stray(&self, _: &Stray) -> Result<(), StorageError> {
+            Ok(())
+        }
+        fn holds_anything(&self) -> Result<bool, StorageError> {
+            Ok(true)
+        }
+        fn describe(&self) -> String {
+            "fake".into()
+        }
+    }
+
+    struct Failing;
+    impl io::Read for Failing {
+        fn read(&mut self, _: &mut [u8]) -> io::Result<usize> {
+            Err(io::Error::new(io::ErrorKind::ConnectionReset, "reset"))
+        }
+    }
+
+    fn read_with(answer: Answer) -> (Result<Read, FsckError>, u32) {
+        let store = Fake { answer, calls: AtomicU32::new(0) };
+        let name = NarName::parse(&format!("{}.nar", "1".repeat(52))).unwrap();
+        let got = read_nar(&store, &name);
+        (got, store.calls.load(Ordering::SeqCst))
+    }
+
+    #[test]
+    fn an_object_stream_that_ends_short_or_breaks_is_read_again_then_unreadable_never_corrupt() {
+        for answer in [Answer::Short, Answer::Broken] {
+            let (got, calls) = read_with(answer);
+            assert!(matches!(got, Ok(Read::Unreadable(_))), "unreadable, not corrupt");
+            assert_eq!(calls, READ_ATTEMPTS, "read {READ_ATTEMPTS} times");
+        }
+    }
+
+    #[test]
+    fn whole_bytes_are_hashed_a_vanished_nar_is_gone_and_a_disk_error_stops_fsck() {
+        let (got, calls) = read_with(Answer::Whole);
+        assert!(matches!(got, Ok(Read::Hashed(h, 3)) if h == Hash::of(b"abc")) && calls == 1);
+        assert!(matches!(read_with(Answer::Absent).0, Ok(Read::Gone)));
+        assert!(matches!(read_with(Answer::DiskError), (Err(FsckError::Storage(_)), 1)), "not tried again");
+    }
+
+    #[test]
+    fn the_summary_names_unreadable_and_young_only_when_there_are_some() {
+        let mut r = Report { narinfos_checked: 2, nars_checked: 2, ..Report::default() };
+        assert_eq!(r.to_string(), "checked 2 narinfo(s) and 2 NAR(s): 0 missing, 0 orphaned, 0 corrupt");
+        r.unreadable = 1;
+        r.young = 3;
+        assert!(r.to_string().ends_with("0 corrupt, 1 unreadable, 3 young left alone"));
+        assert_eq!(r.problems(), 0, "neither is something --repair fixes");
+    }
 }

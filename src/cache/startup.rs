@@ -101,6 +101,10 @@ impl Backoff {
     }
 }
 
+/// One step of the background check (a shard, or the keys outside every shard), tried again
+/// as a whole when it fails.
+type Step<'a> = Box<dyn Fn() -> Result<Fixed, CacheError> + 'a>;
+
 /// Whether a failure of the check may pass: a request to the store that failed on the way.
 fn is_transient(e: &CacheError) -> bool {
     matches!(e, CacheError::Storage(s) if s.is_transient())
@@ -149,7 +153,7 @@ impl Cache {
         let mut in_a_row = 0u32;
         let result = (|| -> Result<(), CacheError> {
             self.index.check_integrity()?;
-            let mut steps: Vec<(String, Box<dyn Fn() -> Result<Fixed, CacheError> + '_>)> = vec![
+            let mut steps: Vec<(String, Step<'_>)> = vec![
                 ("the keys outside every shard".into(), Box::new(|| self.remove_strays_outside_shards())),
             ];
             if !self.index.is_shared() {
@@ -157,7 +161,7 @@ impl Cache {
             }
             let shard_steps = shards().map(|shard| {
                 let what = format!("shard {shard}");
-                let step: Box<dyn Fn() -> Result<Fixed, CacheError> + '_> = Box::new(move || self.check_shard(&shard));
+                let step: Step<'_> = Box::new(move || self.check_shard(&shard));
                 (what, step)
             });
             for (what, step) in steps.into_iter().chain(shard_steps) {
@@ -294,14 +298,12 @@ impl Cache {
 #[cfg(test)]
 mod tests {
     use super::*;
+    #[cfg(feature = "s3")]
     use crate::storage::StorageError;
 
+    #[cfg(feature = "s3")]
     fn remote_failure(status: u16) -> CacheError {
-        #[cfg(feature = "s3")]
-        let source: Box<dyn std::error::Error + Send + Sync> =
-            Box::new(crate::storage::s3::S3Error::Status { status, code: None });
-        #[cfg(not(feature = "s3"))]
-        let source: Box<dyn std::error::Error + Send + Sync> = format!("HTTP {status}").into();
+        let source = Box::new(crate::storage::s3::S3Error::Status { status, code: None });
         CacheError::Storage(StorageError::Remote { action: "listing", key: "nar/00".into(), source })
     }
 

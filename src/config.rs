@@ -705,9 +705,9 @@ impl StoragePaths {
 }
 
 impl RawValues {
-    /// `--cache-storage-s3-bucket`, if given (`fsck` refuses it: it checks a local store).
-    pub fn s3_bucket(&self) -> Option<&str> {
-        self.one("cache-storage-s3-bucket")
+    /// `--cache-storage-s3-*`, typed and checked as `serve` does (`fsck` checks the bucket).
+    pub fn s3(&self) -> Result<Option<S3Config>, ConfigError> {
+        s3_from_raw(self).map_err(|e| self.locate(e))
     }
 
     fn all(&self, name: &str) -> &[String] {
@@ -1116,10 +1116,10 @@ pub fn help_text(subcommand: Option<&str>) -> String {
     out.push_str("ncps: a Nix binary cache proxy\n\n");
     if subcommand.is_none() {
         out.push_str(
-            "Usage: ncps serve [FLAGS]\n       ncps fsck [--repair] --cache-data-path DIR\n\n\
+            "Usage: ncps serve [FLAGS]\n       ncps fsck [--repair] --cache-data-path DIR [--cache-storage-s3-*]\n\n\
              Commands:\n  serve   run the cache proxy\n  \
-             fsck    check the store against the index (re-hashing every NAR); --repair removes\n          \
-             what is broken so it is fetched again\n\n",
+             fsck    check the store (files or the S3 bucket) against the index (re-hashing every\n          \
+             NAR); --repair removes what is broken so it is fetched again\n\n",
         );
     } else {
         out.push_str("Usage: ncps serve [FLAGS]\n\n");

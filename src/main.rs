@@ -30,17 +30,10 @@ fn run() -> Result<(), Exit> {
         }
         Command::Fsck { mut raw, repair } => {
             read_config_file(&mut raw)?;
-            if raw.s3_bucket().is_some() {
-                return Err(Exit {
-                    code: 2,
-                    message: "--cache-storage-s3-bucket: `ncps fsck` checks a local store only; the S3 store is \
-                              checked at start after an unclean stop"
-                        .into(),
-                });
-            }
             let paths = config::StoragePaths::from_raw(&raw)?;
+            let s3 = raw.s3()?;
             ncps::logging::init(log::LevelFilter::Warn);
-            match ncps::fsck::run(&paths, repair) {
+            match ncps::fsck::run(&paths, s3.as_ref(), repair) {
                 Ok(0) => Ok(()),
                 Ok(code) => Err(Exit { code, message: "the store has problems (see above)".into() }),
                 Err(e) => Err(Exit { code: 1, message: e.to_string() }),

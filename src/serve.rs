@@ -66,17 +66,8 @@ fn open_s3(
     data_path: &std::path::Path,
     database: &Database,
 ) -> Result<Arc<dyn BlobStore>, Exit> {
-    use crate::storage::s3::{Retry, S3Settings, S3Store};
-    let settings = S3Settings {
-        endpoint: s3.endpoint.clone(),
-        bucket: s3.bucket.clone(),
-        region: s3.region.clone(),
-        access_key_id: s3.access_key_id.clone(),
-        secret_access_key: s3.secret_access_key.expose().to_string(),
-        force_path_style: s3.force_path_style,
-        redirect: s3.redirect,
-        retry: Retry::default(),
-    };
+    use crate::storage::s3::{S3Settings, S3Store};
+    let settings = S3Settings::from_config(s3);
     let store = S3Store::open(&settings).map_err(|e| runtime(format!("--cache-storage-s3-bucket: {e}")))?;
     let owner = s3_owner(data_path, database).map_err(runtime)?;
     match store.claim(&owner) {
@@ -108,15 +99,10 @@ fn open_s3(
 #[cfg(feature = "s3")]
 fn s3_owner(data_path: &std::path::Path, database: &Database) -> Result<String, String> {
     use std::io::Read;
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
-    if let Database::Postgres(url) = database {
-        // Without the credentials: host, port and database name say which index it is.
-        let shown = crate::config::redact_url(url);
-        let rest = shown.split_once("://").map_or(shown.as_str(), |(_, r)| r);
-        let rest = rest.rsplit_once('@').map_or(rest, |(_, r)| r);
-        let rest = rest.split('?').next().unwrap_or(rest);
-        return Ok(format!("index postgresql://{rest}\nhost {} (one of its replicas)\n", host.trim()));
+    if let Some(owner) = s3_owner_if_known(data_path, database) {
+        return Ok(owner);
     }
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
     let file = data_path.join("s3-owner-id");
     let id = match std::fs::read_to_string(&file) {
         Ok(id) if !id.trim().is_empty() => id.trim().to_string(),
@@ -131,6 +117,28 @@ fn s3_owner(data_path: &std::path::Path, database: &Database) -> Result<String, 
         }
     };
     Ok(format!("{id}\nhost {}\ndata path {}\n", host.trim(), data_path.display()))
+}
+
+/// The owner text of [`s3_owner`] if this ncps already has one (always with PostgreSQL; with
+/// SQLite once `s3-owner-id` was made), without making one: what `ncps fsck` compares the
+/// bucket's owner with.
+#[cfg(feature = "s3")]
+pub fn s3_owner_if_known(data_path: &std::path::Path, database: &Database) -> Option<String> {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    if let Database::Postgres(url) = database {
+        // Without the credentials: host, port and database name say which index it is.
+        let shown = crate::config::redact_url(url);
+        let rest = shown.split_once("://").map_or(shown.as_str(), |(_, r)| r);
+        let rest = rest.rsplit_once('@').map_or(rest, |(_, r)| r);
+        let rest = rest.split('?').next().unwrap_or(rest);
+        return Some(format!("index postgresql://{rest}\nhost {} (one of its replicas)\n", host.trim()));
+    }
+    match std::fs::read_to_string(data_path.join("s3-owner-id")) {
+        Ok(id) if !id.trim().is_empty() => {
+            Some(format!("{}\nhost {}\ndata path {}\n", id.trim(), host.trim(), data_path.display()))
+        }
+        _ => None,
+    }
 }
 
 /// Never reached: the configuration refuses a bucket in a build without the `s3` feature.

@@ -147,7 +147,7 @@ mod tests {
 
     #[test]
     fn blobs_without_rows_and_rows_without_blobs_are_found() {
-        let blobs = [Listed { name: h('a'), len: 1 }, Listed { name: h('b'), len: 1 }];
+        let blobs = [Listed { name: h('a'), len: 1, modified: None }, Listed { name: h('b'), len: 1, modified: None }];
         let rows = [row('b', 0), row('c', 0)];
         assert_eq!(
             narinfo_shard(&blobs, &rows),
@@ -158,9 +158,9 @@ mod tests {
     #[test]
     fn a_nar_blob_is_vouched_for_only_if_stored_with_its_verified_size() {
         let blobs = [
-            Listed { name: n('1'), len: 3 },
-            Listed { name: n('2'), len: 3 },
-            Listed { name: n('3'), len: 4 },
+            Listed { name: n('1'), len: 3, modified: None },
+            Listed { name: n('2'), len: 3, modified: None },
+            Listed { name: n('3'), len: 4, modified: None },
         ];
         let rows = [nar_row('1', true, 3), nar_row('2', false, 3), nar_row('3', true, 3), nar_row('4', true, 3)];
         assert_eq!(

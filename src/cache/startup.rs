@@ -13,13 +13,20 @@
 //!   unverified can be under a final name to be served.
 //!
 //! `ncps fsck` does the full check (re-hashing every NAR) on demand.
+//!
+//! An object store fails now and then (a Garage node restarting, a 503 `SlowDown`): the check
+//! does not stop at the first failed request. A shard whose requests fail in a transient way
+//! is tried again after a pause that doubles up to [`Backoff::cap`]; after
+//! [`Backoff::attempts`] it is skipped (and named in the log) and the check goes on with the
+//! next. Nothing is removed on the strength of a failed request: a shard is compared only once
+//! both its listings are complete, so a failure means that shard is not repaired this time.
 
 use super::check::{self, Problem};
 use super::{Cache, CacheError};
 use crate::index::now;
 use crate::storage::shards;
 use std::path::Path;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// Writes the clean-stop marker (synced, so it survives the power cut that follows a stop).
 pub(super) fn leave_marker(path: &Path) -> Result<(), std::io::Error> {
@@ -38,6 +45,69 @@ pub(super) fn leave_marker(path: &Path) -> Result<(), std::io::Error> {
 struct Fixed {
     removed: usize,
     dropped: usize,
+}
+
+/// How the background check waits out a store that fails: each step of the check (a shard)
+/// is tried `attempts` times, after pauses from `first` doubling up to `cap`. Above the
+/// store's own retries of each request (a second or two): this rides out a node that is down
+/// for minutes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Backoff {
+    pub attempts: u32,
+    pub first: Duration,
+    pub cap: Duration,
+    /// After this many steps skipped in a row, the store is taken to be down and the check
+    /// stops (it runs again after the next unclean stop; `ncps fsck` checks by hand).
+    pub give_up_after: u32,
+}
+
+impl Default for Backoff {
+    fn default() -> Backoff {
+        Backoff { attempts: 6, first: Duration::from_secs(1), cap: Duration::from_secs(30), give_up_after: 20 }
+    }
+}
+
+impl Backoff {
+    /// The pause after failed attempt `n` (1-based): `first`, doubled each time, at most `cap`.
+    pub fn pause(&self, n: u32) -> Duration {
+        self.first.saturating_mul(1u32 << (n.saturating_sub(1)).min(20)).min(self.cap)
+    }
+
+    /// Runs `step` until it succeeds, fails in a way that is not transient, or has been tried
+    /// `attempts` times; `sleep` waits (a parameter, for the tests).
+    pub fn run<T>(
+        &self,
+        what: &str,
+        sleep: &mut dyn FnMut(Duration),
+        mut step: impl FnMut() -> Result<T, CacheError>,
+    ) -> Result<T, CacheError> {
+        let attempts = self.attempts.max(1);
+        let mut n = 1;
+        loop {
+            match step() {
+                Ok(v) => return Ok(v),
+                Err(e) if n < attempts && is_transient(&e) => {
+                    let pause = self.pause(n);
+                    log::warn!(
+                        "start-up check: {what}: {e} (attempt {n} of {attempts}); trying again in {:.1}s",
+                        pause.as_secs_f64()
+                    );
+                    sleep(pause);
+                    n += 1;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
+/// One step of the background check (a shard, or the keys outside every shard), tried again
+/// as a whole when it fails.
+type Step<'a> = Box<dyn Fn() -> Result<Fixed, CacheError> + 'a>;
+
+/// Whether a failure of the check may pass: a request to the store that failed on the way.
+fn is_transient(e: &CacheError) -> bool {
+    matches!(e, CacheError::Storage(s) if s.is_transient())
 }
 
 impl Cache {
@@ -76,49 +146,96 @@ impl Cache {
         super::access::lower_priority(10);
         let started = Instant::now();
         let mut fixed = Fixed::default();
+        let backoff = Backoff::default();
+        let mut sleep = |d: Duration| std::thread::sleep(d);
+        // What was skipped after its retries ran out, and why (the last failure).
+        let mut skipped: Vec<(String, String)> = Vec::new();
+        let mut in_a_row = 0u32;
         let result = (|| -> Result<(), CacheError> {
             self.index.check_integrity()?;
-            let strays = {
-                let _no_writes = self.writes.write().unwrap_or_else(|p| p.into_inner());
-                self.blobs.strays_outside_shards()?
-            };
-            fixed.removed += strays.len();
-            for s in &strays {
-                self.blobs.remove_stray(s)?;
-            }
+            let mut steps: Vec<(String, Step<'_>)> = vec![
+                ("the keys outside every shard".into(), Box::new(|| self.remove_strays_outside_shards())),
+            ];
             if !self.index.is_shared() {
-                // A crash may have left a copy its row does not count, or a row whose copy is
-                // gone; copies are an optimisation, made again when asked, so all go. Not with
-                // a shared index: the copies are every replica's.
-                let _no_writes = self.writes.write().unwrap_or_else(|p| p.into_inner());
-                let rows = self.index.forget_nar_zstd()?;
-                let files = self.blobs.remove_all_nar_zstd()?;
-                if rows + files > 0 {
-                    log::info!("start-up check: removed {files} zstd cop(y/ies) ({rows} counted); made again when asked");
-                }
+                steps.push(("the zstd copies".into(), Box::new(|| self.remove_zstd_copies())));
             }
-            for shard in shards() {
-                let f = self.check_shard(&shard)?;
-                fixed.removed += f.removed;
-                fixed.dropped += f.dropped;
+            let shard_steps = shards().map(|shard| {
+                let what = format!("shard {shard}");
+                let step: Step<'_> = Box::new(move || self.check_shard(&shard));
+                (what, step)
+            });
+            for (what, step) in steps.into_iter().chain(shard_steps) {
+                match backoff.run(&what, &mut sleep, step) {
+                    Ok(f) => {
+                        in_a_row = 0;
+                        fixed.removed += f.removed;
+                        fixed.dropped += f.dropped;
+                    }
+                    Err(e) if is_transient(&e) => {
+                        log::warn!("start-up check: {what} skipped: {e}; nothing of it was removed");
+                        skipped.push((what, e.to_string()));
+                        in_a_row += 1;
+                        if in_a_row >= backoff.give_up_after.max(1) {
+                            return Err(e);
+                        }
+                    }
+                    Err(e) => return Err(e),
+                }
             }
             Ok(())
         })();
         self.space.refresh(&*self.index);
         let secs = started.elapsed().as_secs_f64();
+        let skipped_text = match skipped.len() {
+            0 => String::new(),
+            n => format!(
+                "; skipped {n} part(s) the store did not answer for ({}): `ncps fsck` checks them by hand",
+                skipped.iter().map(|(w, _)| w.as_str()).collect::<Vec<_>>().join(", ")
+            ),
+        };
         match result {
-            Err(e) => log::error!("start-up check: stopped after {secs:.1}s: {e}; `ncps fsck` checks the store by hand"),
-            Ok(()) if fixed.removed + fixed.dropped == 0 => {
+            Err(e) => log::error!(
+                "start-up check: stopped after {secs:.1}s: {e}{skipped_text}; `ncps fsck` checks the store by hand"
+            ),
+            Ok(()) if fixed.removed + fixed.dropped == 0 && skipped.is_empty() => {
                 log::info!("start-up check: done in {secs:.1}s: store and index agree")
+            }
+            Ok(()) if fixed.removed + fixed.dropped == 0 => {
+                log::warn!("start-up check: done in {secs:.1}s: what was checked agrees{skipped_text}")
             }
             Ok(()) => log::warn!(
                 "start-up check: done in {secs:.1}s: removed {} file(s) the index did not vouch for; \
-                 dropped {} index entr(y/ies) whose file was missing",
+                 dropped {} index entr(y/ies) whose file was missing{skipped_text}",
                 fixed.removed,
                 fixed.dropped
             ),
         }
         self.enforce_limit();
+    }
+
+    /// Removes what lies outside every shard (listed whole first: only then is anything removed).
+    fn remove_strays_outside_shards(&self) -> Result<Fixed, CacheError> {
+        let strays = {
+            let _no_writes = self.writes.write().unwrap_or_else(|p| p.into_inner());
+            self.blobs.strays_outside_shards()?
+        };
+        for s in &strays {
+            self.blobs.remove_stray(s)?;
+        }
+        Ok(Fixed { removed: strays.len(), dropped: 0 })
+    }
+
+    /// A crash may have left a copy its row does not count, or a row whose copy is gone;
+    /// copies are an optimisation, made again when asked, so all go. Not with a shared index
+    /// (the caller's test): the copies are every replica's.
+    fn remove_zstd_copies(&self) -> Result<Fixed, CacheError> {
+        let _no_writes = self.writes.write().unwrap_or_else(|p| p.into_inner());
+        let rows = self.index.forget_nar_zstd()?;
+        let files = self.blobs.remove_all_nar_zstd()?;
+        if rows + files > 0 {
+            log::info!("start-up check: removed {files} zstd cop(y/ies) ({rows} counted); made again when asked");
+        }
+        Ok(Fixed::default())
     }
 
     /// Compares and repairs one shard, with every write waiting meanwhile (a few milliseconds
@@ -177,3 +294,56 @@ impl Cache {
     }
 }
 
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    #[cfg(feature = "s3")]
+    use crate::storage::StorageError;
+
+    #[cfg(feature = "s3")]
+    fn remote_failure(status: u16) -> CacheError {
+        let source = Box::new(crate::storage::s3::S3Error::Status { status, code: None });
+        CacheError::Storage(StorageError::Remote { action: "listing", key: "nar/00".into(), source })
+    }
+
+    #[test]
+    fn the_pause_doubles_from_the_first_up_to_the_cap() {
+        let b = Backoff { attempts: 10, first: Duration::from_secs(1), cap: Duration::from_secs(30), give_up_after: 5 };
+        let pauses: Vec<u64> = (1..=7).map(|n| b.pause(n).as_secs()).collect();
+        assert_eq!(pauses, [1, 2, 4, 8, 16, 30, 30]);
+        assert_eq!(b.pause(u32::MAX), Duration::from_secs(30), "no overflow on a long outage");
+    }
+
+    #[cfg(feature = "s3")]
+    #[test]
+    fn a_transient_failure_is_tried_again_after_growing_pauses_until_it_passes() {
+        let b = Backoff { attempts: 5, first: Duration::from_millis(100), cap: Duration::from_millis(250), give_up_after: 5 };
+        let mut slept = Vec::new();
+        let mut calls = 0;
+        let got = b.run("shard 00", &mut |d| slept.push(d.as_millis()), || {
+            calls += 1;
+            if calls < 4 { Err(remote_failure(503)) } else { Ok(calls) }
+        });
+        assert_eq!(got.ok(), Some(4));
+        assert_eq!(slept, [100, 200, 250]);
+    }
+
+    #[cfg(feature = "s3")]
+    #[test]
+    fn a_failure_that_will_not_pass_is_not_tried_again_and_retries_are_bounded() {
+        let b = Backoff { attempts: 3, first: Duration::from_millis(1), cap: Duration::from_millis(1), give_up_after: 5 };
+        let mut calls = 0;
+        let got: Result<(), _> = b.run("shard 00", &mut |_| {}, || {
+            calls += 1;
+            Err(remote_failure(403))
+        });
+        assert!(got.is_err() && calls == 1, "403 is the request's fault: {calls} call(s)");
+        calls = 0;
+        let got: Result<(), _> = b.run("shard 00", &mut |_| {}, || {
+            calls += 1;
+            Err(remote_failure(500))
+        });
+        assert!(matches!(got, Err(ref e) if is_transient(e)) && calls == 3, "{calls} call(s)");
+    }
+}

@@ -350,7 +350,7 @@ impl LocalStore {
             }
             match entry.file_name().to_str().and_then(&parse) {
                 Some(n) if path_of(&n) == path => {
-                    entries.push(Listed { name: n, len: meta.len() })
+                    entries.push(Listed { name: n, len: meta.len(), modified: Some(std::os::unix::fs::MetadataExt::mtime(&meta)) })
                 }
                 _ => strays.push(Stray(path)),
             }

@@ -102,6 +102,10 @@ impl Blob {
 pub struct Listed<N> {
     pub name: N,
     pub len: u64,
+    /// When the blob was last written (Unix seconds), if the store says: `ncps fsck` on a
+    /// shared index leaves a blob the index does not vouch for alone while it is young, since
+    /// another replica may be between writing it and recording it.
+    pub modified: Option<i64>,
 }
 
 /// What one shard holds: its entries, and what does not belong (files whose names are not
@@ -232,6 +236,21 @@ pub enum StorageError {
 impl StorageError {
     pub fn io(action: &'static str, path: PathBuf, source: io::Error) -> StorageError {
         StorageError::Io { action, path, source }
+    }
+
+    /// Whether trying again later may succeed: a request to an object store that failed on
+    /// the way (a connection error, a timeout, a 5xx or 429 answer, a body cut short), after
+    /// the store's own retries. A file system's error is the disk's state: not transient.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            StorageError::Io { .. } => false,
+            #[cfg(feature = "s3")]
+            StorageError::Remote { source, .. } => {
+                source.downcast_ref::<s3::S3Error>().is_some_and(s3::S3Error::is_transient)
+            }
+            #[cfg(not(feature = "s3"))]
+            StorageError::Remote { .. } => false,
+        }
     }
 
     /// Whether the store refused bytes for lack of room (a full disk or quota).

@@ -85,6 +85,22 @@ pub struct S3Settings {
     pub retry: Retry,
 }
 
+impl S3Settings {
+    /// The settings of `--cache-storage-s3-*` (what `serve` and `fsck` share).
+    pub fn from_config(c: &crate::config::S3Config) -> S3Settings {
+        S3Settings {
+            endpoint: c.endpoint.clone(),
+            bucket: c.bucket.clone(),
+            region: c.region.clone(),
+            access_key_id: c.access_key_id.clone(),
+            secret_access_key: c.secret_access_key.expose().to_string(),
+            force_path_style: c.force_path_style,
+            redirect: c.redirect,
+            retry: Retry::default(),
+        }
+    }
+}
+
 impl fmt::Debug for S3Settings {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("S3Settings")
@@ -141,6 +157,19 @@ impl fmt::Display for S3Error {
     }
 }
 
+impl S3Error {
+    /// Whether the same request may succeed later: what [`Inner::send`] tries again (a
+    /// connection error, a timeout, a 5xx, a 429), and a body cut short.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            S3Error::Status { status, .. } => retryable_status(*status),
+            S3Error::Transport(e) => retryable_error(e),
+            S3Error::Read(_) => true,
+            S3Error::Answer(_) => false,
+        }
+    }
+}
+
 impl std::error::Error for S3Error {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
@@ -179,8 +208,34 @@ fn error_code(body: &str) -> Option<String> {
 /// One page of a `ListObjectsV2` answer: the keys with their sizes, and the token of the next.
 #[derive(Debug, PartialEq, Eq)]
 struct Listing {
-    objects: Vec<(String, u64)>,
+    objects: Vec<Object>,
     next_continuation_token: Option<String>,
+}
+
+/// One `<Contents>` of a listing: its key, size, and `<LastModified>` (Unix seconds) if the
+/// server sent a readable one.
+#[derive(Debug, PartialEq, Eq)]
+struct Object {
+    key: String,
+    size: u64,
+    modified: Option<i64>,
+}
+
+/// An ISO 8601 UTC time as S3 writes `<LastModified>` (`2024-01-02T03:04:05.000Z`), in Unix
+/// seconds; `None` for anything else (the caller then treats the object as young).
+fn parse_last_modified(t: &str) -> Option<i64> {
+    let t = t.trim();
+    let (date, time) = t.split_once('T')?;
+    let mut d = date.splitn(3, '-');
+    let (y, m, day): (i64, u32, u32) = (d.next()?.parse().ok()?, d.next()?.parse().ok()?, d.next()?.parse().ok()?);
+    let time = time.strip_suffix('Z')?;
+    let time = time.split('.').next()?;
+    let mut hms = time.splitn(3, ':');
+    let (h, mi, sec): (i64, i64, i64) = (hms.next()?.parse().ok()?, hms.next()?.parse().ok()?, hms.next()?.parse().ok()?);
+    if !(1..=12).contains(&m) || !(1..=31).contains(&day) || h > 23 || mi > 59 || sec > 60 {
+        return None;
+    }
+    Some(crate::tz::days_from_civil(y, m, day) * 86_400 + h * 3600 + mi * 60 + sec)
 }
 
 /// The text of the first `<tag>...</tag>` in `xml`, and what follows it.
@@ -273,7 +328,8 @@ fn parse_listing(xml: &str) -> Result<Listing, String> {
         let size = size.trim().parse().map_err(|_| format!("size {size:?}"))?;
         let key = unescape(key);
         let key = if url_encoded { percent_decode(&key).ok_or_else(|| format!("key {key:?}: bad URL encoding"))? } else { key };
-        objects.push((key, size));
+        let modified = element(contents, "LastModified").and_then(|(t, _)| parse_last_modified(t));
+        objects.push(Object { key, size, modified });
         rest = after;
     }
     let truncated = element(xml, "IsTruncated").is_some_and(|(t, _)| t.trim() == "true");
@@ -397,6 +453,12 @@ impl Inner {
 
     /// Every key under `prefix` with its size, a page at a time, until `each` says stop.
     fn list(&self, prefix: &str, max_keys: usize, mut each: impl FnMut(String, u64) -> bool) -> Result<(), StorageError> {
+        self.list_objects(prefix, max_keys, |o| each(o.key, o.size))
+    }
+
+    /// Every object under `prefix`, a page (`max_keys`) at a time, until `each` says stop:
+    /// one page is in memory at a time, never the whole listing.
+    fn list_objects(&self, prefix: &str, max_keys: usize, mut each: impl FnMut(Object) -> bool) -> Result<(), StorageError> {
         let mut token: Option<String> = None;
         loop {
             let mut list = ListObjectsV2::new(&self.bucket, Some(&self.credentials));
@@ -417,8 +479,8 @@ impl Inner {
                 .read_to_string()
                 .map_err(|e| remote("listing", prefix, S3Error::Read(io::Error::other(e))))?;
             let page = parse_listing(&text).map_err(|why| remote("listing", prefix, S3Error::Answer(why)))?;
-            for (key, size) in page.objects {
-                if !each(key, size) {
+            for object in page.objects {
+                if !each(object) {
                     return Ok(());
                 }
             }
@@ -517,17 +579,24 @@ impl S3Store {
     /// the claim guards the common mistake, a second replica pointed at the same bucket.
     pub fn claim(&self, owner: &str) -> Result<Option<String>, StorageError> {
         let id = |t: &str| t.lines().next().unwrap_or("").trim().to_string();
-        if let Some(mut answer) = self.inner.get_object("reading", OWNER_KEY, None)? {
-            let text = answer
-                .body_mut()
-                .with_config()
-                .limit(64 << 10)
-                .read_to_string()
-                .map_err(|e| remote("reading", OWNER_KEY, S3Error::Read(io::Error::other(e))))?;
+        if let Some(text) = self.owner()? {
             return Ok(if id(&text) == id(owner) { None } else { Some(text) });
         }
         self.inner.put_object("claiming", OWNER_KEY, owner.as_bytes(), None)?;
         Ok(None)
+    }
+
+    /// The text of the owner object ([`S3Store::claim`]), if the bucket is claimed; read only
+    /// (`ncps fsck` checks it, and claims nothing).
+    pub fn owner(&self) -> Result<Option<String>, StorageError> {
+        let Some(mut answer) = self.inner.get_object("reading", OWNER_KEY, None)? else { return Ok(None) };
+        let text = answer
+            .body_mut()
+            .with_config()
+            .limit(64 << 10)
+            .read_to_string()
+            .map_err(|e| remote("reading", OWNER_KEY, S3Error::Read(io::Error::other(e))))?;
+        Ok(Some(text))
     }
 
     /// Every key under `prefix`, listed `page` keys a request (for the tests of paging).
@@ -649,10 +718,10 @@ impl S3Store {
     fn list_shard<N>(&self, prefix: &str, shard: &str, parse: impl Fn(&str) -> Option<N>) -> Result<Shard<N>, StorageError> {
         let mut entries = Vec::new();
         let mut strays = Vec::new();
-        self.inner.list(&format!("{prefix}{shard}"), 1000, |key, len| {
-            match key.strip_prefix(prefix).and_then(&parse) {
-                Some(name) => entries.push(Listed { name, len }),
-                None => strays.push(Stray(key.into())),
+        self.inner.list_objects(&format!("{prefix}{shard}"), 1000, |o| {
+            match o.key.strip_prefix(prefix).and_then(&parse) {
+                Some(name) => entries.push(Listed { name, len: o.size, modified: o.modified }),
+                None => strays.push(Stray(o.key.into())),
             }
             true
         })?;
@@ -731,14 +800,32 @@ impl BlobStore for S3Store {
     }
 
     fn remove_all_nar_zstd(&self) -> Result<u64, StorageError> {
+        // A thousand keys at a time, never the whole listing in memory. Deleting behind the
+        // listing is safe: a continuation token names a position, not a snapshot.
+        const BATCH: usize = 1000;
         let mut keys = Vec::new();
-        self.inner.list(ZSTD_PREFIX, 1000, |key, _| {
+        let mut removed = 0u64;
+        let mut failed = None;
+        self.inner.list(ZSTD_PREFIX, BATCH, |key, _| {
             keys.push(key);
-            true
+            if keys.len() < BATCH {
+                return true;
+            }
+            removed += keys.len() as u64;
+            match self.remove_keys(std::mem::take(&mut keys)) {
+                Ok(()) => true,
+                Err(e) => {
+                    failed = Some(e);
+                    false
+                }
+            }
         })?;
-        let n = keys.len() as u64;
+        if let Some(e) = failed {
+            return Err(e);
+        }
+        removed += keys.len() as u64;
         self.remove_keys(keys)?;
-        Ok(n)
+        Ok(removed)
     }
 
     fn nar_file_hash(&self, blob: &Blob) -> Option<Hash> {
@@ -854,10 +941,11 @@ mod tests {
     fn a_listing_page_is_read_by_hand_with_or_without_etags_and_its_token_only_when_truncated() {
         let page = "<?xml version=\"1.0\"?><ListBucketResult xmlns=\"http://s3.amazonaws.com/doc/2006-03-01/\">\
             <Name>b</Name><IsTruncated>true</IsTruncated><NextContinuationToken>a&amp;b</NextContinuationToken>\
-            <Contents><Key>nar/1.nar</Key><ETag>&quot;x&quot;</ETag><Size>12</Size></Contents>\
+            <Contents><Key>nar/1.nar</Key><LastModified>2024-01-02T03:04:05.000Z</LastModified><ETag>&quot;x&quot;</ETag><Size>12</Size></Contents>\
             <Contents><Key>nar/a&lt;b</Key><Size>0</Size></Contents></ListBucketResult>";
         let listing = parse_listing(page).unwrap();
-        assert_eq!(listing.objects, vec![("nar/1.nar".to_string(), 12), ("nar/a<b".to_string(), 0)]);
+        let pairs: Vec<_> = listing.objects.iter().map(|o| (o.key.as_str(), o.size, o.modified)).collect();
+        assert_eq!(pairs, vec![("nar/1.nar", 12, Some(1_704_164_645)), ("nar/a<b", 0, None)]);
         assert_eq!(listing.next_continuation_token.as_deref(), Some("a&b"));
         let last = page.replace("<IsTruncated>true", "<IsTruncated>false");
         assert_eq!(parse_listing(&last).unwrap().next_continuation_token, None);
@@ -871,10 +959,21 @@ mod tests {
             <Contents><Key>nar%2F1hv0abc.nar.xz</Key><Size>3</Size></Contents>\
             <Contents><Key>narinfo%2Fa+b%25</Key><Size>1</Size></Contents></ListBucketResult>";
         let listing = parse_listing(page).unwrap();
-        assert_eq!(listing.objects, vec![("nar/1hv0abc.nar.xz".to_string(), 3), ("narinfo/a b%".to_string(), 1)]);
+        let pairs: Vec<_> = listing.objects.iter().map(|o| (o.key.as_str(), o.size)).collect();
+        assert_eq!(pairs, vec![("nar/1hv0abc.nar.xz", 3), ("narinfo/a b%", 1)]);
         let plain = page.replace("<EncodingType>url</EncodingType>", "");
-        assert_eq!(parse_listing(&plain).unwrap().objects[0].0, "nar%2F1hv0abc.nar.xz", "s3s-fs: sent as they are");
+        assert_eq!(parse_listing(&plain).unwrap().objects[0].key, "nar%2F1hv0abc.nar.xz", "s3s-fs: sent as they are");
         assert!(parse_listing(&page.replace("%2F1hv0", "%zz")).is_err(), "a malformed escape is an error, not a key");
+    }
+
+    #[test]
+    fn last_modified_is_read_as_unix_seconds_and_anything_else_is_unknown() {
+        assert_eq!(parse_last_modified("1970-01-01T00:00:00Z"), Some(0));
+        assert_eq!(parse_last_modified("2024-01-02T03:04:05.000Z"), Some(1_704_164_645));
+        assert_eq!(parse_last_modified(" 2024-01-02T03:04:05Z "), Some(1_704_164_645));
+        for bad in ["", "2024-01-02", "2024-13-02T03:04:05Z", "2024-01-02T03:04:05+01:00", "yesterday"] {
+            assert_eq!(parse_last_modified(bad), None, "{bad:?}");
+        }
     }
 
     #[test]

@@ -81,6 +81,29 @@ impl S3sFs {
         }
     }
 
+    /// The same flags with the endpoint at `port` on loopback (a proxy in front of this server).
+    pub fn flags_via(&self, port: u16) -> Vec<String> {
+        let mine = format!("http://127.0.0.1:{}", self.port);
+        self.flags().into_iter().map(|f| if f == mine { format!("http://127.0.0.1:{port}") } else { f }).collect()
+    }
+
+    /// Where s3s-fs keeps the object `key` of the bucket (a plain file).
+    pub fn object_file(&self, key: &str) -> PathBuf {
+        self.root.join(S3_BUCKET).join(key)
+    }
+
+    /// The multipart uploads s3s-fs still holds (it has no ListMultipartUploads: each upload
+    /// is a `.upload-<id>.json` file beside its parts, `.upload_id-<id>.part-<n>`, at its root).
+    pub fn pending_uploads(&self) -> Vec<String> {
+        std::fs::read_dir(self.root.path())
+            .map(|d| {
+                d.filter_map(|e| e.ok()?.file_name().into_string().ok())
+                    .filter(|n| n.starts_with(".upload"))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
     /// The objects under `prefix` (`nar/`, `narinfo/`) in the bucket, as s3s-fs keeps them.
     pub fn objects(&self, prefix: &str) -> Vec<PathBuf> {
         super::dirs::files_under(&self.root.join(S3_BUCKET).join(prefix))

@@ -215,11 +215,22 @@ fn open_postgres(url: &str, _: &dyn BlobStore) -> Result<Arc<dyn Index>, Exit> {
     .into())
 }
 
+/// Whether `path` holds nothing ncps (or anyone) put there: absent, or an empty directory but
+/// for the `lost+found` of a file system mounted there (a fresh volume). Anything unreadable
+/// counts as used: the start-up check then runs, which is the safe side.
+fn is_new_data_path(path: &Path) -> bool {
+    match std::fs::read_dir(path) {
+        Err(e) => e.kind() == std::io::ErrorKind::NotFound,
+        Ok(entries) => entries.into_iter().all(|e| e.is_ok_and(|e| e.file_name() == "lost+found")),
+    }
+}
+
 pub fn prepare(config: &Config) -> Result<Prepared, Exit> {
     // Files named by flags are read before anything is created or changed.
     let upstream_auth = upstream_credentials(config)?;
     let lru_zone = crate::tz::Zone::load(&config.lru_timezone)
         .map_err(|e| ConfigError::new("cache-lru-schedule-timezone", e.to_string()))?;
+    let new_data_path = is_new_data_path(&config.data_path);
     std::fs::create_dir_all(&config.data_path).map_err(|e| {
         ConfigError::new("cache-data-path", format!("cannot create {}: {e}", config.data_path.display()))
     })?;
@@ -272,6 +283,7 @@ pub fn prepare(config: &Config) -> Result<Prepared, Exit> {
         max_downloads: config.workers.max(4),
         max_size: config.max_size,
         clean_marker: config.data_path.join("clean-shutdown"),
+        new_data_path,
         uploads: crate::cache::trust::UploadPolicy {
             trusted_keys: config.access.trusted_upload_keys.clone(),
             require_trusted_signature: config.access.require_trusted_signature,

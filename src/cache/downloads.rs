@@ -232,7 +232,8 @@ impl Cache {
 
     /// A stored NAR of at most `max` bytes, for the HTTP poll loop to answer without a
     /// worker: never downloads and never waits. `None` when it is not stored or is larger.
-    /// With an object store, `None` always: the poll loop never waits for the network.
+    /// With an object store, `None` always: the poll loop never waits for the network (nor,
+    /// for the ETag, for a shared index).
     pub fn small_nar_hit(&self, name: &NarName, max: u64) -> Result<Option<(Body, Option<Hash>)>, CacheError> {
         if !self.blobs.reads_are_local() {
             return Ok(None);
@@ -241,8 +242,15 @@ impl Cache {
         if blob.len() > max {
             return Ok(None);
         }
+        let tag = match self.blobs.nar_file_hash(&blob) {
+            Some(h) => Some(h),
+            // Stored without its FileHash (an older ncps, a file system without user xattrs):
+            // the ETag is in the index, and a shared index is across the network, which the
+            // poll loop never waits for. A worker asks it (`nar`).
+            None if self.index.is_shared() => return Ok(None),
+            None => self.indexed_file_hash(name, blob.len()),
+        };
         self.touch_nar(name);
-        let tag = self.stored_file_hash(name, &blob);
         Ok(Some((body_of(blob), tag)))
     }
 

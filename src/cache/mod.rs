@@ -101,6 +101,10 @@ pub struct CacheSettings {
     pub max_size: Option<u64>,
     /// The file whose presence at start says the last stop was clean.
     pub clean_marker: PathBuf,
+    /// The data path held nothing when this start began (absent, or empty but for
+    /// `lost+found`): this ncps has never written through it, so no crash of its own can have
+    /// left anything behind (see `startup`).
+    pub new_data_path: bool,
     /// What uploads may be.
     pub uploads: trust::UploadPolicy,
     /// `--cache-zstd-responses`: plain NARs go zstd-encoded to clients that ask.

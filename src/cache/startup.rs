@@ -6,6 +6,8 @@
 //! - staged files are removed (a crash's half-written downloads; never served);
 //! - after a clean stop (the marker [`leave_marker`] wrote is there) store and index agree, and
 //!   nothing else is checked;
+//! - a replica's first start on a new data path beside a shared index and object store checks
+//!   nothing either: it has written nothing (`Cache::joins_a_shared_store`);
 //! - after anything else (a crash, a kill, a power cut, an older ncps) the store is compared
 //!   with the index in the background, one shard at a time, and what disagrees is repaired:
 //!   blobs the index does not vouch for go, rows whose blob is gone are dropped. Meanwhile the
@@ -130,6 +132,14 @@ impl Cache {
             0 => String::from("no temp file to clear"),
             n => format!("removed {n} temp file(s)"),
         };
+        if !clean && self.joins_a_shared_store() {
+            log::info!(
+                "start-up check: a new data path beside a shared index and object store: this ncps has \
+                 written nothing a crash could have left half-done, so the store is not compared (each \
+                 replica compares after its own unclean stop; `ncps fsck` checks it all)"
+            );
+            return Ok(true);
+        }
         if clean {
             log::info!("start-up check: the last stop was clean, so store and index agree; {temps}");
         } else {
@@ -139,6 +149,18 @@ impl Cache {
             );
         }
         Ok(clean)
+    }
+
+    /// A replica joining a fleet with a new data path (a new pod's empty volume): no marker,
+    /// yet nothing of its own to check. What the check would find there is other replicas'
+    /// business: blobs the shared index does not vouch for yet are left alone anyway, and rows
+    /// whose blob is gone are for the replica whose crash left them, at its next start (or
+    /// fsck). Without this, every new replica listed the whole bucket (100 s on a nearly empty
+    /// Garage bucket). A local store is in the data path, so a new data path there is an empty
+    /// store, and the check (quick then) drops the rows a shared index keeps for blobs that
+    /// are gone with the old disk.
+    fn joins_a_shared_store(&self) -> bool {
+        self.settings.new_data_path && self.index.is_shared() && !self.blobs.reads_are_local()
     }
 
     /// The store check after an unclean stop, one shard at a time.

@@ -246,6 +246,42 @@ impl Cluster {
         self.start_server()
     }
 
+    /// Stops every process of the server (SIGSTOP to the postmaster and its children):
+    /// connections stay open and nothing answers, as from a database host that hangs.
+    /// [`Cluster::resume`] undoes it. (Used by the e2e suite, not by the unit tests.)
+    #[allow(dead_code)]
+    pub fn pause(&self) {
+        self.signal_all(libc::SIGSTOP);
+    }
+
+    pub fn resume(&self) {
+        self.signal_all(libc::SIGCONT);
+    }
+
+    /// Sends `signal` to the postmaster (the first line of `postmaster.pid`) and to every
+    /// process whose parent it is.
+    fn signal_all(&self, signal: libc::c_int) {
+        let pid_file = fs::read_to_string(self.dir.join("data").join("postmaster.pid")).unwrap_or_default();
+        let Some(postmaster) = pid_file.lines().next().and_then(|l| l.trim().parse::<i32>().ok()) else { return };
+        let mut pids = vec![postmaster];
+        for entry in fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else { continue };
+            let stat = fs::read_to_string(entry.path().join("stat")).unwrap_or_default();
+            // `pid (comm) state ppid ...`; comm may hold spaces, so read after the last ')'.
+            let ppid = stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse::<i32>().ok());
+            if ppid == Some(postmaster) {
+                pids.push(pid);
+            }
+        }
+        for pid in pids {
+            // SAFETY: kill(2) with a pid read just now from the server's own pid file or from
+            // /proc (its children); at worst a pid that has just exited, which kill reports.
+            unsafe {
+                libc::kill(pid, signal);
+            }
+        }
+    }
+
     /// The server's log so far.
     pub fn log(&self) -> String {
         fs::read_to_string(self.dir.join("server.log")).unwrap_or_default()
@@ -284,6 +320,8 @@ impl Cluster {
     }
 
     fn stop_and_remove(&self) {
+        // A test that failed while the server was paused must not leave pg_ctl waiting on it.
+        self.resume();
         let out = self.command("pg_ctl").args(["-D", &self.data_dir(), "-m", "immediate", "-w", "stop"]).output();
         drop(out);
         let _ = fs::remove_dir_all(&self.dir);

@@ -183,3 +183,49 @@ fn a_bad_sslmode_or_an_unreadable_sslrootcert_is_a_one_line_configuration_error(
         assert!(!stderr.contains(pg_cluster::PASSWORD), "the password is not shown: {stderr}");
     }
 }
+
+#[test]
+fn a_small_nar_hit_whose_etag_is_only_in_postgresql_waits_in_a_worker_never_on_the_poll_loop() {
+    let Some(fx) = fixture_or_skip() else { return };
+    if !ncps_has_postgres("postgres::a_small_nar_hit_whose_etag_is_only_in_postgresql_waits_in_a_worker_never_on_the_poll_loop") {
+        return;
+    }
+    // A server of its own, since it is paused.
+    let cluster = Cluster::start().expect("a PostgreSQL server");
+    let url = cluster.create_database("e2e_etag").expect("a database");
+    let up = Upstream::for_cache(fx, Compression::Xz);
+    let ncps = Ncps::for_upstreams_with(&[up.url()], &[&fx.up1_public_key], &["--cache-database-url", &url]);
+    let (nar_path, size) = ncps_nar_path(&ncps, &fx.many[0]);
+    assert!(size < 16 * 1024, "a NAR the poll loop answers ({size} bytes)");
+    let first = ncps.get(&nar_path);
+    assert_eq!(first.status, 200);
+    let etag = first.header("etag").expect("an ETag").to_string();
+    // As an older ncps, or a file system without user xattrs, would have stored it.
+    let name = nar_path.rsplit('/').next().unwrap().to_string();
+    let find = || files_under(ncps.data_dir()).into_iter().find(|p| p.file_name().is_some_and(|n| n == name.as_str()));
+    // Kept once the download has finished, just after the client had its last byte.
+    assert!(wait_until(std::time::Duration::from_secs(10), || find().is_some()), "{name} is stored");
+    let stored = find().unwrap();
+    let c = std::ffi::CString::new(stored.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: a NUL-terminated path and attribute name, both alive for the call.
+    let gone = unsafe { libc::removexattr(c.as_ptr(), c"user.ncps.file_hash".as_ptr()) };
+    assert_eq!(gone, 0, "the FileHash kept with {}: {}", stored.display(), std::io::Error::last_os_error());
+
+    cluster.pause();
+    let nar_url = format!("{}{nar_path}", ncps.url());
+    let waiting = std::thread::spawn(move || http_get(&nar_url).map(|r| (r.status, r.header("etag").map(str::to_string))));
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    for _ in 0..5 {
+        let t = std::time::Instant::now();
+        let r = ncps.get("/nix-cache-info");
+        let took = t.elapsed();
+        if took >= std::time::Duration::from_millis(500) {
+            cluster.resume();
+        }
+        assert_eq!(r.status, 200);
+        assert!(took < std::time::Duration::from_millis(500), "answered in {took:?} while PostgreSQL hangs");
+    }
+    cluster.resume();
+    let (status, tag) = waiting.join().unwrap().expect("the hit, once PostgreSQL answers");
+    assert_eq!((status, tag.as_deref()), (200, Some(etag.as_str())), "the same ETag, from the index");
+}

@@ -220,3 +220,26 @@ fn two_replicas_missing_one_narinfo_at_once_ask_the_upstream_once_and_serve_the_
     assert_eq!(bodies[0], bodies[1], "both serve the narinfo the first stored, signed by the fleet's key");
     f.replicas[1].wait_for_log(0, "looked up by another replica", Duration::from_secs(5));
 }
+
+#[test]
+fn a_replica_starting_on_a_new_data_path_does_not_list_the_shared_bucket_but_checks_after_its_own_crash() {
+    let Some(fx) = fixture_or_skip() else { return };
+    if !has_features() {
+        return;
+    }
+    let Some(mut f) = fleet(fx, 2, 50_000_000) else { return };
+    let path = format!("/{}.narinfo", store_hash(&fx.top));
+    assert_eq!(f.replicas[0].get(&path).status, 200, "the fleet stores something");
+    for r in &f.replicas {
+        let log = r.log();
+        assert!(log.contains("start-up check: a new data path"), "a new replica checks nothing:\n{log}");
+        assert!(!log.contains("comparing the store"), "a new replica lists nothing:\n{log}");
+    }
+    // Its own crash is another matter: what it was writing may be half-done.
+    let since = f.replicas[1].log_len();
+    f.replicas[1].kill9();
+    f.replicas[1].restart();
+    let log = f.replicas[1].wait_for_log(since, "start-up check: done", Duration::from_secs(120));
+    assert!(log.contains("the last stop was not clean"), "{log}");
+    assert_eq!(f.replicas[1].get(&path).status, 200, "and it serves what the fleet stored");
+}

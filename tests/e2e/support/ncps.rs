@@ -190,8 +190,10 @@ impl Ncps {
         self.data.path()
     }
 
+    /// Beside the data path, not in it: ncps finds its data path as it left it (a new one
+    /// empty, as a new volume would be).
     pub fn log_path(&self) -> PathBuf {
-        self.data.join("ncps.log")
+        self.data.path().with_extension("log")
     }
 
     pub fn log(&self) -> String {

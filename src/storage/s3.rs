@@ -184,6 +184,17 @@ fn remote(action: &'static str, key: &str, e: S3Error) -> StorageError {
     StorageError::Remote { action, key: key.to_string(), source: Box::new(e) }
 }
 
+/// The body of a small answer (XML, the owner text) as text, at most `limit` bytes: a body
+/// that fails or is longer is a read error of `action` on `key`.
+fn answer_text(answer: &mut Answer, limit: u64, action: &'static str, key: &str) -> Result<String, StorageError> {
+    answer
+        .body_mut()
+        .with_config()
+        .limit(limit)
+        .read_to_string()
+        .map_err(|e| remote(action, key, S3Error::Read(io::Error::other(e))))
+}
+
 /// Whether an answer with this status is worth trying again: the store's own trouble (5xx)
 /// or "slow down" (429; S3's `SlowDown` is a 503).
 pub fn retryable_status(status: u16) -> bool {
@@ -472,12 +483,7 @@ impl Inner {
             if answer.status().as_u16() != 200 {
                 return Err(self.refused("listing", prefix, answer));
             }
-            let text = answer
-                .body_mut()
-                .with_config()
-                .limit(16 << 20)
-                .read_to_string()
-                .map_err(|e| remote("listing", prefix, S3Error::Read(io::Error::other(e))))?;
+            let text = answer_text(&mut answer, 16 << 20, "listing", prefix)?;
             let page = parse_listing(&text).map_err(|why| remote("listing", prefix, S3Error::Answer(why)))?;
             for object in page.objects {
                 if !each(object) {
@@ -590,12 +596,7 @@ impl S3Store {
     /// (`ncps fsck` checks it, and claims nothing).
     pub fn owner(&self) -> Result<Option<String>, StorageError> {
         let Some(mut answer) = self.inner.get_object("reading", OWNER_KEY, None)? else { return Ok(None) };
-        let text = answer
-            .body_mut()
-            .with_config()
-            .limit(64 << 10)
-            .read_to_string()
-            .map_err(|e| remote("reading", OWNER_KEY, S3Error::Read(io::Error::other(e))))?;
+        let text = answer_text(&mut answer, 64 << 10, "reading", OWNER_KEY)?;
         Ok(Some(text))
     }
 
@@ -654,12 +655,7 @@ impl S3Store {
         if answer.status().as_u16() != 200 {
             return Err(inner.refused("starting the upload of", key, answer));
         }
-        let text = answer
-            .body_mut()
-            .with_config()
-            .limit(64 << 10)
-            .read_to_string()
-            .map_err(|e| remote("starting the upload of", key, S3Error::Read(io::Error::other(e))))?;
+        let text = answer_text(&mut answer, 64 << 10, "starting the upload of", key)?;
         let created = CreateMultipartUpload::parse_response(&text)
             .map_err(|e| remote("starting the upload of", key, S3Error::Answer(e.to_string())))?;
         let upload_id = created.upload_id().to_string();

@@ -464,7 +464,7 @@ fn a_multipart_upload_failing_mid_way_is_aborted_no_object_appears_and_the_next_
     // 20 MiB: two parts (16 MiB and the rest) of a multipart upload.
     let cache = SyntheticCache::new("s3-multipart", &[20 << 20]);
     let (store_hash, nar_path, nar) = &cache.paths[0];
-    let key = format!("nar/{}", nar_path.trim_start_matches("/nar/"));
+    let key = object_key(nar_path);
     let up = Upstream::serve_dir(cache.dir.path());
     let ncps = ncps_on_bucket(&up, &cache.public_key, &s3, Some(proxy.port));
     assert_eq!(ncps.get(&format!("/{store_hash}.narinfo")).status, 200);
@@ -514,7 +514,7 @@ fn a_single_transient_500_on_an_upload_part_is_retried_with_back_off_and_the_upl
     let proxy = FaultProxy::start(s3.port);
     let cache = SyntheticCache::new("s3-one-500", &[20 << 20]);
     let (store_hash, nar_path, nar) = &cache.paths[0];
-    let key = format!("nar/{}", nar_path.trim_start_matches("/nar/"));
+    let key = object_key(nar_path);
     let up = Upstream::serve_dir(cache.dir.path());
     let ncps = ncps_on_bucket(&up, &cache.public_key, &s3, Some(proxy.port));
     assert_eq!(ncps.get(&format!("/{store_hash}.narinfo")).status, 200);
@@ -537,13 +537,18 @@ fn a_single_transient_500_on_an_upload_part_is_retried_with_back_off_and_the_upl
     assert!(s3.pending_uploads().is_empty(), "{:?}", s3.pending_uploads());
 }
 
+/// The bucket key of the NAR served at `nar_path` (`/nar/<name>` is kept as `nar/<name>`).
+fn object_key(nar_path: &str) -> String {
+    nar_path.trim_start_matches('/').to_string()
+}
+
 /// Fetches every path of `cache` through ncps (narinfo, then the whole NAR) and waits until
 /// each is an object of the bucket.
 fn fetch_all(ncps: &Ncps, cache: &SyntheticCache, s3: &S3sFs) {
     for (store_hash, nar_path, nar) in &cache.paths {
         assert_eq!(ncps.get(&format!("/{store_hash}.narinfo")).status, 200);
         assert!(complete_or_clean_failure(ncps, nar_path, nar), "{nar_path} through ncps");
-        let key = format!("nar{}", nar_path.trim_start_matches("/nar"));
+        let key = object_key(nar_path);
         assert!(wait_until(Duration::from_secs(20), || s3.object_file(&key).exists()), "{key} in the bucket");
     }
 }
@@ -587,7 +592,7 @@ fn fsck_on_the_bucket_hashes_every_object_finds_corrupt_missing_and_orphaned_one
     assert!(!format!("{out}{err}").contains(S3_SECRET_KEY), "the secret is in the output");
 
     // Damage: one byte of an object flipped (same size), one object gone, one the index does not know.
-    let key = |i: usize| format!("nar{}", cache.paths[i].1.trim_start_matches("/nar"));
+    let key = |i: usize| object_key(&cache.paths[i].1);
     let flipped = s3.object_file(&key(0));
     let mut bytes = std::fs::read(&flipped).unwrap();
     let mid = bytes.len() / 2;
@@ -670,7 +675,7 @@ fn the_start_up_check_rides_out_failed_listings_with_back_off_removes_nothing_fo
     assert!(proxy.seen().iter().filter(|r| r.fault == Fault::Status500).count() == 6, "{:?}", proxy.seen());
     assert!(!orphan.exists(), "the check went on to the end: the orphan is removed");
     for (_, nar_path, nar) in &cache.paths {
-        let key = format!("nar{}", nar_path.trim_start_matches("/nar"));
+        let key = object_key(nar_path);
         assert!(s3.object_file(&key).exists(), "{key} is still in the bucket");
         let before = up.hits(nar_path);
         assert!(complete_or_clean_failure(&ncps, nar_path, nar));

@@ -136,7 +136,7 @@ impl Cache {
             log::info!(
                 "start-up check: a new data path beside a shared index and object store: this ncps has \
                  written nothing a crash could have left half-done, so the store is not compared (each \
-                 replica compares after its own unclean stop; `ncps fsck` checks it all)"
+                 replica compares after its own unclean stop; `ncps fsck` checks it all); {temps}"
             );
             return Ok(true);
         }

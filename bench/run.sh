@@ -414,6 +414,9 @@ bench_m() {
   cat "$FIX/cache/$url" > /dev/null
   local d_list=() c_list=() r nurl t code
   for r in $(seq "$MISS_REPS"); do
+    # The disk settles before each rep: the last rep's GiB is removed and everything flushed,
+    # so neither side pays for another's writeback or (on a `discard` mount) its unlink.
+    sync
     d_list+=("$(curl -s -o /dev/null -m 300 -w '%{time_total}' "http://127.0.0.1:$P_UP_FAST/$url")")
     [ $NCPS_OK = 1 ] || continue
     start_ncps "m$r" $P_UP_FAST $P_NCPS_SLOW || { report "m: ncps failed to start"; NCPS_FAIL=1; return; }
@@ -428,6 +431,7 @@ bench_m() {
       report "m: ncps log: $(grep -m1 -o 'verified and stored in [0-9.]*s' "$WORK/ncps-m$r/stderr" || echo 'no stored line')"
     fi
     stop_ncps
+    rm -rf "$WORK/ncps-m$r"
   done
   local dm cm
   dm=$(printf '%s\n' "${d_list[@]}" | median)

@@ -16,7 +16,7 @@ use super::flight::{Download, DownloadBody, Outcome, RelayError};
 use super::health::{Attempt, Missed, Tally, Verdict};
 use super::narinfos::body_of;
 use super::resume::{resume_order, Resuming};
-use super::verify::{copy_hashed, CopyError};
+use super::verify::{copy_hashed, copy_hashed_parallel, CopyError, PARALLEL_FROM};
 use super::{lock, sources, trust, Answer, Cache, CacheError};
 use crate::http::Body;
 use std::net::IpAddr;
@@ -518,7 +518,12 @@ impl Cache {
         // A data directory that takes no new files (full, read-only, no permission) degrades
         // as a full disk does: the download is relayed from memory, verified, and not kept.
         let staged = match self.staging.temp_file() {
-            Ok(temp) => temp.reopen().map(|file| (Some(temp), file)).map_err(CacheError::from),
+            Ok(temp) => {
+                if record.file_size >= PARALLEL_FROM {
+                    temp.reserve(record.file_size);
+                }
+                temp.reopen().map(|file| (Some(temp), file)).map_err(CacheError::from)
+            }
             Err(e) if e.is_unwritable() => {
                 log::error!("nar {name}: {e}; relaying it to waiting clients from memory, not keeping it");
                 nowhere().map(|file| (None, file))
@@ -884,7 +889,8 @@ impl Cache {
         // Bytes since the start of the current window: a download nobody waits for must make
         // real progress to keep its slot (see `Deadlines::progressing`).
         let mut window = (Instant::now(), 0u64);
-        let copied = copy_hashed(&mut reader, record.file_size, &mut |at, chunk| {
+        let copy = if record.file_size >= PARALLEL_FROM { copy_hashed_parallel } else { copy_hashed };
+        let copied = copy(&mut reader, record.file_size, &mut |at, chunk| {
             if let (false, Some(t)) = (spilled, temp.as_mut()) {
                 if let Err(e) = t.write_all(chunk) {
                     log::error!(

@@ -91,6 +91,22 @@ impl TempFile {
         &self.path
     }
 
+    /// Allocates `len` bytes of disk for the file without changing its length, where the file
+    /// system can (`fallocate` with `FALLOC_FL_KEEP_SIZE`). On ext4 the writes that follow then
+    /// skip delayed allocation's per-page bookkeeping: writing 1 GiB into the page cache took
+    /// 0.17 s of CPU against 0.24 s here (DESIGN.md "Large transfers"). Best effort: a file
+    /// system without it, or a disk without room, is found out by the writes as before.
+    pub fn reserve(&self, len: u64) {
+        use std::os::fd::AsRawFd;
+        let (Some(file), Ok(len)) = (&self.file, libc::off_t::try_from(len)) else { return };
+        // SAFETY: fallocate only reads its integer arguments; the descriptor is open for
+        // writing and owned by `file`, which outlives the call.
+        let r = unsafe { libc::fallocate(file.as_raw_fd(), libc::FALLOC_FL_KEEP_SIZE, 0, len) };
+        if r != 0 {
+            log::debug!("{}: no room reserved for {len} bytes: {}", self.path.display(), io::Error::last_os_error());
+        }
+    }
+
     /// Appends bytes.
     pub fn write_all(&mut self, bytes: &[u8]) -> Result<(), StorageError> {
         let file = self.file.as_mut().ok_or_else(|| closed(&self.path))?;

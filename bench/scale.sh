@@ -30,7 +30,11 @@
 #   BENCH_SCALE_IDLE_WAIT (3), BENCH_SCALE_EVICT_TIMEOUT (1800), BENCH_SCALE_SKIP (letters of
 #   steps to skip: s=start-up/idle, h=hits, f=fsck, e=eviction), BENCH_WRK_ROUNDS (5),
 #   BENCH_WRK_DURATION (3s), BENCH_SCALE_PORT_BASE (19150), BENCH_WORK (default: mktemp under
-#   /var/tmp, on disk), BENCH_KEEP=1, BENCH_SCALE_OUT (summary, default bench/last-scale.txt).
+#   /var/tmp, on disk), BENCH_KEEP=1, BENCH_SCALE_OUT (summary, default bench/last-scale.txt),
+#   BENCH_SCALE_FS=ext4-image (as root: the measurements run on a fresh ext4 made with
+#   mkfs.ext4's defaults in a sparse image of BENCH_SCALE_IMG_GB (40) GiB, loop-mounted with
+#   the default options, i.e. without `discard`, as Debian mounts a disk, and with a journal;
+#   this VM's root file system is mounted `discard` and has no journal).
 set -euo pipefail
 
 HERE=$(cd "$(dirname "$0")" && pwd)
@@ -65,6 +69,15 @@ for p in $P_GEN $P_NCPS $P_NGINX $P_NONE; do
 done
 
 if [ -n "${BENCH_WORK:-}" ]; then WORK=$BENCH_WORK; mkdir -p "$WORK"; else WORK=$(mktemp -d /var/tmp/ncps-scale-work.XXXXXX); fi
+LOOP_IMG=
+if [ "${BENCH_SCALE_FS:-}" = ext4-image ]; then
+  LOOP_IMG=$WORK.img
+  truncate -s "${BENCH_SCALE_IMG_GB:-40}G" "$LOOP_IMG"
+  mkfs.ext4 -q -F "$LOOP_IMG"
+  mount -o loop "$LOOP_IMG" "$WORK" || { rm -f "$LOOP_IMG"; echo "bench-scale: cannot loop-mount $LOOP_IMG" >&2; exit 1; }
+elif [ -n "${BENCH_SCALE_FS:-}" ]; then
+  echo "bench-scale: BENCH_SCALE_FS is ext4-image or empty, not ${BENCH_SCALE_FS}" >&2; exit 1
+fi
 
 BG_PIDS=()
 NCPS_PID=
@@ -81,6 +94,7 @@ cleanup() {
   done
   wait 2>/dev/null
   if [ -n "$GEN_MNT" ]; then umount "$GEN_MNT" && rmdir "$GEN_MNT"; fi
+  if [ -n "$LOOP_IMG" ]; then umount "$WORK" && rm -f "$LOOP_IMG"; fi
   if [ "${BENCH_KEEP:-0}" = 1 ]; then echo "bench-scale: kept work dir $WORK" >&2; else rm -rf "$WORK"; fi
   exit $rc
 }
@@ -380,6 +394,7 @@ START_ALL=$(now_ns)
 log "ncps $NCPS, N in: $NS, stores in $CACHE_DIR, work dir $WORK"
 log "loadavg at start: $(cut -d' ' -f1-3 /proc/loadavg) (numbers are only meaningful on an otherwise idle machine)"
 report "ncps-rs scale bench $(date -u +%Y-%m-%dT%H:%M:%SZ) ncps=$NCPS ($(sha256sum "$NCPS" | cut -c1-12); checkout $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo '?')) loadavg $(cut -d' ' -f1-3 /proc/loadavg)"
+report "work dir $WORK on $(findmnt -no FSTYPE,OPTIONS --target "$WORK" 2>/dev/null || echo '?')${LOOP_IMG:+ (fresh ext4 image $LOOP_IMG)}"
 FAILED=0
 for n in $NS; do
   bench_n "$n" || FAILED=1

@@ -16,9 +16,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-/// Entries removed per index transaction: large enough that a transaction's fixed cost
-/// vanishes, small enough that a write waiting for the index waits milliseconds.
-const BATCH: usize = 512;
+/// Entries removed per index transaction. On a fresh ext4 without `discard`, a pass of 50k
+/// entries took 8.9 s in batches of 512 and 5.2 s in batches of 4,096 (the index's share of
+/// a batch falls as its rows share B-tree pages). A write that waits for the index meanwhile
+/// waits for one batch: 0.2 s typically, 0.6 s when it ends in a checkpoint. A pass that
+/// only brings the store back under its limit after one write removes a few entries.
+const BATCH: usize = 4096;
 
 /// How long a narinfo whose NAR has not been fetched is safe from eviction: the time a client
 /// may take between reading a narinfo and asking for its NAR.

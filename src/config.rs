@@ -273,13 +273,9 @@ impl fmt::Display for ConfigError {
 
 impl std::error::Error for ConfigError {}
 
-/// One upstream cache.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct UpstreamConfig {
-    /// The base URL without a trailing slash or query.
-    pub url: String,
-    pub priority: Option<u32>,
-}
+/// One upstream cache: defined by the upstream client (configuration only fills it in), so
+/// that the client does not import this module.
+pub use crate::upstream::UpstreamConfig;
 
 /// Everything `ncps serve` needs, checked.
 #[derive(Debug, Clone)]

@@ -30,6 +30,7 @@ pub mod template;
 #[cfg(all(test, feature = "s3"))]
 #[allow(dead_code)]
 pub(crate) mod test_tools;
+pub mod tls;
 pub mod tz;
 pub mod upstream;
 pub mod url;

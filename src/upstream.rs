@@ -17,7 +17,6 @@
 //! other host or port on the LAN, nor receive its credentials. A redirect elsewhere is an
 //! error that names where it pointed ([`UpstreamError::RedirectElsewhere`]).
 
-use crate::config::UpstreamConfig;
 use crate::nix::narinfo::MAX_NARINFO_BYTES;
 use crate::nix::StorePathHash;
 use std::fmt;
@@ -276,6 +275,14 @@ impl From<ureq::Error> for UpstreamError {
     }
 }
 
+/// One upstream cache, as configured.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamConfig {
+    /// The base URL without a trailing slash or query.
+    pub url: String,
+    pub priority: Option<u32>,
+}
+
 /// What the upstream client is told by the configuration (built in `serve::prepare`).
 #[derive(Debug, Clone)]
 pub struct UpstreamSettings {
@@ -319,7 +326,7 @@ impl Upstreams {
             deadlines,
         } = settings;
         let tls = ureq::tls::TlsConfig::builder()
-            .root_certs(ureq::tls::RootCerts::Specific(std::sync::Arc::new(root_certs())))
+            .root_certs(ureq::tls::RootCerts::Specific(std::sync::Arc::new(crate::tls::root_certs())))
             .build();
         let agent = ureq::Agent::config_builder()
             .http_status_as_error(false)
@@ -684,51 +691,6 @@ fn decode(
         }
         other => Err(UpstreamError::UnsupportedEncoding(other.to_string())),
     }
-}
-
-/// Mozilla's roots as bundled, plus the system's when it has a bundle, so that a device with
-/// no CA package still works and a LAN with its own CA (added to the system store) works too.
-/// `SSL_CERT_FILE`, when set, names the bundle to add instead of the system's, as it does for
-/// the Go ncps (and OpenSSL, curl, Nix): a private CA need not be installed system-wide.
-pub(crate) fn root_certs() -> Vec<ureq::tls::Certificate<'static>> {
-    let mut certs: Vec<ureq::tls::Certificate<'static>> = webpki_root_certs::TLS_SERVER_ROOT_CERTS
-        .iter()
-        .map(|c| ureq::tls::Certificate::from_der(c.as_ref()))
-        .collect();
-    let from_env = std::env::var_os("SSL_CERT_FILE").filter(|v| !v.is_empty()).map(std::path::PathBuf::from);
-    let candidates = match &from_env {
-        Some(p) => vec![p.clone()],
-        None => ["/etc/ssl/certs/ca-certificates.crt", "/etc/pki/tls/certs/ca-bundle.crt", "/etc/ssl/cert.pem"]
-            .iter()
-            .map(std::path::PathBuf::from)
-            .collect(),
-    };
-    for path in candidates {
-        match std::fs::read(&path) {
-            Ok(pem) => {
-                let before = certs.len();
-                for item in ureq::tls::parse_pem(&pem).flatten() {
-                    if let ureq::tls::PemItem::Certificate(c) = item {
-                        certs.push(c.to_owned());
-                    }
-                }
-                match certs.len() - before {
-                    _ if from_env.is_none() => {}
-                    0 => log::warn!(
-                        "SSL_CERT_FILE={}: no PEM certificate in it; HTTPS upstreams are checked against the bundled roots only",
-                        path.display()
-                    ),
-                    n => log::info!("trusting {n} certificate(s) from SSL_CERT_FILE={}", path.display()),
-                }
-                break;
-            }
-            Err(e) if from_env.is_some() => {
-                log::warn!("SSL_CERT_FILE={}: {e}; HTTPS upstreams are checked against the bundled roots only", path.display());
-            }
-            Err(_) => {}
-        }
-    }
-    certs
 }
 
 #[cfg(test)]

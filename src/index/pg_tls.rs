@@ -15,7 +15,7 @@
 //!     is given the chain is, as libpq does then, like `verify-ca`).
 //!   - `verify-ca`: TLS, and the certificate must chain to `sslrootcert` (a PEM file), or to
 //!     the roots HTTPS upstreams are checked against when it is not given (the bundled Mozilla
-//!     roots plus the system's bundle or `SSL_CERT_FILE`, [`crate::upstream::root_certs`]).
+//!     roots plus the system's bundle or `SSL_CERT_FILE`, [`crate::tls::root_certs`]).
 //!   - `verify-full`: that, and the certificate must be for the host the URL names.
 //!
 //!   `sslrootcert=system` is libpq 16's: the system roots, and only with `verify-full`.
@@ -211,7 +211,7 @@ fn roots_from_file(path: &str) -> Result<RootCertStore, UrlError> {
 
 fn system_roots() -> RootCertStore {
     let mut roots = RootCertStore::empty();
-    for c in crate::upstream::root_certs() {
+    for c in crate::tls::root_certs() {
         // A system certificate rustls cannot use is skipped, as the HTTPS clients skip it.
         let _ = roots.add(CertificateDer::from(c.der().to_vec()));
     }

@@ -268,7 +268,7 @@ fn tls_config() -> Result<std::sync::Arc<rustls::ClientConfig>, H2Error> {
     static CONFIG: std::sync::OnceLock<Result<std::sync::Arc<rustls::ClientConfig>, String>> = std::sync::OnceLock::new();
     let made = CONFIG.get_or_init(|| {
         let mut roots = rustls::RootCertStore::empty();
-        for c in crate::upstream::root_certs() {
+        for c in crate::tls::root_certs() {
             let _ = roots.add(rustls::pki_types::CertificateDer::from(c.der().to_vec()));
         }
         let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());

@@ -547,7 +547,7 @@ impl S3Store {
             .map_err(|e| bad(format!("endpoint {:?} with bucket {:?}: {e}", settings.endpoint, settings.bucket)))?;
         let credentials = Credentials::new(settings.access_key_id.clone(), settings.secret_access_key.clone());
         let tls = ureq::tls::TlsConfig::builder()
-            .root_certs(ureq::tls::RootCerts::Specific(Arc::new(crate::upstream::root_certs())))
+            .root_certs(ureq::tls::RootCerts::Specific(Arc::new(crate::tls::root_certs())))
             .build();
         let agent = ureq::Agent::config_builder()
             .http_status_as_error(false)

@@ -122,7 +122,12 @@ fn a_nix_copy_arrives_as_traces_metrics_and_logs(collector: &Collector, flags: &
     assert_eq!(counts.iter().sum::<u64>(), h["count"].as_u64().unwrap(), "per-bucket counts add up: {h}");
     assert_eq!(counts.len(), h["bounds"].as_array().unwrap().len() + 1);
 
-    // Logs: the request lines, with the trace and span of their request.
+    // Logs: the request lines, with the trace and span of their request. They are exported in
+    // their own batches, so they may come after the metrics above (seen on a loaded machine).
+    let is_nar_line = |l: &Value| {
+        l["signal"] == "log" && l["body"].as_str().is_some_and(|b| b.contains(" GET /nar/") && b.contains(" 200 "))
+    };
+    let records = collector.wait_for("a NAR's request line as a log record", WAIT, |r| r.iter().any(is_nar_line));
     let logs: Vec<&Value> = records.iter().filter(|r| r["signal"] == "log").collect();
     let line = logs
         .iter()

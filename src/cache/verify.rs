@@ -54,19 +54,25 @@ pub fn copy_hashed<E>(
     let mut hasher = Hasher::new();
     let mut buf = vec![0u8; CHUNK];
     let mut len = 0u64;
-    loop {
-        let n = match reader.read(&mut buf) {
-            Ok(0) => return Ok((hasher.finish(), len)),
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(CopyError::Read { after: len, source: e }),
-        };
-        if len + n as u64 > limit {
-            return Err(CopyError::TooLong { limit });
-        }
+    while let Some(n) = next_chunk(reader, &mut buf, len, limit)? {
         hasher.update(&buf[..n]);
         sink(len, &buf[..n]).map_err(|source| CopyError::Sink { after: len, source })?;
         len += n as u64;
+    }
+    Ok((hasher.finish(), len))
+}
+
+/// Reads the next chunk into `buf`, `len` bytes having come before it: `None` at the end; a
+/// read error, or a chunk that takes the total past `limit`, stops the copy.
+fn next_chunk<E>(reader: &mut dyn Read, buf: &mut [u8], len: u64, limit: u64) -> Result<Option<usize>, CopyError<E>> {
+    loop {
+        match reader.read(buf) {
+            Ok(0) => return Ok(None),
+            Ok(n) if len + n as u64 > limit => return Err(CopyError::TooLong { limit }),
+            Ok(n) => return Ok(Some(n)),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(CopyError::Read { after: len, source: e }),
+        }
     }
 }
 
@@ -115,20 +121,11 @@ pub fn copy_hashed_parallel<E>(
         // `None`: the hasher went away, which only its panic can do.
         let result: Result<u64, Option<CopyError<E>>> = loop {
             let Ok(mut buf) = spare.recv() else { break Err(None) };
-            let n = loop {
-                match reader.read(&mut buf) {
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                    other => break other,
-                }
+            let n = match next_chunk(reader, &mut buf, len, limit) {
+                Ok(None) => break Ok(len),
+                Ok(Some(n)) => n,
+                Err(e) => break Err(Some(e)),
             };
-            let n = match n {
-                Ok(0) => break Ok(len),
-                Ok(n) => n,
-                Err(e) => break Err(Some(CopyError::Read { after: len, source: e })),
-            };
-            if len + n as u64 > limit {
-                break Err(Some(CopyError::TooLong { limit }));
-            }
             if let Err(source) = sink(len, &buf[..n]) {
                 break Err(Some(CopyError::Sink { after: len, source }));
             }

@@ -284,13 +284,12 @@ impl SqliteIndex {
 fn remove_nar_row(tx: &rusqlite::Transaction<'_>, name: &str) -> Result<Option<(NarName, Option<u64>)>, IndexError> {
     const CTX: &str = "removing a nar";
     let row: Option<(i64, bool)> = tx
-        .prepare_cached("SELECT file_size + zstd_size, stored FROM nars WHERE name = ?1")
+        .prepare_cached("DELETE FROM nars WHERE name = ?1 RETURNING file_size + zstd_size, stored")
         .context(CTX)?
         .query_row([name], |r| Ok((r.get(0)?, r.get(1)?)))
         .optional()
         .context(CTX)?;
     let Some((size, stored)) = row else { return Ok(None) };
-    tx.prepare_cached("DELETE FROM nars WHERE name = ?1").context(CTX)?.execute([name]).context(CTX)?;
     Ok(Some((parse_name(name)?, stored.then_some(size as u64))))
 }
 
@@ -483,16 +482,17 @@ impl super::Index for SqliteIndex {
         let mut hashes = hashes.to_vec();
         hashes.sort_unstable_by(|a, b| a.as_str().cmp(b.as_str()));
         self.write(CTX, |tx| {
-            let mut select = tx.prepare_cached("SELECT nar_name, size FROM narinfos WHERE hash = ?1").context(CTX)?;
-            let mut delete = tx.prepare_cached("DELETE FROM narinfos WHERE hash = ?1").context(CTX)?;
+            // One statement per row (RETURNING): the row is found once, not once to read it
+            // and again to delete it.
+            let mut delete =
+                tx.prepare_cached("DELETE FROM narinfos WHERE hash = ?1 RETURNING nar_name, size").context(CTX)?;
             let mut gone = Vec::with_capacity(hashes.len());
             for hash in &hashes {
-                let row: Option<(String, i64)> = select
+                let row: Option<(String, i64)> = delete
                     .query_row([hash.as_str()], |r| Ok((r.get(0)?, r.get(1)?)))
                     .optional()
                     .context(CTX)?;
                 let Some((nar_name, size)) = row else { continue };
-                delete.execute([hash.as_str()]).context(CTX)?;
                 gone.push((nar_name, Removed { narinfos: vec![(*hash, size as u64)], nar: None }));
             }
             gone.sort_unstable_by(|a, b| a.0.cmp(&b.0));

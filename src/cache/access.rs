@@ -206,7 +206,7 @@ mod tests {
     fn hash(i: u32) -> StorePathHash {
         let alphabet = b"0123456789abcdfghijklmnpqrsvwxyz";
         let mut s = String::new();
-        let mut x = i as u64 * 0x9e37_79b9_7f4a_7c15 | 1;
+        let mut x = (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
         for _ in 0..32 {
             s.push(alphabet[(x % 32) as usize] as char);
             x = x.rotate_left(5) ^ (x >> 3);

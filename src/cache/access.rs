@@ -55,31 +55,32 @@ impl Recent {
         (i / 64, 1 << (i % 64))
     }
 
-    /// Whether `hash`'s use was taken down recently; if not, it counts as taken down now.
+    /// Whether `hash`'s use was taken down in this window or the one before.
     pub(super) fn seen(&mut self, hash: &StorePathHash, now: i64) -> bool {
         if now.saturating_sub(self.since) >= RECENT_WINDOW {
-            // A new window: the one before is forgotten (two windows past, cleared), the current
-            // one becomes the one before. After a long pause both are stale.
+            // A new window: the one before is forgotten (two windows past), the current one
+            // becomes the one before. After a long pause both are stale. A forgotten set's
+            // memory goes back to the system, so an idle cache holds none.
             let stale = now.saturating_sub(self.since) >= 2 * RECENT_WINDOW;
             self.current ^= 1;
             for set in if stale { &mut self.sets[..] } else { std::slice::from_mut(&mut self.sets[self.current]) } {
-                set.clear();
+                *set = Vec::new();
             }
             self.since = now;
         }
         let (word, mask) = Self::bit(hash);
-        let cur = self.current;
-        if self.sets[cur].get(word).is_some_and(|w| w & mask != 0)
-            || self.sets[cur ^ 1].get(word).is_some_and(|w| w & mask != 0)
-        {
-            return true;
+        self.sets.iter().any(|set| set.get(word).is_some_and(|w| w & mask != 0))
+    }
+
+    /// Counts `hash`'s use as taken down in this window.
+    pub(super) fn mark(&mut self, hash: &StorePathHash) {
+        let (word, mask) = Self::bit(hash);
+        let set = &mut self.sets[self.current];
+        if set.is_empty() {
+            // Zeroed memory from the allocator: its pages are only touched as bits are set.
+            *set = vec![0; RECENT_BITS / 64];
         }
-        if self.sets[cur].is_empty() {
-            // Zeroed memory from the allocator: pages are only touched as bits are set.
-            self.sets[cur] = vec![0; RECENT_BITS / 64];
-        }
-        self.sets[cur][word] |= mask;
-        false
+        set[word] |= mask;
     }
 }
 
@@ -132,9 +133,11 @@ impl Cache {
                 return;
             }
             if maps.narinfos.len() >= PENDING_MAX && !maps.narinfos.contains_key(hash) {
+                // Not marked: the next use may get in.
                 self.access.dropped.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 return;
             }
+            maps.recent.mark(hash);
             maps.narinfos.insert(*hash, now);
             maps.narinfos.len()
         };
@@ -219,11 +222,15 @@ mod tests {
         let mut r = Recent::new();
         let h = hash(1);
         assert!(!r.seen(&h, 1000), "the first use is taken down");
+        assert!(!r.seen(&h, 1000), "and until it is marked, so is the next (a dropped use)");
+        r.mark(&h);
         assert!(r.seen(&h, 1000 + RECENT_WINDOW - 1), "again within the window: not");
         // The window turned, but the use stands for the window after its own.
         assert!(r.seen(&h, 1000 + RECENT_WINDOW), "in the next window the last one still counts");
         assert!(!r.seen(&h, 1000 + 2 * RECENT_WINDOW), "two windows on it is taken down again");
+        r.mark(&h);
         assert!(!r.seen(&h, 1000 + 10 * RECENT_WINDOW), "after a long pause too");
+        assert!(r.sets.iter().all(Vec::is_empty), "a long pause leaves no memory held");
     }
 
     #[test]
@@ -231,6 +238,7 @@ mod tests {
         let mut r = Recent::new();
         for i in 0..100_000 {
             r.seen(&hash(i), 5);
+            r.mark(&hash(i));
         }
         assert!((0..100_000).all(|i| r.seen(&hash(i), 5)), "no false no");
         let false_yes = (100_000..110_000).filter(|&i| r.seen(&hash(i), 5)).count();

@@ -43,11 +43,14 @@ pub(super) struct Recent {
     since: i64,
 }
 
-impl Recent {
-    pub(super) fn new() -> Recent {
+impl Default for Recent {
+    fn default() -> Recent {
+        // No window yet: the first use begins one.
         Recent { sets: [Vec::new(), Vec::new()], current: 0, since: i64::MIN }
     }
+}
 
+impl Recent {
     fn bit(hash: &StorePathHash) -> (usize, u64) {
         // FNV-1a over the 32 nix32 characters (already uniform; this only folds them).
         let h = hash.as_str().bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3));
@@ -84,16 +87,11 @@ impl Recent {
     }
 }
 
+#[derive(Default)]
 struct Maps {
     narinfos: HashMap<StorePathHash, i64>,
     nars: HashMap<NarName, i64>,
     recent: Recent,
-}
-
-impl Default for Maps {
-    fn default() -> Maps {
-        Maps { narinfos: HashMap::new(), nars: HashMap::new(), recent: Recent::new() }
-    }
 }
 
 #[derive(Default)]
@@ -206,20 +204,22 @@ impl Cache {
 mod tests {
     use super::*;
 
+    /// A store path hash made from `i`: 20 well-mixed bytes (splitmix64), in nix32.
     fn hash(i: u32) -> StorePathHash {
-        let alphabet = b"0123456789abcdfghijklmnpqrsvwxyz";
-        let mut s = String::new();
-        let mut x = (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-        for _ in 0..32 {
-            s.push(alphabet[(x % 32) as usize] as char);
-            x = x.rotate_left(5) ^ (x >> 3);
+        let mut x = u64::from(i);
+        let mut bytes = [0u8; 20];
+        for chunk in bytes.chunks_mut(8) {
+            x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+            let z = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            let z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            chunk.copy_from_slice(&(z ^ (z >> 31)).to_le_bytes()[..chunk.len()]);
         }
-        StorePathHash::parse(&s).expect("a nix32 hash")
+        StorePathHash::parse(&crate::nix::nix32::encode(&bytes)).expect("a nix32 hash")
     }
 
     #[test]
     fn a_use_is_taken_down_once_per_window_and_again_in_a_later_one() {
-        let mut r = Recent::new();
+        let mut r = Recent::default();
         let h = hash(1);
         assert!(!r.seen(&h, 1000), "the first use is taken down");
         assert!(!r.seen(&h, 1000), "and until it is marked, so is the next (a dropped use)");
@@ -235,7 +235,7 @@ mod tests {
 
     #[test]
     fn the_recent_set_never_says_no_for_a_use_it_took_down_and_rarely_yes_for_others() {
-        let mut r = Recent::new();
+        let mut r = Recent::default();
         for i in 0..100_000 {
             r.seen(&hash(i), 5);
             r.mark(&hash(i));

@@ -29,6 +29,7 @@ pub fn every_rule(index: &dyn Index) {
     a_narinfo_never_changes_what_a_nar_name_another_narinfo_uses_stands_for(index);
     a_nar_shared_by_two_narinfos_goes_with_the_last_one(index);
     totals_follow_every_write(index);
+    a_batch_of_deletes_takes_exactly_its_rows_off_the_totals(index);
     the_lru_order_counts_a_nars_use_for_its_narinfos(index);
     pending_narinfos_are_spared_until_their_grace_ends(index);
     shard_listings_return_exactly_their_keys(index);
@@ -39,6 +40,7 @@ pub fn every_rule(index: &dyn Index) {
 
 fn empty(index: &dyn Index) {
     assert_eq!(index.totals().unwrap(), Totals::default(), "the rule left rows behind");
+    index.check_integrity().expect("the totals match the rows");
 }
 
 fn a_narinfo_records_its_nar_and_rerecording_keeps_the_stored_flag(index: &dyn Index) {
@@ -107,6 +109,35 @@ fn totals_follow_every_write(index: &dyn Index) {
     index.set_nar_stored(&nar.name, false).unwrap();
     assert_eq!(index.totals().unwrap(), Totals::default());
     index.remove_nar(&nar.name).unwrap();
+    empty(index);
+}
+
+fn a_batch_of_deletes_takes_exactly_its_rows_off_the_totals(index: &dyn Index) {
+    // a and b share a stored NAR (with a zstd copy), c has a stored NAR of its own, d one
+    // not stored, g is kept and shares nothing with the batch.
+    let shared = record('1', false);
+    let (own, unstored, kept) = (record('2', false), record('3', false), record('4', false));
+    for (h, nar, size) in [('a', &shared, 10), ('b', &shared, 20), ('c', &own, 30), ('d', &unstored, 40), ('g', &kept, 50)] {
+        index.put_narinfo(&hash(h), "/nix/store/x", nar, size).unwrap();
+    }
+    for nar in [&shared, &own, &kept] {
+        index.set_nar_stored(&nar.name, true).unwrap();
+    }
+    index.set_nar_zstd(&shared.name, 2).unwrap();
+    assert_eq!(index.totals().unwrap(), Totals { narinfos: 5, narinfo_bytes: 150, nars: 3, nar_bytes: 11 });
+    let removed = index.remove_narinfos(&[hash('d'), hash('b'), hash('z'), hash('a'), hash('c')]).unwrap();
+    assert_eq!(removed.len(), 4, "the unknown hash is skipped");
+    let mut nars: Vec<_> = removed.iter().filter_map(|r| r.nar.clone()).collect();
+    nars.sort();
+    let mut want = vec![(shared.name.clone(), Some(5)), (own.name.clone(), Some(3)), (unstored.name.clone(), None)];
+    want.sort();
+    assert_eq!(nars, want, "each NAR once, a stored one with its bytes and its copy's");
+    assert_eq!(index.totals().unwrap(), Totals { narinfos: 1, narinfo_bytes: 50, nars: 1, nar_bytes: 3 });
+    index.check_integrity().expect("the totals match the rows");
+    index.put_narinfo(&hash('h'), "/nix/store/x", &kept, 60).unwrap();
+    let r = index.remove_nar(&kept.name).unwrap().unwrap();
+    assert_eq!(r.narinfos.len(), 2);
+    assert_eq!(r.nar, Some((kept.name.clone(), Some(3))));
     empty(index);
 }
 

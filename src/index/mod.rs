@@ -248,3 +248,54 @@ pub(crate) fn shard_range(shard: &str) -> (String, String) {
     }
     (shard.to_string(), String::from_utf8_lossy(&high).into_owned())
 }
+
+/// The totals row beside what the rows add up to: one statement (one snapshot), valid SQL
+/// for both SQLite and PostgreSQL. Eight BIGINT columns: kept narinfos, bytes, stored NARs,
+/// bytes, then the same counted.
+pub(crate) const TOTALS_AGAINST_ROWS: &str = "SELECT t.narinfos, t.narinfo_bytes, t.nars, t.nar_bytes,
+        (SELECT COUNT(*) FROM narinfos), (SELECT CAST(COALESCE(SUM(size), 0) AS BIGINT) FROM narinfos),
+        (SELECT COUNT(*) FROM nars WHERE stored),
+        (SELECT CAST(COALESCE(SUM(file_size + zstd_size), 0) AS BIGINT) FROM nars WHERE stored)
+     FROM totals t WHERE t.id = 0";
+
+/// [`IndexError::Corrupt`] when the totals kept ([`TOTALS_AGAINST_ROWS`]'s first four) are
+/// not what the rows add up to (its last four).
+pub(crate) fn check_totals(v: [i64; 8]) -> Result<(), IndexError> {
+    let (kept, counted) = (&v[..4], &v[4..]);
+    if kept != counted {
+        return Err(IndexError::Corrupt(format!(
+            "the totals (narinfos, bytes, stored nars, bytes) say {kept:?} but the rows add up to {counted:?}"
+        )));
+    }
+    Ok(())
+}
+
+/// What a transaction's deletes take off the totals. Deletes fire no trigger (SQLite's
+/// schema 5, PostgreSQL's 3): the transaction that deletes updates the totals row once, from
+/// this, instead of once per row.
+#[derive(Debug, Default)]
+pub(crate) struct Gone {
+    pub narinfos: i64,
+    pub narinfo_bytes: i64,
+    pub nars: i64,
+    pub nar_bytes: i64,
+}
+
+impl Gone {
+    pub fn narinfo(&mut self, size: i64) {
+        self.narinfos += 1;
+        self.narinfo_bytes += size;
+    }
+
+    /// A NAR row deleted; only a stored one was counted.
+    pub fn nar(&mut self, removed: &Option<(NarName, Option<u64>)>) {
+        if let Some((_, Some(size))) = removed {
+            self.nars += 1;
+            self.nar_bytes += *size as i64;
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.narinfos == 0 && self.nars == 0
+    }
+}

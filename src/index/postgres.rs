@@ -31,7 +31,7 @@
 //!   `verify-ca`, `verify-full`) and `sslrootcert` in the URL, over rustls
 //!   ([`super::pg_tls`], which says what each mode checks and why).
 
-use super::{shard_range, IndexError, IndexedNar, IndexedNarinfo, NarRecord, Recorded, Removed, Totals};
+use super::{shard_range, Gone, IndexError, IndexedNar, IndexedNarinfo, NarRecord, Recorded, Removed, Totals};
 use crate::config::redact_url;
 use crate::nix::{Hash, NarName, StorePathHash};
 use postgres::types::{FromSql, ToSql};
@@ -42,7 +42,7 @@ use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
 /// Each entry moves the schema from version `index` to `index + 1`. Version 1 is SQLite's
-/// schema version 3 at once, version 2 its 4.
+/// schema version 3 at once, version 2 its 4, version 3 its 5.
 const MIGRATIONS: &[&str] = &[r#"
     CREATE TABLE config (key TEXT PRIMARY KEY, value TEXT NOT NULL);
     CREATE TABLE nars (
@@ -108,6 +108,17 @@ const MIGRATIONS: &[&str] = &[r#"
 "#,
     // 2: leases with an expiry (Index::take_lease), as SQLite's version 4.
     "CREATE TABLE leases (key TEXT PRIMARY KEY, holder TEXT NOT NULL, expires_at BIGINT NOT NULL);",
+    // 3: as SQLite's version 5, deletes take their rows off the totals themselves
+    // ([`take_off`]), once per statement, instead of a PL/pgSQL call per row. The functions
+    // keep their DELETE branches; nothing calls them for a delete any more.
+    "
+    DROP TRIGGER narinfos_totals ON narinfos;
+    CREATE TRIGGER narinfos_totals AFTER INSERT OR UPDATE OF size ON narinfos
+        FOR EACH ROW EXECUTE FUNCTION ncps_narinfos_totals();
+    DROP TRIGGER nars_totals ON nars;
+    CREATE TRIGGER nars_totals AFTER INSERT OR UPDATE OF stored, file_size, zstd_size ON nars
+        FOR EACH ROW EXECUTE FUNCTION ncps_nars_totals();
+",
 ];
 
 pub const SCHEMA_VERSION: u32 = MIGRATIONS.len() as u32;
@@ -442,12 +453,30 @@ impl PostgresIndex {
     }
 }
 
+/// Takes what a write transaction deleted off the totals: one UPDATE, in that transaction.
+fn take_off(tx: &mut Wtx<'_, '_>, gone: &Gone) -> Result<(), IndexError> {
+    if gone.is_empty() {
+        return Ok(());
+    }
+    tx.exec(
+        "UPDATE totals SET narinfos = narinfos - $1, narinfo_bytes = narinfo_bytes - $2,
+             nars = nars - $3, nar_bytes = nar_bytes - $4 WHERE id = 0",
+        &[&gone.narinfos, &gone.narinfo_bytes, &gone.nars, &gone.nar_bytes],
+    )?;
+    Ok(())
+}
+
+/// A deleted NAR row's name and, if it was stored, the bytes it counted.
+fn removed_nar(row: &Row, action: &'static str) -> Result<(NarName, Option<u64>), IndexError> {
+    let name: String = col(row, 0, action)?;
+    let size: i64 = col(row, 1, action)?;
+    let stored: bool = col(row, 2, action)?;
+    Ok((parse_name(&name)?, stored.then_some(size.max(0) as u64)))
+}
+
 fn remove_nar_row(tx: &mut Wtx<'_, '_>, name: &str) -> Result<Option<(NarName, Option<u64>)>, IndexError> {
-    let row = tx.opt("DELETE FROM nars WHERE name = $1 RETURNING file_size + zstd_size, stored", &[&name])?;
-    let Some(row) = row else { return Ok(None) };
-    let size: i64 = col(&row, 0, tx.action)?;
-    let stored: bool = col(&row, 1, tx.action)?;
-    Ok(Some((parse_name(name)?, stored.then_some(size.max(0) as u64))))
+    let row = tx.opt("DELETE FROM nars WHERE name = $1 RETURNING name, file_size + zstd_size, stored", &[&name])?;
+    row.map(|r| removed_nar(&r, tx.action)).transpose()
 }
 
 /// `items` with each key once, at its latest time: one row of an `UPDATE ... FROM unnest`
@@ -466,27 +495,15 @@ impl super::Index for PostgresIndex {
         const CTX: &str = "checking the database";
         // The server guards its own pages; what it cannot know is whether the totals the
         // triggers keep still match the rows. One statement: one snapshot.
-        let (kept, counted) = self.read(CTX, |tx| {
-            let r = tx.one(
-                "SELECT t.narinfos, t.narinfo_bytes, t.nars, t.nar_bytes,
-                    (SELECT COUNT(*) FROM narinfos), (SELECT COALESCE(SUM(size), 0)::bigint FROM narinfos),
-                    (SELECT COUNT(*) FROM nars WHERE stored),
-                    (SELECT COALESCE(SUM(file_size + zstd_size), 0)::bigint FROM nars WHERE stored)
-                 FROM totals t WHERE t.id = 0",
-                &[],
-            )?;
+        let v = self.read(CTX, |tx| {
+            let r = tx.one(super::TOTALS_AGAINST_ROWS, &[])?;
             let mut v = [0i64; 8];
             for (i, x) in v.iter_mut().enumerate() {
                 *x = col(&r, i, CTX)?;
             }
-            Ok(([v[0], v[1], v[2], v[3]], [v[4], v[5], v[6], v[7]]))
+            Ok(v)
         })?;
-        if kept != counted {
-            return Err(IndexError::Corrupt(format!(
-                "the totals (narinfos, bytes, stored nars, bytes) say {kept:?} but the rows add up to {counted:?}"
-            )));
-        }
-        Ok(())
+        super::check_totals(v)
     }
 
     fn put_narinfo(&self, hash: &StorePathHash, store_path: &str, nar: &NarRecord, size: u64) -> Result<Recorded, IndexError> {
@@ -628,22 +645,43 @@ impl super::Index for PostgresIndex {
 
     fn remove_narinfos(&self, hashes: &[StorePathHash]) -> Result<Vec<Removed>, IndexError> {
         const CTX: &str = "removing narinfos";
+        // Set-based: two statements for the whole batch, not three round trips per entry.
+        let keys: Vec<&str> = hashes.iter().map(StorePathHash::as_str).collect();
         self.write(CTX, |tx| {
-            let mut out = Vec::with_capacity(hashes.len());
-            for hash in hashes {
-                let Some(r) = tx.opt("DELETE FROM narinfos WHERE hash = $1 RETURNING nar_name, size", &[&hash.as_str()])?
-                else {
-                    continue;
-                };
-                let (nar_name, size): (String, i64) = (col(&r, 0, CTX)?, col(&r, 1, CTX)?);
-                let used: bool =
-                    col(&tx.one("SELECT EXISTS(SELECT 1 FROM narinfos WHERE nar_name = $1)", &[&nar_name])?, 0, CTX)?;
-                let mut removed = Removed { narinfos: vec![(*hash, size.max(0) as u64)], nar: None };
-                if !used {
-                    removed.nar = remove_nar_row(tx, &nar_name)?;
-                }
-                out.push(removed);
+            let rows = tx.query("DELETE FROM narinfos WHERE hash = ANY($1) RETURNING hash, nar_name, size", &[&keys])?;
+            let mut totals = Gone::default();
+            let mut out = Vec::with_capacity(rows.len());
+            for r in &rows {
+                let (hash, nar_name, size): (&str, String, i64) = (col(r, 0, CTX)?, col(r, 1, CTX)?, col(r, 2, CTX)?);
+                totals.narinfo(size);
+                out.push((nar_name, Removed { narinfos: vec![(parse_hash(hash)?, size.max(0) as u64)], nar: None }));
             }
+            let mut names: Vec<&str> = out.iter().map(|(n, _)| n.as_str()).collect();
+            names.sort_unstable();
+            names.dedup();
+            let rows = tx.query(
+                "DELETE FROM nars n WHERE n.name = ANY($1)
+                   AND NOT EXISTS (SELECT 1 FROM narinfos i WHERE i.nar_name = n.name)
+                 RETURNING n.name, n.file_size + n.zstd_size, n.stored",
+                &[&names],
+            )?;
+            let mut nars: HashMap<NarName, Option<u64>> = HashMap::with_capacity(rows.len());
+            for r in &rows {
+                let (name, size) = removed_nar(r, CTX)?;
+                nars.insert(name, size);
+            }
+            let out = out
+                .into_iter()
+                .map(|(nar_name, mut removed)| {
+                    // A NAR that two victims shared goes with the first.
+                    if let Some((name, size)) = NarName::parse(&nar_name).and_then(|n| nars.remove_entry(&n)) {
+                        removed.nar = Some((name, size));
+                        totals.nar(&removed.nar);
+                    }
+                    removed
+                })
+                .collect();
+            take_off(tx, &totals)?;
             Ok(out)
         })
     }
@@ -652,11 +690,16 @@ impl super::Index for PostgresIndex {
         const CTX: &str = "removing a nar";
         self.write(CTX, |tx| {
             let rows = tx.query("DELETE FROM narinfos WHERE nar_name = $1 RETURNING hash, size", &[&name.as_str()])?;
-            let narinfos = rows
-                .iter()
-                .map(|r| Ok((parse_hash(col(r, 0, CTX)?)?, col::<i64>(r, 1, CTX)?.max(0) as u64)))
-                .collect::<Result<Vec<_>, IndexError>>()?;
+            let mut totals = Gone::default();
+            let mut narinfos = Vec::with_capacity(rows.len());
+            for r in &rows {
+                let size: i64 = col(r, 1, CTX)?;
+                totals.narinfo(size);
+                narinfos.push((parse_hash(col(r, 0, CTX)?)?, size.max(0) as u64));
+            }
             let nar = remove_nar_row(tx, name.as_str())?;
+            totals.nar(&nar);
+            take_off(tx, &totals)?;
             if nar.is_none() && narinfos.is_empty() {
                 return Ok(None);
             }
@@ -666,8 +709,11 @@ impl super::Index for PostgresIndex {
 
     fn delete_narinfo_row(&self, hash: &StorePathHash) -> Result<(), IndexError> {
         self.write("deleting a narinfo", |tx| {
-            tx.exec("DELETE FROM narinfos WHERE hash = $1", &[&hash.as_str()])?;
-            Ok(())
+            let mut totals = Gone::default();
+            if let Some(r) = tx.opt("DELETE FROM narinfos WHERE hash = $1 RETURNING size", &[&hash.as_str()])? {
+                totals.narinfo(col(&r, 0, tx.action)?);
+            }
+            take_off(tx, &totals)
         })
     }
 
@@ -850,6 +896,31 @@ mod tests {
         let index = PostgresIndex::open(&url, false).expect("migrated");
         assert!(index.take_lease("k", "me", 0, 10).unwrap());
         assert_eq!(psql(&url, "SELECT version FROM schema_version"), SCHEMA_VERSION.to_string());
+    }
+
+    #[test]
+    fn a_version_2_database_whose_deletes_fired_triggers_keeps_exact_totals_after_migrating() {
+        let (url, index) = fresh("v2");
+        let nar = crate::index::contract::some_nar();
+        let hash = StorePathHash::parse(&"a".repeat(32)).unwrap();
+        index.put_narinfo(&hash, "/nix/store/x", &nar, 10).unwrap();
+        index.set_nar_stored(&nar.name, true).unwrap();
+        drop(index);
+        // Version 2's triggers, which fired on DELETE too.
+        psql(
+            &url,
+            "DROP TRIGGER narinfos_totals ON narinfos; DROP TRIGGER nars_totals ON nars;
+             CREATE TRIGGER narinfos_totals AFTER INSERT OR DELETE OR UPDATE OF size ON narinfos
+                 FOR EACH ROW EXECUTE FUNCTION ncps_narinfos_totals();
+             CREATE TRIGGER nars_totals AFTER INSERT OR DELETE OR UPDATE OF stored, file_size, zstd_size ON nars
+                 FOR EACH ROW EXECUTE FUNCTION ncps_nars_totals();
+             UPDATE schema_version SET version = 2",
+        );
+        let index = PostgresIndex::open(&url, false).expect("migrated");
+        let removed = index.remove_narinfos(&[hash]).unwrap();
+        assert_eq!(removed[0].nar, Some((nar.name.clone(), Some(nar.file_size))));
+        assert_eq!(index.totals().unwrap(), Totals::default(), "taken off once, not twice");
+        index.check_integrity().expect("the totals match the rows");
     }
 
     #[test]
@@ -1060,18 +1131,9 @@ mod costs {
     use std::time::Instant;
 
     fn entry(i: u32) -> (StorePathHash, NarRecord) {
-        let digits = |i: u32, n: usize| {
-            let alphabet = b"0123456789abcdfghijklmnpqrsvwxyz";
-            let mut v = i;
-            let mut s = String::new();
-            for _ in 0..n {
-                s.push(char::from(alphabet[(v % 32) as usize]));
-                v /= 32;
-            }
-            s
-        };
-        let hash = StorePathHash::parse(&format!("{}{}", digits(i, 4), "0".repeat(28))).expect("hash");
-        let name = NarName::parse(&format!("{}{}.nar.xz", digits(i, 4), "0".repeat(48))).expect("name");
+        let key = crate::nix::nix32::encode(&i.to_le_bytes());
+        let hash = StorePathHash::parse(&format!("{key}{}", "0".repeat(32 - key.len()))).expect("hash");
+        let name = NarName::parse(&format!("{key}{}.nar.xz", "0".repeat(52 - key.len()))).expect("name");
         (hash, NarRecord { name, file_hash: Hash::of(&i.to_le_bytes()), file_size: 1000, upstream_url: String::new(), stored: false })
     }
 
@@ -1106,6 +1168,13 @@ mod costs {
             index.least_recently_used(100, 0).expect("lru");
         }
         each("least_recently_used(100)", t, 100);
+        let victims: Vec<_> = (0..N).map(|i| entry(i).0).collect();
+        let t = Instant::now();
+        for chunk in victims.chunks(500) {
+            index.remove_narinfos(chunk).expect("remove");
+        }
+        each("remove_narinfos (batches of 500)", t, N);
+        assert_eq!(index.totals().expect("totals"), Totals::default());
     }
 
     #[test]

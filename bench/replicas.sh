@@ -15,9 +15,13 @@
 #      goal), the clients' first byte and total time against the direct client's.
 #   3. The same 64 MiB miss asked of the downloader and, 100 ms later, of another replica
 #      (which streams it from the downloader): first byte and total of each.
+#   4. Eviction on S3: BENCH_EVICT_N entries (bench/scale-gen's, uploaded through ncps) in a
+#      bucket, then a pass down to half the bytes, in entries/s; the peer removes the other
+#      half with curl, a DELETE per object on 8 parallel connections.
 #
 # Knobs (env): NCPS, BENCH_REPLICAS_RATE (upstream bytes/s per connection, 32m), BENCH_ROUNDS (5),
-#   BENCH_REPLICAS_PORT_BASE (19300), BENCH_KEEP=1, BENCH_REPLICAS_OUT (bench/last-replicas.txt).
+#   BENCH_REPLICAS_PORT_BASE (19300), BENCH_KEEP=1, BENCH_REPLICAS_OUT (bench/last-replicas.txt),
+#   BENCH_REPLICAS_ONLY (parts to run, e.g. "4"; all by default), BENCH_EVICT_N (5000).
 set -euo pipefail
 
 HERE=$(cd "$(dirname "$0")" && pwd)
@@ -43,11 +47,12 @@ PIDS=()
 cleanup() {
   for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
   [ -d "$WORK/pg" ] && runuser -u nobody -- "$PGBIN/pg_ctl" -D "$WORK/pg" -m immediate stop >/dev/null 2>&1 || true
-  wait 2>/dev/null || true
+  wait "${PIDS[@]}" 2>/dev/null || true
   [ "${BENCH_KEEP:-}" = 1 ] && echo "kept $WORK" || rm -rf "$WORK"
 }
 trap cleanup EXIT
 exec > >(tee "$OUT") 2>&1
+want() { [ -z "${BENCH_REPLICAS_ONLY:-}" ] || [[ " $BENCH_REPLICAS_ONLY " == *" $1 "* ]]; }
 median() { sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 wait_http() { for _ in $(seq 100); do curl -s -o /dev/null "$1" && return 0; sleep 0.1; done; echo "bench: $1 does not answer" >&2; exit 1; }
 
@@ -119,6 +124,7 @@ start_ncps() {
   wait_http "http://127.0.0.1:$port/nix-cache-info"
 }
 
+if want 1; then
 echo "== 1. hits: from S3 (s3s-fs) and from local disk, 64 MiB, $ROUNDS interleaved rounds"
 new_port; PL=$PORT; start_ncps local "$PL" "$FAST"
 new_port; PS=$PORT; start_ncps s3 "$PS" "$FAST" $(s3_flags bench-hits)
@@ -139,7 +145,9 @@ L=$(median < "$WORK/hl"); S=$(median < "$WORK/hs"); D=$(median < "$WORK/hd")
 awk -v d="$D" -v s="$S" 'BEGIN {printf "s3s-fs direct %.0f MiB/s: ncps from S3 / s3s-fs direct %.3f\n", d / 1048576, (d > 0 ? s / d : 0)}' 
 grep -q "hit" <(grep "$NAR" "$WORK/s3.log" | tail -1) || echo "warning: the S3 ncps did not answer the last one as a hit"
 awk -v l="$L" -v s="$S" 'BEGIN {printf "local %.0f MiB/s, S3 %.0f MiB/s: S3/local %.3f\n", l / 1048576, s / 1048576, s / l}'
+fi
 
+if want 2; then
 echo "== 2. 50 clients missing one 64 MiB NAR, spread over N replicas (upstream at $RATE/s per connection)"
 printf '%-9s %9s %10s %10s %10s %10s %10s %10s %6s\n' replicas upstream ttfb_med ttfb_max direct_tt total_med total_max direct_tot bad
 for n in 1 2 3; do
@@ -177,7 +185,9 @@ for n in 1 2 3; do
   om=$(awk '{print $2}' "$WORK/c$n" | median); ox=$(awk '{print $2}' "$WORK/c$n" | sort -g | tail -1)
   printf '%-9s %9s %10.3f %10.3f %10.3f %10.2f %10.2f %10.2f %6s\n' "$n" "$ups" "$tm" "$tx" "$dt" "$om" "$ox" "$dtot" "$bad"
 done
+fi
 
+if want 3; then
 echo "== 3. a 64 MiB miss: the downloader's client, and another replica's (100 ms later)"
 createdb pair
 flags="$(s3_flags replicas-pair) --cache-database-url $(pg_url pair)"
@@ -192,3 +202,38 @@ b=$!
 wait $a $b
 cat "$WORK/pa.out" "$WORK/pb.out"
 grep -q "streaming it from there" "$WORK/pb.log" && echo "the other replica streamed it from the downloader" || echo "warning: the other replica did not stream from the downloader"
+fi
+
+if want 4; then
+EVN=${BENCH_EVICT_N:-5000}
+echo "== 4. eviction on S3: $EVN entries in a bucket, a pass down to half the bytes"
+(cd "$HERE/scale-gen" && cargo build --release -q)
+TOOL=$HERE/scale-gen/target/release/ncps-scale
+export NCPS_WRITE_TOKEN=bench-write-token
+new_port; PE=$PORT
+start_ncps evict "$PE" "$FAST" $(s3_flags bench-evict) --cache-allow-put-verb --cache-write-token "$NCPS_WRITE_TOKEN" \
+  --cache-upload-may-shadow-upstream --log-level warn
+"$TOOL" gen "127.0.0.1:$PE" "$EVN" 8 "$WORK/evict.list" > /dev/null
+kill -INT "${PIDS[-1]}"; wait "${PIDS[-1]}" || true
+B=$WORK/s3/bench-evict
+bytes=$(find "$B/narinfo" "$B/nar" -type f -printf '%s\n' | awk '{s += $1} END {print s}')
+files_before=$(find "$B/narinfo" -type f | wc -l)
+"$NCPS" serve --cache-hostname bench-replicas --cache-data-path "$WORK/evict" --upstream-cache "$FAST" \
+  --server-addr "127.0.0.1:$PE" $(s3_flags bench-evict) --cache-max-size "$((bytes / 2))B" > "$WORK/evict2.log" 2>&1 &
+PIDS+=($!)
+for _ in $(seq 600); do grep -q 'evicted [0-9]* narinfo' "$WORK/evict2.log" && break; sleep 0.1; done
+line=$(grep -o 'evicted [0-9]* narinfo.* in [0-9.]*s' "$WORK/evict2.log" | head -1)
+n=$(sed -E 's/evicted ([0-9]+) narinfo.*/\1/' <<<"$line"); secs=$(sed -E 's/.* in ([0-9.]+)s$/\1/' <<<"$line")
+kill -INT "${PIDS[-1]}"; wait "${PIDS[-1]}" || true
+left=$(find "$B/narinfo" -type f | wc -l)
+# The peer: the entries left (narinfo and NAR objects), a DELETE each, 8 curl processes.
+t0=$(date +%s%N)
+( cd "$B" && find narinfo nar -type f ) | sed "s|^|http://127.0.0.1:$S3PORT/bench-evict/|" |
+  xargs -P8 -n 64 curl -s -o /dev/null -X DELETE --aws-sigv4 "aws:amz:us-east-1:s3" -u benchkey:benchsecret \
+    -H "x-amz-content-sha256: UNSIGNED-PAYLOAD"
+peer=$(( ($(date +%s%N) - t0) / 1000000 ))
+gone=$(find "$B/narinfo" "$B/nar" -type f | wc -l)
+awk -v n="$n" -v s="$secs" -v l="$left" -v p="$peer" -v b="$files_before" -v g="$gone" 'BEGIN {
+  printf "ncps: %d of %d entries in %.2f s = %.0f entries/s | peer (curl, a DELETE per object, 8 parallel): %d entries in %.2f s = %.0f/s | ncps / peer %.2f%s\n",
+    n, b, s, n / s, l, p / 1000, l / (p / 1000), (n / s) / (l / (p / 1000)), (g ? sprintf(" (warning: %d objects left after the peer)", g) : "") }'
+fi

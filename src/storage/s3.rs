@@ -15,7 +15,10 @@
 //! - **Crash safety**: a crash mid-upload leaves an incomplete multipart upload, invisible to
 //!   every GET and listing (a bucket lifecycle rule `AbortIncompleteMultipartUpload` reclaims
 //!   its space; ncps does not list uploads).
-//! - **Idempotent removal**: DELETE of a missing key is a success in S3.
+//! - **Idempotent removal**: DELETE of a missing key is a success in S3. Many keys go in
+//!   `DeleteObjects` requests of up to [`DELETE_MANY_MAX`] keys (one round trip for a
+//!   thousand objects, not one each); a store that does not take them (501, 405 or
+//!   `NotImplemented`) gets one DELETE per key from then on.
 //! - **The FileHash** travels as object metadata (`x-amz-meta-file-hash`), so a hit's ETag
 //!   needs no index lookup.
 //!
@@ -32,8 +35,8 @@
 use super::{Blob, BlobStore, Listed, Shard, Staging, StorageError, Stray, TempFile};
 use crate::nix::{Hash, NarName, StorePathHash};
 use rusty_s3::actions::{
-    AbortMultipartUpload, CompleteMultipartUpload, CreateMultipartUpload, DeleteObject, GetObject, HeadBucket,
-    HeadObject, ListObjectsV2, PutObject, UploadPart,
+    AbortMultipartUpload, CompleteMultipartUpload, CreateMultipartUpload, DeleteObject, DeleteObjects, GetObject,
+    HeadBucket, HeadObject, ListObjectsV2, ObjectIdentifier, PutObject, UploadPart,
 };
 use rusty_s3::{Bucket, Credentials, S3Action, UrlStyle};
 use std::fmt;
@@ -195,10 +198,11 @@ fn answer_text(answer: &mut Answer, limit: u64, action: &'static str, key: &str)
         .map_err(|e| remote(action, key, S3Error::Read(io::Error::other(e))))
 }
 
-/// Whether an answer with this status is worth trying again: the store's own trouble (5xx)
-/// or "slow down" (429; S3's `SlowDown` is a 503).
+/// Whether an answer with this status is worth trying again: the store's own trouble (5xx,
+/// but not 501 Not Implemented, which will not change) or "slow down" (429; S3's `SlowDown`
+/// is a 503).
 pub fn retryable_status(status: u16) -> bool {
-    status >= 500 || status == 429
+    (status >= 500 && status != 501) || status == 429
 }
 
 /// Whether a transport failure is worth trying again: the connection, not the request.
@@ -348,6 +352,26 @@ fn parse_listing(xml: &str) -> Result<Listing, String> {
     Ok(Listing { objects, next_continuation_token })
 }
 
+/// Keys per `DeleteObjects` request: the most S3 takes in one.
+pub const DELETE_MANY_MAX: usize = 1000;
+
+/// The per-key failures of a `DeleteObjects` answer (`<Error>` elements; a quiet request
+/// lists nothing else): key, code and message. S3 reports no error for a missing key, and a
+/// `NoSuchKey` some stores send anyway is no failure either.
+fn delete_errors(xml: &str) -> Vec<(String, String, String)> {
+    let mut out = Vec::new();
+    let mut rest = xml;
+    while let Some((error, after)) = element(rest, "Error") {
+        let field = |tag| element(error, tag).map(|(t, _)| unescape(t)).unwrap_or_default();
+        let code = field("Code");
+        if code != "NoSuchKey" {
+            out.push((field("Key"), code, field("Message")));
+        }
+        rest = after;
+    }
+    out
+}
+
 /// What every request needs: shared with the streams of hits, which may start a ranged GET.
 struct Inner {
     bucket: Bucket,
@@ -355,6 +379,8 @@ struct Inner {
     agent: ureq::Agent,
     retry: Retry,
     redirect: bool,
+    /// Whether the store takes `DeleteObjects`; cleared at its first refusal.
+    delete_many: std::sync::atomic::AtomicBool,
 }
 
 type Answer = http::Response<ureq::Body>;
@@ -462,6 +488,51 @@ impl Inner {
         }
     }
 
+    /// Removes `keys` (at most [`DELETE_MANY_MAX`]) with one `DeleteObjects` request.
+    /// `Ok(false)`: the store does not take such requests; nothing was removed, and none will
+    /// be tried again.
+    fn delete_objects(&self, keys: &[String]) -> Result<bool, StorageError> {
+        use std::sync::atomic::Ordering::Relaxed;
+        const ACTION: &str = "removing";
+        let objects: Vec<ObjectIdentifier> = keys.iter().map(|k| ObjectIdentifier::new(k.clone())).collect();
+        let mut request = DeleteObjects::new(&self.bucket, Some(&self.credentials), objects.iter());
+        request.set_quiet(true);
+        let url = request.sign(SIGNED_FOR);
+        let (body, md5) = request.body_with_md5();
+        let what = format!("{} objects ({}, ...)", keys.len(), keys.first().map_or("", String::as_str));
+        let headers = [("content-md5", md5.as_str()), ("content-type", "application/xml")];
+        let mut answer = self.upload(ACTION, &what, http::Method::POST, url.as_str(), &headers, body.as_bytes())?;
+        let status = answer.status().as_u16();
+        let text = answer_text(&mut answer, 4 << 20, ACTION, &what);
+        let unsupported = |code: Option<&str>| matches!(status, 405 | 501) || code == Some("NotImplemented");
+        match (status, text) {
+            (200, Ok(xml)) => match delete_errors(&xml).into_iter().next() {
+                None => Ok(true),
+                Some((key, code, message)) => Err(remote(ACTION, &key, S3Error::Answer(format!("{code}: {message}")))),
+            },
+            (200, Err(e)) => Err(e),
+            (_, text) => {
+                let code = text.ok().as_deref().and_then(error_code);
+                if unsupported(code.as_deref()) {
+                    if self.delete_many.swap(false, Relaxed) {
+                        log::warn!("s3: the store does not take DeleteObjects (HTTP {status}); removing objects one request each");
+                    }
+                    return Ok(false);
+                }
+                Err(remote(ACTION, &what, S3Error::Status { status, code }))
+            }
+        }
+    }
+
+    /// Removes `keys`: one `DeleteObjects` request where the store takes them, else a DELETE
+    /// each.
+    fn delete_keys(&self, keys: &[String]) -> Result<(), StorageError> {
+        if keys.len() > 1 && self.delete_many.load(std::sync::atomic::Ordering::Relaxed) && self.delete_objects(keys)? {
+            return Ok(());
+        }
+        super::first_failure(keys.iter().map(|k| self.delete_object(k)))
+    }
+
     /// Every key under `prefix` with its size, a page at a time, until `each` says stop.
     fn list(&self, prefix: &str, max_keys: usize, mut each: impl FnMut(String, u64) -> bool) -> Result<(), StorageError> {
         self.list_objects(prefix, max_keys, |o| each(o.key, o.size))
@@ -563,7 +634,14 @@ impl S3Store {
             .tls_config(tls)
             .build()
             .new_agent();
-        let inner = Arc::new(Inner { bucket, credentials, agent, retry: settings.retry, redirect: settings.redirect });
+        let inner = Arc::new(Inner {
+            bucket,
+            credentials,
+            agent,
+            retry: settings.retry,
+            redirect: settings.redirect,
+            delete_many: std::sync::atomic::AtomicBool::new(true),
+        });
         let url = HeadBucket::new(&inner.bucket, Some(&inner.credentials)).sign(SIGNED_FOR);
         let answer = inner.head("opening", &describe, url.as_str())?;
         match answer.status().as_u16() {
@@ -724,18 +802,29 @@ impl S3Store {
         Ok(Shard { entries, strays })
     }
 
-    /// Removes the objects `keys` on a few threads (each DELETE is a round trip); every one is
-    /// tried, the first failure returned.
+    /// Removes the objects `keys`: [`DELETE_MANY_MAX`] to a request where the store takes
+    /// `DeleteObjects`, else a DELETE each, the requests on a few threads. Every key is tried;
+    /// the first failure is returned.
     fn remove_keys(&self, keys: Vec<String>) -> Result<(), StorageError> {
         const THREADS: usize = 8;
-        if keys.len() < 16 {
-            return super::first_failure(keys.iter().map(|k| self.inner.delete_object(k)));
+        let per = match self.inner.delete_many.load(std::sync::atomic::Ordering::Relaxed) {
+            true => DELETE_MANY_MAX,
+            false => keys.len().div_ceil(THREADS).max(16),
+        };
+        let chunks: Vec<&[String]> = keys.chunks(per).collect();
+        if chunks.len() <= 1 {
+            return super::first_failure(chunks.into_iter().map(|c| self.inner.delete_keys(c)));
         }
-        let chunk = keys.len().div_ceil(THREADS);
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        let (chunks, next) = (&chunks, &next);
         std::thread::scope(|s| {
-            let workers: Vec<_> = keys
-                .chunks(chunk)
-                .map(|part| s.spawn(move || super::first_failure(part.iter().map(|k| self.inner.delete_object(k)))))
+            let workers: Vec<_> = (0..THREADS.min(chunks.len()))
+                .map(|_| {
+                    s.spawn(move || {
+                        let each = std::iter::from_fn(|| chunks.get(next.fetch_add(1, std::sync::atomic::Ordering::Relaxed)));
+                        super::first_failure(each.map(|c| self.inner.delete_keys(c)))
+                    })
+                })
                 .collect();
             super::first_failure(workers.into_iter().map(|w| super::joined(w.join(), "removing objects")))
         })
@@ -921,9 +1010,20 @@ mod tests {
         for status in [500, 502, 503, 504, 429] {
             assert!(retryable_status(status), "{status}");
         }
-        for status in [200, 206, 400, 403, 404, 409, 412] {
+        for status in [200, 206, 400, 403, 404, 409, 412, 501] {
             assert!(!retryable_status(status), "{status}");
         }
+    }
+
+    #[test]
+    fn a_delete_objects_answer_names_its_failed_keys_but_not_missing_ones() {
+        let xml = r#"<?xml version="1.0" encoding="UTF-8"?>
+<DeleteResult xmlns="http://s3.amazonaws.com/doc/2006-03-01/">
+  <Error><Key>nar/a&amp;b</Key><Code>AccessDenied</Code><Message>Access Denied</Message></Error>
+  <Error><Key>nar/gone</Key><Code>NoSuchKey</Code><Message>The specified key does not exist.</Message></Error>
+</DeleteResult>"#;
+        assert_eq!(delete_errors(xml), vec![("nar/a&b".into(), "AccessDenied".into(), "Access Denied".into())]);
+        assert!(delete_errors("<DeleteResult></DeleteResult>").is_empty());
     }
 
     #[test]

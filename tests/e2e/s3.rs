@@ -183,6 +183,8 @@ enum Fault {
     Pass,
     /// Answered `500 InternalError` (the body read first, as a server would).
     Status500,
+    /// Answered `501 NotImplemented`, as a store without that request does.
+    Status501,
     /// The connection reset (RST, `SO_LINGER` 0) once the body was read, with no answer.
     Reset,
 }
@@ -211,6 +213,14 @@ impl Seen {
     }
     fn is_complete(&self) -> bool {
         self.method == "POST" && self.query("uploadId").is_some()
+    }
+    /// A `DeleteObjects` request: `POST /<bucket>?delete`.
+    fn is_delete_many(&self) -> bool {
+        self.method == "POST" && self.target.split_once('?').is_some_and(|(_, q)| q.split('&').any(|kv| kv.split('=').next() == Some("delete")))
+    }
+    /// A DELETE of one object (not an upload's abort).
+    fn is_delete_one(&self) -> bool {
+        self.method == "DELETE" && self.query("uploadId").is_none()
     }
     fn is_listing(&self) -> bool {
         self.method == "GET" && self.query("list-type") == Some("2")
@@ -327,6 +337,10 @@ fn proxy_one(
         Fault::Status500 => {
             let text = "<?xml version=\"1.0\"?><Error><Code>InternalError</Code><Message>injected</Message></Error>";
             write!(conn, "HTTP/1.1 500 Internal Server Error\r\nContent-Type: application/xml\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{text}", text.len())?;
+        }
+        Fault::Status501 => {
+            let text = "<?xml version=\"1.0\"?><Error><Code>NotImplemented</Code><Message>injected</Message></Error>";
+            write!(conn, "HTTP/1.1 501 Not Implemented\r\nContent-Type: application/xml\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{text}", text.len())?;
         }
         Fault::Reset => {
             use std::os::fd::AsRawFd;
@@ -535,6 +549,55 @@ fn a_single_transient_500_on_an_upload_part_is_retried_with_back_off_and_the_upl
     assert!(!seen.iter().any(Seen::is_abort), "nothing aborted: {seen:?}");
     assert_eq!(std::fs::read(s3.object_file(&key)).unwrap(), *nar, "the object is the whole NAR");
     assert!(s3.pending_uploads().is_empty(), "{:?}", s3.pending_uploads());
+}
+
+#[test]
+fn eviction_on_a_bucket_removes_its_objects_a_thousand_to_a_request_or_one_by_one_from_a_store_without_delete_objects() {
+    if must_skip_without_nix() {
+        return;
+    }
+    let Some(s3) = S3sFs::start() else { return };
+    let proxy = FaultProxy::start(s3.port);
+    let cache = SyntheticCache::new("s3-evict-many", &[4096; 10]);
+    let up = Upstream::serve_dir(cache.dir.path());
+    let mut ncps = ncps_on_bucket(&up, &cache.public_key, &s3, Some(proxy.port));
+    fetch_all(&ncps, &cache, &s3);
+    assert_eq!(s3.objects("narinfo").len(), 10);
+    // Restarted with room for none of them: the pass at start removes every entry.
+    let seen_before = proxy.seen().len();
+    ncps.restart_with_flag("--cache-max-size", Some("1K"));
+    assert!(wait_until(Duration::from_secs(30), || s3.objects("narinfo").is_empty() && s3.objects("nar").is_empty()),
+        "the bucket is emptied: {:?} {:?}", s3.objects("narinfo"), s3.objects("nar"));
+    // The proxy notes a request once it has relayed the whole answer, which may be after
+    // the objects are gone: its list is waited for, not read at once.
+    let since_restart = |proxy: &FaultProxy| proxy.seen().split_off(seen_before);
+    assert!(
+        wait_until(Duration::from_secs(10), || since_restart(&proxy).iter().filter(|r| r.is_delete_many()).count() >= 3),
+        "DeleteObjects for the narinfos, the NARs and their zstd copies: {:?}",
+        since_restart(&proxy)
+    );
+    let seen = since_restart(&proxy);
+    assert!(seen.iter().filter(|r| r.is_delete_many()).all(|r| r.status == Some(200)), "{seen:?}");
+    assert!(!seen.iter().any(Seen::is_delete_one), "no object went on its own: {seen:?}");
+
+    // A store that does not take DeleteObjects: refused once, then one DELETE per object.
+    proxy.set_rule(|r| if r.is_delete_many() { Fault::Status501 } else { Fault::Pass });
+    ncps.restart_with_flag("--cache-max-size", None);
+    fetch_all(&ncps, &cache, &s3);
+    let (since, seen_before) = (ncps.log_len(), proxy.seen().len());
+    ncps.restart_with_flag("--cache-max-size", Some("1K"));
+    assert!(wait_until(Duration::from_secs(30), || s3.objects("narinfo").is_empty() && s3.objects("nar").is_empty()),
+        "the bucket is emptied again: {:?} {:?}", s3.objects("narinfo"), s3.objects("nar"));
+    let since_restart = |proxy: &FaultProxy| proxy.seen().split_off(seen_before);
+    assert!(
+        wait_until(Duration::from_secs(10), || since_restart(&proxy).iter().filter(|r| r.is_delete_one()).count() >= 30),
+        "a DELETE per narinfo, NAR and zstd copy: {:?}",
+        since_restart(&proxy)
+    );
+    let seen = since_restart(&proxy);
+    assert_eq!(seen.iter().filter(|r| r.is_delete_many()).count(), 1, "refused once, not tried again: {seen:?}");
+    let log = ncps.log_since(since);
+    assert!(log.contains("does not take DeleteObjects"), "{log}");
 }
 
 /// The bucket key of the NAR served at `nar_path` (`/nar/<name>` is kept as `nar/<name>`).

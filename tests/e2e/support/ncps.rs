@@ -304,6 +304,26 @@ impl Ncps {
         }
     }
 
+    /// Stops, sets `flag` to `value` (or drops it: `None`) in the args, and starts again
+    /// with the same data dir, other args and port.
+    #[cfg_attr(not(feature = "s3"), allow(dead_code))]
+    pub fn restart_with_flag(&mut self, flag: &str, value: Option<&str>) {
+        let mut args = Vec::new();
+        let mut old = std::mem::take(&mut self.args).into_iter();
+        while let Some(a) = old.next() {
+            if a == flag {
+                old.next();
+            } else {
+                args.push(a);
+            }
+        }
+        if let Some(v) = value {
+            args.extend([flag.to_string(), v.to_string()]);
+        }
+        self.args = args;
+        self.restart();
+    }
+
     /// Stops, replaces every `--upstream-cache` with `upstreams` (in that order), and starts
     /// again with the same data dir, other args and port: an operator editing the list.
     pub fn restart_with_upstreams(&mut self, upstreams: &[String]) {

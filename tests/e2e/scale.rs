@@ -14,6 +14,9 @@
 //! other two keep reading and writing with 2 of 3 nodes (Garage's consistent mode needs a
 //! quorum of 2 for both).
 //!
+//! One more runs a single ncps on the cluster: an eviction pass removes its objects with
+//! `DeleteObjects` (Garage takes it) and leaves none behind.
+//!
 //! Slow (a Garage cluster, three ncps, several Nix clients: about a minute) and they need
 //! Garage, so they run only with `NCPS_TEST_SCALE=1`: `make test-scale`, which installs Garage
 //! first (tests/garage.sh), or `NCPS_TEST_SCALE=1 cargo test --features s3,postgres --test e2e
@@ -309,4 +312,51 @@ fn replicas_survive_a_restarted_replica_a_stopped_garage_node_and_a_restarted_po
     for (i, r) in f.replicas.iter().enumerate() {
         assert!(!r.log().contains("panicked"), "replica {i} panicked:\n{}", r.log());
     }
+}
+
+/// The keys of Garage's bucket that start with `prefix`, listed with curl (SigV4 of its own)
+/// through node 0: a check that does not go through ncps.
+fn garage_keys(g: &Garage, prefix: &str) -> Vec<String> {
+    let out = std::process::Command::new("curl")
+        .args(["-sS", "-f", "-H", "x-amz-content-sha256: UNSIGNED-PAYLOAD", "--aws-sigv4", &format!("aws:amz:{GARAGE_REGION}:s3"), "-u"])
+        .arg(format!("{}:{}", g.access_key, g.secret_key))
+        .arg(format!("{}/{GARAGE_BUCKET}?list-type=2", g.s3_endpoint(0)))
+        .output()
+        .expect("curl");
+    assert!(out.status.success(), "listing the bucket: {}", String::from_utf8_lossy(&out.stderr));
+    let xml = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(!xml.contains("<IsTruncated>true"), "one page holds the test's keys");
+    xml.split("<Key>").skip(1).filter_map(|k| k.split("</Key>").next()).filter(|k| k.starts_with(prefix)).map(str::to_string).collect()
+}
+
+#[test]
+fn eviction_on_garage_removes_the_objects_with_delete_objects_and_leaves_none_behind() {
+    if !scale_enabled() || !has_features() {
+        return;
+    }
+    let Some(fx) = fixture_or_skip() else { return };
+    let Some(garage) = Garage::start() else { return };
+    let up = Upstream::for_cache(fx, Compression::Xz);
+    let flags = garage.flags(0);
+    let extra: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let mut ncps = Ncps::for_upstreams_with(&[up.url()], &[&fx.up1_public_key], &extra);
+    nix_copy_from(&ncps.url(), &fx.top_closure, &ncps.pubkey()).expect("nix copy through ncps");
+    let n = fx.top_closure.len();
+    assert!(
+        wait_until(Duration::from_secs(60), || garage_keys(&garage, "nar/").len() >= n && garage_keys(&garage, "narinfo/").len() >= n),
+        "every NAR and narinfo uploaded: {:?}",
+        garage_keys(&garage, "")
+    );
+    let since = ncps.log_len();
+    // Room for nothing: the pass at start removes every entry.
+    ncps.restart_with_flag("--cache-max-size", Some("1B"));
+    ncps.wait_for_log(since, "evicted", Duration::from_secs(60));
+    assert!(
+        wait_until(Duration::from_secs(30), || garage_keys(&garage, "nar").is_empty() && garage_keys(&garage, "narinfo/").is_empty()),
+        "the bucket holds no entry after the pass: {:?}",
+        garage_keys(&garage, "")
+    );
+    let log = ncps.log_since(since);
+    assert!(!log.contains("does not take DeleteObjects"), "Garage takes DeleteObjects: {log}");
+    assert!(!log.contains("ERROR"), "{log}");
 }

@@ -17,8 +17,8 @@
 //!   `BEGIN IMMEDIATE` does: every write is then the same check-then-change transaction as in
 //!   SQLite, with the same outcome under concurrency, and writers cannot deadlock on the
 //!   `totals` row. Readers take no lock (MVCC) and never wait for a writer.
-//! - **The same schema and costs as SQLite's:** totals kept by triggers (so [`Totals`] is one
-//!   row), the LRU order an index on `(accessed_at, created_at)`, shard listings range scans
+//! - **The same schema and costs as SQLite's:** totals kept in one row, by triggers and by
+//!   the deletes themselves (so [`Totals`] is one row), the LRU order an index on `(accessed_at, created_at)`, shard listings range scans
 //!   of the primary keys, which are `COLLATE "C"` so that a range is a byte range whatever the
 //!   database's locale. Migrations are embedded and applied at open, in one transaction under
 //!   the same lock (so two ncps starting at once do not both migrate), with the version in a

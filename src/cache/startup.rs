@@ -174,7 +174,14 @@ impl Cache {
         let mut skipped: Vec<(String, String)> = Vec::new();
         let mut in_a_row = 0u32;
         let result = (|| -> Result<(), CacheError> {
-            self.index.check_integrity()?;
+            match self.index.check_integrity() {
+                // Derived data, set right at once; the rest of the index is sound.
+                Err(e @ crate::index::IndexError::TotalsDrift { .. }) => {
+                    log::warn!("start-up check: {e}; recounting them");
+                    self.index.recount_totals()?;
+                }
+                other => other?,
+            }
             let mut steps: Vec<(String, Step<'_>)> = vec![
                 ("the keys outside every shard".into(), Box::new(|| self.remove_strays_outside_shards())),
             ];

@@ -120,6 +120,9 @@ pub trait Index: Send + Sync {
     fn check_integrity(&self) -> Result<(), IndexError> {
         Ok(())
     }
+    /// Sets the totals row to what the rows add up to (after [`IndexError::TotalsDrift`]):
+    /// one write transaction, reading both tables.
+    fn recount_totals(&self) -> Result<(), IndexError>;
     /// Records a narinfo (`size` bytes stored) and the NAR it points at. A NAR already known
     /// with the same digest keeps its row (and `stored` flag); one known with another digest
     /// is left exactly as it is and nothing is recorded ([`Recorded::NameTaken`]).
@@ -189,6 +192,10 @@ pub enum IndexError {
     NewerSchema { found: u32, supported: u32 },
     /// The database's own check failed, or a row holds a value no ncps writes.
     Corrupt(String),
+    /// The totals row (narinfos, their bytes, stored NARs, their bytes) is not what the rows
+    /// add up to. Derived data: [`Index::recount_totals`] sets it right, and nothing else is
+    /// wrong with the index.
+    TotalsDrift { kept: [i64; 4], counted: [i64; 4] },
     /// Tables but no schema version of ours: another program's database (Go ncps's, typically).
     Foreign(Vec<String>),
     /// The database server could not be reached or refused the login: which server (its URL
@@ -213,6 +220,10 @@ impl fmt::Display for IndexError {
                  it was written by a newer ncps; use that version or a fresh database"
             ),
             IndexError::Corrupt(m) => write!(f, "database is corrupt: {m}"),
+            IndexError::TotalsDrift { kept, counted } => write!(
+                f,
+                "the index's totals (narinfos, bytes, stored nars, bytes) say {kept:?} but the rows add up to {counted:?}"
+            ),
             IndexError::Foreign(tables) => write!(
                 f,
                 "the database holds tables ({}) but no ncps-rs schema version: it belongs to another \
@@ -258,17 +269,23 @@ pub(crate) const TOTALS_AGAINST_ROWS: &str = "SELECT t.narinfos, t.narinfo_bytes
         (SELECT CAST(COALESCE(SUM(file_size + zstd_size), 0) AS BIGINT) FROM nars WHERE stored)
      FROM totals t WHERE t.id = 0";
 
-/// [`IndexError::Corrupt`] when the totals kept ([`TOTALS_AGAINST_ROWS`]'s first four) are
-/// not what the rows add up to (its last four).
+/// [`IndexError::TotalsDrift`] when the totals kept ([`TOTALS_AGAINST_ROWS`]'s first four)
+/// are not what the rows add up to (its last four).
 pub(crate) fn check_totals(v: [i64; 8]) -> Result<(), IndexError> {
-    let (kept, counted) = (&v[..4], &v[4..]);
+    let (kept, counted) = ([v[0], v[1], v[2], v[3]], [v[4], v[5], v[6], v[7]]);
     if kept != counted {
-        return Err(IndexError::Corrupt(format!(
-            "the totals (narinfos, bytes, stored nars, bytes) say {kept:?} but the rows add up to {counted:?}"
-        )));
+        return Err(IndexError::TotalsDrift { kept, counted });
     }
     Ok(())
 }
+
+/// Sets the totals row to what the rows add up to; valid SQL for SQLite and PostgreSQL.
+pub(crate) const TOTALS_RECOUNT: &str = "UPDATE totals SET
+        narinfos = (SELECT COUNT(*) FROM narinfos),
+        narinfo_bytes = (SELECT CAST(COALESCE(SUM(size), 0) AS BIGINT) FROM narinfos),
+        nars = (SELECT COUNT(*) FROM nars WHERE stored),
+        nar_bytes = (SELECT CAST(COALESCE(SUM(file_size + zstd_size), 0) AS BIGINT) FROM nars WHERE stored)
+     WHERE id = 0";
 
 /// What a transaction's deletes take off the totals. Deletes fire no trigger (SQLite's
 /// schema 5, PostgreSQL's 3): the transaction that deletes updates the totals row once, from

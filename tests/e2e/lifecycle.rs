@@ -1016,6 +1016,43 @@ fn summary(out: &str) -> &str {
 }
 
 #[test]
+fn totals_that_drifted_from_the_rows_are_reported_by_fsck_recounted_by_repair_and_by_the_check_after_a_crash() {
+    let Some(lc) = lifecycle_or_skip() else {
+        return;
+    };
+    let fx = &lc.fx;
+    let (_up, mut ncps) = proxy(lc, &[]);
+    fetch_kept(&ncps, &fx.many[0], u64::MAX);
+    fetch_kept(&ncps, &fx.many[1], u64::MAX);
+    ncps.stop();
+    let data = ncps.data_dir().to_path_buf();
+    let drift = || {
+        let db = rusqlite::Connection::open(data.join("db.sqlite")).unwrap();
+        db.execute("UPDATE totals SET nar_bytes = nar_bytes + 12345, narinfos = narinfos + 1", []).unwrap();
+    };
+    drift();
+    let (code, out) = fsck(&data, false);
+    assert_eq!(code, Some(1), "drifted totals are a problem:\n{out}");
+    assert!(out.contains("totals") && out.contains("add up to"), "{out}");
+    let (code, out) = fsck(&data, true);
+    assert_eq!(code, Some(0), "--repair recounts them:\n{out}");
+    assert!(out.contains("recounted the totals"), "{out}");
+    let (code, out) = fsck(&data, false);
+    assert_eq!(code, Some(0), "and the store is sound again:\n{out}");
+
+    // After an unclean stop the background check recounts them by itself.
+    drift();
+    let _ = std::fs::remove_file(data.join("clean-shutdown"));
+    let since = ncps.log_len();
+    ncps.restart();
+    let log = ncps.wait_for_log(since, "start-up check: done", Duration::from_secs(60));
+    assert!(log.contains("recounting them"), "{log}");
+    ncps.stop();
+    let (code, out) = fsck(&data, false);
+    assert_eq!(code, Some(0), "recounted by the check:\n{out}");
+}
+
+#[test]
 fn fsck_finds_corrupt_missing_and_orphaned_files_and_repair_lets_ncps_fetch_them_again() {
     let Some(lc) = lifecycle_or_skip() else {
         return;

@@ -231,8 +231,8 @@ fn a_replica_starting_on_a_new_data_path_does_not_list_the_shared_bucket_but_che
     let path = format!("/{}.narinfo", store_hash(&fx.top));
     assert_eq!(f.replicas[0].get(&path).status, 200, "the fleet stores something");
     for r in &f.replicas {
-        let log = r.log();
-        assert!(log.contains("start-up check: a new data path"), "a new replica checks nothing:\n{log}");
+        // Log lines are written by a thread of their own: waited for, not read at once.
+        let log = r.wait_for_log(0, "start-up check: a new data path", Duration::from_secs(10));
         assert!(!log.contains("comparing the store"), "a new replica lists nothing:\n{log}");
     }
     // Its own crash is another matter: what it was writing may be half-done.

@@ -252,6 +252,9 @@ impl Cache {
         if let Err(e) = self.flush_access_times_locked() {
             log::warn!("recording access times: {e}");
         }
+        if let Err(e) = self.index.checkpoint() {
+            log::warn!("{e}; the next start reads the index's WAL back");
+        }
         match startup::leave_marker(&self.settings.clean_marker) {
             Ok(()) => {}
             Err(e) => log::warn!("{e}; the next start will check the store"),

@@ -466,6 +466,20 @@ impl super::Index for SqliteIndex {
         super::check_totals(v)
     }
 
+    fn checkpoint(&self) -> Result<(), IndexError> {
+        const CTX: &str = "checkpointing the database";
+        // (busy, WAL frames, frames checkpointed): busy when a reader holds an old snapshot,
+        // which at a stop nothing should.
+        let (busy, frames, done): (i64, i64, i64) = self
+            .conn()?
+            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .context(CTX)?;
+        if busy != 0 {
+            log::warn!("index: the WAL could not be checkpointed at the stop ({done} of {frames} pages); the next start reads it");
+        }
+        Ok(())
+    }
+
     fn recount_totals(&self) -> Result<(), IndexError> {
         const CTX: &str = "recounting the totals";
         self.write(CTX, |tx| tx.execute(super::TOTALS_RECOUNT, []).map(drop).context(CTX))

@@ -1168,6 +1168,22 @@ fn sigterm_and_sigint_stop_ncps_with_status_0_within_a_second_leaving_the_clean_
     }
 }
 
+/// A clean stop checkpoints SQLite's WAL and cuts it to nothing: the next start has no WAL
+/// to read back (up to 64 MiB after an eviction pass, read at open).
+#[test]
+fn a_clean_stop_leaves_no_wal_for_the_next_start_to_read() {
+    let Some(lc) = lifecycle_or_skip() else {
+        return;
+    };
+    let (_up, mut ncps) = proxy(lc, &[]);
+    fetch_kept(&ncps, &lc.fx.many[0], u64::MAX);
+    let wal = ncps.data_dir().join("db.sqlite-wal");
+    assert!(wal.metadata().is_ok_and(|m| m.len() > 0), "the writes went to the WAL first");
+    ncps.stop();
+    let left = wal.metadata().map_or(0, |m| m.len());
+    assert_eq!(left, 0, "{left} bytes of WAL after a clean stop; log:\n{}", ncps.log());
+}
+
 /// In a container ncps is PID 1 of its PID namespace, and the kernel drops a signal sent to
 /// PID 1 whose action is the default; ncps waits for its stop signals in a thread (blocked
 /// everywhere, taken with sigwait), so the stop works there too. `unshare --pid --fork`

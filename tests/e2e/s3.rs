@@ -541,11 +541,14 @@ fn a_single_transient_500_on_an_upload_part_is_retried_with_back_off_and_the_upl
     });
     assert!(complete_or_clean_failure(&ncps, nar_path, nar), "the client gets the verified NAR");
     assert!(wait_until(Duration::from_secs(30), || s3.object_file(&key).exists()), "{key} is stored: {:?}", proxy.seen());
+    // The object appears before the proxy has relayed (and noted) the answer to the request
+    // that completed it: the note is waited for.
+    let completed = |proxy: &FaultProxy| proxy.seen().iter().any(|r| r.is_complete() && r.status == Some(200));
+    assert!(wait_until(Duration::from_secs(10), || completed(&proxy)), "the upload completed: {:?}", proxy.seen());
     let seen = proxy.seen();
     let part2: Vec<_> = seen.iter().filter(|r| r.is_upload_part() && r.query("partNumber") == Some("2")).collect();
     assert_eq!(part2.len(), 2, "part 2: one 500, one retry: {seen:?}");
     assert_eq!((part2[0].fault, part2[1].status), (Fault::Status500, Some(200)));
-    assert!(seen.iter().any(|r| r.is_complete() && r.status == Some(200)), "the upload completed: {seen:?}");
     assert!(!seen.iter().any(Seen::is_abort), "nothing aborted: {seen:?}");
     assert_eq!(std::fs::read(s3.object_file(&key)).unwrap(), *nar, "the object is the whole NAR");
     assert!(s3.pending_uploads().is_empty(), "{:?}", s3.pending_uploads());

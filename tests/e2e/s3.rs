@@ -554,6 +554,29 @@ fn a_single_transient_500_on_an_upload_part_is_retried_with_back_off_and_the_upl
     assert!(s3.pending_uploads().is_empty(), "{:?}", s3.pending_uploads());
 }
 
+/// Restarts `ncps` with room for none of its entries, so that the pass at start removes every
+/// one; waits until the bucket holds none and the proxy has noted at least `n` requests that
+/// `kind` picks (`what` they are, for the failure), and returns what the proxy saw since the
+/// restart. The proxy notes a request once it has relayed the whole answer, which may be after
+/// the objects are gone: its list is waited for, not read at once.
+fn evict_everything(ncps: &mut Ncps, s3: &S3sFs, proxy: &FaultProxy, kind: fn(&Seen) -> bool, n: usize, what: &str) -> Vec<Seen> {
+    let before = proxy.seen().len();
+    ncps.restart_with_flag("--cache-max-size", Some("1K"));
+    assert!(
+        wait_until(Duration::from_secs(30), || s3.objects("narinfo").is_empty() && s3.objects("nar").is_empty()),
+        "the bucket is emptied: {:?} {:?}",
+        s3.objects("narinfo"),
+        s3.objects("nar")
+    );
+    let since_restart = || proxy.seen().split_off(before);
+    assert!(
+        wait_until(Duration::from_secs(10), || since_restart().iter().filter(|r| kind(r)).count() >= n),
+        "{what}: {:?}",
+        since_restart()
+    );
+    since_restart()
+}
+
 #[test]
 fn eviction_on_a_bucket_removes_its_objects_a_thousand_to_a_request_or_one_by_one_from_a_store_without_delete_objects() {
     if must_skip_without_nix() {
@@ -566,20 +589,7 @@ fn eviction_on_a_bucket_removes_its_objects_a_thousand_to_a_request_or_one_by_on
     let mut ncps = ncps_on_bucket(&up, &cache.public_key, &s3, Some(proxy.port));
     fetch_all(&ncps, &cache, &s3);
     assert_eq!(s3.objects("narinfo").len(), 10);
-    // Restarted with room for none of them: the pass at start removes every entry.
-    let seen_before = proxy.seen().len();
-    ncps.restart_with_flag("--cache-max-size", Some("1K"));
-    assert!(wait_until(Duration::from_secs(30), || s3.objects("narinfo").is_empty() && s3.objects("nar").is_empty()),
-        "the bucket is emptied: {:?} {:?}", s3.objects("narinfo"), s3.objects("nar"));
-    // The proxy notes a request once it has relayed the whole answer, which may be after
-    // the objects are gone: its list is waited for, not read at once.
-    let since_restart = |proxy: &FaultProxy| proxy.seen().split_off(seen_before);
-    assert!(
-        wait_until(Duration::from_secs(10), || since_restart(&proxy).iter().filter(|r| r.is_delete_many()).count() >= 3),
-        "DeleteObjects for the narinfos, the NARs and their zstd copies: {:?}",
-        since_restart(&proxy)
-    );
-    let seen = since_restart(&proxy);
+    let seen = evict_everything(&mut ncps, &s3, &proxy, Seen::is_delete_many, 3, "DeleteObjects for the narinfos, the NARs and their zstd copies");
     assert!(seen.iter().filter(|r| r.is_delete_many()).all(|r| r.status == Some(200)), "{seen:?}");
     assert!(!seen.iter().any(Seen::is_delete_one), "no object went on its own: {seen:?}");
 
@@ -587,17 +597,8 @@ fn eviction_on_a_bucket_removes_its_objects_a_thousand_to_a_request_or_one_by_on
     proxy.set_rule(|r| if r.is_delete_many() { Fault::Status501 } else { Fault::Pass });
     ncps.restart_with_flag("--cache-max-size", None);
     fetch_all(&ncps, &cache, &s3);
-    let (since, seen_before) = (ncps.log_len(), proxy.seen().len());
-    ncps.restart_with_flag("--cache-max-size", Some("1K"));
-    assert!(wait_until(Duration::from_secs(30), || s3.objects("narinfo").is_empty() && s3.objects("nar").is_empty()),
-        "the bucket is emptied again: {:?} {:?}", s3.objects("narinfo"), s3.objects("nar"));
-    let since_restart = |proxy: &FaultProxy| proxy.seen().split_off(seen_before);
-    assert!(
-        wait_until(Duration::from_secs(10), || since_restart(&proxy).iter().filter(|r| r.is_delete_one()).count() >= 30),
-        "a DELETE per narinfo, NAR and zstd copy: {:?}",
-        since_restart(&proxy)
-    );
-    let seen = since_restart(&proxy);
+    let since = ncps.log_len();
+    let seen = evict_everything(&mut ncps, &s3, &proxy, Seen::is_delete_one, 30, "a DELETE per narinfo, NAR and zstd copy");
     assert_eq!(seen.iter().filter(|r| r.is_delete_many()).count(), 1, "refused once, not tried again: {seen:?}");
     let log = ncps.log_since(since);
     assert!(log.contains("does not take DeleteObjects"), "{log}");

@@ -610,13 +610,18 @@ fn object_key(nar_path: &str) -> String {
 }
 
 /// Fetches every path of `cache` through ncps (narinfo, then the whole NAR) and waits until
-/// each is an object of the bucket.
+/// each is an object of the bucket and recorded in the index (ncps logs "verified and stored"
+/// after both; the client has its bytes before either, so a test that kills ncps next must
+/// wait for the line, or the start-up check rightly removes an object nobody vouched for).
 fn fetch_all(ncps: &Ncps, cache: &SyntheticCache, s3: &S3sFs) {
     for (store_hash, nar_path, nar) in &cache.paths {
         assert_eq!(ncps.get(&format!("/{store_hash}.narinfo")).status, 200);
         assert!(complete_or_clean_failure(ncps, nar_path, nar), "{nar_path} through ncps");
         let key = object_key(nar_path);
         assert!(wait_until(Duration::from_secs(20), || s3.object_file(&key).exists()), "{key} in the bucket");
+        let file = nar_path.rsplit('/').next().unwrap_or(nar_path);
+        let stored = wait_until(Duration::from_secs(20), || line_with_in(&ncps.log(), &format!("nar {file}:"), "verified and stored"));
+        assert!(stored, "{file} recorded as stored:\n{}", ncps.log());
     }
 }
 

@@ -807,9 +807,13 @@ impl S3Store {
     /// the first failure is returned.
     fn remove_keys(&self, keys: Vec<String>) -> Result<(), StorageError> {
         const THREADS: usize = 8;
-        let per = match self.inner.delete_many.load(std::sync::atomic::Ordering::Relaxed) {
-            true => DELETE_MANY_MAX,
-            false => keys.len().div_ceil(THREADS).max(16),
+        let per = if self.inner.delete_many.load(std::sync::atomic::Ordering::Relaxed) {
+            DELETE_MANY_MAX
+        } else if keys.len() < 16 {
+            // Too few to be worth threads: one after the other.
+            keys.len().max(1)
+        } else {
+            keys.len().div_ceil(THREADS)
         };
         let chunks: Vec<&[String]> = keys.chunks(per).collect();
         if chunks.len() <= 1 {

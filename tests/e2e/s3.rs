@@ -201,9 +201,10 @@ struct Seen {
 
 impl Seen {
     /// The value of query parameter `name`, if given.
+    /// The value of the query parameter `name`; `""` for one given bare (`?delete`).
     fn query(&self, name: &str) -> Option<&str> {
         let q = self.target.split_once('?')?.1;
-        q.split('&').find_map(|kv| kv.split_once('=').filter(|(k, _)| *k == name).map(|(_, v)| v))
+        q.split('&').find_map(|kv| Some(kv.split_once('=').unwrap_or((kv, ""))).filter(|(k, _)| *k == name).map(|(_, v)| v))
     }
     fn is_upload_part(&self) -> bool {
         self.method == "PUT" && self.query("partNumber").is_some()
@@ -216,7 +217,7 @@ impl Seen {
     }
     /// A `DeleteObjects` request: `POST /<bucket>?delete`.
     fn is_delete_many(&self) -> bool {
-        self.method == "POST" && self.target.split_once('?').is_some_and(|(_, q)| q.split('&').any(|kv| kv.split('=').next() == Some("delete")))
+        self.method == "POST" && self.query("delete").is_some()
     }
     /// A DELETE of one object (not an upload's abort).
     fn is_delete_one(&self) -> bool {

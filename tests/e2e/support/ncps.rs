@@ -308,6 +308,18 @@ impl Ncps {
     /// with the same data dir, other args and port.
     #[cfg_attr(not(feature = "s3"), allow(dead_code))]
     pub fn restart_with_flag(&mut self, flag: &str, value: Option<&str>) {
+        self.restart_with_flag_values(flag, value.into_iter().map(str::to_string));
+    }
+
+    /// Stops, replaces every `--upstream-cache` with `upstreams` (in that order), and starts
+    /// again with the same data dir, other args and port: an operator editing the list.
+    pub fn restart_with_upstreams(&mut self, upstreams: &[String]) {
+        self.restart_with_flag_values("--upstream-cache", upstreams.iter().cloned());
+    }
+
+    /// Stops, drops every `flag` (and its value) from the args, gives it once for each of
+    /// `values` at the end, and starts again with the same data dir, other args and port.
+    fn restart_with_flag_values(&mut self, flag: &str, values: impl Iterator<Item = String>) {
         let mut args = Vec::new();
         let mut old = std::mem::take(&mut self.args).into_iter();
         while let Some(a) = old.next() {
@@ -317,28 +329,8 @@ impl Ncps {
                 args.push(a);
             }
         }
-        if let Some(v) = value {
-            args.extend([flag.to_string(), v.to_string()]);
-        }
-        self.args = args;
-        self.restart();
-    }
-
-    /// Stops, replaces every `--upstream-cache` with `upstreams` (in that order), and starts
-    /// again with the same data dir, other args and port: an operator editing the list.
-    pub fn restart_with_upstreams(&mut self, upstreams: &[String]) {
-        let mut args = Vec::new();
-        let mut old = std::mem::take(&mut self.args).into_iter();
-        while let Some(a) = old.next() {
-            if a == "--upstream-cache" {
-                old.next();
-            } else {
-                args.push(a);
-            }
-        }
-        for u in upstreams {
-            args.push("--upstream-cache".to_string());
-            args.push(u.clone());
+        for v in values {
+            args.extend([flag.to_string(), v]);
         }
         self.args = args;
         self.restart();

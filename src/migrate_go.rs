@@ -73,8 +73,9 @@ fn columns(conn: &Connection, table: &str) -> rusqlite::Result<Vec<String>> {
 /// The schema of a Go ncps database, judged from its table and `narinfos` column names (pure).
 ///
 /// Our own index also has tables named `narinfos`, `nars` and `config`, so the names alone
-/// are not enough: Go's `narinfos` has an integer `id` and a `last_accessed_at` column, ours
-/// has neither (its key is the hash, it keeps `nar_name` and `accessed_at`) and has `totals`.
+/// are not enough: Go's `narinfos` has an integer `id` and a `last_accessed_at` column; ours
+/// has no `last_accessed_at` (its `nar_name` column, an `accessed_at` before schema 6, and its
+/// `totals` table tell it apart).
 /// Anything that looks like ours in any of these ways is never taken for Go's: mistaking our
 /// index for Go's would move our store aside.
 pub fn schema_of(tables: &[String], narinfo_columns: &[String]) -> Option<GoSchema> {

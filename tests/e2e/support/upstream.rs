@@ -227,7 +227,9 @@ impl Upstream {
     }
 
     /// Body bytes written so far for this exact path, over all its requests.
-    /// Updated after every write, so while a Slow body is being sent it counts up.
+    /// Updated as each write is handed to the socket (before it, for whole and Slow bodies, so
+    /// that what ncps has received is always counted), so while a Slow body is being sent it
+    /// counts up.
     pub fn bytes_sent(&self, path: &str) -> u64 {
         *self.state.sent.lock().unwrap().get(path).unwrap_or(&0)
     }
@@ -520,16 +522,19 @@ fn handle_upstream_conn(st: &UpstreamState, mut s: TcpStream, generation: u64) -
                 if st.generation.load(Ordering::SeqCst) != generation {
                     return Ok(());
                 }
+                // Counted before it is written: once ncps has a chunk, the count has it too
+                // (counted after, a test that reads the count as soon as ncps answers could
+                // find the last chunk missing while this thread waits for a core).
+                count(c.len());
                 s.write_all(c)?;
                 s.flush()?;
-                count(c.len());
                 thread::sleep(Duration::from_millis(100));
             }
         }
         _ => {
+            count(body.len());
             s.write_all(&body)?;
             s.flush()?;
-            count(body.len());
         }
     }
     Ok(())

@@ -414,14 +414,14 @@ pub fn run(paths: &crate::config::StoragePaths, s3: Option<&S3Config>, repair_it
     let blobs = open_store(paths, s3)?;
     let blobs = blobs.as_ref();
     let index = open_index(&paths.database, blobs)?;
-    // Totals that do not match the rows are derived data gone wrong: recounted with
-    // --repair, reported (exit 1) without.
+    // Totals or use times that do not match the rows are derived data gone wrong: recounted
+    // with --repair, reported (exit 1) without.
     let drifted = match index.check_integrity() {
-        Err(e @ IndexError::TotalsDrift { .. }) => {
+        Err(e @ (IndexError::TotalsDrift { .. } | IndexError::UseTimesDrift { .. })) => {
             println!("fsck: {e}");
             if repair_it {
                 index.recount_totals()?;
-                println!("fsck: recounted the totals");
+                println!("fsck: recounted the totals and the use times from the rows");
             }
             !repair_it
         }

@@ -176,7 +176,7 @@ impl Cache {
         let result = (|| -> Result<(), CacheError> {
             match self.index.check_integrity() {
                 // Derived data, set right at once; the rest of the index is sound.
-                Err(e @ crate::index::IndexError::TotalsDrift { .. }) => {
+                Err(e @ (crate::index::IndexError::TotalsDrift { .. } | crate::index::IndexError::UseTimesDrift { .. })) => {
                     log::warn!("start-up check: {e}; recounting them");
                     self.index.recount_totals()?;
                 }

@@ -129,8 +129,10 @@ pub trait Index: Send + Sync {
     fn checkpoint(&self) -> Result<(), IndexError> {
         Ok(())
     }
-    /// Sets the totals row to what the rows add up to (after [`IndexError::TotalsDrift`]):
-    /// one write transaction, reading both tables.
+    /// Sets the derived data right: the totals row to what the rows add up to (after
+    /// [`IndexError::TotalsDrift`]) and, where use times have a table of their own (SQLite),
+    /// one use time for each narinfo and none for anything else (after
+    /// [`IndexError::UseTimesDrift`]). One write transaction, reading both tables.
     fn recount_totals(&self) -> Result<(), IndexError>;
     /// Records a narinfo (`size` bytes stored) and the NAR it points at. A NAR already known
     /// with the same digest keeps its row (and `stored` flag); one known with another digest
@@ -205,6 +207,11 @@ pub enum IndexError {
     /// add up to. Derived data: [`Index::recount_totals`] sets it right, and nothing else is
     /// wrong with the index.
     TotalsDrift { kept: [i64; 4], counted: [i64; 4] },
+    /// Narinfos without a use time (eviction would never choose them) or use times without a
+    /// narinfo (SQLite's `uses` table). Derived data, as the totals: [`Index::recount_totals`]
+    /// gives each narinfo without one the last use of its NAR (or its creation time) and drops
+    /// the rest; nothing else is wrong with the index.
+    UseTimesDrift { unused: u64, orphans: u64 },
     /// Tables but no schema version of ours: another program's database (Go ncps's, typically).
     Foreign(Vec<String>),
     /// The database server could not be reached or refused the login: which server (its URL
@@ -232,6 +239,10 @@ impl fmt::Display for IndexError {
             IndexError::TotalsDrift { kept, counted } => write!(
                 f,
                 "the index's totals (narinfos, bytes, stored nars, bytes) say {kept:?} but the rows add up to {counted:?}"
+            ),
+            IndexError::UseTimesDrift { unused, orphans } => write!(
+                f,
+                "{unused} narinfo(s) have no use time and {orphans} use time(s) belong to no narinfo"
             ),
             IndexError::Foreign(tables) => write!(
                 f,

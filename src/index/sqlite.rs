@@ -524,7 +524,7 @@ impl super::Index for SqliteIndex {
         super::check_totals(v)?;
         // Every narinfo has one use time and nothing else does (schema 6): a narinfo without
         // one would never be evicted. The writes keep this in their transactions; only damage
-        // from outside breaks it.
+        // from outside breaks it, and `recount_totals` mends it.
         let (unused, orphans): (i64, i64) = conn
             .query_row(
                 "SELECT (SELECT COUNT(*) FROM narinfos i WHERE NOT EXISTS (SELECT 1 FROM uses u WHERE u.id = i.id)),
@@ -534,9 +534,7 @@ impl super::Index for SqliteIndex {
             )
             .context(CTX)?;
         if unused != 0 || orphans != 0 {
-            return Err(IndexError::Corrupt(format!(
-                "{unused} narinfos have no use time and {orphans} use times no narinfo (table uses)"
-            )));
+            return Err(IndexError::UseTimesDrift { unused: unused as u64, orphans: orphans as u64 });
         }
         Ok(())
     }
@@ -557,7 +555,17 @@ impl super::Index for SqliteIndex {
 
     fn recount_totals(&self) -> Result<(), IndexError> {
         const CTX: &str = "recounting the totals";
-        self.write(CTX, |tx| tx.execute(super::TOTALS_RECOUNT, []).map(drop).context(CTX))
+        self.write(CTX, |tx| {
+            tx.execute(super::TOTALS_RECOUNT, []).context(CTX)?;
+            // A narinfo that lost its use time gets its NAR's last use, or its creation.
+            tx.execute_batch(
+                "INSERT INTO uses(id, at)
+                   SELECT i.id, max(i.created_at, COALESCE((SELECT n.accessed_at FROM nars n WHERE n.name = i.nar_name), 0))
+                   FROM narinfos i WHERE NOT EXISTS (SELECT 1 FROM uses u WHERE u.id = i.id);
+                 DELETE FROM uses WHERE NOT EXISTS (SELECT 1 FROM narinfos i WHERE i.id = uses.id);",
+            )
+            .context(CTX)
+        })
     }
 
     fn least_recently_used(&self, limit: usize, pending_before: i64) -> Result<Vec<(StorePathHash, u64)>, IndexError> {
@@ -924,7 +932,7 @@ mod tests {
     }
 
     #[test]
-    fn a_version_5_database_keeps_its_lru_order_and_totals_when_use_times_move_to_their_own_table() {
+    fn a_version_5_database_keeps_its_lru_order_and_totals_when_use_times_move_to_their_own_table_and_lost_ones_are_mended() {
         let (dir, path) = temp_path("migrate6");
         let conn = Connection::open(&path).unwrap();
         for (i, sql) in MIGRATIONS[..5].iter().enumerate() {
@@ -961,8 +969,15 @@ mod tests {
         let conn = Connection::open(&path).unwrap();
         conn.execute("DELETE FROM uses WHERE id = (SELECT id FROM narinfos WHERE hash = ?1)", [h('b').as_str()])
             .unwrap();
+        conn.execute("INSERT INTO uses(id, at) VALUES (999, 1)", []).unwrap();
         let err = index.check_integrity().expect_err("a narinfo without a use time is found");
-        assert!(err.to_string().contains("1 narinfos have no use time"), "{err}");
+        assert!(matches!(err, IndexError::UseTimesDrift { unused: 1, orphans: 1 }), "{err}");
+        // Derived data, mended as the totals are: b gets the later of its NAR's last use (1)
+        // and its creation (20), which puts it before a (used at 600); the stray row goes.
+        index.recount_totals().unwrap();
+        index.check_integrity().expect("mended");
+        let lru: Vec<_> = index.least_recently_used(10, 0).unwrap().into_iter().map(|(h, _)| h).collect();
+        assert_eq!(lru, vec![h('b'), h('a')], "b is evicted first again, by its creation time");
         std::fs::remove_dir_all(dir).unwrap();
     }
 

@@ -1017,6 +1017,25 @@ fn summary(out: &str) -> &str {
 
 #[test]
 fn totals_that_drifted_from_the_rows_are_reported_by_fsck_recounted_by_repair_and_by_the_check_after_a_crash() {
+    derived_data_drift_is_reported_repaired_and_mended_after_a_crash(
+        "UPDATE totals SET nar_bytes = nar_bytes + 12345, narinfos = narinfos + 1",
+        &["totals", "add up to"],
+    );
+}
+
+#[test]
+fn a_narinfo_that_lost_its_use_time_is_reported_by_fsck_and_given_one_by_repair_and_by_the_check_after_a_crash() {
+    // Without a use time a narinfo would never be evicted (SQLite schema 6).
+    derived_data_drift_is_reported_repaired_and_mended_after_a_crash(
+        "DELETE FROM uses WHERE id = (SELECT min(id) FROM narinfos)",
+        &["1 narinfo(s) have no use time"],
+    );
+}
+
+/// Derived data in the index (the totals, the use times) damaged from outside with `damage`:
+/// `fsck` reports it (exit 1, naming it with each of `reported`), `fsck --repair` recounts
+/// it, and after an unclean stop the background check recounts it by itself.
+fn derived_data_drift_is_reported_repaired_and_mended_after_a_crash(damage: &str, reported: &[&str]) {
     let Some(lc) = lifecycle_or_skip() else {
         return;
     };
@@ -1028,12 +1047,12 @@ fn totals_that_drifted_from_the_rows_are_reported_by_fsck_recounted_by_repair_an
     let data = ncps.data_dir().to_path_buf();
     let drift = || {
         let db = rusqlite::Connection::open(data.join("db.sqlite")).unwrap();
-        db.execute("UPDATE totals SET nar_bytes = nar_bytes + 12345, narinfos = narinfos + 1", []).unwrap();
+        assert_eq!(db.execute(damage, []).unwrap(), 1, "{damage}");
     };
     drift();
     let (code, out) = fsck(&data, false);
-    assert_eq!(code, Some(1), "drifted totals are a problem:\n{out}");
-    assert!(out.contains("totals") && out.contains("add up to"), "{out}");
+    assert_eq!(code, Some(1), "drifted derived data is a problem:\n{out}");
+    assert!(reported.iter().all(|r| out.contains(r)), "{reported:?} in:\n{out}");
     let (code, out) = fsck(&data, true);
     assert_eq!(code, Some(0), "--repair recounts them:\n{out}");
     assert!(out.contains("recounted the totals"), "{out}");

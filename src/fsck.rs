@@ -417,7 +417,7 @@ pub fn run(paths: &crate::config::StoragePaths, s3: Option<&S3Config>, repair_it
     // Totals or use times that do not match the rows are derived data gone wrong: recounted
     // with --repair, reported (exit 1) without.
     let drifted = match index.check_integrity() {
-        Err(e @ (IndexError::TotalsDrift { .. } | IndexError::UseTimesDrift { .. })) => {
+        Err(e) if e.is_derived_drift() => {
             println!("fsck: {e}");
             if repair_it {
                 index.recount_totals()?;

@@ -176,7 +176,7 @@ impl Cache {
         let result = (|| -> Result<(), CacheError> {
             match self.index.check_integrity() {
                 // Derived data, set right at once; the rest of the index is sound.
-                Err(e @ (crate::index::IndexError::TotalsDrift { .. } | crate::index::IndexError::UseTimesDrift { .. })) => {
+                Err(e) if e.is_derived_drift() => {
                     log::warn!("start-up check: {e}; recounting them");
                     self.index.recount_totals()?;
                 }

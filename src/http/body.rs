@@ -46,15 +46,21 @@ impl Drop for Cork<'_> {
 /// Sets or clears `TCP_CORK`. A failure only costs speed (the body still goes out), so it is
 /// ignored.
 fn set_cork(sock: &TcpStream, on: bool) {
-    let v: libc::c_int = on.into();
-    // SAFETY: a valid socket descriptor, and a pointer to a live c_int whose size is passed.
+    set_option(sock, libc::IPPROTO_TCP, libc::TCP_CORK, &libc::c_int::from(on));
+}
+
+/// `setsockopt` of one plain value (an int, a `linger`); its result is ignored, as both
+/// callers can do nothing better than go on without the option.
+fn set_option<T: Copy>(sock: &TcpStream, level: libc::c_int, name: libc::c_int, value: &T) {
+    // SAFETY: a valid socket descriptor (borrowed for the call), and a pointer to a live,
+    // initialised `T` whose size is passed with it.
     unsafe {
         libc::setsockopt(
             sock.as_raw_fd(),
-            libc::IPPROTO_TCP,
-            libc::TCP_CORK,
-            &v as *const libc::c_int as *const libc::c_void,
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            level,
+            name,
+            value as *const T as *const libc::c_void,
+            std::mem::size_of::<T>() as libc::socklen_t,
         );
     }
 }
@@ -523,17 +529,7 @@ fn fd_peer_gone(fd: std::os::fd::RawFd) -> bool {
 /// Makes the coming close of `sock` a TCP reset, so the client sees a failed transfer at once
 /// rather than a clean end of stream. The caller drops the socket after this.
 pub fn abort(sock: &TcpStream) {
-    let linger = libc::linger { l_onoff: 1, l_linger: 0 };
-    // SAFETY: a valid socket descriptor and a correctly sized, initialised linger struct.
-    unsafe {
-        libc::setsockopt(
-            sock.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_LINGER,
-            &linger as *const libc::linger as *const libc::c_void,
-            std::mem::size_of::<libc::linger>() as libc::socklen_t,
-        );
-    }
+    set_option(sock, libc::SOL_SOCKET, libc::SO_LINGER, &libc::linger { l_onoff: 1, l_linger: 0 });
 }
 
 /// What a `send`/`sendfile` return value means: bytes sent, `None` to try again (a signal),

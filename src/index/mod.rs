@@ -226,6 +226,15 @@ pub enum IndexError {
     BadUrl { database: String, source: Box<dyn std::error::Error + Send + Sync> },
 }
 
+impl IndexError {
+    /// Whether this is derived data gone wrong ([`IndexError::TotalsDrift`],
+    /// [`IndexError::UseTimesDrift`]), which [`Index::recount_totals`] sets right; the rest of
+    /// the index is sound.
+    pub fn is_derived_drift(&self) -> bool {
+        matches!(self, IndexError::TotalsDrift { .. } | IndexError::UseTimesDrift { .. })
+    }
+}
+
 impl fmt::Display for IndexError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {

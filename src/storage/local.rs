@@ -210,19 +210,19 @@ fn open_dir(dir: &Path) -> Result<std::os::fd::OwnedFd, StorageError> {
 }
 
 thread_local! {
-    /// Each thread's buffer for [`read_small`], never zeroed: a narinfo hit that misses the
-    /// memo copies out only the bytes it read, instead of allocating and zeroing 16 KiB and
-    /// freeing them again (`malloc`, `memset` and `free` were ~4% of the samples of spread
-    /// hits; bench/RESULTS.md, 2026-12-07).
-    static READ_BUF: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(Vec::with_capacity(NARINFO_READ_MAX + 1));
+    /// Each thread's buffer for [`read_small`], zeroed once when the thread first reads: a
+    /// narinfo hit that misses the memo copies out only the bytes it read, instead of
+    /// allocating and zeroing 16 KiB and freeing them again (`malloc`, `memset` and `free`
+    /// were ~4% of the samples of spread hits; bench/RESULTS.md, 2026-12-07).
+    static READ_BUF: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(vec![0; NARINFO_READ_MAX + 1]);
 }
 
 /// Reads a narinfo below `dir`: `None` if it is not there (or a directory stands in its place).
 /// `full` makes its whole path, for messages only.
 fn read_small(dir: &std::os::fd::OwnedFd, relative: &std::ffi::CStr, full: impl Fn() -> PathBuf) -> Result<Option<Blob>, StorageError> {
-    use std::os::fd::AsRawFd;
+    use std::io::Read;
     let err = |e| StorageError::io("reading", full(), e);
-    let file = match open_beneath(dir, relative) {
+    let mut file = match open_beneath(dir, relative) {
         Ok(f) => f,
         Err(e) if matches!(e.kind(), io::ErrorKind::NotFound | io::ErrorKind::NotADirectory) => return Ok(None),
         Err(e) if met_symlink(&e, &full()) => return Ok(None),
@@ -230,25 +230,16 @@ fn read_small(dir: &std::os::fd::OwnedFd, relative: &std::ffi::CStr, full: impl 
     };
     let read = READ_BUF.with(|cell| -> io::Result<Option<Vec<u8>>> {
         let mut buf = cell.borrow_mut();
-        buf.clear();
-        let room = buf.capacity().min(NARINFO_READ_MAX + 1);
         let n = loop {
-            // SAFETY: `file` is an open descriptor and the buffer has room for `room` bytes
-            // from its start (capacity), which `read` may write without reading them first.
-            let n = unsafe { libc::read(file.as_raw_fd(), buf.as_mut_ptr() as *mut libc::c_void, room) };
-            if n >= 0 {
-                break n as usize;
-            }
-            let e = io::Error::last_os_error();
-            if e.kind() != io::ErrorKind::Interrupted {
-                return Err(e);
+            match file.read(&mut buf) {
+                Ok(n) => break n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
             }
         };
-        // SAFETY: `read` initialized the first `n` bytes (n <= room <= capacity).
-        unsafe { buf.set_len(n) };
         // Blobs are never written in place (they are renamed into it whole), so a short read
         // of a regular file is its end.
-        Ok((n <= NARINFO_READ_MAX).then(|| buf.to_vec()))
+        Ok((n <= NARINFO_READ_MAX).then(|| buf[..n].to_vec()))
     });
     match read {
         Ok(Some(bytes)) => Ok(Some(Blob::Bytes(bytes))),

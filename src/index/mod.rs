@@ -16,6 +16,9 @@
 //!   order and stops after `limit` rows.
 //! - **Uses at a flat cost.** [`Index::touch`] costs about the same per use at a million
 //!   entries as at a thousand (SQLite: use times in a narrow table of their own, schema 6).
+//! - **Removals at a flat cost.** [`Index::remove_narinfos`] costs about the same per entry at
+//!   a million entries as at a thousand (SQLite: narinfos point at their NAR by integer id,
+//!   schema 7, so a batch of victims touches neighbouring rows).
 //! - **Shard listings** ([`Index::narinfos_in_shard`], [`Index::nars_in_shard`]) return the rows
 //!   whose key starts with the two given characters, so a check holds one shard at a time.
 //! - **Concurrency.** Methods may be called from many threads at once; reads do not wait for a

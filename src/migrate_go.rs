@@ -74,14 +74,14 @@ fn columns(conn: &Connection, table: &str) -> rusqlite::Result<Vec<String>> {
 ///
 /// Our own index also has tables named `narinfos`, `nars` and `config`, so the names alone
 /// are not enough: Go's `narinfos` has an integer `id` and a `last_accessed_at` column; ours
-/// has no `last_accessed_at` (its `nar_name` column, an `accessed_at` before schema 6, and its
-/// `totals` table tell it apart).
+/// has no `last_accessed_at` (its `nar_id` column since schema 7, `nar_name` before it, an
+/// `accessed_at` before schema 6, and its `totals` table tell it apart).
 /// Anything that looks like ours in any of these ways is never taken for Go's: mistaking our
 /// index for Go's would move our store aside.
 pub fn schema_of(tables: &[String], narinfo_columns: &[String]) -> Option<GoSchema> {
     let has = |t: &str| tables.iter().any(|n| n == t);
     let col = |c: &str| narinfo_columns.iter().any(|n| n == c);
-    if !has("narinfos") || has("totals") || col("nar_name") || col("accessed_at") {
+    if !has("narinfos") || has("totals") || col("nar_id") || col("nar_name") || col("accessed_at") {
         return None;
     }
     if !col("id") || !col("last_accessed_at") {

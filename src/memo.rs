@@ -19,29 +19,46 @@ pub struct Memo {
     bytes: usize,
     budget: usize,
     ttl: Duration,
+    /// How many times [`Memo::remove`] was called: a read from the store that began before a
+    /// removal may have read a file that is gone now, and is not kept ([`Memo::insert_read`]).
+    removals: u64,
 }
 
 impl Memo {
     pub fn new(budget: usize, ttl: Duration) -> Memo {
-        Memo { entries: HashMap::new(), order: VecDeque::new(), bytes: 0, budget, ttl }
+        Memo { entries: HashMap::new(), order: VecDeque::new(), bytes: 0, budget, ttl, removals: 0 }
     }
 
     pub fn get(&mut self, hash: &StorePathHash) -> Option<Arc<[u8]>> {
         match self.entries.get(hash) {
             Some((bytes, at)) if at.elapsed() < self.ttl => Some(bytes.clone()),
             Some(_) => {
-                self.remove(hash);
+                self.drop_entry(hash);
                 None
             }
             None => None,
         }
     }
 
+    /// Keeps what a read from the store found, unless something was removed since
+    /// `removals_before` ([`Memo::removals`], taken before the read): the read may have raced
+    /// the removal of its file (an eviction forgets, unlinks, then forgets again), and a copy
+    /// kept now would be served after its NAR is gone.
+    pub fn insert_read(&mut self, hash: StorePathHash, bytes: Arc<[u8]>, removals_before: u64) {
+        if self.removals == removals_before {
+            self.insert(hash, bytes);
+        }
+    }
+
+    pub fn removals(&self) -> u64 {
+        self.removals
+    }
+
     pub fn insert(&mut self, hash: StorePathHash, bytes: Arc<[u8]>) {
         if bytes.len() > self.budget / 16 {
             return;
         }
-        self.remove(&hash);
+        self.drop_entry(&hash);
         let now = Instant::now();
         self.bytes += bytes.len();
         self.entries.insert(hash, (bytes, now));
@@ -49,7 +66,7 @@ impl Memo {
         while self.bytes > self.budget {
             let Some((old, at)) = self.order.pop_front() else { break };
             if self.entries.get(&old).is_some_and(|(_, t)| *t == at) {
-                self.remove(&old);
+                self.drop_entry(&old);
             }
         }
         // Stale queue entries pile up when the same narinfos are replaced often; rebuild.
@@ -59,7 +76,13 @@ impl Memo {
         }
     }
 
+    /// Forgets a narinfo that was replaced or removed (whether or not it is here).
     pub fn remove(&mut self, hash: &StorePathHash) {
+        self.removals += 1;
+        self.drop_entry(hash);
+    }
+
+    fn drop_entry(&mut self, hash: &StorePathHash) {
         if let Some((b, _)) = self.entries.remove(hash) {
             self.bytes -= b.len();
         }
@@ -72,6 +95,24 @@ mod tests {
 
     fn h(c: char) -> StorePathHash {
         StorePathHash::parse(&c.to_string().repeat(32)).unwrap()
+    }
+
+    #[test]
+    fn a_read_that_began_before_a_removal_is_not_kept_and_one_after_it_is() {
+        let mut m = Memo::new(64, Duration::from_secs(60));
+        let before = m.removals();
+        m.remove(&h('a')); // an eviction forgets a (not even memoized), then unlinks its file
+        m.insert_read(h('a'), Arc::from(&[1u8; 4][..]), before);
+        assert!(m.get(&h('a')).is_none(), "what the racing read found is not served later");
+        let now = m.removals();
+        m.insert_read(h('a'), Arc::from(&[1u8; 4][..]), now);
+        assert!(m.get(&h('a')).is_some());
+        // Entries leaving by age or budget are no removal: they do not refuse other reads.
+        let mut m = Memo::new(64, Duration::ZERO);
+        m.insert(h('b'), Arc::from(&[1u8; 4][..]));
+        let before = m.removals();
+        assert!(m.get(&h('b')).is_none(), "expired");
+        assert_eq!(m.removals(), before);
     }
 
     #[test]

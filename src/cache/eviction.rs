@@ -265,7 +265,8 @@ impl Cache {
         let (_, nars) = self.account(&removed, tally, Narinfos::AlreadyGone);
         self.space.refresh(&*self.index);
         // A hit that read a victim's file just before it went may have put it back in the
-        // memo: out again, now that no file is left to read.
+        // memo: out again, now that no file is left to read. (A read still under way keeps
+        // nothing: the memo refuses what a read began before a removal, `Memo::insert_read`.)
         for hash in &chosen {
             self.narinfos.forget(hash);
         }

@@ -88,19 +88,24 @@ impl Cache {
         if self.blobs.reads_are_local() {
             return self.narinfo_hit(hash);
         }
-        Ok(self.memo_hit(hash))
+        Ok(self.memo_hit(hash).ok())
     }
 
-    fn memo_hit(&self, hash: &StorePathHash) -> Option<Body> {
-        let bytes = lock(&self.narinfos.memo).get(hash)?;
+    /// The narinfo from the memo, or, when it is not there, the memo's count of removals (for
+    /// [`Memo::insert_read`] after reading the store).
+    fn memo_hit(&self, hash: &StorePathHash) -> Result<Body, u64> {
+        let mut memo = lock(&self.narinfos.memo);
+        let Some(bytes) = memo.get(hash) else { return Err(memo.removals()) };
+        drop(memo);
         self.touch_narinfo(hash);
-        Some(Body::Bytes(bytes.to_vec()))
+        Ok(Body::Bytes(bytes.to_vec()))
     }
 
     pub fn narinfo_hit(&self, hash: &StorePathHash) -> Result<Option<Body>, CacheError> {
-        if let Some(body) = self.memo_hit(hash) {
-            return Ok(Some(body));
-        }
+        let removals = match self.memo_hit(hash) {
+            Ok(body) => return Ok(Some(body)),
+            Err(removals) => removals,
+        };
         let Some(blob) = self.blobs.narinfo(hash)? else {
             return Ok(None);
         };
@@ -109,7 +114,7 @@ impl Cache {
             return Ok(Some(body_of(blob)));
         }
         let bytes = blob.into_bytes()?;
-        lock(&self.narinfos.memo).insert(*hash, Arc::from(&bytes[..]));
+        lock(&self.narinfos.memo).insert_read(*hash, Arc::from(&bytes[..]), removals);
         Ok(Some(Body::Bytes(bytes)))
     }
 

@@ -42,7 +42,7 @@ impl Memo {
 
     /// Keeps what a read from the store found, unless something was removed since
     /// `removals_before` ([`Memo::removals`], taken before the read): the read may have raced
-    /// the removal of its file (an eviction forgets, unlinks, then forgets again), and a copy
+    /// the removal of its file (removals forget after the unlink), and a copy
     /// kept now would be served after its NAR is gone.
     pub fn insert_read(&mut self, hash: StorePathHash, bytes: Arc<[u8]>, removals_before: u64) {
         if self.removals == removals_before {
@@ -50,11 +50,18 @@ impl Memo {
         }
     }
 
+    /// Keeps a narinfo just written in place of what was there: a removal of the old bytes
+    /// (so a read of the old file that began before cannot put them back), then the new.
+    pub fn replace(&mut self, hash: StorePathHash, bytes: Arc<[u8]>) {
+        self.remove(&hash);
+        self.insert(hash, bytes);
+    }
+
     pub fn removals(&self) -> u64 {
         self.removals
     }
 
-    pub fn insert(&mut self, hash: StorePathHash, bytes: Arc<[u8]>) {
+    fn insert(&mut self, hash: StorePathHash, bytes: Arc<[u8]>) {
         if bytes.len() > self.budget / 16 {
             return;
         }
@@ -107,6 +114,11 @@ mod tests {
         let now = m.removals();
         m.insert_read(h('a'), Arc::from(&[1u8; 4][..]), now);
         assert!(m.get(&h('a')).is_some());
+        // A write in place: what a read of the old file found does not replace the new bytes.
+        let before = m.removals();
+        m.replace(h('a'), Arc::from(&[2u8; 4][..]));
+        m.insert_read(h('a'), Arc::from(&[1u8; 4][..]), before);
+        assert_eq!(&m.get(&h('a')).unwrap()[..], &[2u8; 4]);
         // Entries leaving by age or budget are no removal: they do not refuse other reads.
         let mut m = Memo::new(64, Duration::ZERO);
         m.insert(h('b'), Arc::from(&[1u8; 4][..]));

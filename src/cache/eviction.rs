@@ -247,7 +247,6 @@ impl Cache {
                 break;
             }
             freed_at_most += size;
-            self.narinfos.forget(hash);
             chosen.push(*hash);
         }
         // The narinfo blobs go while their index rows do (the unlinks wait for the disk, the
@@ -257,19 +256,13 @@ impl Cache {
         // too (without index rows: orphans, which fsck --repair and the check after an
         // unclean stop remove) and the pass stops with the error.
         let (unlinked, removed) = std::thread::scope(|s| {
-            let unlinking = s.spawn(|| self.blobs.remove_narinfos(&chosen));
+            let unlinking = s.spawn(|| self.remove_narinfo_blobs(&chosen));
             let removed = self.index.remove_narinfos(&chosen);
             (crate::storage::joined(unlinking.join(), "removing narinfos"), removed)
         });
         let removed = removed?;
         let (_, nars) = self.account(&removed, tally, Narinfos::AlreadyGone);
         self.space.refresh(&*self.index);
-        // A hit that read a victim's file just before it went may have put it back in the
-        // memo: out again, now that no file is left to read. (A read still under way keeps
-        // nothing: the memo refuses what a read began before a removal, `Memo::insert_read`.)
-        for hash in &chosen {
-            self.narinfos.forget(hash);
-        }
         unlinked?;
         Ok(nars)
     }
@@ -283,7 +276,6 @@ impl Cache {
         for r in removed {
             for (hash, size) in &r.narinfos {
                 if narinfos == Narinfos::ToRemove {
-                    self.narinfos.forget(hash);
                     narinfo_blobs.push(*hash);
                 }
                 freed += size;
@@ -306,16 +298,27 @@ impl Cache {
     /// and accounts for them.
     fn remove_blobs(&self, removed: &[Removed], tally: &mut Evicted, narinfos: Narinfos) -> Result<(), CacheError> {
         let (narinfo_blobs, nar_blobs) = self.account(removed, tally, narinfos);
-        self.blobs.remove_narinfos(&narinfo_blobs)?;
+        self.remove_narinfo_blobs(&narinfo_blobs)?;
         self.blobs.remove_nars(&nar_blobs)?;
         Ok(())
+    }
+
+    /// Removes narinfo blobs, then takes them out of the memo (even when a removal failed).
+    /// After, not before: a hit that read a file just before it went cannot put it back
+    /// (the memo refuses what a read began before a removal, `Memo::insert_read`), and one
+    /// memoized earlier goes now, so no narinfo is served from the memo once its file is gone.
+    fn remove_narinfo_blobs(&self, hashes: &[StorePathHash]) -> Result<(), StorageError> {
+        let removed = self.blobs.remove_narinfos(hashes);
+        for hash in hashes {
+            self.narinfos.forget(hash);
+        }
+        removed
     }
 
     /// `DELETE /<hash>.narinfo`: removes it, and its NAR when nothing else uses it.
     pub fn delete_narinfo(&self, hash: &StorePathHash) -> Result<bool, CacheError> {
         let _writing = self.writing();
-        self.narinfos.forget(hash);
-        self.blobs.remove_narinfo(hash)?;
+        self.remove_narinfo_blobs(std::slice::from_ref(hash))?;
         self.forget_missing(hash);
         match self.index.remove_narinfos(&[*hash])?.pop() {
             Some(r) => {

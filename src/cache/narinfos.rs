@@ -397,7 +397,7 @@ impl Cache {
             }
             return Err(e.into());
         }
-        lock(&self.narinfos.memo).insert(*hash, Arc::from(&served[..]));
+        lock(&self.narinfos.memo).replace(*hash, Arc::from(&served[..]));
         self.space.add(served.len() as u64, replaced_size);
         self.enforce_limit();
         Ok(served)

@@ -456,7 +456,7 @@ pub fn run(paths: &crate::config::StoragePaths, s3: Option<&S3Config>, repair_it
     let mut found = |f: Finding<'_>| -> Result<(), FsckError> {
         println!("{f}");
         if let (true, Finding::Problem(p)) = (repair_it, &f) {
-            crate::cache::check::repair(blobs, index, p).map_err(FsckError::Repair)?;
+            crate::cache::check::repair(blobs, index, p).map_err(FsckError::Repair)?; // no memo here
         }
         Ok(())
     };

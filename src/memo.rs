@@ -108,7 +108,7 @@ mod tests {
     fn a_read_that_began_before_a_removal_is_not_kept_and_one_after_it_is() {
         let mut m = Memo::new(64, Duration::from_secs(60));
         let before = m.removals();
-        m.remove(&h('a')); // an eviction forgets a (not even memoized), then unlinks its file
+        m.remove(&h('a')); // an eviction unlinks a's file, then forgets a (not even memoized)
         m.insert_read(h('a'), Arc::from(&[1u8; 4][..]), before);
         assert!(m.get(&h('a')).is_none(), "what the racing read found is not served later");
         let now = m.removals();

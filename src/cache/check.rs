@@ -86,14 +86,20 @@ pub fn nar_shard(blobs: &[Listed<NarName>], rows: &[IndexedNar]) -> Vec<Problem>
 ///   its NAR, when no other narinfo uses it);
 /// - a NAR missing or corrupt: one from upstream is marked absent and fetched again on next
 ///   use; an uploaded one cannot be fetched again, so the narinfos that need it go too.
+///
+/// Returns the narinfos whose blobs it removed (a running cache forgets them in its memo).
 pub fn repair(
     blobs: &dyn crate::storage::BlobStore,
     index: &dyn crate::index::Index,
     p: &Problem,
-) -> Result<(), crate::cache::CacheError> {
+) -> Result<Vec<crate::nix::StorePathHash>, crate::cache::CacheError> {
+    let mut narinfos = Vec::new();
     match p {
         Problem::Stray(s) => blobs.remove_stray(s)?,
-        Problem::OrphanNarinfo(h) => blobs.remove_narinfo(h)?,
+        Problem::OrphanNarinfo(h) => {
+            blobs.remove_narinfo(h)?;
+            narinfos.push(*h);
+        }
         Problem::OrphanNar(n) => {
             blobs.remove_nar(n)?;
             if index.nar(n)?.is_some_and(|r| r.stored) {
@@ -102,6 +108,7 @@ pub fn repair(
         }
         Problem::MissingNarinfo(h) | Problem::CorruptNarinfo(h, _) => {
             blobs.remove_narinfo(h)?;
+            narinfos.push(*h);
             for removed in index.remove_narinfos(&[*h])? {
                 if let Some((name, _)) = removed.nar {
                     blobs.remove_nar(&name)?;
@@ -116,11 +123,12 @@ pub fn repair(
             } else if let Some(removed) = index.remove_nar(n)? {
                 for (h, _) in removed.narinfos {
                     blobs.remove_narinfo(&h)?;
+                    narinfos.push(h);
                 }
             }
         }
     }
-    Ok(())
+    Ok(narinfos)
 }
 
 #[cfg(test)]

@@ -313,11 +313,12 @@ impl Cache {
         Ok(fixed)
     }
 
-    /// Makes one problem go away (see [`repair`]), forgetting memoized narinfos it touched.
+    /// Makes one problem go away (see [`repair`]), then forgets every memoized narinfo whose
+    /// blob it removed, those of an uploaded NAR found missing or corrupt included (after
+    /// the unlinks, as [`Cache::remove_narinfo_blobs`] does, so a racing read cannot put one back).
     fn repair(&self, p: &Problem) -> Result<(), CacheError> {
-        check::repair(&*self.blobs, &*self.index, p)?;
-        if let Problem::MissingNarinfo(h) | Problem::OrphanNarinfo(h) | Problem::CorruptNarinfo(h, _) = p {
-            self.narinfos.forget(h);
+        for h in check::repair(&*self.blobs, &*self.index, p)? {
+            self.narinfos.forget(&h);
         }
         Ok(())
     }

@@ -153,6 +153,82 @@ mod tests {
         }
     }
 
+    /// A local store and an SQLite index in a directory of their own, holding narinfos `a`
+    /// and `b` that share NAR `1` (stored), which came from an upstream when `fetched`, else
+    /// from an upload.
+    struct Holding {
+        dir: std::path::PathBuf,
+        blobs: crate::storage::LocalStore,
+        index: crate::index::sqlite::SqliteIndex,
+    }
+
+    impl Holding {
+        fn new(what: &str, fetched: bool) -> Holding {
+            use crate::index::Index;
+            use crate::storage::BlobStore;
+            let dir = std::env::temp_dir().join(format!("ncps-check-{what}-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            let blobs = crate::storage::LocalStore::open(&dir).unwrap();
+            let staging = crate::storage::Staging::open(&dir.join("tmp")).unwrap();
+            let index = crate::index::sqlite::SqliteIndex::open_in_memory().unwrap();
+            let upstream_url = if fetched { "http://up/nar/1".to_string() } else { String::new() };
+            let nar = NarRecord { name: n('1'), file_hash: Hash::of(b"nar"), file_size: 3, upstream_url, stored: false };
+            blobs.put_nar(&nar.name, staging.temp_with(b"nar").unwrap(), &nar.file_hash).unwrap();
+            for c in ['a', 'b'] {
+                blobs.put_narinfo(&h(c), b"StorePath: x\n", &staging).unwrap();
+                index.put_narinfo(&h(c), "/nix/store/x", &nar, 13).unwrap();
+            }
+            index.set_nar_stored(&nar.name, true).unwrap();
+            Holding { dir, blobs, index }
+        }
+
+        fn has_narinfo_blob(&self, c: char) -> bool {
+            crate::storage::BlobStore::narinfo(&self.blobs, &h(c)).unwrap().is_some()
+        }
+    }
+
+    impl Drop for Holding {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+
+    #[test]
+    fn repairing_a_lost_uploaded_nar_removes_every_narinfo_using_it_and_names_them() {
+        use crate::index::Index;
+        let t = Holding::new("uploaded", false);
+        let mut forgotten = repair(&t.blobs, &t.index, &Problem::MissingNar(n('1'))).unwrap();
+        forgotten.sort_by(|x, y| x.as_str().cmp(y.as_str()));
+        // Nobody can fetch it again: its narinfos go, and the caller is told which, so that a
+        // memo in front of the store forgets them too.
+        assert_eq!(forgotten, vec![h('a'), h('b')]);
+        assert!(!t.has_narinfo_blob('a') && !t.has_narinfo_blob('b'));
+        assert_eq!(t.index.narinfo_nar(&h('a')).unwrap(), None);
+        assert_eq!(t.index.nar(&n('1')).unwrap(), None);
+    }
+
+    #[test]
+    fn repairing_a_lost_fetched_nar_keeps_its_narinfos_and_marks_it_not_stored() {
+        use crate::index::Index;
+        let t = Holding::new("fetched", true);
+        let forgotten = repair(&t.blobs, &t.index, &Problem::CorruptNar(n('1'), "wrong hash".into())).unwrap();
+        assert!(forgotten.is_empty(), "nothing to forget: the next hit fetches and verifies it again");
+        assert!(t.has_narinfo_blob('a') && t.has_narinfo_blob('b'));
+        assert!(crate::storage::BlobStore::nar(&t.blobs, &n('1')).unwrap().is_none(), "the bad bytes are gone");
+        assert_eq!(t.index.nar(&n('1')).unwrap().map(|r| r.stored), Some(false));
+    }
+
+    #[test]
+    fn repairing_a_corrupt_narinfo_removes_it_and_names_it_but_keeps_a_nar_another_uses() {
+        use crate::index::Index;
+        let t = Holding::new("narinfo", false);
+        let forgotten = repair(&t.blobs, &t.index, &Problem::CorruptNarinfo(h('a'), "unparsable".into())).unwrap();
+        assert_eq!(forgotten, vec![h('a')]);
+        assert!(!t.has_narinfo_blob('a') && t.has_narinfo_blob('b'));
+        assert_eq!(t.index.narinfo_nar(&h('b')).unwrap(), Some(n('1')));
+        assert!(crate::storage::BlobStore::nar(&t.blobs, &n('1')).unwrap().is_some(), "b still needs it");
+    }
+
     #[test]
     fn blobs_without_rows_and_rows_without_blobs_are_found() {
         let blobs = [Listed { name: h('a'), len: 1, modified: None }, Listed { name: h('b'), len: 1, modified: None }];

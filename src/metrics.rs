@@ -415,7 +415,7 @@ impl Metrics {
                 labels.push(label.clone());
                 Upstream {
                     url: url.clone(),
-                    shown: without_secrets(url),
+                    shown: crate::url::without_secrets(url),
                     label,
                     fetch: [Histogram::new(), Histogram::new()],
                     errors: Default::default(),
@@ -885,24 +885,10 @@ fn clean(s: &str, max: usize) -> String {
     out
 }
 
-/// `scheme://user:pass@host:port/path?query` → `scheme://host:port/path`.
-pub(crate) fn without_secrets(url: &str) -> String {
-    let (scheme, rest) = url.split_once("://").unwrap_or(("", url));
-    let rest = rest.split(['?', '#']).next().unwrap_or("");
-    let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
-    let host = authority.rsplit('@').next().unwrap_or(authority);
-    let path = path.trim_end_matches('/');
-    if scheme.is_empty() {
-        format!("{host}{path}")
-    } else {
-        format!("{scheme}://{host}{path}")
-    }
-}
-
 /// The label for an upstream: its host, as Go ncps's `upstream_hostname`, plus port and path
 /// when the URL has them, so two caches on one host stay apart.
 fn host_and_path(url: &str) -> String {
-    let shown = without_secrets(url);
+    let shown = crate::url::without_secrets(url);
     match shown.split_once("://") {
         Some((_, rest)) => rest.to_string(),
         None => shown,

@@ -260,7 +260,7 @@ impl Board {
         Board {
             states: Mutex::new(vec![UpstreamHealth::default(); urls.len()]),
             changed: Condvar::new(),
-            shown: urls.iter().map(|u| crate::metrics::without_secrets(u)).collect(),
+            shown: urls.iter().map(|u| crate::url::without_secrets(u)).collect(),
             metrics,
         }
     }

@@ -17,7 +17,8 @@
 
 use super::flight::Download;
 use super::{lock, Cache};
-use crate::metrics::{without_secrets, Kind};
+use crate::metrics::Kind;
+use crate::url::without_secrets;
 use crate::nix::NarName;
 use crate::upstream::io_timed_out;
 use std::collections::VecDeque;

@@ -255,7 +255,7 @@ pub fn request_done(
 
 /// A URL as telemetry shows it: without user, password or query (what `/metrics` labels do).
 pub fn shown_url(url: &str) -> String {
-    crate::metrics::without_secrets(url)
+    crate::url::without_secrets(url)
 }
 
 /// Names the request span after its route (`GET /nar/{name}`), and says the route.

@@ -420,7 +420,7 @@ pub fn run(paths: &crate::config::StoragePaths, s3: Option<&S3Config>, repair_it
         Err(e) if e.is_derived_drift() => {
             println!("fsck: {e}");
             if repair_it {
-                index.recount_totals()?;
+                index.mend_derived()?;
                 println!("fsck: recounted the totals and the use times from the rows");
             }
             !repair_it

@@ -178,7 +178,7 @@ impl Cache {
                 // Derived data, set right at once; the rest of the index is sound.
                 Err(e) if e.is_derived_drift() => {
                     log::warn!("start-up check: {e}; recounting them");
-                    self.index.recount_totals()?;
+                    self.index.mend_derived()?;
                 }
                 other => other?,
             }

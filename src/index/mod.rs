@@ -136,7 +136,7 @@ pub trait Index: Send + Sync {
     /// [`IndexError::TotalsDrift`]) and, where use times have a table of their own (SQLite),
     /// one use time for each narinfo and none for anything else (after
     /// [`IndexError::UseTimesDrift`]). One write transaction, reading both tables.
-    fn recount_totals(&self) -> Result<(), IndexError>;
+    fn mend_derived(&self) -> Result<(), IndexError>;
     /// Records a narinfo (`size` bytes stored) and the NAR it points at. A NAR already known
     /// with the same digest keeps its row (and `stored` flag); one known with another digest
     /// is left exactly as it is and nothing is recorded ([`Recorded::NameTaken`]).
@@ -207,11 +207,11 @@ pub enum IndexError {
     /// The database's own check failed, or a row holds a value no ncps writes.
     Corrupt(String),
     /// The totals row (narinfos, their bytes, stored NARs, their bytes) is not what the rows
-    /// add up to. Derived data: [`Index::recount_totals`] sets it right, and nothing else is
+    /// add up to. Derived data: [`Index::mend_derived`] sets it right, and nothing else is
     /// wrong with the index.
     TotalsDrift { kept: [i64; 4], counted: [i64; 4] },
     /// Narinfos without a use time (eviction would never choose them) or use times without a
-    /// narinfo (SQLite's `uses` table). Derived data, as the totals: [`Index::recount_totals`]
+    /// narinfo (SQLite's `uses` table). Derived data, as the totals: [`Index::mend_derived`]
     /// gives each narinfo without one the last use of its NAR (or its creation time) and drops
     /// the rest; nothing else is wrong with the index.
     UseTimesDrift { unused: u64, orphans: u64 },
@@ -231,7 +231,7 @@ pub enum IndexError {
 
 impl IndexError {
     /// Whether this is derived data gone wrong ([`IndexError::TotalsDrift`],
-    /// [`IndexError::UseTimesDrift`]), which [`Index::recount_totals`] sets right; the rest of
+    /// [`IndexError::UseTimesDrift`]), which [`Index::mend_derived`] sets right; the rest of
     /// the index is sound.
     pub fn is_derived_drift(&self) -> bool {
         matches!(self, IndexError::TotalsDrift { .. } | IndexError::UseTimesDrift { .. })

@@ -506,7 +506,7 @@ impl super::Index for PostgresIndex {
         super::check_totals(v)
     }
 
-    fn recount_totals(&self) -> Result<(), IndexError> {
+    fn mend_derived(&self) -> Result<(), IndexError> {
         self.write("recounting the totals", |tx| tx.exec(super::TOTALS_RECOUNT, &[]).map(drop))
     }
 
@@ -1064,7 +1064,7 @@ mod tests {
         psql(&url, "UPDATE totals SET nar_bytes = 12345");
         let err = index.check_integrity().expect_err("the mismatch is found");
         assert!(matches!(err, IndexError::TotalsDrift { kept: [_, _, _, 12345], counted: [_, _, _, 0] }), "{err}");
-        index.recount_totals().unwrap();
+        index.mend_derived().unwrap();
         index.check_integrity().expect("recounted");
         assert_eq!(index.totals().unwrap(), Totals::default());
     }

@@ -600,7 +600,7 @@ impl super::Index for SqliteIndex {
         super::check_totals(v)?;
         // Every narinfo has one use time and nothing else does (schema 6): a narinfo without
         // one would never be evicted. The writes keep this in their transactions; only damage
-        // from outside breaks it, and `recount_totals` mends it.
+        // from outside breaks it, and `mend_derived` mends it.
         let (unused, orphans): (i64, i64) = conn
             .query_row(
                 "SELECT (SELECT COUNT(*) FROM narinfos i WHERE NOT EXISTS (SELECT 1 FROM uses u WHERE u.id = i.id)),
@@ -629,7 +629,7 @@ impl super::Index for SqliteIndex {
         Ok(())
     }
 
-    fn recount_totals(&self) -> Result<(), IndexError> {
+    fn mend_derived(&self) -> Result<(), IndexError> {
         const CTX: &str = "recounting the totals";
         self.write(CTX, |tx| {
             tx.execute(super::TOTALS_RECOUNT, []).context(CTX)?;
@@ -1059,7 +1059,7 @@ mod tests {
         assert!(matches!(err, IndexError::UseTimesDrift { unused: 1, orphans: 1 }), "{err}");
         // Derived data, mended as the totals are: b gets the later of its NAR's last use (1)
         // and its creation (20), which puts it before a (used at 600); the stray row goes.
-        index.recount_totals().unwrap();
+        index.mend_derived().unwrap();
         index.check_integrity().expect("mended");
         let lru: Vec<_> = index.least_recently_used(10, 0).unwrap().into_iter().map(|(h, _)| h).collect();
         assert_eq!(lru, vec![h('b'), h('a')], "b is evicted first again, by its creation time");
@@ -1145,7 +1145,7 @@ mod tests {
         Connection::open(&path).unwrap().execute("UPDATE totals SET nar_bytes = 12345", []).unwrap();
         let err = index.check_integrity().expect_err("the mismatch is found");
         assert!(matches!(err, IndexError::TotalsDrift { kept: [0, 0, 0, 12345], counted: [0, 0, 0, 0] }), "{err}");
-        index.recount_totals().unwrap();
+        index.mend_derived().unwrap();
         index.check_integrity().expect("recounted");
         std::fs::remove_dir_all(dir).unwrap();
     }

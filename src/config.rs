@@ -607,7 +607,7 @@ pub enum Database {
     /// `sqlite:PATH` (the default, `<data-path>/db.sqlite`).
     Sqlite(PathBuf),
     /// A `postgresql://` or `postgres://` URL as given. It may hold a password: show it only
-    /// through [`redact_url`]. Only a build with the `postgres` feature accepts one.
+    /// through [`crate::url::redact_url`]. Only a build with the `postgres` feature accepts one.
     Postgres(String),
 }
 
@@ -616,37 +616,9 @@ impl fmt::Display for Database {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Database::Sqlite(p) => write!(f, "{}", p.display()),
-            Database::Postgres(url) => f.write_str(&redact_url(url)),
+            Database::Postgres(url) => f.write_str(&crate::url::redact_url(url)),
         }
     }
-}
-
-/// `url` with its password replaced by `***`, wherever the URL carries one: in the user
-/// information (`postgresql://user:secret@host/db`) or as a `password=` query parameter.
-pub fn redact_url(url: &str) -> String {
-    let mut out = url.to_string();
-    if let Some(scheme_end) = out.find("://") {
-        let rest = scheme_end + 3;
-        // The authority ends at the first '/', '?' or '#'; its user information at the last '@'.
-        let authority_end = out[rest..].find(['/', '?', '#']).map_or(out.len(), |i| rest + i);
-        if let Some(at) = out[rest..authority_end].rfind('@').map(|i| rest + i) {
-            if let Some(colon) = out[rest..at].find(':').map(|i| rest + i) {
-                out.replace_range(colon + 1..at, "***");
-            }
-        }
-    }
-    if let Some(q) = out.find('?') {
-        let (head, query) = out.split_at(q + 1);
-        let params: Vec<String> = query
-            .split('&')
-            .map(|kv| match kv.split_once('=') {
-                Some((k, _)) if k.eq_ignore_ascii_case("password") => format!("{k}=***"),
-                _ => kv.to_string(),
-            })
-            .collect();
-        out = format!("{head}{}", params.join("&"));
-    }
-    out
 }
 
 fn parse_database_url(url: &str) -> Result<Database, ConfigError> {
@@ -663,7 +635,7 @@ fn parse_database_url(url: &str) -> Result<Database, ConfigError> {
         // refused here, at start, like any other mistake in a flag.
         return match crate::index::pg_tls::settings(url) {
             Ok(_) => Ok(Database::Postgres(url.to_string())),
-            Err(e) => Err(ConfigError::new(FLAG, format!("{}: {e}", redact_url(url)))),
+            Err(e) => Err(ConfigError::new(FLAG, format!("{}: {e}", crate::url::redact_url(url)))),
         };
         #[cfg(not(feature = "postgres"))]
         return Err(ConfigError::new(
@@ -671,13 +643,13 @@ fn parse_database_url(url: &str) -> Result<Database, ConfigError> {
             format!(
                 "{}: this ncps was built without PostgreSQL support; build it with \
                  `cargo build --release --features postgres`, or use sqlite:PATH",
-                redact_url(url)
+                crate::url::redact_url(url)
             ),
         ));
     }
     Err(ConfigError::new(
         FLAG,
-        format!("{:?}: expected sqlite:PATH or postgresql://USER:PASSWORD@HOST:PORT/DB", redact_url(url)),
+        format!("{:?}: expected sqlite:PATH or postgresql://USER:PASSWORD@HOST:PORT/DB", crate::url::redact_url(url)),
     ))
 }
 
@@ -1226,6 +1198,12 @@ mod tests {
     }
 
     #[test]
+    fn a_database_is_shown_without_its_password() {
+        let shown = Database::Postgres("postgresql://u:pw@h/d".into()).to_string();
+        assert_eq!(shown, "postgresql://u:***@h/d");
+    }
+
+    #[test]
     fn defaults_match_ncps() {
         let c = parse(MINIMAL, &[]).unwrap();
         assert_eq!(c.server_addr, ":8501");
@@ -1588,19 +1566,6 @@ workers = 8
         assert!(parse_upstream_url("http://:80").is_err());
         assert!(parse_upstream_url("http://h:notaport").is_err());
         assert_eq!(parse_listen_addr("[::1]:80").unwrap(), ("::1".to_string(), 80));
-    }
-
-    #[test]
-    fn a_database_url_is_shown_without_its_password() {
-        assert_eq!(redact_url("postgresql://ncps:s3cr@t@db.lan:5432/ncps"), "postgresql://ncps:***@db.lan:5432/ncps");
-        assert_eq!(redact_url("postgres://ncps@db.lan/ncps"), "postgres://ncps@db.lan/ncps");
-        assert_eq!(
-            redact_url("postgresql://db.lan/ncps?user=ncps&password=hunter2&sslmode=disable"),
-            "postgresql://db.lan/ncps?user=ncps&password=***&sslmode=disable"
-        );
-        assert_eq!(redact_url("sqlite:/var/lib/ncps/db.sqlite"), "sqlite:/var/lib/ncps/db.sqlite");
-        let shown = Database::Postgres("postgresql://u:pw@h/d".into()).to_string();
-        assert_eq!(shown, "postgresql://u:***@h/d");
     }
 
     #[test]

@@ -127,7 +127,7 @@ pub fn s3_owner_if_known(data_path: &std::path::Path, database: &Database) -> Op
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
     if let Database::Postgres(url) = database {
         // Without the credentials: host, port and database name say which index it is.
-        let shown = crate::config::redact_url(url);
+        let shown = crate::url::redact_url(url);
         let rest = shown.split_once("://").map_or(shown.as_str(), |(_, r)| r);
         let rest = rest.rsplit_once('@').map_or(rest, |(_, r)| r);
         let rest = rest.split('?').next().unwrap_or(rest);
@@ -189,7 +189,7 @@ fn open_index(
 
 #[cfg(feature = "postgres")]
 fn open_postgres(url: &str, blobs: &dyn BlobStore) -> Result<Arc<dyn Index>, Exit> {
-    let shown = crate::config::redact_url(url);
+    let shown = crate::url::redact_url(url);
     // An empty database next to a store that holds files: as with a missing SQLite file, the
     // schema is not created, or the next start would take the store for orphans.
     let may_create = !blobs.holds_anything().unwrap_or(true);
@@ -210,7 +210,7 @@ fn open_postgres(url: &str, _: &dyn BlobStore) -> Result<Arc<dyn Index>, Exit> {
     // The configuration refuses such a URL in this build; this is a second line of defence.
     Err(ConfigError::new(
         "cache-database-url",
-        format!("{}: this ncps was built without PostgreSQL support (--features postgres)", crate::config::redact_url(url)),
+        format!("{}: this ncps was built without PostgreSQL support (--features postgres)", crate::url::redact_url(url)),
     )
     .into())
 }

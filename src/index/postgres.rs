@@ -26,13 +26,13 @@
 //! - **Prepared statements are cached per connection**, so a statement costs one round trip,
 //!   not two. Reads are single statements, atomic by themselves, so they run outside a
 //!   transaction: one round trip. Writes add `BEGIN`, the lock and `COMMIT`.
-//! - The URL's password is never logged: what is shown is [`crate::config::redact_url`]'s.
+//! - The URL's password is never logged: what is shown is [`crate::url::redact_url`]'s.
 //! - **TLS as libpq does it**: `sslmode` (`disable`, `prefer` the default, `require`,
 //!   `verify-ca`, `verify-full`) and `sslrootcert` in the URL, over rustls
 //!   ([`super::pg_tls`], which says what each mode checks and why).
 
 use super::{shard_range, Gone, IndexError, IndexedNar, IndexedNarinfo, NarRecord, Recorded, Removed, Totals};
-use crate::config::redact_url;
+use crate::url::redact_url;
 use crate::nix::{Hash, NarName, StorePathHash};
 use postgres::types::{FromSql, ToSql};
 use super::pg_tls::{self, MakeRustls};

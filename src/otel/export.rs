@@ -11,8 +11,7 @@
 //! Idle, the thread wakes once per metric interval.
 
 use super::metrics::from_prometheus;
-use super::trace::{now_ns, SpanData};
-use super::{json, proto, Destination, LogData, OtelSettings, Resource};
+use super::{json, now_ns, proto, Destination, LogData, OtelSettings, Resource, SpanData};
 use std::collections::VecDeque;
 use std::io::Write;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -148,7 +147,10 @@ impl Sink {
                     .new_agent();
                 Sink::Http { agent, base: base.trim_end_matches('/').to_string(), headers: headers.to_vec() }
             }
-            Destination::Grpc { url } => Sink::Grpc(super::h2::GrpcClient::new(url, headers.to_vec())),
+            Destination::Grpc { url } => {
+                let timeouts = super::h2::Timeouts { connect: CONNECT_TIMEOUT, call: REQUEST_TIMEOUT };
+                Sink::Grpc(super::h2::GrpcClient::new(url, headers.to_vec(), timeouts))
+            }
         }
     }
 
@@ -175,7 +177,10 @@ impl Sink {
                     s => Err(ExportError::Refused(format!("{url}: HTTP {s}"))),
                 }
             }
-            Sink::Grpc(client) => client.unary(signal.grpc_path(), &proto()),
+            Sink::Grpc(client) => client.unary(signal.grpc_path(), &proto()).map_err(|e| match e.retryable {
+                true => ExportError::Transient(e.why),
+                false => ExportError::Refused(e.why),
+            }),
         }
     }
 }
@@ -431,7 +436,7 @@ impl Exporter {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::otel::trace::{SpanContext, SpanKind};
+    use crate::otel::{SpanContext, SpanKind};
 
     fn span() -> SpanData {
         SpanData {

@@ -11,11 +11,11 @@
 //! and the next call connects again. Everything has a timeout: this runs on the exporter
 //! thread, never on a request's.
 
-use super::export::{ExportError, CONNECT_TIMEOUT, REQUEST_TIMEOUT};
+use super::huffman::BadHuffman;
 use std::collections::VecDeque;
 use std::io::{self, Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
@@ -75,6 +75,36 @@ impl From<io::Error> for H2Error {
     fn from(e: io::Error) -> Self {
         H2Error::Io(e)
     }
+}
+
+impl From<BadHuffman> for H2Error {
+    fn from(BadHuffman(why): BadHuffman) -> Self {
+        H2Error::Protocol(why)
+    }
+}
+
+/// A call that failed: where and why, and whether the same call may succeed later (not
+/// reached, timed out, HTTP 429/502/503/504, a retryable gRPC status) or never will (any
+/// other HTTP or gRPC status). What to do about it is the caller's business.
+#[derive(Debug)]
+pub struct CallError {
+    pub why: String,
+    pub retryable: bool,
+}
+
+impl std::fmt::Display for CallError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.why)
+    }
+}
+
+impl std::error::Error for CallError {}
+
+/// Connect and whole-call timeouts.
+#[derive(Debug, Clone, Copy)]
+pub struct Timeouts {
+    pub connect: Duration,
+    pub call: Duration,
 }
 
 // ---- HPACK ------------------------------------------------------------------------------
@@ -303,14 +333,14 @@ struct Outcome {
 }
 
 impl Conn {
-    fn connect(authority: &str, tls: bool) -> Result<Conn, H2Error> {
+    fn connect(authority: &str, tls: bool, timeouts: Timeouts) -> Result<Conn, H2Error> {
         let addr = authority
             .to_socket_addrs()?
             .next()
             .ok_or(H2Error::Protocol("the collector's address does not resolve"))?;
-        let tcp = TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT)?;
-        tcp.set_read_timeout(Some(REQUEST_TIMEOUT))?;
-        tcp.set_write_timeout(Some(REQUEST_TIMEOUT))?;
+        let tcp = TcpStream::connect_timeout(&addr, timeouts.connect)?;
+        tcp.set_read_timeout(Some(timeouts.call))?;
+        tcp.set_write_timeout(Some(timeouts.call))?;
         let _ = tcp.set_nodelay(true);
         let sock: Box<dyn Stream> = if tls {
             let host = authority.rsplit_once(':').map_or(authority, |(h, _)| h);
@@ -522,19 +552,20 @@ pub struct GrpcClient {
     authority: String,
     tls: bool,
     headers: Vec<(String, String)>,
+    timeouts: Timeouts,
     conn: Option<Conn>,
 }
 
 impl GrpcClient {
-    pub fn new(url: &str, headers: Vec<(String, String)>) -> GrpcClient {
+    pub fn new(url: &str, headers: Vec<(String, String)>, timeouts: Timeouts) -> GrpcClient {
         let tls = url.starts_with("https://");
         let authority = url.trim_start_matches("http://").trim_start_matches("https://").trim_end_matches('/').to_string();
-        GrpcClient { authority, tls, headers, conn: None }
+        GrpcClient { authority, tls, headers, timeouts, conn: None }
     }
 
     /// Calls `path` with `message`; the answer's content does not matter, only its status.
-    pub fn unary(&mut self, path: &str, message: &[u8]) -> Result<(), ExportError> {
-        let deadline = Instant::now() + REQUEST_TIMEOUT;
+    pub fn unary(&mut self, path: &str, message: &[u8]) -> Result<(), CallError> {
+        let deadline = Instant::now() + self.timeouts.call;
         let reused = self.conn.is_some();
         let outcome = match self.attempt(path, message, deadline) {
             // A kept connection the collector closed meanwhile: once more, on a new one.
@@ -545,7 +576,7 @@ impl GrpcClient {
         let where_ = || format!("{scheme}://{}{path}", self.authority);
         let outcome = outcome.map_err(|e| {
             self.conn = None;
-            ExportError::Transient(format!("{}: {e}", where_()))
+            CallError { why: format!("{}: {e}", where_()), retryable: true }
         })?;
         match (outcome.status.as_deref(), outcome.grpc_status.as_deref()) {
             (Some("200"), Some("0")) => Ok(()),
@@ -554,25 +585,22 @@ impl GrpcClient {
             (Some("200"), None) if outcome.data >= 5 => Ok(()),
             (Some("200"), Some(code)) => {
                 let msg = outcome.grpc_message.unwrap_or_default();
-                let e = format!("{}: grpc-status {code} {msg}", where_());
-                if retryable(code) {
-                    Err(ExportError::Transient(e))
-                } else {
-                    Err(ExportError::Refused(e))
-                }
+                Err(CallError { why: format!("{}: grpc-status {code} {msg}", where_()), retryable: retryable(code) })
             }
-            (Some(s @ ("429" | "502" | "503" | "504")), _) => Err(ExportError::Transient(format!("{}: HTTP {s}", where_()))),
-            (Some(s), _) => Err(ExportError::Refused(format!("{}: HTTP {s}", where_()))),
+            (Some(s), _) => {
+                let retryable = matches!(s, "429" | "502" | "503" | "504");
+                Err(CallError { why: format!("{}: HTTP {s}", where_()), retryable })
+            }
             (None, _) => {
                 self.conn = None;
-                Err(ExportError::Transient(format!("{}: the stream ended without a response", where_())))
+                Err(CallError { why: format!("{}: the stream ended without a response", where_()), retryable: true })
             }
         }
     }
 
     fn attempt(&mut self, path: &str, message: &[u8], deadline: Instant) -> Result<Outcome, H2Error> {
         if self.conn.as_ref().is_none_or(|c| c.next_stream > (1 << 30)) {
-            self.conn = Some(Conn::connect(&self.authority, self.tls)?);
+            self.conn = Some(Conn::connect(&self.authority, self.tls, self.timeouts)?);
         }
         let Some(conn) = self.conn.as_mut() else { return Err(H2Error::Protocol("no connection")) };
         let r = conn.call(&self.authority, self.tls, &self.headers, path, message, deadline);

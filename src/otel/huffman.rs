@@ -2,7 +2,17 @@
 //! collector sends: (code, length in bits) per byte value. Encoding is never needed: ncps
 //! sends its own headers as plain literals.
 
-use super::h2::H2Error;
+/// A header string that is not valid Huffman code (what is wrong with it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BadHuffman(pub &'static str);
+
+impl std::fmt::Display for BadHuffman {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.0)
+    }
+}
+
+impl std::error::Error for BadHuffman {}
 
 #[rustfmt::skip]
 const CODES: [(u32, u8); 256] = [
@@ -48,7 +58,7 @@ const CODES: [(u32, u8); 256] = [
 /// let coded = [0xf1, 0xe3, 0xc2, 0xe5, 0xf2, 0x3a, 0x6b, 0xa0, 0xab, 0x90, 0xf4, 0xff];
 /// assert_eq!(ncps::otel::huffman::decode(&coded).unwrap(), b"www.example.com");
 /// ```
-pub fn decode(input: &[u8]) -> Result<Vec<u8>, H2Error> {
+pub fn decode(input: &[u8]) -> Result<Vec<u8>, BadHuffman> {
     let mut out = Vec::with_capacity(input.len() * 8 / 5);
     let (mut code, mut len) = (0u32, 0u8);
     for byte in input {
@@ -56,7 +66,7 @@ pub fn decode(input: &[u8]) -> Result<Vec<u8>, H2Error> {
             code = code << 1 | u32::from(byte >> bit & 1);
             len += 1;
             if len > 30 {
-                return Err(H2Error::Protocol("bad Huffman code in a header"));
+                return Err(BadHuffman("bad Huffman code in a header"));
             }
             // The shortest code is 5 bits long.
             if len >= 5 {
@@ -69,7 +79,7 @@ pub fn decode(input: &[u8]) -> Result<Vec<u8>, H2Error> {
         }
     }
     if len > 7 || code != (1u32 << len) - 1 {
-        return Err(H2Error::Protocol("bad Huffman padding in a header"));
+        return Err(BadHuffman("bad Huffman padding in a header"));
     }
     Ok(out)
 }

@@ -4,9 +4,13 @@
 
 use super::metrics::{Metric, MetricData, Point};
 use super::proto::severity;
-use super::trace::{hex, SpanData};
-use super::{LogData, Resource, Value};
+use super::{LogData, Resource, SpanData, Value};
 use serde_json::{json, Value as J};
+
+/// Ids in lower-case hex, as the OTLP JSON mapping has them.
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
 
 fn any(v: &Value) -> J {
     match v {

@@ -25,10 +25,10 @@ pub mod metrics;
 pub mod proto;
 pub mod trace;
 
-pub use trace::{attr, current, link, request_span, span, SpanContext, SpanKind};
+pub use trace::{attr, current, link, request_span, span};
 
 use std::sync::atomic::AtomicBool;
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// Whether telemetry is on: read (relaxed) by every hook, so that with it off each costs
 /// one load and a branch.
@@ -92,6 +92,45 @@ impl From<f64> for Value {
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Resource {
     pub attributes: Vec<(String, String)>,
+}
+
+// What is exported: spans (recorded by `trace`), log records and metrics (`metrics`), each
+// in the shape the encoders (`json`, `proto`) take. Here, below all of them, so that the
+// exporter and the encoders need nothing of the code that records.
+
+/// Where a span sits: its trace and its own id.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SpanContext {
+    pub trace_id: [u8; 16],
+    pub span_id: [u8; 8],
+}
+
+/// OTLP `SpanKind`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SpanKind {
+    Internal = 1,
+    Server = 2,
+    Client = 3,
+}
+
+/// A finished (or open) span, as exported.
+#[derive(Clone, Debug)]
+pub struct SpanData {
+    pub context: SpanContext,
+    pub parent: Option<[u8; 8]>,
+    pub name: std::borrow::Cow<'static, str>,
+    pub kind: SpanKind,
+    pub start_ns: u64,
+    pub end_ns: u64,
+    pub attrs: Vec<(&'static str, Value)>,
+    pub links: Vec<SpanContext>,
+    /// Set for a span whose work failed: OTLP status ERROR with this message.
+    pub error: Option<String>,
+}
+
+/// Wall-clock time in nanoseconds since the Unix epoch, as OTLP stamps spans and logs.
+pub fn now_ns() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0)
 }
 
 /// A log line as an OTLP log record.
@@ -273,5 +312,5 @@ pub fn log_line(level: log::Level, body: String) {
     if !enabled() {
         return;
     }
-    export::submit_log(LogData { time_ns: trace::now_ns(), level, body, span: trace::current() });
+    export::submit_log(LogData { time_ns: now_ns(), level, body, span: trace::current() });
 }

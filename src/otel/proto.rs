@@ -5,7 +5,7 @@
 //! library produced for the same messages.
 
 use super::metrics::{Metric, MetricData, Point};
-use super::trace::SpanData;
+use super::SpanData;
 use super::{LogData, Resource, Value};
 
 /// A protobuf message being written.
@@ -304,7 +304,7 @@ pub fn metrics(r: &Resource, metrics: &[Metric], start_ns: u64, time_ns: u64) ->
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::otel::trace::{SpanContext, SpanKind};
+    use crate::otel::{SpanContext, SpanKind};
 
     #[test]
     fn varints_are_little_endian_groups_of_seven_bits() {

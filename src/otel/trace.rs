@@ -9,48 +9,13 @@
 //! With telemetry off, [`span`] is one relaxed atomic load and returns a guard that does
 //! nothing; nothing is allocated.
 
-use super::{Value, ENABLED};
+use super::{now_ns, SpanContext, SpanData, SpanKind, Value, ENABLED};
 use std::cell::RefCell;
 use std::sync::atomic::Ordering::Relaxed;
-use std::time::{SystemTime, UNIX_EPOCH};
-
-/// Where a span sits: its trace and its own id.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct SpanContext {
-    pub trace_id: [u8; 16],
-    pub span_id: [u8; 8],
-}
-
-/// OTLP `SpanKind`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum SpanKind {
-    Internal = 1,
-    Server = 2,
-    Client = 3,
-}
-
-/// A finished (or open) span, as exported.
-#[derive(Clone, Debug)]
-pub struct SpanData {
-    pub context: SpanContext,
-    pub parent: Option<[u8; 8]>,
-    pub name: std::borrow::Cow<'static, str>,
-    pub kind: SpanKind,
-    pub start_ns: u64,
-    pub end_ns: u64,
-    pub attrs: Vec<(&'static str, Value)>,
-    pub links: Vec<SpanContext>,
-    /// Set for a span whose work failed: OTLP status ERROR with this message.
-    pub error: Option<String>,
-}
 
 thread_local! {
     static OPEN: RefCell<Vec<SpanData>> = const { RefCell::new(Vec::new()) };
     static RNG: RefCell<u64> = const { RefCell::new(0) };
-}
-
-pub fn now_ns() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0)
 }
 
 /// Random ids: a per-thread xorshift seeded from the system's random source. Ids need to be
@@ -96,12 +61,6 @@ fn hex_into(out: &mut String, bytes: &[u8]) {
         out.push(HEX[(b >> 4) as usize] as char);
         out.push(HEX[(b & 15) as usize] as char);
     }
-}
-
-pub fn hex(bytes: &[u8]) -> String {
-    let mut s = String::with_capacity(bytes.len() * 2);
-    hex_into(&mut s, bytes);
-    s
 }
 
 fn unhex<const N: usize>(s: &str) -> Option<[u8; N]> {

@@ -42,6 +42,12 @@ pub enum FsckError {
     Repair(CacheError),
     /// The bucket is claimed by another ncps (its owner object, as it may be shown).
     NotOwner { store: String, owner: String },
+    /// `--repair` was asked while an `ncps serve` uses the data path (it holds the data path's
+    /// lock, [`crate::data_lock`]): a repair could remove a blob it has written and not yet
+    /// recorded.
+    Serving { data_path: std::path::PathBuf },
+    /// The data path's lock could not be taken for another reason.
+    Lock(crate::data_lock::LockError),
 }
 
 impl fmt::Display for FsckError {
@@ -59,6 +65,13 @@ impl fmt::Display for FsckError {
                 "{store} is used by another ncps ({owner}): checked against this index, every one of its \
                  entries would look orphaned; run fsck with that ncps's data path and database"
             ),
+            FsckError::Serving { data_path } => write!(
+                f,
+                "ncps serve is running on {}: --repair could remove what it is writing and has not recorded yet; \
+                 stop it first (fsck without --repair only reports, and may run beside it)",
+                data_path.display()
+            ),
+            FsckError::Lock(e) => write!(f, "the data path's lock: {e}"),
         }
     }
 }
@@ -66,7 +79,8 @@ impl fmt::Display for FsckError {
 impl std::error::Error for FsckError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
-            FsckError::NoDatabase(_) | FsckError::NotOwner { .. } => None,
+            FsckError::NoDatabase(_) | FsckError::NotOwner { .. } | FsckError::Serving { .. } => None,
+            FsckError::Lock(e) => Some(e),
             FsckError::Index(e) => Some(e),
             FsckError::Storage(e) => Some(e),
             FsckError::Repair(e) => Some(e),
@@ -407,10 +421,42 @@ fn open_s3(_: &crate::config::StoragePaths, _: &S3Config) -> Result<Box<dyn Blob
     }))
 }
 
+/// With a local index, `--repair` takes the data path's lock alone (refused while a server
+/// holds it, and holding off servers until it ends); a check that only reports looks and
+/// warns. With a shared index other replicas write anyway, and young blobs are left alone.
+fn keep_clear_of_servers(
+    paths: &crate::config::StoragePaths,
+    repair_it: bool,
+) -> Result<Option<crate::data_lock::DataLock>, FsckError> {
+    use crate::data_lock::{self, LockError, Mode};
+    if !paths.data_path.is_dir() {
+        return Ok(None);
+    }
+    let shared = matches!(paths.database, Database::Postgres(_));
+    if repair_it && !shared {
+        return match data_lock::take(&paths.data_path, Mode::Repairing) {
+            Ok(lock) => Ok(Some(lock)),
+            Err(LockError::Held { .. }) => Err(FsckError::Serving { data_path: paths.data_path.clone() }),
+            Err(e) => Err(FsckError::Lock(e)),
+        };
+    }
+    match data_lock::served(&paths.data_path) {
+        Ok(true) if !shared => eprintln!(
+            "fsck: ncps serve is running on {}: what it is writing now may be reported as missing or orphaned; \
+             run fsck again to judge such an entry",
+            paths.data_path.display()
+        ),
+        Ok(_) => {}
+        Err(e) => eprintln!("fsck: cannot tell whether ncps serve is running here ({e}); going on"),
+    }
+    Ok(None)
+}
+
 /// The `fsck` command, on the local store or (`s3`) the bucket. Returns the exit status: 0
 /// when the store is sound (or was repaired), 1 when problems were found and left alone or
 /// a NAR could not be read.
 pub fn run(paths: &crate::config::StoragePaths, s3: Option<&S3Config>, repair_it: bool) -> Result<i32, FsckError> {
+    let _lock = keep_clear_of_servers(paths, repair_it)?;
     let blobs = open_store(paths, s3)?;
     let blobs = blobs.as_ref();
     let index = open_index(&paths.database, blobs)?;

@@ -9,6 +9,7 @@ pub mod auth;
 pub mod cache;
 pub mod config;
 pub mod config_file;
+pub mod data_lock;
 pub mod cron;
 pub mod duration;
 pub mod fsck;

@@ -47,6 +47,8 @@ pub struct Prepared {
     pub server: ServerConfig,
     /// The zone of `--cache-lru-schedule`.
     pub lru_zone: crate::tz::Zone,
+    /// Held (shared) while this ncps serves, so that `fsck --repair` waits its turn.
+    pub data_lock: crate::data_lock::DataLock,
 }
 
 /// The blob store: the bucket of `--cache-storage-s3-bucket` (checked to answer now, with
@@ -216,12 +218,15 @@ fn open_postgres(url: &str, _: &dyn BlobStore) -> Result<Arc<dyn Index>, Exit> {
 }
 
 /// Whether `path` holds nothing ncps (or anyone) put there: absent, or an empty directory but
-/// for the `lost+found` of a file system mounted there (a fresh volume). Anything unreadable
+/// for the `lost+found` of a file system mounted there (a fresh volume) and ncps's lock file. Anything unreadable
 /// counts as used: the start-up check then runs, which is the safe side.
 fn is_new_data_path(path: &Path) -> bool {
     match std::fs::read_dir(path) {
         Err(e) => e.kind() == std::io::ErrorKind::NotFound,
-        Ok(entries) => entries.into_iter().all(|e| e.is_ok_and(|e| e.file_name() == "lost+found")),
+        // The lock file alone is what a start refused before it changed anything leaves.
+        Ok(entries) => entries
+            .into_iter()
+            .all(|e| e.is_ok_and(|e| e.file_name() == "lost+found" || e.file_name() == crate::data_lock::NAME)),
     }
 }
 
@@ -233,6 +238,16 @@ pub fn prepare(config: &Config) -> Result<Prepared, Exit> {
     let new_data_path = is_new_data_path(&config.data_path);
     std::fs::create_dir_all(&config.data_path).map_err(|e| {
         ConfigError::new("cache-data-path", format!("cannot create {}: {e}", config.data_path.display()))
+    })?;
+    // Before anything in the data path is changed: not while `fsck --repair` runs there. Who
+    // else serves it is asked first (our own lock would answer after).
+    let another_serves = crate::data_lock::served(&config.data_path).unwrap_or(false);
+    let data_lock = crate::data_lock::take(&config.data_path, crate::data_lock::Mode::Serving).map_err(|e| match e {
+        crate::data_lock::LockError::Held { .. } => runtime(format!(
+            "ncps fsck --repair is running on {} ({e}); start ncps when it is done",
+            config.data_path.display()
+        )),
+        e => ConfigError::new("cache-data-path", format!("not writable: {e}")).into(),
     })?;
     // A Go ncps cache is switched in place (migrate_go): its store is moved aside before ours
     // is opened, its database is left as it is and ours lives beside it. Only SQLite: Go ncps
@@ -284,6 +299,7 @@ pub fn prepare(config: &Config) -> Result<Prepared, Exit> {
         max_size: config.max_size,
         clean_marker: config.data_path.join("clean-shutdown"),
         new_data_path,
+        another_serves,
         uploads: crate::cache::trust::UploadPolicy {
             trusted_keys: config.access.trusted_upload_keys.clone(),
             require_trusted_signature: config.access.require_trusted_signature,
@@ -328,6 +344,7 @@ pub fn prepare(config: &Config) -> Result<Prepared, Exit> {
         log::info!("credentials for upstream {o} (from the netrc file or a token file)");
     }
     Ok(Prepared {
+        data_lock,
         listener,
         cache,
         server: ServerConfig {
@@ -364,6 +381,7 @@ pub fn run(config: &Config, signals: StopSignals) -> Result<(), Exit> {
     let p = prepare(config)?;
     let _ = cache_for_metrics.set(p.cache.clone());
     let cache = p.cache.clone();
+    let (data_lock, data_path) = (p.data_lock, config.data_path.clone());
     std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || {
@@ -372,7 +390,11 @@ pub fn run(config: &Config, signals: StopSignals) -> Result<(), Exit> {
             // Waits for writes in progress, then marks the stop clean. Downloads in flight
             // are dropped: their temp files are removed at the next start, and nothing
             // unverified was ever under a final name.
-            cache.stop();
+            cache.stop(move || {
+                // Nothing of ours is written any more; our own lock would answer for us.
+                drop(data_lock);
+                crate::data_lock::served(&data_path).unwrap_or(false)
+            });
             crate::otel::export::flush(std::time::Duration::from_secs(2));
             crate::logging::flush();
             std::process::exit(0);

@@ -105,6 +105,9 @@ pub struct CacheSettings {
     /// `lost+found`): this ncps has never written through it, so no crash of its own can have
     /// left anything behind (see `startup`).
     pub new_data_path: bool,
+    /// Another ncps was serving this data path when this one started (it held the data
+    /// path's lock): the clean-stop marker is missing because it runs, not because of a crash.
+    pub another_serves: bool,
     /// What uploads may be.
     pub uploads: trust::UploadPolicy,
     /// `--cache-zstd-responses`: plain NARs go zstd-encoded to clients that ask.
@@ -246,8 +249,11 @@ impl Cache {
     }
 
     /// A clean stop: waits for writes in progress, records access times, and leaves the
-    /// marker that lets the next start skip the store check. Nothing is written after it.
-    pub fn stop(&self) {
+    /// marker that lets the next start skip the store check, unless `others_serve` (asked once
+    /// nothing of ours is written any more) says another ncps still serves the data path: the
+    /// marker would vouch for its writes too, so the last one to stop leaves it. Nothing is
+    /// written after it.
+    pub fn stop(&self, others_serve: impl FnOnce() -> bool) {
         let all = self.writes.write().unwrap_or_else(|p| p.into_inner());
         if let Err(e) = self.flush_access_times_locked() {
             log::warn!("recording access times: {e}");
@@ -255,9 +261,10 @@ impl Cache {
         if let Err(e) = self.index.checkpoint() {
             log::warn!("{e}; the next start reads the index's WAL back");
         }
-        match startup::leave_marker(&self.settings.clean_marker) {
-            Ok(()) => {}
-            Err(e) => log::warn!("{e}; the next start will check the store"),
+        if others_serve() {
+            log::info!("another ncps still serves this data path: the clean-stop marker is left to the last one to stop");
+        } else if let Err(e) = startup::leave_marker(&self.settings.clean_marker) {
+            log::warn!("{e}; the next start will check the store");
         }
         // The process exits next; the lock stays taken so no thread writes after the marker.
         std::mem::forget(all);

@@ -116,7 +116,8 @@ impl Cache {
     /// The constant-time part, before the port is served. Returns whether the last stop was
     /// clean (then no background check is needed).
     pub(super) fn start_up(&self) -> Result<bool, CacheError> {
-        let temps = self.staging.clear()?;
+        // Another ncps serving the same data path may be writing its temp files now.
+        let temps = if self.settings.another_serves { None } else { Some(self.staging.clear()?) };
         let marker = &self.settings.clean_marker;
         let clean = marker.exists();
         if clean {
@@ -129,9 +130,21 @@ impl Cache {
         }
         self.space.refresh(&*self.index);
         let temps = match temps {
-            0 => String::from("no temp file to clear"),
-            n => format!("removed {n} temp file(s)"),
+            None => String::from("temp files left to the ncps that writes them"),
+            Some(0) => String::from("no temp file to clear"),
+            Some(n) => format!("removed {n} temp file(s)"),
         };
+        if !clean && self.settings.another_serves {
+            // Its blobs written and not yet recorded would look half-done to a comparison made
+            // from here (its writes do not wait for this process's), and after a crash of its
+            // own it compared the store itself when it started.
+            log::warn!(
+                "start-up check: another ncps serves this data path, so the missing clean-stop marker \
+                 says it is running, not that a stop was unclean; the store is not compared from here \
+                 (`ncps fsck` checks it with both stopped); {temps}"
+            );
+            return Ok(true);
+        }
         if !clean && self.joins_a_shared_store() {
             log::info!(
                 "start-up check: a new data path beside a shared index and object store: this ncps has \

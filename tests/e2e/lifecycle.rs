@@ -1072,6 +1072,95 @@ fn derived_data_drift_is_reported_repaired_and_mended_after_a_crash(damage: &str
 }
 
 #[test]
+fn fsck_repair_is_refused_while_ncps_serves_the_data_path_and_ncps_does_not_start_during_a_repair() {
+    let Some(lc) = lifecycle_or_skip() else {
+        return;
+    };
+    let (_up, mut ncps) = proxy(lc, &[]);
+    fetch_kept(&ncps, &lc.fx.many[0], u64::MAX);
+    let data = ncps.data_dir().to_path_buf();
+    // What a NAR written and not yet recorded looks like to fsck: a blob without a row.
+    let orphan = data.join("store/nar/1/11").join(format!("{}.nar", "1".repeat(52)));
+    fs::create_dir_all(orphan.parent().unwrap()).unwrap();
+    fs::write(&orphan, b"written, not yet recorded").unwrap();
+
+    let (code, out) = fsck(&data, true);
+    eprintln!("fsck --repair beside a running ncps:\n{out}");
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("ncps serve is running on") && out.contains("stop it first"), "says why: {out}");
+    assert!(orphan.exists(), "nothing is removed");
+    // A check only reports, so it runs, and says that a running ncps may be behind a finding.
+    let (code, out) = fsck(&data, false);
+    assert_eq!(code, Some(1), "the blob is reported: {out}");
+    assert!(out.contains("what it is writing now may be reported"), "{out}");
+    assert!(orphan.exists());
+    assert_eq!(ncps.get("/nix-cache-info").status, 200, "ncps served on throughout");
+
+    // A repair holds the data path (taken here as fsck --repair takes it): ncps, started
+    // meanwhile, exits and says why.
+    ncps.stop();
+    let repairing = ::ncps::data_lock::take(&data, ::ncps::data_lock::Mode::Repairing).unwrap_or_else(|e| {
+        panic!("once ncps is stopped the lock is free: {e}");
+    });
+    let err = ncps.try_restart().expect_err("no start during a repair");
+    assert!(err.contains("ncps fsck --repair is running on"), "{err}");
+    drop(repairing);
+    let (code, out) = fsck(&data, true);
+    assert_eq!(code, Some(0), "with ncps stopped the repair runs: {out}");
+    assert!(!orphan.exists(), "and removes the blob");
+    ncps.restart();
+    assert_eq!(ncps.get("/nix-cache-info").status, 200);
+}
+
+#[test]
+fn a_second_ncps_on_a_served_data_path_leaves_the_first_ones_files_alone_and_only_the_last_to_stop_marks_it_clean() {
+    let Some(lc) = lifecycle_or_skip() else {
+        return;
+    };
+    let (up, mut first) = proxy(lc, &[]);
+    let n1 = fetch_kept(&first, &lc.fx.many[0], u64::MAX);
+    let data = first.data_dir().to_path_buf();
+    // What the first one has in flight: a blob written and not yet recorded, and a download's
+    // temp file. A second start that took them for crash leftovers would remove both.
+    let unrecorded = data.join("store/nar/1/11").join(format!("{}.nar", "1".repeat(52)));
+    fs::create_dir_all(unrecorded.parent().unwrap()).unwrap();
+    fs::write(&unrecorded, b"written, not yet recorded").unwrap();
+    let temp = data.join("tmp").join(format!("download-in-flight{}", ::ncps::storage::TEMP_SUFFIX));
+    fs::write(&temp, b"half a NAR").unwrap();
+
+    let args: Vec<String> = [
+        "serve",
+        "--cache-hostname",
+        "second.test",
+        "--cache-data-path",
+        data.to_str().unwrap(),
+        "--server-addr",
+        "{addr}",
+        "--upstream-cache",
+        &up.url(),
+        "--upstream-public-key",
+        &lc.fx.up1_public_key,
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let mut second = Ncps::start_raw(args, Vec::new());
+    second.wait_for_log(0, "another ncps serves this data path", Duration::from_secs(5));
+    assert!(second.log().contains("temp files left to the ncps that writes them"), "{}", second.log());
+    assert_eq!(second.get(&n1).status, 200, "the second serves the same store");
+    thread::sleep(Duration::from_millis(500));
+    assert!(unrecorded.exists() && temp.exists(), "neither is taken for a crash's leftovers");
+
+    // The first to stop leaves no marker: it would vouch for the other's writes.
+    second.stop();
+    assert!(second.log().contains("the clean-stop marker is left to the last one to stop"), "{}", second.log());
+    assert!(!data.join("clean-shutdown").exists());
+    first.stop();
+    assert!(data.join("clean-shutdown").exists(), "the last one to stop leaves it");
+    fs::remove_file(&unrecorded).unwrap();
+}
+
+#[test]
 fn fsck_finds_corrupt_missing_and_orphaned_files_and_repair_lets_ncps_fetch_them_again() {
     let Some(lc) = lifecycle_or_skip() else {
         return;

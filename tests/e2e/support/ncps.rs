@@ -298,10 +298,16 @@ impl Ncps {
 
     /// Stops and starts again with the same data dir, args and port.
     pub fn restart(&mut self) {
-        self.stop();
-        if let Err(e) = self.spawn_and_wait() {
+        if let Err(e) = self.try_restart() {
             panic!("{e}");
         }
+    }
+
+    /// As [`Ncps::restart`], but a start that fails (ncps exits, or never answers) is
+    /// returned, with ncps's log since the start, instead of failing the test.
+    pub fn try_restart(&mut self) -> Result<(), String> {
+        self.stop();
+        self.spawn_and_wait()
     }
 
     /// Stops, sets `flag` to `value` (or drops it: `None`) in the args, and starts again

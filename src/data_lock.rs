@@ -1,0 +1,167 @@
+//! Who may use a data path at the same time: any number of `ncps serve`, or one
+//! `ncps fsck --repair`, never both.
+//!
+//! Why: `fsck --repair` removes a blob the index does not vouch for, and a running ncps
+//! writes every blob before its index row (a download or an upload is renamed into place,
+//! then recorded). A repair that lists the store between the two removes a NAR that is about
+//! to be recorded: for a download that is a later miss, but for an upload it is lost, and its
+//! narinfo then points at nothing. The README said "run it with ncps stopped"; now it is
+//! enforced instead of hoped for.
+//!
+//! How: an open-file-description lock (`fcntl(F_OFD_SETLK)`) on `<data-path>/ncps.lock`.
+//! `serve` holds it shared (a read lock) for its whole life, so two servers (a rolling
+//! restart, a replica started early) still start as before; `fsck --repair` takes it
+//! exclusively (a write lock) and is refused while any server holds it, and a server that
+//! starts during a repair is refused. `fsck` without `--repair` changes nothing, so it only
+//! asks (`F_OFD_GETLK`, which takes nothing: a server starting at that moment is not turned
+//! away) and says so when a server is running (what it is writing may be reported). The
+//! kernel drops the lock when its process ends, however it ends: a `kill -9` or a crash leaves
+//! nothing stale behind, unlike a pid file. These locks are not the POSIX per-process ones
+//! SQLite uses: they belong to this open file alone, and closing another descriptor drops
+//! nothing. The file holds nothing; it is created once and left in place. With a shared
+//! (PostgreSQL) index other replicas write
+//! anyway, on other data paths, and fsck leaves young blobs alone there instead (`fsck::YOUNG`).
+
+use std::fmt;
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+
+/// The file's name in the data path.
+pub const NAME: &str = "ncps.lock";
+
+/// A held lock; released when dropped (or when the process ends).
+#[derive(Debug)]
+pub struct DataLock {
+    _file: File,
+}
+
+/// Why the lock was not taken.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum LockError {
+    /// Someone else holds it in the way that excludes us: a server (when fsck --repair asks)
+    /// or a repair (when a server asks).
+    Held { path: PathBuf },
+    /// The file could not be opened or locked.
+    Io { path: PathBuf, source: io::Error },
+}
+
+impl fmt::Display for LockError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            LockError::Held { path } => write!(f, "{} is held by another ncps", path.display()),
+            LockError::Io { path, source } => write!(f, "{}: {source}", path.display()),
+        }
+    }
+}
+
+impl std::error::Error for LockError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            LockError::Io { source, .. } => Some(source),
+            LockError::Held { .. } => None,
+        }
+    }
+}
+
+/// How the lock is held.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// By a server: many at once.
+    Serving,
+    /// By `fsck --repair`: alone.
+    Repairing,
+}
+
+/// Takes the lock of `data_path` (which must exist) without waiting, creating its file if
+/// needed.
+pub fn take(data_path: &Path, mode: Mode) -> Result<DataLock, LockError> {
+    let path = data_path.join(NAME);
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(|source| LockError::Io { path: path.clone(), source })?;
+    let kind = match mode {
+        Mode::Serving => libc::F_RDLCK,
+        Mode::Repairing => libc::F_WRLCK,
+    };
+    match lock(&file, libc::F_OFD_SETLK, kind) {
+        Ok(_) => Ok(DataLock { _file: file }),
+        Err(e) if matches!(e.raw_os_error(), Some(libc::EAGAIN | libc::EACCES)) => Err(LockError::Held { path }),
+        Err(source) => Err(LockError::Io { path, source }),
+    }
+}
+
+/// Whether a server holds the lock of `data_path` now. It only asks: nothing is taken, so a
+/// server starting at the same moment is not refused. `false` when there is no lock file
+/// (no ncps of this version has served there).
+pub fn served(data_path: &Path) -> Result<bool, LockError> {
+    let path = data_path.join(NAME);
+    let file = match File::open(&path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+        Err(source) => return Err(LockError::Io { path, source }),
+    };
+    match lock(&file, libc::F_OFD_GETLK, libc::F_WRLCK) {
+        Ok(found) => Ok(found != libc::F_UNLCK),
+        Err(source) => Err(LockError::Io { path, source }),
+    }
+}
+
+/// `fcntl(cmd)` with a lock of `kind` over the whole file; returns the lock type the kernel
+/// wrote back (for `F_OFD_GETLK`: `F_UNLCK` when nothing stands in the way).
+fn lock(file: &File, cmd: libc::c_int, kind: libc::c_int) -> io::Result<libc::c_int> {
+    // SAFETY: an all-zero `struct flock` is valid (offset 0 from SEEK_SET, length 0 = to
+    // the end, pid 0, which OFD locks require).
+    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+    fl.l_type = kind as libc::c_short;
+    fl.l_whence = libc::SEEK_SET as libc::c_short;
+    loop {
+        // SAFETY: a valid descriptor owned by `file` for the call's duration, and a pointer
+        // to a `struct flock` that lives across it, as these commands take.
+        if unsafe { libc::fcntl(file.as_raw_fd(), cmd, &mut fl as *mut libc::flock) } == 0 {
+            return Ok(fl.l_type as libc::c_int);
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dir(what: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("ncps-data-lock-{what}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    #[test]
+    fn servers_share_the_lock_and_a_repair_excludes_them_both_ways() {
+        let d = dir("modes");
+        assert!(!served(&d).unwrap(), "no lock file: nobody serves");
+        let a = take(&d, Mode::Serving).unwrap();
+        let b = take(&d, Mode::Serving).expect("a second server starts as before");
+        assert!(served(&d).unwrap());
+        assert!(matches!(take(&d, Mode::Repairing), Err(LockError::Held { .. })), "no repair while one serves");
+        drop(a);
+        assert!(matches!(take(&d, Mode::Repairing), Err(LockError::Held { .. })), "nor while the other does");
+        drop(b);
+        assert!(!served(&d).unwrap(), "released when dropped");
+        let r = take(&d, Mode::Repairing).unwrap();
+        assert!(matches!(take(&d, Mode::Serving), Err(LockError::Held { .. })), "no server during a repair");
+        assert!(matches!(take(&d, Mode::Repairing), Err(LockError::Held { .. })), "one repair at a time");
+        drop(r);
+        take(&d, Mode::Serving).unwrap();
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+}

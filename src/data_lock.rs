@@ -44,6 +44,9 @@ pub enum LockError {
     /// Someone else holds it in the way that excludes us: a server (when fsck --repair asks)
     /// or a repair (when a server asks).
     Held { path: PathBuf },
+    /// The file system takes no such locks (`ENOLCK`, `EINVAL`, `EOPNOTSUPP`: some network
+    /// and FUSE file systems). Callers go on without the lock, and say so.
+    Unsupported { path: PathBuf, source: io::Error },
     /// The file could not be opened or locked.
     Io { path: PathBuf, source: io::Error },
 }
@@ -53,6 +56,9 @@ impl fmt::Display for LockError {
         match self {
             LockError::Held { path } => write!(f, "{} is held by another ncps", path.display()),
             LockError::Io { path, source } => write!(f, "{}: {source}", path.display()),
+            LockError::Unsupported { path, source } => {
+                write!(f, "{}: the file system takes no file locks ({source})", path.display())
+            }
         }
     }
 }
@@ -60,7 +66,7 @@ impl fmt::Display for LockError {
 impl std::error::Error for LockError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
-            LockError::Io { source, .. } => Some(source),
+            LockError::Io { source, .. } | LockError::Unsupported { source, .. } => Some(source),
             LockError::Held { .. } => None,
         }
     }
@@ -76,24 +82,31 @@ pub enum Mode {
 }
 
 /// Takes the lock of `data_path` (which must exist) without waiting, creating its file if
-/// needed.
+/// needed. A server's shared lock needs only to read the file, so a file another user made
+/// (`sudo ncps fsck --repair` leaves one owned by root) does not keep the service from starting.
 pub fn take(data_path: &Path, mode: Mode) -> Result<DataLock, LockError> {
     let path = data_path.join(NAME);
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(&path)
-        .map_err(|source| LockError::Io { path: path.clone(), source })?;
+    let opened = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&path);
+    let file = match opened {
+        Err(e) if e.kind() == io::ErrorKind::PermissionDenied && mode == Mode::Serving => File::open(&path),
+        other => other,
+    }
+    .map_err(|source| LockError::Io { path: path.clone(), source })?;
     let kind = match mode {
         Mode::Serving => libc::F_RDLCK,
         Mode::Repairing => libc::F_WRLCK,
     };
     match lock(&file, libc::F_OFD_SETLK, kind) {
         Ok(_) => Ok(DataLock { _file: file }),
-        Err(e) if matches!(e.raw_os_error(), Some(libc::EAGAIN | libc::EACCES)) => Err(LockError::Held { path }),
-        Err(source) => Err(LockError::Io { path, source }),
+        Err(e) => Err(classify(path, e)),
+    }
+}
+
+fn classify(path: PathBuf, source: io::Error) -> LockError {
+    match source.raw_os_error() {
+        Some(libc::EAGAIN | libc::EACCES) => LockError::Held { path },
+        Some(libc::ENOLCK | libc::EINVAL | libc::EOPNOTSUPP | libc::ENOSYS) => LockError::Unsupported { path, source },
+        _ => LockError::Io { path, source },
     }
 }
 
@@ -109,7 +122,7 @@ pub fn served(data_path: &Path) -> Result<bool, LockError> {
     };
     match lock(&file, libc::F_OFD_GETLK, libc::F_WRLCK) {
         Ok(found) => Ok(found != libc::F_UNLCK),
-        Err(source) => Err(LockError::Io { path, source }),
+        Err(e) => Err(classify(path, e)),
     }
 }
 

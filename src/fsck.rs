@@ -437,6 +437,10 @@ fn keep_clear_of_servers(
         return match data_lock::take(&paths.data_path, Mode::Repairing) {
             Ok(lock) => Ok(Some(lock)),
             Err(LockError::Held { .. }) => Err(FsckError::Serving { data_path: paths.data_path.clone() }),
+            Err(e @ LockError::Unsupported { .. }) => {
+                eprintln!("fsck: {e}; going on without it: make sure no ncps serves this data path");
+                Ok(None)
+            }
             Err(e) => Err(FsckError::Lock(e)),
         };
     }

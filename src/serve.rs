@@ -48,7 +48,8 @@ pub struct Prepared {
     /// The zone of `--cache-lru-schedule`.
     pub lru_zone: crate::tz::Zone,
     /// Held (shared) while this ncps serves, so that `fsck --repair` waits its turn.
-    pub data_lock: crate::data_lock::DataLock,
+    /// None where the file system takes no locks (logged).
+    pub data_lock: Option<crate::data_lock::DataLock>,
 }
 
 /// The blob store: the bucket of `--cache-storage-s3-bucket` (checked to answer now, with
@@ -242,13 +243,20 @@ pub fn prepare(config: &Config) -> Result<Prepared, Exit> {
     // Before anything in the data path is changed: not while `fsck --repair` runs there. Who
     // else serves it is asked first (our own lock would answer after).
     let another_serves = crate::data_lock::served(&config.data_path).unwrap_or(false);
-    let data_lock = crate::data_lock::take(&config.data_path, crate::data_lock::Mode::Serving).map_err(|e| match e {
-        crate::data_lock::LockError::Held { .. } => runtime(format!(
-            "ncps fsck --repair is running on {} ({e}); start ncps when it is done",
-            config.data_path.display()
-        )),
-        e => ConfigError::new("cache-data-path", format!("not writable: {e}")).into(),
-    })?;
+    let data_lock = match crate::data_lock::take(&config.data_path, crate::data_lock::Mode::Serving) {
+        Ok(lock) => Some(lock),
+        Err(e @ crate::data_lock::LockError::Held { .. }) => {
+            return Err(runtime(format!(
+                "ncps fsck --repair is running on {} ({e}); start ncps when it is done",
+                config.data_path.display()
+            )))
+        }
+        Err(e @ crate::data_lock::LockError::Unsupported { .. }) => {
+            log::warn!("{e}: going on without it, so `ncps fsck --repair` is not kept from running beside this ncps");
+            None
+        }
+        Err(e) => return Err(ConfigError::new("cache-data-path", format!("not writable: {e}")).into()),
+    };
     // A Go ncps cache is switched in place (migrate_go): its store is moved aside before ours
     // is opened, its database is left as it is and ours lives beside it. Only SQLite: Go ncps
     // on PostgreSQL is not imported.

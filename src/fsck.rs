@@ -167,7 +167,8 @@ const READ_PAUSE: Duration = Duration::from_millis(if cfg!(test) { 1 } else { 50
 pub enum Finding<'a> {
     /// A disagreement `--repair` fixes.
     Problem(&'a Problem),
-    /// A blob a shared index does not vouch for yet, left alone (its age in seconds, if the
+    /// A blob the index does not vouch for yet, left alone while others write (a shared
+    /// index's replicas, or an ncps serving this data path during a check) (its age in seconds, if the
     /// store said when it was written).
     LeftYoung(&'a Problem, Option<i64>),
     /// A NAR that could not be read to its end, and why: not repaired (a failed request is no
@@ -180,10 +181,10 @@ impl fmt::Display for Finding<'_> {
         match self {
             Finding::Problem(p) => p.fmt(f),
             Finding::LeftYoung(p, Some(age)) => {
-                write!(f, "left alone: {p} (written {age}s ago: another replica may be recording it)")
+                write!(f, "left alone: {p} (written {age}s ago: another ncps may be recording it)")
             }
             Finding::LeftYoung(p, None) => {
-                write!(f, "left alone: {p} (the store does not say when it was written: another replica may be recording it)")
+                write!(f, "left alone: {p} (the store does not say when it was written: another ncps may be recording it)")
             }
             Finding::Unreadable(n, why) => write!(f, "unreadable: NAR {n}: {why} (not repaired; run fsck again)"),
         }
@@ -245,14 +246,16 @@ fn age_of<N>(listed: Option<&Listed<N>>, now: i64) -> Option<i64> {
 ///
 /// Rows are read before blobs (a blob is written before its row, so a row read first has its
 /// blob in the listing that follows, even while another replica writes); with a shared index,
-/// orphaned blobs younger than [`YOUNG`] are left alone.
+/// orphaned blobs younger than [`YOUNG`] are left alone, as they are when `others_write`
+/// (an ncps serves the data path while a check that only reports runs).
 pub fn check(
     blobs: &dyn BlobStore,
     index: &dyn Index,
+    others_write: bool,
     found: &mut dyn FnMut(Finding<'_>) -> Result<(), FsckError>,
     progress: &mut dyn FnMut(usize, usize, &Report),
 ) -> Result<Report, FsckError> {
-    let shared = index.is_shared();
+    let shared = others_write || index.is_shared();
     let mut report = Report::default();
     // `age`: for an orphan, the age of its blob (`Some(None)`: unknown).
     let emit = |found: &mut dyn FnMut(Finding<'_>) -> Result<(), FsckError>,
@@ -424,43 +427,51 @@ fn open_s3(_: &crate::config::StoragePaths, _: &S3Config) -> Result<Box<dyn Blob
 /// With a local index, `--repair` takes the data path's lock alone (refused while a server
 /// holds it, and holding off servers until it ends); a check that only reports looks and
 /// warns. With a shared index other replicas write anyway, and young blobs are left alone.
+///
+/// Returns the lock (if taken) and whether a server runs beside this check.
 fn keep_clear_of_servers(
     paths: &crate::config::StoragePaths,
     repair_it: bool,
-) -> Result<Option<crate::data_lock::DataLock>, FsckError> {
+) -> Result<(Option<crate::data_lock::DataLock>, bool), FsckError> {
     use crate::data_lock::{self, LockError, Mode};
     if !paths.data_path.is_dir() {
-        return Ok(None);
+        return Ok((None, false));
     }
     let shared = matches!(paths.database, Database::Postgres(_));
     if repair_it && !shared {
         return match data_lock::take(&paths.data_path, Mode::Repairing) {
-            Ok(lock) => Ok(Some(lock)),
+            Ok(lock) => Ok((Some(lock), false)),
             Err(LockError::Held { .. }) => Err(FsckError::Serving { data_path: paths.data_path.clone() }),
             Err(e @ LockError::Unsupported { .. }) => {
                 eprintln!("fsck: {e}; going on without it: make sure no ncps serves this data path");
-                Ok(None)
+                Ok((None, false))
             }
             Err(e) => Err(FsckError::Lock(e)),
         };
     }
     match data_lock::served(&paths.data_path) {
-        Ok(true) if !shared => eprintln!(
-            "fsck: ncps serve is running on {}: what it is writing now may be reported as missing or orphaned; \
-             run fsck again to judge such an entry",
-            paths.data_path.display()
-        ),
-        Ok(_) => {}
-        Err(e) => eprintln!("fsck: cannot tell whether ncps serve is running here ({e}); going on"),
+        Ok(true) if !shared => {
+            eprintln!(
+                "fsck: ncps serve is running on {}: blobs the index does not vouch for that are younger than {}s \
+                 are left alone (it may be recording them); run fsck again later to judge them",
+                paths.data_path.display(),
+                YOUNG.as_secs()
+            );
+            Ok((None, true))
+        }
+        Ok(_) => Ok((None, false)),
+        Err(e) => {
+            eprintln!("fsck: cannot tell whether ncps serve is running here ({e}); going on");
+            Ok((None, false))
+        }
     }
-    Ok(None)
 }
 
 /// The `fsck` command, on the local store or (`s3`) the bucket. Returns the exit status: 0
 /// when the store is sound (or was repaired), 1 when problems were found and left alone or
 /// a NAR could not be read.
 pub fn run(paths: &crate::config::StoragePaths, s3: Option<&S3Config>, repair_it: bool) -> Result<i32, FsckError> {
-    let _lock = keep_clear_of_servers(paths, repair_it)?;
+    let (_lock, beside_a_server) = keep_clear_of_servers(paths, repair_it)?;
     let blobs = open_store(paths, s3)?;
     let blobs = blobs.as_ref();
     let index = open_index(&paths.database, blobs)?;
@@ -510,7 +521,7 @@ pub fn run(paths: &crate::config::StoragePaths, s3: Option<&S3Config>, repair_it
         }
         Ok(())
     };
-    let report = check(blobs, index, &mut found, &mut progress)?;
+    let report = check(blobs, index, beside_a_server, &mut found, &mut progress)?;
     println!("fsck: {report}");
     let unreadable = report.unreadable > 0;
     if unreadable {

@@ -1089,10 +1089,12 @@ fn fsck_repair_is_refused_while_ncps_serves_the_data_path_and_ncps_does_not_star
     assert_eq!(code, Some(1), "{out}");
     assert!(out.contains("ncps serve is running on") && out.contains("stop it first"), "says why: {out}");
     assert!(orphan.exists(), "nothing is removed");
-    // A check only reports, so it runs, and says that a running ncps may be behind a finding.
+    // A check only reports, so it runs; a blob the index does not vouch for may be one the
+    // running ncps is recording, so while young it is listed as left alone, not as a problem.
     let (code, out) = fsck(&data, false);
-    assert_eq!(code, Some(1), "the blob is reported: {out}");
-    assert!(out.contains("what it is writing now may be reported"), "{out}");
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("ncps serve is running on") && out.contains("are left alone"), "{out}");
+    assert!(out.lines().any(|l| l.starts_with("left alone: orphaned") && l.contains(&"1".repeat(52))), "{out}");
     assert!(orphan.exists());
     assert_eq!(ncps.get("/nix-cache-info").status, 200, "ncps served on throughout");
 

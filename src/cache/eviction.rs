@@ -263,7 +263,14 @@ impl Cache {
         let removed = removed?;
         let (_, nars) = self.account(&removed, tally, Narinfos::AlreadyGone);
         self.space.refresh(&*self.index);
-        unlinked?;
+        if let Err(e) = unlinked {
+            log::warn!(
+                "eviction: a narinfo file could not be removed ({e}), so the {} NAR file(s) of its batch stay, \
+                 without index rows, until `ncps fsck --repair` (or the check after an unclean stop) removes them",
+                nars.len()
+            );
+            return Err(e.into());
+        }
         Ok(nars)
     }
 

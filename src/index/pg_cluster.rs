@@ -51,7 +51,12 @@ const OPENSSL_CNF: &str = "[req]\nprompt = no\ndistinguished_name = dn\n[dn]\nCN
     subjectKeyIdentifier = hash\n\
     [server]\nbasicConstraints = critical, CA:FALSE\nkeyUsage = critical, digitalSignature\n\
     extendedKeyUsage = serverAuth\nsubjectAltName = DNS:localhost, IP:127.0.0.1\n\
-    authorityKeyIdentifier = keyid\n";
+    authorityKeyIdentifier = keyid\n\
+    [client]\nbasicConstraints = critical, CA:FALSE\nkeyUsage = critical, digitalSignature\n\
+    extendedKeyUsage = clientAuth\nauthorityKeyIdentifier = keyid\n";
+
+/// The role that logs in with a client certificate (its CN) on a TLS cluster, and only so.
+pub const CERT_USER: &str = "ncps_cert";
 
 fn openssl(dir: &std::path::Path, args: &[&str]) -> Result<(), String> {
     let out = Command::new("openssl").current_dir(dir).args(args).stdin(Stdio::null()).output();
@@ -59,8 +64,8 @@ fn openssl(dir: &std::path::Path, args: &[&str]) -> Result<(), String> {
         .map_err(|e| format!("{e}\n(the TLS tests make their certificates with the openssl command: apt-get install openssl)"))
 }
 
-/// Makes `ca.pem` (with `ca.key`), `other-ca.pem`, and `server.pem` / `server.key` signed by
-/// the first, in `dir`.
+/// Makes `ca.pem` (with `ca.key`), `other-ca.pem`, and `server.pem` / `server.key` and
+/// `client.pem` / `client.key` (for [`CERT_USER`]) signed by the first, in `dir`.
 fn make_certificates(dir: &std::path::Path) -> Result<(), String> {
     fs::write(dir.join("openssl.cnf"), OPENSSL_CNF).map_err(|e| e.to_string())?;
     let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
@@ -81,6 +86,18 @@ fn make_certificates(dir: &std::path::Path) -> Result<(), String> {
         &[
             "x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-set_serial", "2", "-days", "2",
             "-extfile", "openssl.cnf", "-extensions", "server", "-out", "server.pem",
+        ],
+    )?;
+    let subject = format!("/CN={CERT_USER}");
+    let mut args = vec!["req", "-new", "-config", "openssl.cnf", "-subj", &subject];
+    args.extend(ec);
+    args.extend(["-keyout", "client.key", "-out", "client.csr"]);
+    openssl(dir, &args)?;
+    openssl(
+        dir,
+        &[
+            "x509", "-req", "-in", "client.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-set_serial", "3", "-days", "2",
+            "-extfile", "openssl.cnf", "-extensions", "client", "-out", "client.pem",
         ],
     )?;
     // PostgreSQL refuses a key that others may read.
@@ -162,6 +179,28 @@ impl Cluster {
         self.dir.join("other-ca.pem")
     }
 
+    /// The certificate and key [`CERT_USER`] logs in with (a cluster from [`Cluster::start_tls`]).
+    #[allow(dead_code)]
+    pub fn client_cert_files(&self) -> (PathBuf, PathBuf) {
+        (self.dir.join("client.pem"), self.dir.join("client.key"))
+    }
+
+    /// Gives the database of `url` to [`CERT_USER`], and returns the URL it logs in with: no
+    /// password, `verify-full`, and its certificate.
+    #[allow(dead_code)]
+    pub fn cert_url(&self, url: &str) -> Result<String, String> {
+        let name = url.rsplit('/').next().unwrap_or_default();
+        self.psql(url, &format!("ALTER DATABASE {name} OWNER TO {CERT_USER}"))?;
+        let (cert, key) = self.client_cert_files();
+        Ok(format!(
+            "postgresql://{CERT_USER}@127.0.0.1:{}/{name}?sslmode=verify-full&sslrootcert={}&sslcert={}&sslkey={}",
+            self.port,
+            self.ca_file().display(),
+            cert.display(),
+            key.display()
+        ))
+    }
+
     fn start_with(tls: bool) -> Result<Cluster, String> {
         let bin = bin_dir()?;
         // SAFETY: geteuid has no preconditions and cannot fail.
@@ -195,7 +234,17 @@ impl Cluster {
             .args(["--auth-local=trust", "--auth-host=scram-sha-256", "--no-locale", "--encoding=UTF8", "--no-sync"])
             .output();
         succeeded("initdb", out)?;
+        if tls {
+            // The certificate's user logs in by its certificate alone, over TLS; every other
+            // line initdb wrote stays as it was.
+            let hba = cluster.dir.join("data").join("pg_hba.conf");
+            let old = fs::read_to_string(&hba).map_err(|e| format!("{}: {e}", hba.display()))?;
+            fs::write(&hba, format!("hostssl all {CERT_USER} 127.0.0.1/32 cert\n{old}")).map_err(|e| e.to_string())?;
+        }
         cluster.start_server()?;
+        if tls {
+            cluster.psql(&cluster.url("postgres"), &format!("CREATE ROLE {CERT_USER} LOGIN"))?;
+        }
         Ok(cluster)
     }
 
@@ -222,7 +271,12 @@ impl Cluster {
         );
         if self.tls {
             let (cert, key) = (self.dir.join("server.pem"), self.dir.join("server.key"));
-            opts += &format!(" -c ssl=on -c ssl_cert_file={} -c ssl_key_file={}", cert.display(), key.display());
+            opts += &format!(
+                " -c ssl=on -c ssl_cert_file={} -c ssl_key_file={} -c ssl_ca_file={}",
+                cert.display(),
+                key.display(),
+                self.ca_file().display()
+            );
         }
         let log = self.dir.join("server.log");
         let out = self

@@ -19,8 +19,13 @@
 //!   - `verify-full`: that, and the certificate must be for the host the URL names.
 //!
 //!   `sslrootcert=system` is libpq 16's: the system roots, and only with `verify-full`.
-//!   `allow`, client certificates (`sslcert`, `sslkey`) and revocation lists are not
-//!   supported and are refused at start, not ignored.
+//!   `allow`, encrypted client keys (`sslpassword`) and revocation lists are not supported
+//!   and are refused at start, not ignored.
+//! - **Client certificates**: `sslcert` (a PEM chain) and `sslkey` (a PEM private key:
+//!   PKCS#8, PKCS#1 or SEC1), both or neither, as Go ncps's driver (pgx) takes them; for a
+//!   server whose `pg_hba.conf` says `cert` (or asks for one with `clientcert`). No default
+//!   files under `~/.postgresql` are looked for, and the key file's mode is not checked (pgx
+//!   does not either, and a Kubernetes secret is mounted 0644 by default).
 //! - **Refused at start.** An unknown mode, or an `sslrootcert` that cannot be read or holds
 //!   no certificate, is a [`UrlError`], which the configuration reports as a mistake in
 //!   `--cache-database-url` (exit 2), before anything else is done.
@@ -38,7 +43,7 @@ use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, Server
 use rustls::client::WebPkiServerVerifier;
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::{CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
 use std::fmt;
 use std::future::Future;
@@ -95,6 +100,14 @@ pub enum UrlError {
     RootCertInvalid { path: PathBuf, reason: String },
     /// `sslrootcert=system` with a mode weaker than `verify-full` (libpq refuses it too).
     SystemRootsNeedVerifyFull(SslMode),
+    /// `sslcert` without `sslkey`, or the other way round.
+    ClientCertHalf { given: &'static str, missing: &'static str },
+    /// `sslcert` or `sslkey` names a file that cannot be read.
+    ClientFileUnreadable { key: &'static str, path: PathBuf, source: io::Error },
+    /// `sslcert` or `sslkey` does not hold what it must (or the two do not go together).
+    ClientFileInvalid { key: &'static str, path: PathBuf, reason: String },
+    /// A URL setting ncps does not support (`sslpassword`): refused rather than ignored.
+    Unsupported(&'static str),
     /// The TLS settings could not be made (the provider refused its own defaults).
     Tls(rustls::Error),
 }
@@ -117,6 +130,14 @@ impl fmt::Display for UrlError {
                 mode.as_str()
             ),
             UrlError::Tls(e) => write!(f, "TLS settings: {e}"),
+            UrlError::ClientCertHalf { given, missing } => {
+                write!(f, "{given} is given without {missing}: a client certificate needs both")
+            }
+            UrlError::ClientFileUnreadable { key, path, source } => {
+                write!(f, "{key}={}: cannot be read: {source}", path.display())
+            }
+            UrlError::ClientFileInvalid { key, path, reason } => write!(f, "{key}={}: {reason}", path.display()),
+            UrlError::Unsupported(what) => write!(f, "{what} is not supported"),
         }
     }
 }
@@ -125,7 +146,7 @@ impl std::error::Error for UrlError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
             UrlError::Parse(e) => Some(e),
-            UrlError::RootCertUnreadable { source, .. } => Some(source),
+            UrlError::RootCertUnreadable { source, .. } | UrlError::ClientFileUnreadable { source, .. } => Some(source),
             UrlError::Tls(e) => Some(e),
             _ => None,
         }
@@ -167,6 +188,7 @@ pub fn settings(url: &str) -> Result<Settings, UrlError> {
     let mut rest = Vec::new();
     let mut mode = SslMode::Prefer;
     let mut root: Option<String> = None;
+    let (mut cert, mut key): (Option<String>, Option<String>) = (None, None);
     for kv in query.split('&').filter(|kv| !kv.is_empty()) {
         let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
         match percent_decoded(k).as_str() {
@@ -175,6 +197,9 @@ pub fn settings(url: &str) -> Result<Settings, UrlError> {
                 mode = SslMode::parse(&v).ok_or(UrlError::SslMode(v))?;
             }
             "sslrootcert" => root = Some(percent_decoded(v)),
+            "sslcert" => cert = Some(percent_decoded(v)),
+            "sslkey" => key = Some(percent_decoded(v)),
+            "sslpassword" => return Err(UrlError::Unsupported("sslpassword (an encrypted sslkey)")),
             _ => rest.push(kv),
         }
     }
@@ -186,10 +211,43 @@ pub fn settings(url: &str) -> Result<Settings, UrlError> {
         SslMode::Require | SslMode::VerifyCa | SslMode::VerifyFull => DriverMode::Require,
     });
     let tls = match mode {
+        // As libpq: without TLS there is no certificate to present, and nothing is read.
         SslMode::Disable => None,
-        _ => Some(MakeRustls::new(mode, root.as_deref())?),
+        _ => {
+            let client = match (cert, key) {
+                (None, None) => None,
+                (Some(cert), Some(key)) => Some(client_identity(&cert, &key)?),
+                (Some(_), None) => return Err(UrlError::ClientCertHalf { given: "sslcert", missing: "sslkey" }),
+                (None, Some(_)) => return Err(UrlError::ClientCertHalf { given: "sslkey", missing: "sslcert" }),
+            };
+            Some(MakeRustls::new(mode, root.as_deref(), client)?)
+        }
     };
     Ok(Settings { config, tls, mode })
+}
+
+/// What `sslcert` and `sslkey` name: the certificate chain ncps presents, its key, and the
+/// key's file (for an error).
+type ClientIdentity = (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>, PathBuf);
+
+fn client_identity(cert: &str, key: &str) -> Result<ClientIdentity, UrlError> {
+    let read = |k: &'static str, path: &str| {
+        let path = PathBuf::from(path);
+        std::fs::read(&path).map(|b| (path.clone(), b)).map_err(|source| UrlError::ClientFileUnreadable { key: k, path, source })
+    };
+    let (cert_path, pem) = read("sslcert", cert)?;
+    let invalid = |k: &'static str, path: &PathBuf, reason: String| UrlError::ClientFileInvalid { key: k, path: path.clone(), reason };
+    let chain = CertificateDer::pem_slice_iter(&pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| invalid("sslcert", &cert_path, format!("not PEM: {e}")))?;
+    if chain.is_empty() {
+        return Err(invalid("sslcert", &cert_path, "holds no PEM certificate".into()));
+    }
+    let (key_path, pem) = read("sslkey", key)?;
+    let key = PrivateKeyDer::from_pem_slice(&pem).map_err(|e| {
+        invalid("sslkey", &key_path, format!("holds no unencrypted PEM private key (PKCS#8, PKCS#1 or SEC1): {e}"))
+    })?;
+    Ok((chain, key, key_path))
 }
 
 /// The certificates of a PEM file, as a root store.
@@ -227,7 +285,7 @@ pub struct MakeRustls {
 }
 
 impl MakeRustls {
-    fn new(mode: SslMode, root: Option<&str>) -> Result<MakeRustls, UrlError> {
+    fn new(mode: SslMode, root: Option<&str>, client: Option<ClientIdentity>) -> Result<MakeRustls, UrlError> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let (roots, roots_shown) = match root {
             Some("system") if mode != SslMode::VerifyFull => return Err(UrlError::SystemRootsNeedVerifyFull(mode)),
@@ -252,12 +310,19 @@ impl MakeRustls {
                 Arc::new(Chain { inner, names: mode == SslMode::VerifyFull })
             }
         };
-        let mut config = ClientConfig::builder_with_provider(provider)
+        let builder = ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
             .map_err(UrlError::Tls)?
             .dangerous()
-            .with_custom_certificate_verifier(verifier)
-            .with_no_client_auth();
+            .with_custom_certificate_verifier(verifier);
+        let mut config = match client {
+            None => builder.with_no_client_auth(),
+            Some((chain, key, path)) => builder.with_client_auth_cert(chain, key).map_err(|e| UrlError::ClientFileInvalid {
+                key: "sslkey",
+                path,
+                reason: format!("does not go with the certificate in sslcert, or is of a kind rustls cannot use: {e}"),
+            })?,
+        };
         // What PostgreSQL 17 expects (and needs for sslnegotiation=direct); older servers ignore it.
         config.alpn_protocols = vec![b"postgresql".to_vec()];
         Ok(MakeRustls { config: Arc::new(config), context: Arc::new(Refusal { mode, roots: roots_shown }) })
@@ -559,6 +624,28 @@ mod tests {
         std::fs::write(&empty, "not a certificate\n").unwrap();
         let err = settings(&format!("postgresql://u@h/d?sslmode=require&sslrootcert={}", empty.display())).err().unwrap();
         assert!(err.to_string().contains("holds no PEM certificate"), "{err}");
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn a_client_certificate_needs_both_files_readable_and_sslpassword_is_refused() {
+        let err = settings("postgresql://u@h/d?sslmode=require&sslcert=/c.pem").err().unwrap();
+        assert!(matches!(err, UrlError::ClientCertHalf { given: "sslcert", missing: "sslkey" }), "{err}");
+        let err = settings("postgresql://u@h/d?sslkey=/c.key").err().unwrap();
+        assert_eq!(err.to_string(), "sslkey is given without sslcert: a client certificate needs both");
+        let err = settings("postgresql://u@h/d?sslcert=/nonexistent/c.pem&sslkey=/nonexistent/c.key").err().unwrap();
+        assert!(matches!(&err, UrlError::ClientFileUnreadable { key: "sslcert", .. }), "{err}");
+        let dir = std::env::temp_dir().join(format!("ncps-pgtls-client-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let junk = dir.join("junk.pem");
+        std::fs::write(&junk, "not a certificate\n").unwrap();
+        let url = format!("postgresql://u@h/d?sslcert={0}&sslkey={0}", junk.display());
+        let err = settings(&url).err().unwrap();
+        assert!(err.to_string().contains("holds no PEM certificate"), "{err}");
+        let err = settings("postgresql://u@h/d?sslcert=/c.pem&sslkey=/c.key&sslpassword=x").err().unwrap();
+        assert!(matches!(err, UrlError::Unsupported(_)), "{err}");
+        let s = settings("postgresql://u@h/d?sslmode=disable&sslcert=/nonexistent/c.pem&sslkey=/nonexistent/c.key").unwrap();
+        assert!(s.tls.is_none(), "disable reads no certificate, as libpq");
         let _ = std::fs::remove_dir_all(dir);
     }
 

@@ -159,6 +159,46 @@ fn a_ca_that_did_not_sign_the_servers_certificate_stops_ncps_at_start_naming_the
 }
 
 #[test]
+fn a_client_certificate_from_sslcert_and_sslkey_logs_in_where_the_server_asks_for_one() {
+    if !ncps_has_postgres("postgres::a_client_certificate_from_sslcert_and_sslkey_logs_in_where_the_server_asks_for_one") {
+        return;
+    }
+    let cluster = pg_cluster::shared_tls();
+    let plain = cluster.create_database("e2e_cert").expect("a database");
+    // pg_hba.conf: `hostssl all ncps_cert 127.0.0.1/32 cert`, so no password would do.
+    let url = cluster.cert_url(&plain).expect("the database given to the certificate's user");
+    let ncps = Ncps::start(&["--upstream-cache", "http://127.0.0.1:9", "--cache-database-url", &url]);
+    assert_eq!(ncps.get("/nix-cache-info").status, 200);
+    let sessions = count(
+        cluster,
+        &plain,
+        &format!(
+            "SELECT count(*) FROM pg_stat_activity a JOIN pg_stat_ssl s USING (pid) \
+             WHERE a.usename = '{}' AND s.ssl AND s.client_dn LIKE '%CN={}%'",
+            pg_cluster::CERT_USER,
+            pg_cluster::CERT_USER
+        ),
+    );
+    assert!(sessions > 0, "ncps is logged in by its certificate over TLS");
+    assert_eq!(count(cluster, &plain, "SELECT count(*) FROM totals"), 1, "and made its schema there");
+
+    // The same URL without the certificate: the server refuses, and ncps says why at start.
+    let (cert, key) = cluster.client_cert_files();
+    let without = url.replace(&format!("&sslcert={}&sslkey={}", cert.display(), key.display()), "");
+    assert_ne!(without, url);
+    let data = TempDir::new("pg-no-cert");
+    let data_path = data.path().to_string_lossy().into_owned();
+    let args = [
+        "serve", "--cache-hostname", HOSTNAME, "--cache-data-path", &data_path, "--server-addr", "{addr}",
+        "--upstream-cache", "http://127.0.0.1:9", "--cache-database-url", &without,
+    ];
+    let (code, stderr) = run_ncps_expecting_failure(&args, &[]);
+    assert_ne!(code, Some(0), "{stderr}");
+    eprintln!("without the certificate:\n{stderr}");
+    assert!(stderr.contains("requires a valid client certificate"), "the server's reason is shown: {stderr}");
+}
+
+#[test]
 fn a_bad_sslmode_or_an_unreadable_sslrootcert_is_a_one_line_configuration_error() {
     if !ncps_has_postgres("postgres::a_bad_sslmode_or_an_unreadable_sslrootcert_is_a_one_line_configuration_error") {
         return;
@@ -169,6 +209,8 @@ fn a_bad_sslmode_or_an_unreadable_sslrootcert_is_a_one_line_configuration_error(
     for (query, says) in [
         ("sslmode=verify-everything", "sslmode=\"verify-everything\" is not supported"),
         ("sslmode=verify-full&sslrootcert=/nonexistent/ca.pem", "sslrootcert=/nonexistent/ca.pem: cannot be read"),
+        ("sslmode=require&sslcert=/nonexistent/client.pem", "sslcert is given without sslkey"),
+        ("sslmode=require&sslcert=/nonexistent/c.pem&sslkey=/nonexistent/c.key", "sslcert=/nonexistent/c.pem: cannot be read"),
     ] {
         let url = format!("{base}?{query}");
         let args = [

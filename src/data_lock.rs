@@ -14,13 +14,16 @@
 //! exclusively (a write lock) and is refused while any server holds it, and a server that
 //! starts during a repair is refused. `fsck` without `--repair` changes nothing, so it only
 //! asks (`F_OFD_GETLK`, which takes nothing: a server starting at that moment is not turned
-//! away) and says so when a server is running (what it is writing may be reported). The
-//! kernel drops the lock when its process ends, however it ends: a `kill -9` or a crash leaves
-//! nothing stale behind, unlike a pid file. These locks are not the POSIX per-process ones
-//! SQLite uses: they belong to this open file alone, and closing another descriptor drops
-//! nothing. The file holds nothing; it is created once and left in place. With a shared
-//! (PostgreSQL) index other replicas write
-//! anyway, on other data paths, and fsck leaves young blobs alone there instead (`fsck::YOUNG`).
+//! away), and when a server runs it leaves young blobs the index does not vouch for alone
+//! (`fsck::YOUNG`), as the server may be recording them. The kernel drops the lock when its
+//! process ends, however it ends: a `kill -9` or a crash leaves nothing stale behind, unlike a
+//! pid file. These locks are not the POSIX per-process ones SQLite uses: they belong to this
+//! open file alone, and closing another descriptor drops nothing. The file holds nothing; it
+//! is created once and left in place. With a shared (PostgreSQL) index other replicas write
+//! anyway, on other data paths, and fsck leaves young blobs alone there for the same reason.
+//!
+//! A second server on a data path another one serves asks first ([`served`], before taking
+//! its own share) and then takes nothing there for a crash's leftovers (`cache::startup`).
 
 use std::fmt;
 use std::fs::{File, OpenOptions};

@@ -22,8 +22,11 @@
 //! is created once and left in place. With a shared (PostgreSQL) index other replicas write
 //! anyway, on other data paths, and fsck leaves young blobs alone there for the same reason.
 //!
-//! A second server on a data path another one serves asks first ([`served`], before taking
-//! its own share) and then takes nothing there for a crash's leftovers (`cache::startup`).
+//! A server asks, on its own lock, whether others hold it too ([`DataLock::others`]): at its
+//! start (another server's temp files and unrecorded blobs are not a crash's leftovers), before
+//! each shard of a store check (one that has started since stops the check), and at its stop
+//! (the clean-stop marker is left by the last one to stop, and only by one that knows the
+//! store is sound: see `cache::startup`).
 
 use std::fmt;
 use std::fs::{File, OpenOptions};
@@ -37,7 +40,31 @@ pub const NAME: &str = "ncps.lock";
 /// A held lock; released when dropped (or when the process ends).
 #[derive(Debug)]
 pub struct DataLock {
-    _file: File,
+    file: File,
+}
+
+impl DataLock {
+    /// Whether another process holds the lock too (a server beside this one). Asked on this
+    /// lock's own open file, which its own lock never stands in the way of, so the answer is
+    /// about the others only, and nothing is taken. `false` when the kernel cannot say.
+    pub fn others(&self) -> bool {
+        lock(&self.file, libc::F_OFD_GETLK, libc::F_WRLCK).is_ok_and(|found| found != libc::F_UNLCK)
+    }
+}
+
+/// What the cache asks while it runs: whether another ncps serves the same data path.
+/// Without a lock (a file system that takes none) the answer is always no, as before locks.
+#[derive(Debug, Clone, Default)]
+pub struct Peers(Option<std::sync::Arc<DataLock>>);
+
+impl Peers {
+    pub fn new(lock: Option<DataLock>) -> Peers {
+        Peers(lock.map(std::sync::Arc::new))
+    }
+
+    pub fn others(&self) -> bool {
+        self.0.as_ref().is_some_and(|l| l.others())
+    }
 }
 
 /// Why the lock was not taken.
@@ -100,7 +127,7 @@ pub fn take(data_path: &Path, mode: Mode) -> Result<DataLock, LockError> {
         Mode::Repairing => libc::F_WRLCK,
     };
     match lock(&file, libc::F_OFD_SETLK, kind) {
-        Ok(_) => Ok(DataLock { _file: file }),
+        Ok(_) => Ok(DataLock { file }),
         Err(e) => Err(classify(path, e)),
     }
 }
@@ -113,7 +140,8 @@ fn classify(path: PathBuf, source: io::Error) -> LockError {
     }
 }
 
-/// Whether a server holds the lock of `data_path` now. It only asks: nothing is taken, so a
+/// Whether a server holds the lock of `data_path` now, for a process that holds none of its
+/// own (`fsck` without `--repair`). It only asks: nothing is taken, so a
 /// server starting at the same moment is not refused. `false` when there is no lock file
 /// (no ncps of this version has served there).
 pub fn served(data_path: &Path) -> Result<bool, LockError> {
@@ -177,7 +205,12 @@ mod tests {
         assert!(matches!(take(&d, Mode::Serving), Err(LockError::Held { .. })), "no server during a repair");
         assert!(matches!(take(&d, Mode::Repairing), Err(LockError::Held { .. })), "one repair at a time");
         drop(r);
-        take(&d, Mode::Serving).unwrap();
+        let a = take(&d, Mode::Serving).unwrap();
+        assert!(!a.others(), "its own lock is not another's");
+        let b = take(&d, Mode::Serving).unwrap();
+        assert!(a.others() && b.others(), "each sees the other");
+        drop(b);
+        assert!(!a.others());
         std::fs::remove_dir_all(&d).unwrap();
     }
 }

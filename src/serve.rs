@@ -47,9 +47,6 @@ pub struct Prepared {
     pub server: ServerConfig,
     /// The zone of `--cache-lru-schedule`.
     pub lru_zone: crate::tz::Zone,
-    /// Held (shared) while this ncps serves, so that `fsck --repair` waits its turn.
-    /// None where the file system takes no locks (logged).
-    pub data_lock: Option<crate::data_lock::DataLock>,
 }
 
 /// The blob store: the bucket of `--cache-storage-s3-bucket` (checked to answer now, with
@@ -240,9 +237,8 @@ pub fn prepare(config: &Config) -> Result<Prepared, Exit> {
     std::fs::create_dir_all(&config.data_path).map_err(|e| {
         ConfigError::new("cache-data-path", format!("cannot create {}: {e}", config.data_path.display()))
     })?;
-    // Before anything in the data path is changed: not while `fsck --repair` runs there. Who
-    // else serves it is asked first (our own lock would answer after).
-    let another_serves = crate::data_lock::served(&config.data_path).unwrap_or(false);
+    // Before anything in the data path is changed: not while `fsck --repair` runs there. Held
+    // (shared) for the process's life by the cache, which asks it who else serves here.
     let data_lock = match crate::data_lock::take(&config.data_path, crate::data_lock::Mode::Serving) {
         Ok(lock) => Some(lock),
         Err(e @ crate::data_lock::LockError::Held { .. }) => {
@@ -251,11 +247,12 @@ pub fn prepare(config: &Config) -> Result<Prepared, Exit> {
                 config.data_path.display()
             )))
         }
-        Err(e @ crate::data_lock::LockError::Unsupported { .. }) => {
+        // Not having the lock costs only its protection: with S3 and PostgreSQL a data path
+        // that cannot be written served before locks existed, and still does.
+        Err(e) => {
             log::warn!("{e}: going on without it, so `ncps fsck --repair` is not kept from running beside this ncps");
             None
         }
-        Err(e) => return Err(ConfigError::new("cache-data-path", format!("not writable: {e}")).into()),
     };
     // A Go ncps cache is switched in place (migrate_go): its store is moved aside before ours
     // is opened, its database is left as it is and ours lives beside it. Only SQLite: Go ncps
@@ -307,7 +304,7 @@ pub fn prepare(config: &Config) -> Result<Prepared, Exit> {
         max_size: config.max_size,
         clean_marker: config.data_path.join("clean-shutdown"),
         new_data_path,
-        another_serves,
+        peers: crate::data_lock::Peers::new(data_lock),
         uploads: crate::cache::trust::UploadPolicy {
             trusted_keys: config.access.trusted_upload_keys.clone(),
             require_trusted_signature: config.access.require_trusted_signature,
@@ -352,7 +349,6 @@ pub fn prepare(config: &Config) -> Result<Prepared, Exit> {
         log::info!("credentials for upstream {o} (from the netrc file or a token file)");
     }
     Ok(Prepared {
-        data_lock,
         listener,
         cache,
         server: ServerConfig {
@@ -389,7 +385,6 @@ pub fn run(config: &Config, signals: StopSignals) -> Result<(), Exit> {
     let p = prepare(config)?;
     let _ = cache_for_metrics.set(p.cache.clone());
     let cache = p.cache.clone();
-    let (data_lock, data_path) = (p.data_lock, config.data_path.clone());
     std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || {
@@ -398,11 +393,7 @@ pub fn run(config: &Config, signals: StopSignals) -> Result<(), Exit> {
             // Waits for writes in progress, then marks the stop clean. Downloads in flight
             // are dropped: their temp files are removed at the next start, and nothing
             // unverified was ever under a final name.
-            cache.stop(move || {
-                // Nothing of ours is written any more; our own lock would answer for us.
-                drop(data_lock);
-                crate::data_lock::served(&data_path).unwrap_or(false)
-            });
+            cache.stop();
             crate::otel::export::flush(std::time::Duration::from_secs(2));
             crate::logging::flush();
             std::process::exit(0);

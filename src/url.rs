@@ -45,7 +45,8 @@ pub fn redact_url(url: &str) -> String {
         let params: Vec<String> = query
             .split('&')
             .map(|kv| match kv.split_once('=') {
-                Some((k, _)) if k.eq_ignore_ascii_case("password") => format!("{k}=***"),
+                // `password`, and `sslpassword` (refused, but its error shows the URL).
+                Some((k, _)) if k.to_ascii_lowercase().ends_with("password") => format!("{k}=***"),
                 _ => kv.to_string(),
             })
             .collect();
@@ -73,6 +74,7 @@ mod tests {
             redact_url("postgresql://db.lan/ncps?user=ncps&password=hunter2&sslmode=disable"),
             "postgresql://db.lan/ncps?user=ncps&password=***&sslmode=disable"
         );
+        assert_eq!(redact_url("postgresql://h/d?sslkey=k&sslpassword=s3"), "postgresql://h/d?sslkey=k&sslpassword=***");
         assert_eq!(redact_url("sqlite:/var/lib/ncps/db.sqlite"), "sqlite:/var/lib/ncps/db.sqlite");
     }
 }

@@ -105,9 +105,8 @@ pub struct CacheSettings {
     /// `lost+found`): this ncps has never written through it, so no crash of its own can have
     /// left anything behind (see `startup`).
     pub new_data_path: bool,
-    /// Another ncps was serving this data path when this one started (it held the data
-    /// path's lock): the clean-stop marker is missing because it runs, not because of a crash.
-    pub another_serves: bool,
+    /// Whether other ncps serve this data path beside this one (they hold its lock too).
+    pub peers: crate::data_lock::Peers,
     /// What uploads may be.
     pub uploads: trust::UploadPolicy,
     /// `--cache-zstd-responses`: plain NARs go zstd-encoded to clients that ask.
@@ -146,6 +145,10 @@ pub struct Cache {
     /// Held (shared) by every write to the store or index; taken whole at a clean stop, so
     /// that nothing is written after the clean-stop marker.
     writes: RwLock<()>,
+    /// Whether this ncps knows that store and index agree: its start found the clean-stop
+    /// marker (or had nothing of its own to check), or its store check ran to the end with
+    /// nothing skipped. Only then does its clean stop leave the marker.
+    vouches: std::sync::atomic::AtomicBool,
 }
 
 impl Cache {
@@ -172,6 +175,7 @@ impl Cache {
             health: health::Board::new(&urls, metrics.clone()),
             metrics,
             writes: RwLock::new(()),
+            vouches: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -249,11 +253,11 @@ impl Cache {
     }
 
     /// A clean stop: waits for writes in progress, records access times, and leaves the
-    /// marker that lets the next start skip the store check, unless `others_serve` (asked once
-    /// nothing of ours is written any more) says another ncps still serves the data path: the
-    /// marker would vouch for its writes too, so the last one to stop leaves it. Nothing is
-    /// written after it.
-    pub fn stop(&self, others_serve: impl FnOnce() -> bool) {
+    /// marker that lets the next start skip the store check, if this ncps knows the store is
+    /// sound (see [`Cache::vouches`]) and no other ncps still serves the data path (the marker
+    /// would vouch for its writes too: the last one to stop leaves it). Nothing is written
+    /// after it.
+    pub fn stop(&self) {
         let all = self.writes.write().unwrap_or_else(|p| p.into_inner());
         if let Err(e) = self.flush_access_times_locked() {
             log::warn!("recording access times: {e}");
@@ -261,8 +265,10 @@ impl Cache {
         if let Err(e) = self.index.checkpoint() {
             log::warn!("{e}; the next start reads the index's WAL back");
         }
-        if others_serve() {
+        if self.settings.peers.others() {
             log::info!("another ncps still serves this data path: the clean-stop marker is left to the last one to stop");
+        } else if !self.vouches.load(std::sync::atomic::Ordering::SeqCst) {
+            log::warn!("the store was not checked since the last unclean stop: no clean-stop marker, so the next start checks it");
         } else if let Err(e) = startup::leave_marker(&self.settings.clean_marker) {
             log::warn!("{e}; the next start will check the store");
         }

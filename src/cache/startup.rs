@@ -117,7 +117,8 @@ impl Cache {
     /// clean (then no background check is needed).
     pub(super) fn start_up(&self) -> Result<bool, CacheError> {
         // Another ncps serving the same data path may be writing its temp files now.
-        let temps = if self.settings.another_serves { None } else { Some(self.staging.clear()?) };
+        let others = self.settings.peers.others();
+        let temps = if others { None } else { Some(self.staging.clear()?) };
         let marker = &self.settings.clean_marker;
         let clean = marker.exists();
         if clean {
@@ -134,18 +135,25 @@ impl Cache {
             Some(0) => String::from("no temp file to clear"),
             Some(n) => format!("removed {n} temp file(s)"),
         };
-        if !clean && self.settings.another_serves {
+        // A new data path holds nothing a crash could have left (nothing was written through
+        // it yet); otherwise only a clean stop, or a check run to its end, vouches for the store.
+        if clean || (self.settings.new_data_path && !others) {
+            self.vouches.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+        if !clean && others {
             // Its blobs written and not yet recorded would look half-done to a comparison made
-            // from here (its writes do not wait for this process's), and after a crash of its
-            // own it compared the store itself when it started.
+            // from here (its writes do not wait for this process's). Nor does this ncps vouch
+            // for the store: whichever of them stops last without having checked leaves no
+            // marker, so a start after both checks (a crash of a third would be found then).
             log::warn!(
                 "start-up check: another ncps serves this data path, so the missing clean-stop marker \
-                 says it is running, not that a stop was unclean; the store is not compared from here \
-                 (`ncps fsck` checks it with both stopped); {temps}"
+                 may say it is running rather than that a stop was unclean; the store is not compared \
+                 beside it (a start after both have stopped compares it); {temps}"
             );
             return Ok(true);
         }
         if !clean && self.joins_a_shared_store() {
+            self.vouches.store(true, std::sync::atomic::Ordering::SeqCst);
             log::info!(
                 "start-up check: a new data path beside a shared index and object store: this ncps has \
                  written nothing a crash could have left half-done, so the store is not compared (each \
@@ -186,6 +194,8 @@ impl Cache {
         // What was skipped after its retries ran out, and why (the last failure).
         let mut skipped: Vec<(String, String)> = Vec::new();
         let mut in_a_row = 0u32;
+        // Set when another ncps starts serving the data path during the check.
+        let mut interrupted = false;
         let result = (|| -> Result<(), CacheError> {
             match self.index.check_integrity() {
                 // Derived data, set right at once; the rest of the index is sound.
@@ -207,6 +217,15 @@ impl Cache {
                 (what, step)
             });
             for (what, step) in steps.into_iter().chain(shard_steps) {
+                if self.settings.peers.others() {
+                    // Its blobs written and not yet recorded would look like a crash's leftovers.
+                    log::warn!(
+                        "start-up check: another ncps now serves this data path; the check stops before {what} \
+                         (a start after both have stopped compares the store again)"
+                    );
+                    interrupted = true;
+                    return Ok(());
+                }
                 match backoff.run(&what, &mut sleep, step) {
                     Ok(f) => {
                         in_a_row = 0;
@@ -235,7 +254,11 @@ impl Cache {
                 skipped.iter().map(|(w, _)| w.as_str()).collect::<Vec<_>>().join(", ")
             ),
         };
+        if result.is_ok() && skipped.is_empty() && !interrupted {
+            self.vouches.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
         match result {
+            Ok(()) if interrupted => {}
             Err(e) => log::error!(
                 "start-up check: stopped after {secs:.1}s: {e}{skipped_text}; `ncps fsck` checks the store by hand"
             ),

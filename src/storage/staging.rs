@@ -18,13 +18,19 @@ pub const TEMP_SUFFIX: &str = ".ncps-partial";
 pub struct Staging {
     dir: PathBuf,
     counter: AtomicU64,
+    /// Random, per process: two ncps on one volume (two containers, both pid 1) never pick
+    /// the same name.
+    nonce: u32,
 }
 
 impl Staging {
     /// Creates the directory if needed and proves it takes new files now, not on the first miss.
     pub fn open(dir: &Path) -> Result<Staging, StorageError> {
         fs::create_dir_all(dir).map_err(|e| StorageError::io("creating", dir.to_path_buf(), e))?;
-        let staging = Staging { dir: dir.to_path_buf(), counter: AtomicU64::new(0) };
+        let mut seed = [0u8; 4];
+        // Without a random source the pid alone names the files, as before.
+        let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut seed);
+        let staging = Staging { dir: dir.to_path_buf(), counter: AtomicU64::new(0), nonce: u32::from_le_bytes(seed) };
         drop(staging.temp_file()?);
         Ok(staging)
     }
@@ -36,7 +42,7 @@ impl Staging {
     /// A new, empty temp file, removed on drop unless committed.
     pub fn temp_file(&self) -> Result<TempFile, StorageError> {
         let n = self.counter.fetch_add(1, Ordering::Relaxed);
-        let path = self.dir.join(format!("{}-{n}{TEMP_SUFFIX}", std::process::id()));
+        let path = self.dir.join(format!("{}-{:08x}-{n}{TEMP_SUFFIX}", std::process::id(), self.nonce));
         let file = OpenOptions::new()
             .read(true)
             .write(true)

@@ -1114,26 +1114,13 @@ fn fsck_repair_is_refused_while_ncps_serves_the_data_path_and_ncps_does_not_star
     assert_eq!(ncps.get("/nix-cache-info").status, 200);
 }
 
-#[test]
-fn a_second_ncps_on_a_served_data_path_leaves_the_first_ones_files_alone_and_only_the_last_to_stop_marks_it_clean() {
-    let Some(lc) = lifecycle_or_skip() else {
-        return;
-    };
-    let (up, mut first) = proxy(lc, &[]);
-    let n1 = fetch_kept(&first, &lc.fx.many[0], u64::MAX);
-    let data = first.data_dir().to_path_buf();
-    // What the first one has in flight: a blob written and not yet recorded, and a download's
-    // temp file. A second start that took them for crash leftovers would remove both.
-    let unrecorded = data.join("store/nar/1/11").join(format!("{}.nar", "1".repeat(52)));
-    fs::create_dir_all(unrecorded.parent().unwrap()).unwrap();
-    fs::write(&unrecorded, b"written, not yet recorded").unwrap();
-    let temp = data.join("tmp").join(format!("download-in-flight{}", ::ncps::storage::TEMP_SUFFIX));
-    fs::write(&temp, b"half a NAR").unwrap();
-
+/// Another ncps on `data` (which one already serves), with the same upstream; started once it
+/// has said that it found the other.
+fn beside(lc: &Lifecycle, up: &Upstream, data: &Path) -> Ncps {
     let args: Vec<String> = [
         "serve",
         "--cache-hostname",
-        "second.test",
+        "beside.test",
         "--cache-data-path",
         data.to_str().unwrap(),
         "--server-addr",
@@ -1146,8 +1133,61 @@ fn a_second_ncps_on_a_served_data_path_leaves_the_first_ones_files_alone_and_onl
     .iter()
     .map(|s| s.to_string())
     .collect();
-    let mut second = Ncps::start_raw(args, Vec::new());
-    second.wait_for_log(0, "another ncps serves this data path", Duration::from_secs(5));
+    let n = Ncps::start_raw(args, Vec::new());
+    n.wait_for_log(0, "another ncps serves this data path", Duration::from_secs(5));
+    n
+}
+
+#[test]
+fn a_crash_beside_other_ncps_is_found_by_the_next_start_that_serves_alone_not_vouched_for_by_a_stop() {
+    let Some(lc) = lifecycle_or_skip() else {
+        return;
+    };
+    let (up, mut first) = proxy(lc, &[]);
+    fetch_kept(&first, &lc.fx.many[0], u64::MAX);
+    let data = first.data_dir().to_path_buf();
+    // A second one serves beside it and is killed, leaving a NAR it wrote but never recorded.
+    let mut crashed = beside(lc, &up, &data);
+    crashed.kill9();
+    let leftover = data.join("store/nar/1/11").join(format!("{}.nar", "1".repeat(52)));
+    fs::create_dir_all(leftover.parent().unwrap()).unwrap();
+    fs::write(&leftover, b"a crash's leftover").unwrap();
+    // A third joins while the first still serves: it does not check beside it...
+    let mut third = beside(lc, &up, &data);
+    first.stop();
+    assert!(!data.join("clean-shutdown").exists(), "the first stops while the third serves");
+    // ...so when it stops alone it has nothing to vouch for, and leaves no marker either.
+    third.stop();
+    assert!(third.log().contains("the store was not checked since the last unclean stop"), "{}", third.log());
+    assert!(!data.join("clean-shutdown").exists(), "no marker vouches for the crash");
+    let offset = third.log_len();
+    third.restart();
+    third.wait_for_log(offset, "start-up check: done", Duration::from_secs(10));
+    assert!(!leftover.exists(), "the next start alone compares the store and removes the leftover");
+    third.stop();
+    assert!(data.join("clean-shutdown").exists(), "checked, it vouches now");
+}
+
+#[test]
+fn a_second_ncps_on_a_served_data_path_leaves_the_first_ones_files_alone_and_only_the_last_to_stop_marks_it_clean() {
+    let Some(lc) = lifecycle_or_skip() else {
+        return;
+    };
+    let (up, mut first) = proxy(lc, &[]);
+    // Its own check of the (new) store is done: it knows the store is sound, so it may vouch
+    // for it at its stop. (A check that another ncps interrupts vouches for nothing.)
+    first.wait_for_log(0, "start-up check: done", Duration::from_secs(20));
+    let n1 = fetch_kept(&first, &lc.fx.many[0], u64::MAX);
+    let data = first.data_dir().to_path_buf();
+    // What the first one has in flight: a blob written and not yet recorded, and a download's
+    // temp file. A second start that took them for crash leftovers would remove both.
+    let unrecorded = data.join("store/nar/1/11").join(format!("{}.nar", "1".repeat(52)));
+    fs::create_dir_all(unrecorded.parent().unwrap()).unwrap();
+    fs::write(&unrecorded, b"written, not yet recorded").unwrap();
+    let temp = data.join("tmp").join(format!("download-in-flight{}", ::ncps::storage::TEMP_SUFFIX));
+    fs::write(&temp, b"half a NAR").unwrap();
+
+    let mut second = beside(lc, &up, &data);
     assert!(second.log().contains("temp files left to the ncps that writes them"), "{}", second.log());
     assert_eq!(second.get(&n1).status, 200, "the second serves the same store");
     thread::sleep(Duration::from_millis(500));
@@ -1158,7 +1198,7 @@ fn a_second_ncps_on_a_served_data_path_leaves_the_first_ones_files_alone_and_onl
     assert!(second.log().contains("the clean-stop marker is left to the last one to stop"), "{}", second.log());
     assert!(!data.join("clean-shutdown").exists());
     first.stop();
-    assert!(data.join("clean-shutdown").exists(), "the last one to stop leaves it");
+    assert!(data.join("clean-shutdown").exists(), "the last one to stop leaves it: {}", first.log());
     fs::remove_file(&unrecorded).unwrap();
 }
 

@@ -48,7 +48,7 @@ impl DataLock {
     /// lock's own open file, which its own lock never stands in the way of, so the answer is
     /// about the others only, and nothing is taken. `false` when the kernel cannot say.
     pub fn others(&self) -> bool {
-        lock(&self.file, libc::F_OFD_GETLK, libc::F_WRLCK).is_ok_and(|found| found != libc::F_UNLCK)
+        held_by_others(&self.file).unwrap_or(false)
     }
 }
 
@@ -151,10 +151,13 @@ pub fn served(data_path: &Path) -> Result<bool, LockError> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
         Err(source) => return Err(LockError::Io { path, source }),
     };
-    match lock(&file, libc::F_OFD_GETLK, libc::F_WRLCK) {
-        Ok(found) => Ok(found != libc::F_UNLCK),
-        Err(e) => Err(classify(path, e)),
-    }
+    held_by_others(&file).map_err(|e| classify(path, e))
+}
+
+/// Whether a lock other than this open file's own is held on its file: `F_OFD_GETLK` for the
+/// whole file, which takes nothing.
+fn held_by_others(file: &File) -> io::Result<bool> {
+    lock(file, libc::F_OFD_GETLK, libc::F_WRLCK).map(|found| found != libc::F_UNLCK)
 }
 
 /// `fcntl(cmd)` with a lock of `kind` over the whole file; returns the lock type the kernel

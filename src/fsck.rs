@@ -167,9 +167,9 @@ const READ_PAUSE: Duration = Duration::from_millis(if cfg!(test) { 1 } else { 50
 pub enum Finding<'a> {
     /// A disagreement `--repair` fixes.
     Problem(&'a Problem),
-    /// A blob the index does not vouch for yet, left alone while others write (a shared
-    /// index's replicas, or an ncps serving this data path during a check) (its age in seconds, if the
-    /// store said when it was written).
+    /// A blob the index does not vouch for yet, left alone while others may be recording it
+    /// (a shared index's replicas, or an ncps serving this data path during a check); its age
+    /// in seconds, if the store said when it was written.
     LeftYoung(&'a Problem, Option<i64>),
     /// A NAR that could not be read to its end, and why: not repaired (a failed request is no
     /// evidence that the bytes are wrong).

@@ -64,44 +64,42 @@ fn openssl(dir: &std::path::Path, args: &[&str]) -> Result<(), String> {
         .map_err(|e| format!("{e}\n(the TLS tests make their certificates with the openssl command: apt-get install openssl)"))
 }
 
+/// `openssl req` arguments for a new, unencrypted P-256 key.
+const EC_KEY: [&str; 5] = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
+
 /// Makes `ca.pem` (with `ca.key`), `other-ca.pem`, and `server.pem` / `server.key` and
 /// `client.pem` / `client.key` (for [`CERT_USER`]) signed by the first, in `dir`.
 fn make_certificates(dir: &std::path::Path) -> Result<(), String> {
     fs::write(dir.join("openssl.cnf"), OPENSSL_CNF).map_err(|e| e.to_string())?;
-    let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
     for ca in ["ca", "other-ca"] {
         let (key, pem) = (format!("{ca}.key"), format!("{ca}.pem"));
         let mut args = vec!["req", "-x509", "-config", "openssl.cnf", "-extensions", "ca", "-days", "2"];
-        args.extend(ec);
+        args.extend(EC_KEY);
         args.extend(["-subj", if ca == "ca" { "/CN=ncps test CA" } else { "/CN=ncps test other CA" }]);
         args.extend(["-keyout", &key, "-out", &pem]);
         openssl(dir, &args)?;
     }
-    let mut args = vec!["req", "-new", "-config", "openssl.cnf", "-subj", "/CN=localhost"];
-    args.extend(ec);
-    args.extend(["-keyout", "server.key", "-out", "server.csr"]);
-    openssl(dir, &args)?;
-    openssl(
-        dir,
-        &[
-            "x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-set_serial", "2", "-days", "2",
-            "-extfile", "openssl.cnf", "-extensions", "server", "-out", "server.pem",
-        ],
-    )?;
-    let subject = format!("/CN={CERT_USER}");
-    let mut args = vec!["req", "-new", "-config", "openssl.cnf", "-subj", &subject];
-    args.extend(ec);
-    args.extend(["-keyout", "client.key", "-out", "client.csr"]);
-    openssl(dir, &args)?;
-    openssl(
-        dir,
-        &[
-            "x509", "-req", "-in", "client.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-set_serial", "3", "-days", "2",
-            "-extfile", "openssl.cnf", "-extensions", "client", "-out", "client.pem",
-        ],
-    )?;
+    signed_by_ca(dir, "server", "/CN=localhost", "2")?;
+    signed_by_ca(dir, "client", &format!("/CN={CERT_USER}"), "3")?;
     // PostgreSQL refuses a key that others may read.
     fs::set_permissions(dir.join("server.key"), std::os::unix::fs::PermissionsExt::from_mode(0o600)).map_err(|e| e.to_string())
+}
+
+/// Makes `<name>.key` and `<name>.pem` for `subject`, signed by `ca.pem` with serial `serial`
+/// and the extensions of section `[name]` of `openssl.cnf`.
+fn signed_by_ca(dir: &std::path::Path, name: &str, subject: &str, serial: &str) -> Result<(), String> {
+    let (key, csr, pem) = (format!("{name}.key"), format!("{name}.csr"), format!("{name}.pem"));
+    let mut args = vec!["req", "-new", "-config", "openssl.cnf", "-subj", subject];
+    args.extend(EC_KEY);
+    args.extend(["-keyout", &key, "-out", &csr]);
+    openssl(dir, &args)?;
+    openssl(
+        dir,
+        &[
+            "x509", "-req", "-in", &csr, "-CA", "ca.pem", "-CAkey", "ca.key", "-set_serial", serial, "-days", "2",
+            "-extfile", "openssl.cnf", "-extensions", name, "-out", &pem,
+        ],
+    )
 }
 
 /// The directory of `initdb` and `pg_ctl`.

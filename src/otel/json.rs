@@ -4,13 +4,8 @@
 
 use super::metrics::{Metric, MetricData, Point};
 use super::proto::severity;
-use super::{LogData, Resource, SpanData, Value};
+use super::{hex, LogData, Resource, SpanData, Value};
 use serde_json::{json, Value as J};
-
-/// Ids in lower-case hex, as the OTLP JSON mapping has them.
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
 
 fn any(v: &Value) -> J {
     match v {

@@ -133,6 +133,21 @@ pub fn now_ns() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0)
 }
 
+/// Appends `bytes` in lower-case hex: ids as `traceparent` and the OTLP JSON mapping write them.
+pub(crate) fn hex_into(out: &mut String, bytes: &[u8]) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    for b in bytes {
+        out.push(HEX[(b >> 4) as usize] as char);
+        out.push(HEX[(b & 15) as usize] as char);
+    }
+}
+
+pub(crate) fn hex(bytes: &[u8]) -> String {
+    let mut s = String::with_capacity(bytes.len() * 2);
+    hex_into(&mut s, bytes);
+    s
+}
+
 /// A log line as an OTLP log record.
 #[derive(Clone, Debug)]
 pub struct LogData {

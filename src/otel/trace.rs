@@ -9,7 +9,7 @@
 //! With telemetry off, [`span`] is one relaxed atomic load and returns a guard that does
 //! nothing; nothing is allocated.
 
-use super::{now_ns, SpanContext, SpanData, SpanKind, Value, ENABLED};
+use super::{hex_into, now_ns, SpanContext, SpanData, SpanKind, Value, ENABLED};
 use std::cell::RefCell;
 use std::sync::atomic::Ordering::Relaxed;
 
@@ -53,14 +53,6 @@ pub fn new_trace_id() -> [u8; 16] {
         id[15] = 1;
     }
     id
-}
-
-fn hex_into(out: &mut String, bytes: &[u8]) {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    for b in bytes {
-        out.push(HEX[(b >> 4) as usize] as char);
-        out.push(HEX[(b & 15) as usize] as char);
-    }
 }
 
 fn unhex<const N: usize>(s: &str) -> Option<[u8; N]> {

@@ -82,10 +82,10 @@ fn shard_dir(dir: &Path, shard: &str) -> PathBuf {
 /// Threads that unlink an eviction batch. An unlink is mostly waiting: on ext4 mounted with
 /// `discard` (as on the benchmark VM) freeing a file's blocks waits for the device's discard
 /// inside the `unlink` call, which was 56% of an eviction pass under `perf`, so more threads
-/// than cores keep the device busy while the other core runs the index transaction. 16 took
-/// the 100k pass on the root disk from 18.9-19.1k to 19.7-21.0k entries/s (4 alternating
-/// runs, with [`remove_concurrently`] sharing out the work) against 8 (DESIGN.md, "A million
-/// entries").
+/// than cores keep the device busy while the other core runs the index transaction. 16, with
+/// [`remove_concurrently`] sharing out the work, took the 100k pass on the root disk from
+/// 17.5-19.1k to 18.3-21.0k entries/s against 8 with fixed shares (9 alternating pairs,
+/// medians +4%; DESIGN.md, "A million entries").
 const UNLINK_THREADS: usize = 16;
 
 /// Below this many files one thread is as fast (starting threads costs ~20 us each).

@@ -997,6 +997,15 @@ fn a_forged_nar_name_is_refused_and_nothing_is_kept() {
 // fsck
 // ---------------------------------------------------------------------------
 
+/// Puts a NAR file that the index has no row for into the store under `data` (as a crash, or
+/// a NAR written and not yet recorded, leaves one) and returns its path.
+fn nar_without_row(data: &Path, bytes: &[u8]) -> PathBuf {
+    let path = data.join("store/nar/1/11").join(format!("{}.nar", "1".repeat(52)));
+    fs::create_dir_all(path.parent().unwrap()).unwrap();
+    fs::write(&path, bytes).unwrap();
+    path
+}
+
 /// `ncps fsck [--repair] --cache-data-path DIR`: exit code and stdout+stderr.
 fn fsck(data: &Path, repair: bool) -> (Option<i32>, String) {
     let mut c = ncps_command();
@@ -1080,9 +1089,7 @@ fn fsck_repair_is_refused_while_ncps_serves_the_data_path_and_ncps_does_not_star
     fetch_kept(&ncps, &lc.fx.many[0], u64::MAX);
     let data = ncps.data_dir().to_path_buf();
     // What a NAR written and not yet recorded looks like to fsck: a blob without a row.
-    let orphan = data.join("store/nar/1/11").join(format!("{}.nar", "1".repeat(52)));
-    fs::create_dir_all(orphan.parent().unwrap()).unwrap();
-    fs::write(&orphan, b"written, not yet recorded").unwrap();
+    let orphan = nar_without_row(&data, b"written, not yet recorded");
 
     let (code, out) = fsck(&data, true);
     eprintln!("fsck --repair beside a running ncps:\n{out}");
@@ -1149,9 +1156,7 @@ fn a_crash_beside_other_ncps_is_found_by_the_next_start_that_serves_alone_not_vo
     // A second one serves beside it and is killed, leaving a NAR it wrote but never recorded.
     let mut crashed = beside(lc, &up, &data);
     crashed.kill9();
-    let leftover = data.join("store/nar/1/11").join(format!("{}.nar", "1".repeat(52)));
-    fs::create_dir_all(leftover.parent().unwrap()).unwrap();
-    fs::write(&leftover, b"a crash's leftover").unwrap();
+    let leftover = nar_without_row(&data, b"a crash's leftover");
     // A third joins while the first still serves: it does not check beside it...
     let mut third = beside(lc, &up, &data);
     first.stop();
@@ -1181,9 +1186,7 @@ fn a_second_ncps_on_a_served_data_path_leaves_the_first_ones_files_alone_and_onl
     let data = first.data_dir().to_path_buf();
     // What the first one has in flight: a blob written and not yet recorded, and a download's
     // temp file. A second start that took them for crash leftovers would remove both.
-    let unrecorded = data.join("store/nar/1/11").join(format!("{}.nar", "1".repeat(52)));
-    fs::create_dir_all(unrecorded.parent().unwrap()).unwrap();
-    fs::write(&unrecorded, b"written, not yet recorded").unwrap();
+    let unrecorded = nar_without_row(&data, b"written, not yet recorded");
     let temp = data.join("tmp").join(format!("download-in-flight{}", ::ncps::storage::TEMP_SUFFIX));
     fs::write(&temp, b"half a NAR").unwrap();
 
@@ -1231,10 +1234,8 @@ fn fsck_finds_corrupt_missing_and_orphaned_files_and_repair_lets_ncps_fetch_them
     fs::write(&f1, &bytes).unwrap();
     let f2 = nar_file(&ncps, nar_name(&n2)).unwrap();
     fs::remove_file(&f2).unwrap();
-    let orphan_name = format!("{}.nar", "1".repeat(52));
-    let orphan = data.join("store/nar/1/11").join(&orphan_name);
-    fs::create_dir_all(orphan.parent().unwrap()).unwrap();
-    fs::write(&orphan, b"nobody indexed this").unwrap();
+    let orphan = nar_without_row(&data, b"nobody indexed this");
+    let orphan_name = orphan.file_name().unwrap().to_str().unwrap().to_string();
 
     let (code, out) = fsck(&data, false);
     eprintln!("fsck output:\n{out}");

@@ -16,6 +16,18 @@ use crate::support::pg_cluster::{self, Cluster};
 use crate::support::*;
 use std::process::Command;
 
+/// `ncps serve` on a new data directory (named after `label`) with `--cache-database-url url`,
+/// which must make it exit: its exit code and stderr.
+fn serve_expecting_failure(label: &str, url: &str) -> (Option<i32>, String) {
+    let data = TempDir::new(label);
+    let data_path = data.path().to_string_lossy().into_owned();
+    let args = [
+        "serve", "--cache-hostname", HOSTNAME, "--cache-data-path", &data_path, "--server-addr", "{addr}",
+        "--upstream-cache", "http://127.0.0.1:9", "--cache-database-url", url,
+    ];
+    run_ncps_expecting_failure(&args, &[])
+}
+
 /// Whether the binary under test has the PostgreSQL index (`ncps --version` lists it). When
 /// it has not, checks that it refuses a PostgreSQL URL as it must, and says the test skipped.
 fn ncps_has_postgres(test: &str) -> bool {
@@ -25,13 +37,7 @@ fn ncps_has_postgres(test: &str) -> bool {
         return true;
     }
     let url = "postgresql://ncps:some-password-41@127.0.0.1:9/ncps";
-    let data = TempDir::new("pg-refused");
-    let data_path = data.path().to_string_lossy().into_owned();
-    let args = [
-        "serve", "--cache-hostname", HOSTNAME, "--cache-data-path", &data_path, "--server-addr", "{addr}",
-        "--upstream-cache", "http://127.0.0.1:9", "--cache-database-url", url,
-    ];
-    let (code, stderr) = run_ncps_expecting_failure(&args, &[]);
+    let (code, stderr) = serve_expecting_failure("pg-refused", url);
     assert_eq!(code, Some(2), "a PostgreSQL URL is a configuration error without the feature: {stderr}");
     let lines: Vec<&str> = stderr.lines().collect();
     assert_eq!(lines.len(), 1, "one line: {stderr}");
@@ -145,13 +151,7 @@ fn a_ca_that_did_not_sign_the_servers_certificate_stops_ncps_at_start_naming_the
     let plain = cluster.create_database("e2e_wrong_ca").expect("a database");
     let other = cluster.other_ca_file();
     let url = format!("{plain}?sslmode=verify-full&sslrootcert={}", other.display());
-    let data = TempDir::new("pg-wrong-ca");
-    let data_path = data.path().to_string_lossy().into_owned();
-    let args = [
-        "serve", "--cache-hostname", HOSTNAME, "--cache-data-path", &data_path, "--server-addr", "{addr}",
-        "--upstream-cache", "http://127.0.0.1:9", "--cache-database-url", &url,
-    ];
-    let (code, stderr) = run_ncps_expecting_failure(&args, &[]);
+    let (code, stderr) = serve_expecting_failure("pg-wrong-ca", &url);
     assert_ne!(code, Some(0), "{stderr}");
     let cause = format!("the server's certificate is not signed by the CA in sslrootcert={}", other.display());
     assert!(stderr.contains(&cause), "the cause is named: {stderr}");
@@ -186,13 +186,7 @@ fn a_client_certificate_from_sslcert_and_sslkey_logs_in_where_the_server_asks_fo
     let (cert, key) = cluster.client_cert_files();
     let without = url.replace(&format!("&sslcert={}&sslkey={}", cert.display(), key.display()), "");
     assert_ne!(without, url);
-    let data = TempDir::new("pg-no-cert");
-    let data_path = data.path().to_string_lossy().into_owned();
-    let args = [
-        "serve", "--cache-hostname", HOSTNAME, "--cache-data-path", &data_path, "--server-addr", "{addr}",
-        "--upstream-cache", "http://127.0.0.1:9", "--cache-database-url", &without,
-    ];
-    let (code, stderr) = run_ncps_expecting_failure(&args, &[]);
+    let (code, stderr) = serve_expecting_failure("pg-no-cert", &without);
     assert_ne!(code, Some(0), "{stderr}");
     eprintln!("without the certificate:\n{stderr}");
     assert!(stderr.contains("requires a valid client certificate"), "the server's reason is shown: {stderr}");
@@ -203,8 +197,6 @@ fn a_bad_sslmode_or_an_unreadable_sslrootcert_is_a_one_line_configuration_error(
     if !ncps_has_postgres("postgres::a_bad_sslmode_or_an_unreadable_sslrootcert_is_a_one_line_configuration_error") {
         return;
     }
-    let data = TempDir::new("pg-bad-sslmode");
-    let data_path = data.path().to_string_lossy().into_owned();
     let base = format!("postgresql://ncps:{}@127.0.0.1:9/ncps", pg_cluster::PASSWORD);
     for (query, says) in [
         ("sslmode=verify-everything", "sslmode=\"verify-everything\" is not supported"),
@@ -212,12 +204,7 @@ fn a_bad_sslmode_or_an_unreadable_sslrootcert_is_a_one_line_configuration_error(
         ("sslmode=require&sslcert=/nonexistent/client.pem", "sslcert is given without sslkey"),
         ("sslmode=require&sslcert=/nonexistent/c.pem&sslkey=/nonexistent/c.key", "sslcert=/nonexistent/c.pem: cannot be read"),
     ] {
-        let url = format!("{base}?{query}");
-        let args = [
-            "serve", "--cache-hostname", HOSTNAME, "--cache-data-path", &data_path, "--server-addr", "{addr}",
-            "--upstream-cache", "http://127.0.0.1:9", "--cache-database-url", &url,
-        ];
-        let (code, stderr) = run_ncps_expecting_failure(&args, &[]);
+        let (code, stderr) = serve_expecting_failure("pg-bad-sslmode", &format!("{base}?{query}"));
         assert_eq!(code, Some(2), "a configuration error: {stderr}");
         let lines: Vec<&str> = stderr.lines().collect();
         assert_eq!(lines.len(), 1, "one line: {stderr}");
